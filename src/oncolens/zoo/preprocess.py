@@ -1,0 +1,82 @@
+"""The input side of the model-package contract: how a decoded RGB image becomes a model input.
+
+Training, export checks and serving all call these functions, so a model sees the same pixels
+everywhere; the golden tests pin them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+ResizeRule = Literal["squash", "center_crop", "pad"]
+RESIZE_RULES: tuple[str, ...] = ("squash", "center_crop", "pad")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Square input size in pixels, per-channel mean/std on the [0, 1] scale, and the resize rule.
+
+    ``squash`` resizes to size x size ignoring the aspect ratio; ``center_crop`` resizes the shorter
+    side to ``size`` and crops the centre; ``pad`` letterboxes onto a black square first.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: ResizeRule = "squash"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(f"unknown resize rule {self.resize!r}; expected one of {RESIZE_RULES}")
+        if self.size < 32:
+            raise ValueError(f"input size must be at least 32 px, got {self.size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        mean, std = data["mean"], data["std"]
+        return cls(
+            size=int(data["size"]),
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
+            resize=data.get("resize", "squash"),
+        )
+
+
+def resize_rgb(image: Image.Image, size: int, rule: ResizeRule) -> np.ndarray:
+    """RGB PIL image -> [size, size, 3] uint8 array by the given resize rule (bilinear)."""
+    image = image.convert("RGB")
+    if rule == "center_crop":
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif rule == "pad":
+        w, h = image.size
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side))
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32, scaled to [0, 1] then (x - mean) / std."""
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    x = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def preprocess(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
+    """List of PIL images -> [N, 3, size, size] float32 model input."""
+    return normalize(np.stack([resize_rgb(im, spec.size, spec.resize) for im in images]), spec)

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from oncolens.datasets import ManifestError, encode_labels, read_manifest, select_split
+from tests.conftest import make_dataset
+
+
+def test_manifest_rows_keep_the_given_split_and_metadata(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path)
+    samples = read_manifest(root)
+    assert len(samples) == 30
+    assert {s.split for s in samples} == {"train", "val", "test"}
+    assert len(select_split(samples, "test")) == 9
+    assert len(select_split(samples, "all")) == 30
+    assert samples[0].file.is_file()
+
+
+def test_manifest_without_split_column_reads_as_all(tmp_path: Path) -> None:
+    samples = read_manifest(make_dataset(tmp_path, with_split=False))
+    assert {s.split for s in samples} == {"all"}
+    with pytest.raises(ManifestError, match="no rows in split 'test'"):
+        select_split(samples, "test")
+
+
+def test_missing_manifest_and_missing_columns_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"needs a manifest\.csv"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text("path,diagnosis\na.png,x\n")
+    with pytest.raises(ManifestError, match=r"lacks column\(s\) \['file', 'label'\]"):
+        read_manifest(tmp_path)
+
+
+def test_bad_split_value_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("file,label,split\na.png,x,train\nb.png,y,holdout\n")
+    with pytest.raises(ManifestError, match=r"manifest.csv:3: split 'holdout'"):
+        read_manifest(tmp_path)
+
+
+def test_unknown_labels_are_an_error_naming_them(tmp_path: Path) -> None:
+    samples = read_manifest(make_dataset(tmp_path))
+    with pytest.raises(ManifestError, match=r"labels not known to the model: \['cancer'\]"):
+        encode_labels(samples, ["benign_a", "benign_b"])

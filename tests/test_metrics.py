@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from oncolens import metrics
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted() -> None:
+    cm = metrics.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_balanced_accuracy_is_mean_recall_over_present_classes() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 1, 1, 0])
+    # recall class 0 = 3/4, class 1 = 1/2; class 2 absent from y is ignored.
+    assert metrics.balanced_accuracy(y, pred, 3) == pytest.approx((0.75 + 0.5) / 2)
+    assert metrics.accuracy(y, pred) == pytest.approx(4 / 6)
+
+
+def test_macro_f1_by_hand() -> None:
+    y = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    # class 0: p=1, r=.5 -> f1=2/3; class 1: p=2/3, r=1 -> f1=.8
+    assert metrics.macro_f1(y, pred, 2) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_binary_auc_counts_ties_as_half() -> None:
+    positive = np.array([1, 1, 0, 0])
+    assert metrics.binary_auc(positive, np.array([0.9, 0.8, 0.1, 0.2])) == 1.0
+    assert metrics.binary_auc(positive, np.array([0.1, 0.2, 0.9, 0.8])) == 0.0
+    assert metrics.binary_auc(positive, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    # pairs: (0.9 vs 0.3, 0.9 vs 0.6, 0.4 vs 0.3, 0.4 vs 0.6) -> 3 of 4 ordered correctly
+    assert metrics.binary_auc(positive, np.array([0.9, 0.4, 0.3, 0.6])) == 0.75
+    assert np.isnan(metrics.binary_auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_ece_matches_hand_computation_with_15_bins() -> None:
+    # Two predictions at confidence 0.9 (one right, one wrong) and two at 0.6 (both right).
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    assert metrics.expected_calibration_error(y, probs, 15) == pytest.approx(expected)
+
+
+def test_ece_is_zero_for_perfectly_calibrated_bins() -> None:
+    probs = np.array([[0.75, 0.25]] * 4)
+    y = np.array([0, 0, 0, 1])
+    assert metrics.expected_calibration_error(y, probs) == pytest.approx(0.0)
+
+
+def test_bootstrap_interval_brackets_the_statistic_and_is_deterministic() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(5.0, 1.0, 400)
+    low, high = metrics.bootstrap_interval(lambda i: float(values[i].mean()), len(values), 500, seed=3)
+    assert low < values.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.25)
+    assert (low, high) == metrics.bootstrap_interval(
+        lambda i: float(values[i].mean()), len(values), 500, seed=3
+    )
+
+
+def test_classification_report_shape_and_malignant_block() -> None:
+    y = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.array(
+        [[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]]
+    )
+    report = metrics.classification_report(y, probs, ["a", "b", "c"], [False, False, True], n_boot=50)
+    assert report["n"] == 6
+    assert report["accuracy"] == pytest.approx(5 / 6)
+    assert set(report["per_class"]) == {"a", "b", "c"}
+    assert report["per_class"]["c"]["support"] == 2
+    assert report["per_class"]["c"]["precision"] == pytest.approx(2 / 3)
+    # P(malignant) = p(c): malignant cases 0.8 and 0.4, benign 0.1 0.2 0.2 0.7; called at >= 0.5.
+    assert report["malignant"]["sensitivity"] == pytest.approx(0.5)
+    assert report["malignant"]["specificity"] == pytest.approx(0.75)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
+        low, high = report["intervals"][name]
+        assert low <= high

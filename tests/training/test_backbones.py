@@ -1,0 +1,28 @@
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from oncolens.training.backbones import BACKBONES, Classifier, build_backbone  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_imagenet_weights_load_with_no_missing_keys(name: str) -> None:
+    # build_backbone raises if any key is missing or unexpected; check a loaded value is not the init.
+    model = build_backbone(name, pretrained=True)
+    fresh = build_backbone(name, pretrained=False)
+    assert not torch.equal(model._conv_stem.weight, fresh._conv_stem.weight)
+    assert model._bn1.running_var.mean().item() != 1.0
+
+
+def test_classifier_returns_logits_and_stride_32_features() -> None:
+    model = Classifier(build_backbone("efficientnet-lite0", pretrained=False), 5).eval()
+    logits, features = model(torch.zeros(2, 3, 96, 96))
+    assert logits.shape == (2, 5)
+    assert features.shape == (2, 1280, 3, 3)
+    # logits are exactly the linear head on the pooled features (what makes the CAM exact)
+    assert torch.allclose(logits, model.head(features.mean(dim=(2, 3))), atol=1e-5)
+
+
+def test_unknown_backbone_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
+        build_backbone("resnet50")

@@ -1,0 +1,144 @@
+"""End to end on a generated dataset: train 2 steps, export, verify, evaluate through the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from oncolens.cli import app
+from oncolens.datasets import read_manifest, select_split
+from oncolens.evaluation import dataset_logits
+from oncolens.zoo import ModelPackage, Zoo
+
+pytest.importorskip("torch")
+
+runner = CliRunner()
+
+
+def test_package_has_the_contract_files_and_a_consistent_card(tiny_package: Path) -> None:
+    assert (tiny_package / "model.onnx").is_file()
+    for figure in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        assert (tiny_package / "report" / figure).stat().st_size > 1000
+    card = json.loads((tiny_package / "card.json").read_text())
+    assert card["id"] == "tiny"
+    assert [c["id"] for c in card["classes"]] == ["benign_a", "benign_b", "cancer"]
+    assert card["export"]["max_abs_logit_diff_vs_pytorch"] < 1e-3
+    assert card["calibration"]["temperature"] > 0
+    assert card["calibration"]["bins"] == 15
+    assert card["metrics"]["n"] == 9
+    assert card["dataset"]["counts"]["train"] == {"benign_a": 5, "benign_b": 5, "cancer": 5}
+    assert card["input"]["test_time_views"] == ["identity", "hflip"]
+    assert card["training"]["epochs_run"] == 1
+
+
+def test_onnx_outputs_match_pytorch_on_the_dataset_images(tiny_package: Path, tiny_dataset: Path) -> None:
+    import torch
+
+    from oncolens.training.export import ExportModel
+    from oncolens.training.recipe import load_recipe
+    from oncolens.training.train import build_model
+
+    package = ModelPackage.load(tiny_package)
+    recipe_path = Path(json.loads((tiny_package / "card.json").read_text())["training"]["recipe_file"])
+    recipe = load_recipe(recipe_path)
+    run_dir = tiny_package.parent.parent / "run"
+    model = build_model(recipe, pretrained=False)
+    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=False)["model"])
+    reference = ExportModel(model, ("identity", "hflip")).eval()
+    samples = select_split(read_manifest(tiny_dataset), "test")
+    onnx_logits = dataset_logits(lambda x: package.run(x)[0], samples, package.input_spec)
+    with torch.no_grad():
+        torch_logits = dataset_logits(
+            lambda x: reference(torch.from_numpy(x))[0].numpy(), samples, package.input_spec
+        )
+    assert np.abs(onnx_logits - torch_logits).max() < 1e-3
+
+
+def test_logits_equal_the_head_on_pooled_features(tiny_package: Path) -> None:
+    package = ModelPackage.load(tiny_package)
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    logits, features = package.run(x, with_features=True)
+    assert features is not None and features.shape == (2, 1280, 2, 2)
+    bias = np.frombuffer(__import__("base64").b64decode(package.card["head"]["bias_f32_b64"]), dtype="<f4")
+    recomputed = features.mean(axis=(2, 3)) @ package.head_weight.T + bias
+    assert np.abs(recomputed - logits).max() < 1e-4
+
+
+def test_evaluate_cli_reads_the_package_back(tiny_package: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "tiny", str(tiny_dataset), "--model-dir", str(tiny_package.parent), "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "balanced_accuracy" in result.output and "malignant vs benign" in result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 9 and report["split"] == "test"
+    card = json.loads((tiny_package / "card.json").read_text())
+    # the CLI evaluation of the shipped ONNX reproduces the card's test metrics exactly
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
+        assert report[name] == pytest.approx(card["metrics"][name], abs=1e-9)
+    assert set(report["per_class"]["cancer"]) >= {"precision", "recall", "f1", "support"}
+    assert set(report["malignant"]) >= {"sensitivity", "specificity", "auc"}
+
+
+def test_evaluate_split_all_is_the_default_without_a_split_column(tiny_package: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_dataset
+
+    root = make_dataset(tmp_path / "nosplit", with_split=False)
+    out = tmp_path / "m.json"
+    result = runner.invoke(
+        app, ["evaluate", "tiny", str(root), "--model-dir", str(tiny_package.parent), "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n"] == 30
+
+
+def test_evaluate_rejects_labels_the_model_does_not_know(tiny_package: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_dataset
+
+    root = make_dataset(tmp_path / "other")
+    manifest = root / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",cancer,", ",melanoma,"))
+    result = runner.invoke(app, ["evaluate", "tiny", str(root), "--model-dir", str(tiny_package.parent)])
+    assert result.exit_code == 2
+    assert "labels not known to the model: ['melanoma']" in result.output
+
+
+def test_evaluate_unknown_model_lists_the_available_ones(tiny_package: Path, tiny_dataset: Path) -> None:
+    result = runner.invoke(
+        app, ["evaluate", "no-such-model", str(tiny_dataset), "--model-dir", str(tiny_package.parent)]
+    )
+    assert result.exit_code == 2
+    assert "no model 'no-such-model'" in result.output and "tiny" in result.output
+
+
+def test_training_resumes_from_the_last_checkpoint(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.recipe import load_recipe
+    from oncolens.training.train import fit
+
+    recipe = load_recipe(tiny_recipe)
+    samples = read_manifest(tiny_dataset)
+    first = fit(recipe, samples, tmp_path, "pytest")
+    assert first["epochs_run"] == 1
+    second = fit(recipe.with_overrides(epochs=2), samples, tmp_path, "pytest")
+    assert second["epochs_run"] == 2
+    assert second["history"][0] == first["history"][0]
+
+
+def test_a_tampered_onnx_file_is_refused(tiny_package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from oncolens.zoo import PackageError
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_package, copy)
+    with (copy / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(PackageError, match="sha256"):
+        ModelPackage.load(copy)
+    assert Zoo([copy.parent]).ids() == ["tiny"]
