@@ -33,3 +33,39 @@ def risk_level(p: float, policy: dict[str, Any]) -> dict[str, Any]:
         if p >= level["min"]:
             chosen = level
     return dict(chosen)
+
+
+def is_malignant(p: float, policy: dict[str, Any]) -> bool:
+    """The binary call: P(malignant) at or above the policy's ``malignant_threshold`` (default 0.5)."""
+    return bool(p >= float(policy.get("malignant_threshold", 0.5)))
+
+
+def aggregate(probs: np.ndarray, malignant: Sequence[bool], rule: str = "mean") -> np.ndarray:
+    """[N, C] per-image probabilities of one case -> [C] case probabilities.
+
+    ``mean`` averages the images; ``max_malignant`` takes the image with the highest P(malignant),
+    so one suspicious view is never averaged away.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) == 0:
+        raise ValueError("a case needs at least one image's probabilities, shaped [N, C]")
+    if rule == "mean":
+        result: np.ndarray = probs.mean(axis=0)
+        return result
+    if rule == "max_malignant":
+        chosen: np.ndarray = probs[int(np.argmax(p_malignant(probs, malignant)))]
+        return chosen
+    raise ValueError(f"unknown aggregation rule {rule!r}; expected 'mean' or 'max_malignant'")
+
+
+def class_activation_map(features: np.ndarray, weight: np.ndarray, class_index: int) -> np.ndarray:
+    """[K, h, w] features and [C, K] head weights -> [h, w] CAM of one class, scaled to [0, 1].
+
+    Exact for a global-average-pool + linear head: the class logit is the mean of this map plus
+    the bias. Negative evidence is clipped to 0.
+    """
+    cam = np.tensordot(weight[class_index].astype(np.float64), features.astype(np.float64), axes=1)
+    cam = np.maximum(cam, 0.0)
+    peak = cam.max()
+    scaled: np.ndarray = cam / peak if peak > 0 else cam
+    return scaled

@@ -1,0 +1,138 @@
+"""The one predict path: model outputs for a case's images -> per-image and aggregated results.
+
+API, CLI, web pages and reports all build their answers from these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from oncolens import explain
+from oncolens.inference import (
+    aggregate,
+    calibrate,
+    class_activation_map,
+    is_malignant,
+    p_malignant,
+    risk_level,
+)
+from oncolens.zoo.package import ModelPackage
+
+DISCLAIMER = (
+    "Decision support only, not a diagnosis. A qualified clinician must interpret this result "
+    "together with the patient's history and examination."
+)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Calibrated class probabilities and what follows from them under the model's policy."""
+
+    probabilities: dict[str, float]
+    top_class: str
+    top_class_name: str
+    confidence: float
+    p_malignant: float
+    is_malignant: bool
+    risk_level: str
+    recommendation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int
+    filename: str | None
+    width: int
+    height: int
+    assessment: Assessment
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    model_id: str
+    model_version: str
+    images: list[ImageResult]
+    aggregate: Assessment
+    aggregation_rule: str
+    disclaimer: str = DISCLAIMER
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def assess(package: ModelPackage, probs: np.ndarray) -> Assessment:
+    """[C] calibrated probabilities -> Assessment under the package's classes and risk policy."""
+    classes = package.card["classes"]
+    top = int(np.argmax(probs))
+    p_mal = float(p_malignant(probs[None, :], package.malignant)[0])
+    policy = package.card["risk_policy"]
+    level = risk_level(p_mal, policy)
+    return Assessment(
+        probabilities={c["id"]: float(p) for c, p in zip(classes, probs, strict=True)},
+        top_class=classes[top]["id"],
+        top_class_name=classes[top]["name"],
+        confidence=float(probs[top]),
+        p_malignant=p_mal,
+        is_malignant=is_malignant(p_mal, policy),
+        risk_level=str(level["level"]),
+        recommendation=str(level["recommendation"]),
+    )
+
+
+def case_result(
+    package: ModelPackage,
+    logits: np.ndarray,
+    sizes: list[tuple[int, int]],
+    filenames: list[str | None] | None = None,
+    timing_ms: dict[str, float] | None = None,
+) -> CaseResult:
+    """[N, C] logits of one case's images (with their (width, height)) -> CaseResult."""
+    probs = calibrate(logits, package.temperature)
+    names = filenames or [None] * len(sizes)
+    rule = str(package.card.get("aggregation", {}).get("rule", "mean"))
+    images = [ImageResult(i, names[i], w, h, assess(package, probs[i])) for i, (w, h) in enumerate(sizes)]
+    combined = aggregate(probs, package.malignant, rule)
+    return CaseResult(
+        model_id=package.id,
+        model_version=package.version,
+        images=images,
+        aggregate=assess(package, combined),
+        aggregation_rule=rule,
+        timing_ms=timing_ms or {},
+    )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    class_id: str
+    heatmap_png: bytes
+    overlay_png: bytes
+    peak_xy: tuple[int, int]
+
+
+def explanation(
+    package: ModelPackage, image: Image.Image, features: np.ndarray, class_id: str | None = None
+) -> Explanation:
+    """Heat-map and overlay PNGs of ``class_id`` (default the top class) for one image's features."""
+    ids = package.class_ids
+    if class_id is None:
+        logits = features.mean(axis=(1, 2)) @ package.head_weight.T
+        index = int(np.argmax(logits))
+    elif class_id in ids:
+        index = ids.index(class_id)
+    else:
+        raise KeyError(f"unknown class {class_id!r}; this model's classes are {ids}")
+    cam = class_activation_map(features, package.head_weight, index)
+    heat = explain.cam_on_image(cam, package.input_spec, image.width, image.height)
+    peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return Explanation(
+        class_id=ids[index],
+        heatmap_png=explain.png_bytes(explain.colorize(heat)),
+        overlay_png=explain.png_bytes(explain.overlay(image, heat)),
+        peak_xy=(int(peak_x), int(peak_y)),
+    )

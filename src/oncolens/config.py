@@ -1,0 +1,50 @@
+"""Settings from ``ONCOLENS_*`` environment variables (pydantic-settings), one class for the app."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from platformdirs import user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(user_data_dir("oncolens", appauthor=False))
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; every field can be set as ``ONCOLENS_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ONCOLENS_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Database and stored files.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest accepted upload in bytes.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest accepted image in pixels (W x H).")
+    max_images_per_request: int = Field(32, gt=0, description="Most images in one predict request.")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0 = all cores).")
+    batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
+    batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origins, comma separated."
+    )
+    extra_model_dir: Path | None = Field(None, description="A folder of extra model packages.")
+    preload_models: bool = Field(True, description="Load every model at start-up.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

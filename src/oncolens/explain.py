@@ -1,0 +1,79 @@
+"""Heat-maps: a class-activation map mapped back onto the original image, as PNG images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from oncolens.zoo.preprocess import InputSpec
+
+# Anchor colours of a perceptually ordered blue -> cyan -> yellow -> red map (like "turbo"/"jet").
+_ANCHORS = np.array(
+    [
+        [48, 18, 59],
+        [40, 120, 230],
+        [30, 200, 200],
+        [120, 240, 90],
+        [250, 200, 40],
+        [230, 80, 20],
+        [122, 4, 3],
+    ],
+    dtype=np.float64,
+)
+
+
+def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float64)
+
+
+def cam_on_image(cam: np.ndarray, spec: InputSpec, width: int, height: int) -> np.ndarray:
+    """[h, w] CAM in model-input space -> [height, width] map aligned with the original image.
+
+    Inverts the card's resize rule: a stretch for ``squash``; for ``center_crop`` the map covers
+    only the cropped centre (zero outside); for ``pad`` the letterbox bars are cut away.
+    """
+    size = spec.size
+    square = _resize_float(cam, size, size)
+    if spec.resize == "squash":
+        out = _resize_float(square, width, height)
+    elif spec.resize == "center_crop":
+        scale = size / min(width, height)
+        crop_w, crop_h = round(size / scale), round(size / scale)
+        out = np.zeros((height, width))
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+        out[top : top + crop_h, left : left + crop_w] = _resize_float(square, crop_w, crop_h)
+    else:
+        side = max(width, height)
+        full = _resize_float(square, side, side)
+        left, top = (side - width) // 2, (side - height) // 2
+        out = full[top : top + height, left : left + width]
+    clipped: np.ndarray = np.clip(out, 0.0, 1.0)
+    return clipped
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """[H, W] values in [0, 1] -> [H, W, 3] uint8 colours (cold blue to hot red)."""
+    position = np.clip(heat, 0.0, 1.0) * (len(_ANCHORS) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_ANCHORS) - 2)
+    frac = (position - low)[..., None]
+    colours = _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
+    rgb: np.ndarray = colours.round().astype(np.uint8)
+    return rgb
+
+
+def overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.45) -> np.ndarray:
+    """Blend the coloured heat-map over the RGB image, more opaque where the map is hotter."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    alpha = (opacity * (0.35 + 0.65 * heat))[..., None]
+    return (base * (1 - alpha) + colorize(heat) * alpha).round().astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=3)
+    return buffer.getvalue()

@@ -1,0 +1,169 @@
+"""One decoder for every entry point: bytes (or base64) -> a checked RGB PIL image.
+
+The format is sniffed from the bytes, never from a filename or content type. Size limits are
+checked before any pixel is decoded, so a decompression bomb costs only its header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,", re.IGNORECASE)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image. ``status`` is the HTTP status the API answers with."""
+
+    status = 400
+
+
+class EmptyImage(ImageDecodeError):
+    status = 400
+
+
+class InvalidBase64(ImageDecodeError):
+    status = 400
+
+
+class TruncatedImage(ImageDecodeError):
+    status = 400
+
+
+class NotAnImage(ImageDecodeError):
+    status = 415
+
+
+class UnsupportedFormat(ImageDecodeError):
+    status = 415
+
+
+class ImageTooLarge(ImageDecodeError):
+    status = 413
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image plus what the decoder saw: the sniffed format and the original mode/size."""
+
+    image: Image.Image
+    format: str
+    original_mode: str
+    width: int
+    height: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the leading bytes (magic numbers), or None if unknown."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"BM") and len(data) > 14:
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "HEIF/AVIF"
+    if data.startswith(b"%PDF"):
+        return "PDF"
+    return None
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Base64 text, with or without a ``data:image/...;base64,`` prefix -> bytes."""
+    text = text.strip()
+    match = _DATA_URI.match(text)
+    if match:
+        text = text[match.end() :]
+    elif text.startswith("data:"):
+        raise InvalidBase64("a data URI must be base64 encoded (data:image/png;base64,...)")
+    text = re.sub(r"\s+", "", text)
+    if not text:
+        raise EmptyImage("the image is empty: no base64 data was sent")
+    if len(text) * 3 // 4 > max_bytes:
+        raise ImageTooLarge(f"the image is larger than the {_mb(max_bytes)} limit")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidBase64(f"the image is not valid base64: {exc}") from exc
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.0f} MB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; 16-bit and float data are scaled to their range first."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scaled = values / 257.0
+        else:
+            low, high = float(values.min()), float(values.max())
+            scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Transparent areas become black, the background of most medical images.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(
+    data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000
+) -> DecodedImage:
+    """Raw bytes -> RGB image with EXIF orientation applied; raises an ImageDecodeError subclass."""
+    if not data:
+        raise EmptyImage("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the image is {_mb(len(data))}, over the {_mb(max_bytes)} limit")
+    kind = sniff_format(data)
+    if kind is None:
+        raise NotAnImage("the file is not an image OncoLens can read (expected JPEG, PNG, BMP, TIFF or WebP)")
+    if kind not in SUPPORTED_FORMATS:
+        raise UnsupportedFormat(f"{kind} images are not supported; send JPEG, PNG, BMP, TIFF or WebP")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[kind])
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"the image is {width}x{height} = {width * height / 1e6:.1f} MP, "
+                    f"over the {max_pixels / 1e6:.0f} MP limit"
+                )
+            if width == 0 or height == 0:
+                raise NotAnImage("the image has no pixels (0 width or height)")
+            original_mode = image.mode
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImage(f"the file looks like {kind} but cannot be read as one") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated", ...).
+        raise TruncatedImage(f"the {kind} image is truncated or corrupt: {exc}") from exc
+    return DecodedImage(rgb, kind, original_mode, rgb.width, rgb.height)
