@@ -63,9 +63,7 @@ def make_dataset(root: Path, per_class: int = 10, with_split: bool = True) -> Pa
             pixels[y : y + 12, x : x + 12, k] = 230
             name = f"images/{label}_{i}.png"
             Image.fromarray(pixels).save(root / name)
-            split = ("train", "train", "train", "train", "train", "val", "val", "test", "test", "test")[
-                i % 10
-            ]
+            split = ("train", "train", "train", "train", "train", "val", "val", "test", "test", "test")[i % 10]
             rows.append({"file": name, "label": label, "group_id": f"{label}{i}", "split": split})
     fields = ["file", "label", "group_id"] + (["split"] if with_split else [])
     with (root / "manifest.csv").open("w", newline="") as handle:

@@ -54,9 +54,7 @@ def test_bootstrap_interval_brackets_the_statistic_and_is_deterministic() -> Non
     low, high = metrics.bootstrap_interval(lambda i: float(values[i].mean()), len(values), 500, seed=3)
     assert low < values.mean() < high
     assert high - low == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.25)
-    assert (low, high) == metrics.bootstrap_interval(
-        lambda i: float(values[i].mean()), len(values), 500, seed=3
-    )
+    assert (low, high) == metrics.bootstrap_interval(lambda i: float(values[i].mean()), len(values), 500, seed=3)
 
 
 def test_classification_report_shape_and_malignant_block() -> None:

@@ -25,9 +25,7 @@ def _fail(message: str) -> typer.Exit:
 def train(
     dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv and the images.")],
     model_id: Annotated[str, typer.Option("--model-id", help="Id of the package to write.")],
-    recipe: Annotated[
-        Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")
-    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     backbone: Annotated[str | None, typer.Option(help="efficientnet-lite0, -lite1 or -lite2.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
@@ -62,9 +60,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (holds best.pt).")],
     dataset_dir: Annotated[Path, typer.Argument(help="The dataset it was trained on.")],
     model_id: Annotated[str, typer.Option("--model-id")],
-    recipe: Annotated[
-        Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")
-    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""

@@ -50,9 +50,7 @@ def evaluate_package(
     logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec)
     probs = calibrate(logits, package.temperature)
     report = classification_report(y, probs, package.class_ids, package.malignant, n_boot=n_boot)
-    result: dict[str, Any] = _finite(
-        {"model": package.id, "version": package.version, "split": split} | report
-    )
+    result: dict[str, Any] = _finite({"model": package.id, "version": package.version, "split": split} | report)
     return result
 
 

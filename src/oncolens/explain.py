@@ -25,9 +25,7 @@ _ANCHORS = np.array(
 
 
 def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
-    resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BILINEAR
-    )
+    resized = Image.fromarray(values.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float64)
 
 

@@ -129,9 +129,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(
-    data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000
-) -> DecodedImage:
+def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000) -> DecodedImage:
     """Raw bytes -> RGB image with EXIF orientation applied; raises an ImageDecodeError subclass."""
     if not data:
         raise EmptyImage("the image is empty (0 bytes)")

@@ -50,9 +50,7 @@ def test_onnx_outputs_match_pytorch_on_the_dataset_images(tiny_package: Path, ti
     samples = select_split(read_manifest(tiny_dataset), "test")
     onnx_logits = dataset_logits(lambda x: package.run(x)[0], samples, package.input_spec)
     with torch.no_grad():
-        torch_logits = dataset_logits(
-            lambda x: reference(torch.from_numpy(x))[0].numpy(), samples, package.input_spec
-        )
+        torch_logits = dataset_logits(lambda x: reference(torch.from_numpy(x))[0].numpy(), samples, package.input_spec)
     assert np.abs(onnx_logits - torch_logits).max() < 1e-3
 
 
@@ -115,9 +113,7 @@ def test_evaluate_unknown_model_lists_the_available_ones(tiny_package: Path, tin
     assert "no model 'no-such-model'" in result.output and "tiny" in result.output
 
 
-def test_training_resumes_from_the_last_checkpoint(
-    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
-) -> None:
+def test_training_resumes_from_the_last_checkpoint(tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path) -> None:
     from oncolens.training.recipe import load_recipe
     from oncolens.training.train import fit
 

@@ -95,9 +95,7 @@ class MBConv(nn.Module):
         if self.has_expand:
             self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
             self._bn0 = _bn(mid)
-        self._depthwise_conv = nn.Conv2d(
-            mid, mid, kernel, stride=stride, padding=kernel // 2, groups=mid, bias=False
-        )
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride=stride, padding=kernel // 2, groups=mid, bias=False)
         self._bn1 = _bn(mid)
         self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
         self._bn2 = _bn(c_out)
@@ -131,9 +129,7 @@ class EfficientNetLite(nn.Module):
             c_in_s = _STEM if i == 0 else _round_filters(c_in, spec.width)
             c_out_s = _round_filters(c_out, spec.width)
             for j in range(n):
-                blocks.append(
-                    MBConv(kernel, stride if j == 0 else 1, expand, c_in_s if j == 0 else c_out_s, c_out_s)
-                )
+                blocks.append(MBConv(kernel, stride if j == 0 else 1, expand, c_in_s if j == 0 else c_out_s, c_out_s))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(_round_filters(320, spec.width), _HEAD, 1, bias=False)
         self._bn1 = _bn(_HEAD)

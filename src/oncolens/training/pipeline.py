@@ -112,9 +112,7 @@ def finalize(
     spec = recipe.input_spec
     model, checkpoint = _load_exportable(recipe, run_dir)
     staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{model_id}-", dir=package_dir.parent if package_dir.parent.exists() else None
-        )
+        tempfile.mkdtemp(prefix=f".{model_id}-", dir=package_dir.parent if package_dir.parent.exists() else None)
     )
     try:
         onnx_path = staging / ONNX
@@ -178,8 +176,7 @@ def finalize(
                 {"id": c.id, "name": c.name, "description": c.description, "malignant": c.malignant}
                 for c in recipe.classes
             ],
-            "input": spec.to_dict()
-            | {"layout": "NCHW", "color": "RGB", "test_time_views": list(model.views)},
+            "input": spec.to_dict() | {"layout": "NCHW", "color": "RGB", "test_time_views": list(model.views)},
             "outputs": {"logits": [len(classes)], "features": features_shape},
             "calibration": calibration,
             "risk_policy": policy,
@@ -188,8 +185,7 @@ def finalize(
             "dataset": recipe.dataset
             | {
                 "counts": {
-                    split: class_counts(select_split(samples, split), classes)
-                    for split in ("train", "val", "test")
+                    split: class_counts(select_split(samples, split), classes) for split in ("train", "val", "test")
                 }
             },
             "training": {

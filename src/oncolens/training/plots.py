@@ -27,9 +27,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(
-                j, i, str(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black"
-            )
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

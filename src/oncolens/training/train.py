@@ -196,8 +196,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
         tqdm.write(
             f"epoch {epoch + 1}: train loss {running:.3f} | val loss {val_metrics['loss']:.3f} "
             f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} "
-            f"F1 {val_metrics['macro_f1']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
-            + (" *best*" if improved else "")
+            f"F1 {val_metrics['macro_f1']:.3f} AUROC {val_metrics['macro_auc']:.3f}" + (" *best*" if improved else "")
         )
         torch.save(
             {

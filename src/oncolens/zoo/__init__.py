@@ -65,5 +65,8 @@ class Zoo:
                 self._loaded[model_id] = ModelPackage.load(self.paths[model_id], self.threads)
             return self._loaded[model_id]
 
+    def loaded_ids(self) -> list[str]:
+        return sorted(self._loaded)
+
     def load_all(self) -> list[ModelPackage]:
         return [self.get(model_id) for model_id in self.ids()]

@@ -89,9 +89,7 @@ class ModelPackage:
         if set(outputs) != {"logits", "features"}:
             raise PackageError(f"{self.id}: ONNX outputs {sorted(outputs)} are not logits and features")
         if outputs["logits"][1] != n_classes:
-            raise PackageError(
-                f"{self.id}: ONNX logits {outputs['logits']} but the card has {n_classes} classes"
-            )
+            raise PackageError(f"{self.id}: ONNX logits {outputs['logits']} but the card has {n_classes} classes")
         if outputs["features"][1] != self.head_weight.shape[1]:
             raise PackageError(f"{self.id}: feature channels do not match the card's head weights")
 
@@ -132,9 +130,7 @@ class ModelPackage:
         outputs = self.session.run(names, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return outputs[0], (outputs[1] if with_features else None)
 
-    def predict(
-        self, images: list[Image.Image], with_features: bool = False, batch_size: int = 32
-    ) -> Prediction:
+    def predict(self, images: list[Image.Image], with_features: bool = False, batch_size: int = 32) -> Prediction:
         """Decoded RGB images -> calibrated prediction for each (batched through the session)."""
         logits, features = [], []
         for start in range(0, len(images), batch_size):

@@ -1,0 +1,64 @@
+"""The HTTP API: ``create_app()`` builds the FastAPI application (versioned under /api/v1)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from oncolens import __version__
+from oncolens.api.errors import install_error_handlers
+from oncolens.api.routes import health, models, predict
+from oncolens.config import Settings
+from oncolens.zoo import BUILTIN_DIR, Zoo
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> FastAPI:
+    """Build the app; models are discovered now and (by default) loaded before the first request."""
+    settings = settings or Settings()
+    if zoo is None:
+        dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
+        zoo = Zoo(dirs, threads=settings.threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start = time.perf_counter()
+        if settings.preload_models:
+            zoo.load_all()
+        app.state.startup_s = time.perf_counter() - start
+        yield
+        for batcher in app.state.batchers.values():
+            await batcher.stop()
+        app.state.executor.shutdown(wait=False)
+
+    app = FastAPI(
+        title="OncoLens API",
+        version=__version__,
+        description=(
+            "Calibrated, explained cancer screening on medical images. **Decision support, not a "
+            "diagnosis**: every result must be interpreted by a qualified clinician."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.zoo = zoo
+    app.state.batchers = {}
+    # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.
+    app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    install_error_handlers(app)
+    for router in (health.router, models.router, predict.router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from oncolens.api.deps import ModelDep, ZooDep
+from oncolens.api.errors import BadRequest
+from oncolens.api.schemas import ClassPublic, ModelSummary
+from oncolens.zoo import ModelPackage
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+FIGURES = ("confusion_matrix", "roc", "reliability")
+
+
+def summary(model: ModelPackage) -> ModelSummary:
+    card = model.card
+    metrics = card.get("metrics", {})
+    intervals = metrics.get("intervals", {})
+    headline: dict[str, Any] = {
+        name: {"value": metrics.get(name), "ci95": intervals.get(name)} for name in HEADLINE if name in metrics
+    }
+    if "malignant" in metrics:
+        headline["malignant"] = {k: metrics["malignant"].get(k) for k in ("sensitivity", "specificity", "auc")}
+    return ModelSummary(
+        id=model.id,
+        version=model.version,
+        title=card.get("title", model.id),
+        modality=card.get("modality", ""),
+        organ=card.get("organ", ""),
+        use_for=card.get("use_for", ""),
+        classes=[ClassPublic(**c) for c in card["classes"]],
+        input_size=model.input_spec.size,
+        test_metrics=headline | {"n": metrics.get("n")},
+    )
+
+
+@router.get("", response_model=list[ModelSummary])
+def list_models(zoo: ZooDep) -> list[ModelSummary]:
+    """Every model in the zoo, with its classes and headline test metrics."""
+    return [summary(zoo.get(model_id)) for model_id in zoo.ids()]
+
+
+@router.get("/{model_id}")
+def get_model_card(model: ModelDep) -> dict[str, Any]:
+    """The model card: intended use, limitations, classes, calibration, risk policy, metrics, data."""
+    card = {k: v for k, v in model.card.items() if k != "head"}
+    card["figures"] = {name: f"/api/v1/models/{model.id}/figures/{name}.png" for name in FIGURES}
+    return card
+
+
+@router.get("/{model_id}/figures/{name}.png", response_class=FileResponse)
+def get_figure(model: ModelDep, name: str) -> FileResponse:
+    """A report figure of the model card: confusion_matrix, roc or reliability."""
+    if name not in FIGURES:
+        raise BadRequest(f"no figure {name!r}; available: {', '.join(FIGURES)}", status=404)
+    path = model.directory / "report" / f"{name}.png"
+    if not path.is_file():
+        raise BadRequest(f"model {model.id} has no {name} figure", status=404)
+    return FileResponse(path, media_type="image/png")

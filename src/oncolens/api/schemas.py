@@ -1,0 +1,138 @@
+"""What the API accepts and returns (pydantic models; the OpenAPI docs are generated from these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from oncolens.analysis import Assessment, CaseResult
+
+EXAMPLE_PROBS = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.71, "nv": 0.17, "vasc": 0.01}
+
+
+class ImageIn(BaseModel):
+    image: str = Field(description="Base64 image bytes, optionally as a data URI (data:image/png;base64,...).")
+    filename: str | None = Field(None, description="The original file name, kept only as a label.")
+
+
+class PredictJSON(BaseModel):
+    """JSON alternative to multipart: one ``image`` or a list of ``images``."""
+
+    image: str | None = Field(None, description="Base64 image bytes, optionally as a data URI.")
+    filename: str | None = None
+    images: list[ImageIn] | None = Field(None, description="Several images of one case.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"image": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ...", "filename": "lesion.jpg"}]
+        }
+    }
+
+
+class AssessmentPublic(BaseModel):
+    top_class: str = Field(examples=["mel"])
+    top_class_name: str = Field(examples=["Melanoma"])
+    confidence: float = Field(description="Calibrated probability of the top class.", examples=[0.71])
+    probabilities: dict[str, float] = Field(
+        description="Calibrated probability of every class (sums to 1).", examples=[EXAMPLE_PROBS]
+    )
+    p_malignant: float = Field(description="Sum of the malignant classes' probabilities.", examples=[0.76])
+    is_malignant: bool = Field(description="P(malignant) at or above the model's threshold.", examples=[True])
+    risk_level: str = Field(examples=["high"])
+    recommendation: str = Field(examples=["High risk. Prompt specialist referral is recommended."])
+
+    @classmethod
+    def from_assessment(cls, assessment: Assessment) -> AssessmentPublic:
+        return cls(**assessment.to_dict())
+
+
+class HeatmapPublic(BaseModel):
+    class_id: str = Field(description="The class the map explains.")
+    heatmap_png_base64: str = Field(description="Colour heat-map the size of the input image, PNG, base64.")
+    overlay_png_base64: str = Field(description="The heat-map blended over the input image, PNG, base64.")
+    peak_xy: tuple[int, int] = Field(description="Pixel (x, y) of the hottest point in the input image.")
+
+
+class ImageResultPublic(AssessmentPublic):
+    index: int
+    filename: str | None
+    width: int
+    height: int
+    heatmap: HeatmapPublic | None = None
+
+
+class PredictionPublic(AssessmentPublic):
+    """The case result (one image, or several aggregated by the model card's rule) and each image's."""
+
+    model_id: str = Field(examples=["skin-ham10000"])
+    model_version: str = Field(examples=["1.0.0"])
+    aggregation_rule: str = Field(examples=["mean"])
+    images: list[ImageResultPublic]
+    disclaimer: str
+    timing_ms: dict[str, float] = Field(examples=[{"decode": 3.1, "inference": 9.8, "total": 14.2}])
+
+    @classmethod
+    def from_result(cls, result: CaseResult, heatmaps: list[HeatmapPublic] | None = None) -> PredictionPublic:
+        images = [
+            ImageResultPublic(
+                index=image.index,
+                filename=image.filename,
+                width=image.width,
+                height=image.height,
+                heatmap=heatmaps[image.index] if heatmaps else None,
+                **image.assessment.to_dict(),
+            )
+            for image in result.images
+        ]
+        return cls(
+            model_id=result.model_id,
+            model_version=result.model_version,
+            aggregation_rule=result.aggregation_rule,
+            images=images,
+            disclaimer=result.disclaimer,
+            timing_ms=result.timing_ms,
+            **result.aggregate.to_dict(),
+        )
+
+
+class ClassPublic(BaseModel):
+    id: str
+    name: str
+    description: str
+    malignant: bool
+
+
+class AnalysisPublic(PredictionPublic):
+    """A prediction plus the model's class descriptions, intended use and (on request) heat-maps."""
+
+    classes: list[ClassPublic]
+    intended_use: str
+    limitations: list[str]
+
+
+class ExplanationPublic(BaseModel):
+    model_id: str
+    model_version: str
+    heatmaps: list[HeatmapPublic]
+    disclaimer: str
+    timing_ms: dict[str, float]
+
+
+class ModelSummary(BaseModel):
+    id: str = Field(examples=["skin-ham10000"])
+    version: str
+    title: str
+    modality: str
+    organ: str
+    use_for: str
+    classes: list[ClassPublic]
+    input_size: int
+    test_metrics: dict[str, Any] = Field(description="Headline test metrics with 95% intervals.")
+
+
+class HealthPublic(BaseModel):
+    status: str = Field(examples=["ok"])
+    version: str = Field(examples=["0.1.0"])
+    models_loaded: int
+    models: list[str]
