@@ -100,3 +100,76 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, t
     fit(recipe, samples, work / "run", "pytest")
     zoo = work / "zoo"
     return finalize(recipe, samples, work / "run", zoo / "tiny", "tiny")
+
+
+def write_package(directory: Path, module: object, classes: list[dict[str, object]], size: int) -> Path:
+    """Export a torch module returning (logits, features) as a minimal, valid model package."""
+    import base64
+    import hashlib
+    import json
+
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        module,  # type: ignore[arg-type]
+        (torch.zeros(1, 3, size, size),),
+        str(directory / "model.onnx"),
+        input_names=["image"],
+        output_names=["logits", "features"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    head = module.head  # type: ignore[attr-defined]
+    weight = head.weight.detach().numpy().astype("<f4")
+    card = {
+        "id": directory.name,
+        "version": "0.0.1",
+        "title": "test model",
+        "classes": classes,
+        "input": {"size": size, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "resize": "squash"},
+        "calibration": {"temperature": 1.0},
+        "risk_policy": {
+            "levels": [
+                {"level": "low", "min": 0.0, "recommendation": "routine"},
+                {"level": "borderline", "min": 0.25, "recommendation": "follow up"},
+                {"level": "moderate", "min": 0.5, "recommendation": "review"},
+                {"level": "high", "min": 0.75, "recommendation": "refer"},
+            ]
+        },
+        "aggregation": {"rule": "mean"},
+        "head": {
+            "weight_shape": list(weight.shape),
+            "weight_f32_b64": base64.b64encode(weight.tobytes()).decode(),
+            "bias_f32_b64": base64.b64encode(head.bias.detach().numpy().astype("<f4").tobytes()).decode(),
+        },
+        "sha256": hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest(),
+    }
+    (directory / "card.json").write_text(json.dumps(card))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def blob_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-made model whose features are the red channel pooled 8x8: its CAM follows red blobs."""
+    torch = pytest.importorskip("torch")
+
+    class RedBlob(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(4, 2)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]]))
+                self.head.bias.zero_()
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = torch.nn.functional.avg_pool2d(image[:, :1], 8).repeat(1, 4, 1, 1)
+            return self.head(features.mean(dim=(2, 3))), features
+
+    classes = [
+        {"id": "blob", "name": "Red blob", "description": "", "malignant": True},
+        {"id": "plain", "name": "Plain", "description": "", "malignant": False},
+    ]
+    root = tmp_path_factory.mktemp("blob-zoo")
+    return write_package(root / "blob", RedBlob().eval(), classes, 64)

@@ -1,4 +1,4 @@
-"""The ``oncolens`` command line: train, evaluate and export models."""
+"""The ``oncolens`` command line: serve, predict, train, evaluate and export."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from oncolens.analysis import CaseResult
 
 app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
 
@@ -103,6 +106,85 @@ def evaluate(
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"\nwrote {json_path}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes (each loads every model).")] = 1,
+) -> None:
+    """Run the API server (settings come from ONCOLENS_* environment variables)."""
+    import uvicorn
+
+    uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image file(s) of one case.")],
+    model: Annotated[str, typer.Option("--model", help="Model id, e.g. skin-ham10000.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    heatmap: Annotated[
+        Path | None, typer.Option(help="Write the top-class heat-map overlay PNG (OUT-2.png... for more images).")
+    ] = None,
+) -> None:
+    """Predict one case from image files with the same decoder and analysis as the API."""
+    import time
+
+    from oncolens.analysis import case_result, explanation
+    from oncolens.api.schemas import PredictionPublic
+    from oncolens.config import Settings
+    from oncolens.imaging import ImageDecodeError, decode_image
+    from oncolens.zoo import ModelNotFound, PackageError, Zoo
+    from oncolens.zoo.preprocess import preprocess
+
+    settings = Settings()
+    try:
+        dirs = [ZOO_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
+        package = Zoo(dirs, threads=settings.threads).get(model)
+        start = time.perf_counter()
+        decoded = []
+        for path in images:
+            try:
+                decoded.append(decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels))
+            except (OSError, ImageDecodeError) as exc:
+                raise _fail(f"{path}: {exc}") from exc
+        decode_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        logits, features = package.run(preprocess([d.image for d in decoded], package.input_spec), True)
+        timing = {"decode": round(decode_ms, 2), "inference": round((time.perf_counter() - start) * 1000, 2)}
+    except (ModelNotFound, PackageError) as exc:
+        raise _fail(str(exc)) from exc
+    result = case_result(
+        package, logits.astype("float64"), [(d.width, d.height) for d in decoded], [p.name for p in images], timing
+    )
+    if heatmap is not None and features is not None:
+        for i, (d, feats) in enumerate(zip(decoded, features, strict=True)):
+            out = heatmap if i == 0 else heatmap.with_name(f"{heatmap.stem}-{i + 1}{heatmap.suffix}")
+            out.write_bytes(explanation(package, d.image, feats).overlay_png)
+    if as_json:
+        typer.echo(PredictionPublic.from_result(result).model_dump_json(indent=2))
+        return
+    typer.echo(format_case(result))
+
+
+def format_case(result: CaseResult) -> str:
+    """A terminal table: each image's top class, confidence, P(malignant) and risk, then the case."""
+    lines = [f"model {result.model_id} v{result.model_version}", ""]
+    header = f"{'image':<28}{'top class':<12}{'conf.':>7}{'P(malig.)':>11}  risk"
+    lines += [header, "-" * len(header)]
+    rows = [(image.filename or f"#{image.index + 1}", image.assessment) for image in result.images]
+    if len(result.images) > 1:
+        rows.append((f"case ({result.aggregation_rule})", result.aggregate))
+    for name, a in rows:
+        lines.append(f"{name[:27]:<28}{a.top_class:<12}{a.confidence:>7.3f}{a.p_malignant:>11.3f}  {a.risk_level}")
+    agg = result.aggregate
+    lines += ["", "class probabilities (case):"]
+    for class_id, p in sorted(agg.probabilities.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {class_id:<26}{p:>7.3f}  {'#' * round(p * 40)}")
+    lines += ["", f"risk: {agg.risk_level} - {agg.recommendation}", "", result.disclaimer]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image is too large to decode safely: {exc}") from exc
+        raise ImageTooLarge(f"the image is over the {max_pixels / 1e6:.0f} MP limit ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImage(f"the file looks like {kind} but cannot be read as one") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

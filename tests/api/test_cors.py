@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from oncolens.api import create_app
+from oncolens.config import Settings
+
+
+def test_cors_origins_come_from_settings(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, cors_origins=["https://clinic.example"], preload_models=False))
+    with TestClient(app) as client:
+        allowed = client.get("/api/v1/health", headers={"Origin": "https://clinic.example"})
+        other = client.get("/api/v1/health", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://clinic.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_settings_read_environment(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ONCOLENS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ONCOLENS_CORS_ORIGINS", "http://a.test, http://b.test")
+    monkeypatch.setenv("ONCOLENS_MAX_IMAGE_BYTES", "1000")
+    settings = Settings()
+    assert settings.data_dir == tmp_path
+    assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.max_image_bytes == 1000
