@@ -24,6 +24,10 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _command() -> str:
+    return "oncolens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 @app.command()
 def train(
     dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv and the images.")],
@@ -50,11 +54,11 @@ def train(
     except (RecipeError, ManifestError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     runs = run_dir or Path("runs") / model_id
-    command = "oncolens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command()
     fit(chosen, samples, runs, command)
     from oncolens.training.pipeline import finalize
 
-    package = finalize(chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id)
+    package = finalize(chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, command)
     typer.echo(f"wrote model package {package}")
 
 
@@ -76,7 +80,9 @@ def export(
         samples = read_manifest(dataset_dir)
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
-    package = finalize(chosen, samples, run_dir, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id)
+    package = finalize(
+        chosen, samples, run_dir, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, _command()
+    )
     typer.echo(f"wrote model package {package}")
 
 

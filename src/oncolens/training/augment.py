@@ -11,12 +11,16 @@ from oncolens.training.recipe import AugmentConfig
 from oncolens.zoo.preprocess import InputSpec
 
 
-def to_input(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32 normalized (same arithmetic as preprocess.normalize)."""
-    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+def _standardize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] -> (x - mean) / std, the same arithmetic as preprocess.normalize."""
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def to_input(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32 normalized model input."""
+    return _standardize(pixels.permute(0, 3, 1, 2).float() / 255.0, spec)
 
 
 def augment(pixels: torch.Tensor, cfg: AugmentConfig, spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
@@ -46,7 +50,4 @@ def augment(pixels: torch.Tensor, cfg: AugmentConfig, spec: InputSpec, gen: torc
     x = (x - mean) * uniform(1 - cfg.contrast, 1 + cfg.contrast).view(view) + mean
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
     x = (x - gray) * uniform(1 - cfg.saturation, 1 + cfg.saturation).view(view) + gray
-    x = x.clamp(0.0, 1.0)
-    mean_t = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    return _standardize(x.clamp(0.0, 1.0), spec)

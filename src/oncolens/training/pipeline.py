@@ -102,6 +102,7 @@ def finalize(
     package_dir: Path,
     model_id: str,
     samples_dir: Path | None = None,
+    command: str = "",
 ) -> Path:
     """Export the best checkpoint of ``run_dir`` as a verified, calibrated, evaluated package.
 
@@ -142,6 +143,11 @@ def finalize(
         mal_mask = np.asarray(malignant)
         policy = risk_policy(p_malignant(val_probs, malignant), mal_mask[y_val], recipe.risk)
         report = metrics.classification_report(y_test, test_probs, classes, malignant)
+        val_report = metrics.classification_report(y_val, val_probs, classes, malignant, n_boot=200)
+        val_headline = {
+            k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+        }
+        tqdm.write(f"val (calibrated, views {list(model.views)}): " + json.dumps(val_headline))
 
         figures = staging / "report"
         figures.mkdir()
@@ -181,7 +187,8 @@ def finalize(
             "calibration": calibration,
             "risk_policy": policy,
             "aggregation": recipe.aggregation,
-            "metrics": {"split": "test", **{k: v for k, v in report.items()}},
+            "metrics": {"split": "test", **report},
+            "metrics_val": val_headline | {"malignant": val_report.get("malignant")},
             "dataset": recipe.dataset
             | {
                 "counts": {
@@ -203,6 +210,7 @@ def finalize(
                 "recipe": recipe.to_dict(),
             },
             "export": {
+                "command": command,
                 "onnx_opset": 17,
                 "max_abs_logit_diff_vs_pytorch": diff,
                 "checked_on_images": len(check_inputs),

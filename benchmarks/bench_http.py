@@ -1,0 +1,94 @@
+"""HTTP throughput and latency of POST /predict at 1, 4 and 16 concurrent clients.
+
+Starts `oncolens serve` on 127.0.0.1 (a free port), waits for /health, then each client sends the
+sample images in a loop for a fixed number of requests. Only loopback traffic.
+
+    python benchmarks/bench_http.py [--requests 400] [--model skin-ham10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from _common import percentiles_ms, print_table, save
+
+SAMPLES = Path(__file__).parents[1] / "samples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def client_loop(client: httpx.AsyncClient, url: str, images: list[bytes], n: int, out: list[float]) -> None:
+    for i in range(n):
+        start = time.perf_counter()
+        response = await client.post(url, files={"file": ("x.jpg", images[i % len(images)], "image/jpeg")})
+        response.raise_for_status()
+        out.append(time.perf_counter() - start)
+
+
+async def run_level(url: str, images: list[bytes], clients: int, total: int) -> dict[str, object]:
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        await client_loop(client, url, images, 4, [])  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, url, images, total // clients, latencies) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "img/s": len(latencies) / elapsed,
+        **percentiles_ms(latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--model", default="skin-ham10000")
+    args = parser.parse_args()
+    images = [p.read_bytes() for p in sorted((SAMPLES / args.model).glob("*.jpg"))]
+    port = free_port()
+    env = dict(os.environ, ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        started = time.perf_counter()
+        while True:
+            try:
+                if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - started > 60 or server.poll() is not None:
+                raise SystemExit("the server did not start")
+            time.sleep(0.1)
+        ready_s = time.perf_counter() - started
+        url = f"{base}/api/v1/models/{args.model}/predict"
+        rows = [asyncio.run(run_level(url, images, c, args.requests)) for c in (1, 4, 16)]
+    finally:
+        server.terminate()
+        server.wait(10)
+    print_table(f"HTTP POST /predict ({args.model}, {len(images)} sample images)", rows)
+    print(f"\nserver ready (process start to first 200 on /health): {ready_s:.2f} s")
+    save("http", {"model": args.model, "levels": rows, "server_ready_s": ready_s})
+
+
+if __name__ == "__main__":
+    main()
