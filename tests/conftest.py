@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +176,30 @@ def blob_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     root = tmp_path_factory.mktemp("blob-zoo")
     return write_package(root / "blob", RedBlob().eval(), classes, 64)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Each database test module runs on SQLite, and on PostgreSQL when ONCOLENS_TEST_DATABASE_URL is set.
+
+    PostgreSQL gets a fresh schema per module (dropped afterwards), so runs never see old data.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'oncolens.db'}"
+        return
+    base = os.environ.get("ONCOLENS_TEST_DATABASE_URL")
+    if not base:
+        pytest.skip("ONCOLENS_TEST_DATABASE_URL is not set")
+    from sqlalchemy import create_engine, text
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from oncolens.analysis import CaseResult
 
 app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
+db_app = typer.Typer(help="Database schema (Alembic migrations).")
+users_app = typer.Typer(help="User accounts.")
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 SAMPLES_DIR = Path("samples")
@@ -123,6 +127,8 @@ def serve(
     """Run the API server (settings come from ONCOLENS_* environment variables)."""
     import uvicorn
 
+    _upgrade_database()
+
     uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers)
 
 
@@ -173,6 +179,66 @@ def predict(
         typer.echo(PredictionPublic.from_result(result).model_dump_json(indent=2))
         return
     typer.echo(format_case(result))
+
+
+def _upgrade_database() -> str:
+    from oncolens.config import Settings
+    from oncolens.db import make_engine, upgrade
+
+    settings = Settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return settings.resolved_database_url
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the newest revision."""
+    url = _upgrade_database()
+    typer.echo(f"database at the newest revision: {url.split('@')[-1]}")
+
+
+@users_app.command("create")
+def users_create(
+    email: Annotated[str, typer.Option(prompt=True, help="Login e-mail.")],
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="At least 10 characters.")
+    ],
+    full_name: Annotated[str, typer.Option(help="Display name.")] = "",
+    admin: Annotated[bool, typer.Option("--admin", help="Make the user an administrator.")] = False,
+    role: Annotated[str, typer.Option(help="clinician or viewer (ignored with --admin).")] = "clinician",
+) -> None:
+    """Create a user (the first administrator is made this way)."""
+    from sqlalchemy.exc import IntegrityError
+    from sqlmodel import Session
+
+    from oncolens.auth import PasswordTooWeak, hash_password
+    from oncolens.config import Settings
+    from oncolens.db import make_engine
+    from oncolens.db.models import Role, User
+
+    chosen = Role.admin.value if admin else role
+    if chosen not in {r.value for r in Role}:
+        raise _fail(f"unknown role {role!r}; choose admin, clinician or viewer")
+    _upgrade_database()
+    engine = make_engine(Settings().resolved_database_url)
+    try:
+        with Session(engine) as session:
+            user = User(
+                email=email.strip().lower(), full_name=full_name, hashed_password=hash_password(password), role=chosen
+            )
+            session.add(user)
+            session.commit()
+            typer.echo(f"created {chosen} {user.email} (id {user.id})")
+    except PasswordTooWeak as exc:
+        raise _fail(str(exc)) from exc
+    except IntegrityError as exc:
+        raise _fail(f"a user with e-mail {email} already exists") from exc
+    finally:
+        engine.dispose()
 
 
 def format_case(result: CaseResult) -> str:

@@ -38,6 +38,24 @@ class Settings(BaseSettings):
     )
     extra_model_dir: Path | None = Field(None, description="A folder of extra model packages.")
     preload_models: bool = Field(True, description="Load every model at start-up.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default a SQLite file in the data directory. PostgreSQL: postgresql+psycopg://...",
+    )
+    secret_key: str | None = Field(
+        None, description="JWT signing key; default a random key kept in <data_dir>/secret.key."
+    )
+    access_token_minutes: int = Field(60, gt=0, description="Lifetime of an access token.")
+    login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
+    login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'oncolens.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
 
     @field_validator("cors_origins", mode="before")
     @classmethod

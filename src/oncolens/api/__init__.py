@@ -9,11 +9,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from sqlmodel import Session
 
 from oncolens import __version__
 from oncolens.api.errors import install_error_handlers
-from oncolens.api.routes import health, models, predict
+from oncolens.api.routes import audit, auth, cases, health, models, predict, users
+from oncolens.auth import load_or_create_secret
+from oncolens.cases import CaseStore
 from oncolens.config import Settings
+from oncolens.db import make_engine, upgrade
 from oncolens.zoo import BUILTIN_DIR, Zoo
 
 API_PREFIX = "/api/v1"
@@ -29,6 +33,9 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start = time.perf_counter()
+        upgrade(app.state.engine)
+        with Session(app.state.engine) as session:
+            app.state.store.sweep_orphans(session)
         if settings.preload_models:
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
@@ -36,6 +43,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
         for batcher in app.state.batchers.values():
             await batcher.stop()
         app.state.executor.shutdown(wait=False)
+        app.state.engine.dispose()
 
     app = FastAPI(
         title="OncoLens API",
@@ -49,6 +57,9 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.settings = settings
     app.state.zoo = zoo
     app.state.batchers = {}
+    app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.secret = settings.secret_key or load_or_create_secret(settings.data_dir)
+    app.state.store = CaseStore(settings.images_dir)
     # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.
     app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
     if settings.cors_origins:
@@ -59,6 +70,6 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             allow_headers=["Authorization", "Content-Type"],
         )
     install_error_handlers(app)
-    for router in (health.router, models.router, predict.router):
+    for router in (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router):
         app.include_router(router, prefix=API_PREFIX)
     return app

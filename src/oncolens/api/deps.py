@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Annotated
 
-import anyio
-import numpy as np
 from fastapi import Depends, Request
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from fastapi.security import OAuth2PasswordBearer
+from sqlmodel import Session
 
 from oncolens.api.batching import InferenceBatcher
-from oncolens.api.errors import BadRequest
-from oncolens.api.schemas import PredictJSON
+from oncolens.auth import AuthError, Forbidden, decode_access_token
+from oncolens.cases import CaseStore
 from oncolens.config import Settings
-from oncolens.imaging import DecodedImage, ImageDecodeError, decode_base64, decode_image
+from oncolens.db.models import Role, User
 from oncolens.zoo import ModelPackage, Zoo
-from oncolens.zoo.preprocess import preprocess
-
-HOW_TO_SEND = (
-    "send the image as multipart form field 'file' (or several 'files'), "
-    'or as JSON {"image": "<base64 or data URI>", "filename": "..."}'
-)
 
 
 def get_settings(request: Request) -> Settings:
@@ -48,7 +38,8 @@ def get_model(model_id: str, zoo: ZooDep) -> ModelPackage:
 ModelDep = Annotated[ModelPackage, Depends(get_model)]
 
 
-def get_batcher(request: Request, model: ModelDep) -> InferenceBatcher:
+def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
+    """The app's one batcher for ``model`` (created on first use)."""
     batchers: dict[str, InferenceBatcher] = request.app.state.batchers
     if model.id not in batchers:
         settings: Settings = request.app.state.settings
@@ -58,102 +49,55 @@ def get_batcher(request: Request, model: ModelDep) -> InferenceBatcher:
     return batchers[model.id]
 
 
+def get_batcher(request: Request, model: ModelDep) -> InferenceBatcher:
+    return batcher_for(request, model)
+
+
 BatcherDep = Annotated[InferenceBatcher, Depends(get_batcher)]
 
 
-@dataclass(frozen=True)
-class RawImage:
-    data: bytes
-    filename: str | None
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
 
 
-async def _from_multipart(request: Request, settings: Settings) -> list[RawImage]:
-    try:
-        form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
-    except Exception as exc:  # starlette raises its own MultiPartException / HTTPException here
-        raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
-    uploads = [v for k, v in form.multi_items() if k in ("file", "files") and isinstance(v, UploadFile)]
-    if not uploads:
-        texts = [k for k, v in form.multi_items() if k in ("file", "files")]
-        hint = " (the field holds text, not a file)" if texts else ""
-        raise BadRequest(f"no image in the request{hint}: {HOW_TO_SEND}")
-    images = []
-    for upload in uploads:
-        data = await upload.read(settings.max_image_bytes + 1)
-        images.append(RawImage(data, upload.filename))
-    return images
+SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
-    try:
-        body = PredictJSON.model_validate(json.loads(await request.body()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
-    except ValidationError as exc:
-        raise BadRequest(f"unexpected JSON body: {HOW_TO_SEND}") from exc
-    entries = [(body.image, body.filename)] if body.image is not None else []
-    entries += [(item.image, item.filename) for item in body.images or []]
-    if not entries:
-        raise BadRequest(f"no image in the request: {HOW_TO_SEND}")
-    images = []
-    for index, (text, filename) in enumerate(entries):
-        try:
-            images.append(RawImage(decode_base64(text, settings.max_image_bytes), filename))
-        except ImageDecodeError as exc:
-            raise type(exc)(_which(index, filename, len(entries)) + str(exc)) from exc
-    return images
+def get_store(request: Request) -> CaseStore:
+    store: CaseStore = request.app.state.store
+    return store
 
 
-def _which(index: int, filename: str | None, total: int) -> str:
-    if total == 1:
-        return ""
-    return f"image {index + 1}" + (f" ({filename})" if filename else "") + ": "
+StoreDep = Annotated[CaseStore, Depends(get_store)]
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token")
 
 
-async def read_images(request: Request, settings: SettingsDep) -> list[RawImage]:
-    """The request's images as bytes, from multipart ``file``/``files`` or a JSON body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        images = await _from_multipart(request, settings)
-    elif content_type == "application/json":
-        images = await _from_json(request, settings)
-    else:
-        raise BadRequest(f"unsupported content type {content_type or '(none)'!r}: {HOW_TO_SEND}", status=415)
-    if len(images) > settings.max_images_per_request:
-        raise BadRequest(
-            f"{len(images)} images sent; at most {settings.max_images_per_request} per request", status=413
-        )
-    return images
+def current_user(request: Request, session: SessionDep, token: Annotated[str, Depends(oauth2_scheme)]) -> User:
+    claims = decode_access_token(token, request.app.state.secret)
+    user = session.get(User, int(claims["sub"]))
+    if user is None or not user.is_active:
+        raise AuthError("the account for this token no longer exists or is disabled")
+    return user
 
 
-RawImagesDep = Annotated[list[RawImage], Depends(read_images)]
+CurrentUser = Annotated[User, Depends(current_user)]
 
 
-@dataclass(frozen=True)
-class PreparedImages:
-    """Decoded images and the model input made from them, plus how long that took."""
+def require_roles(*roles: Role) -> object:
+    def check(user: CurrentUser) -> User:
+        if user.role not in roles:
+            allowed = " or ".join(r.value for r in roles)
+            raise Forbidden(f"this needs the {allowed} role; you are {user.role}")
+        return user
 
-    decoded: list[DecodedImage]
-    filenames: list[str | None]
-    inputs: np.ndarray
-    decode_ms: float
-
-
-def _prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
-    start = time.perf_counter()
-    decoded = []
-    for index, image in enumerate(raw):
-        try:
-            decoded.append(decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels))
-        except ImageDecodeError as exc:
-            raise type(exc)(_which(index, image.filename, len(raw)) + str(exc)) from exc
-    inputs = preprocess([d.image for d in decoded], model.input_spec)
-    return PreparedImages(decoded, [r.filename for r in raw], inputs, (time.perf_counter() - start) * 1000)
+    return Depends(check)
 
 
-async def prepare_images(raw: RawImagesDep, model: ModelDep, settings: SettingsDep) -> PreparedImages:
-    """Decode and preprocess on a worker thread, keeping the event loop free."""
-    return await anyio.to_thread.run_sync(_prepare, raw, model, settings)
+AdminUser = Annotated[User, require_roles(Role.admin)]
+WriterUser = Annotated[User, require_roles(Role.admin, Role.clinician)]
 
 
-ImagesDep = Annotated[PreparedImages, Depends(prepare_images)]
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else ""

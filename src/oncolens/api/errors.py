@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from oncolens.auth import AuthError, Forbidden, PasswordTooWeak
 from oncolens.imaging import ImageDecodeError
 from oncolens.zoo import ModelNotFound, PackageError
 
@@ -33,6 +34,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:
         return _json(exc.status, str(exc))
+
+    @app.exception_handler(AuthError)
+    async def auth_error(_: Request, exc: AuthError) -> JSONResponse:
+        response = _json(exc.status, str(exc))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return _json(403, str(exc))
+
+    @app.exception_handler(PasswordTooWeak)
+    async def weak_password(_: Request, exc: PasswordTooWeak) -> JSONResponse:
+        return _json(400, str(exc))
 
     @app.exception_handler(ModelNotFound)
     async def model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query
 
-from oncolens.analysis import CaseResult, case_result, explanation
-from oncolens.api.deps import BatcherDep, ImagesDep, ModelDep, PreparedImages
+from oncolens.analysis import explanation
+from oncolens.api.deps import BatcherDep, ModelDep
 from oncolens.api.errors import BadRequest
 from oncolens.api.schemas import (
     AnalysisPublic,
@@ -20,6 +20,7 @@ from oncolens.api.schemas import (
     PredictionPublic,
     PredictJSON,
 )
+from oncolens.api.uploads import ImagesDep, PreparedImages, run_case
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models/{model_id}", tags=["predict"])
@@ -45,20 +46,6 @@ BODY_DOC: dict[str, Any] = {
         },
     }
 }
-
-
-async def _run(model: ModelPackage, batcher: BatcherDep, images: PreparedImages) -> tuple[CaseResult, Any]:
-    start = time.perf_counter()
-    logits, features = await batcher.run(images.inputs)
-    inference_ms = (time.perf_counter() - start) * 1000
-    result = case_result(
-        model,
-        logits.astype("float64"),
-        [(d.width, d.height) for d in images.decoded],
-        images.filenames,
-        {"decode": round(images.decode_ms, 2), "inference": round(inference_ms, 2)},
-    )
-    return result, features
 
 
 def _check_class(model: ModelPackage, class_id: str | None) -> None:
@@ -100,7 +87,7 @@ async def predict(model: ModelDep, batcher: BatcherDep, images: ImagesDep) -> Pr
     ``images`` holds each image's own result.
     """
     start = time.perf_counter()
-    result, _ = await _run(model, batcher, images)
+    result, _ = await run_case(model, batcher, images)
     response = PredictionPublic.from_result(result)
     response.timing_ms = _total(response.timing_ms, start - images.decode_ms / 1000)
     return response
@@ -116,7 +103,7 @@ async def explain(
     """Class-activation heat-map and overlay (PNG, base64) of each image, the size of the input."""
     _check_class(model, class_id)
     start = time.perf_counter()
-    result, features = await _run(model, batcher, images)
+    result, features = await run_case(model, batcher, images)
     heatmaps = await _heatmaps(model, images, features, class_id)
     return ExplanationPublic(
         model_id=model.id,
@@ -136,7 +123,7 @@ async def analyze(
 ) -> AnalysisPublic:
     """Prediction, risk and recommendation, class descriptions, intended use and heat-maps."""
     start = time.perf_counter()
-    result, features = await _run(model, batcher, images)
+    result, features = await run_case(model, batcher, images)
     heatmaps = await _heatmaps(model, images, features, None) if heatmap else None
     base = PredictionPublic.from_result(result, heatmaps)
     card = model.card

@@ -1,0 +1,164 @@
+"""Cases: create with patient fields and images, list with filters, read, review, delete."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import EmailStr
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from oncolens.analysis import DISCLAIMER
+from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
+from oncolens.api.errors import BadRequest
+from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
+from oncolens.api.uploads import RawImage, prepare, run_case
+from oncolens.cases import PatientFields, UploadedImage, audit, create_case, delete_case
+from oncolens.db.models import Case, CaseImage, Role, User, utcnow
+
+router = APIRouter(prefix="/cases", tags=["cases"])
+
+Sex = Literal["female", "male", "other", "unknown", ""]
+
+
+def visible(query, user: User):  # type: ignore[no-untyped-def]
+    """Clinicians see their own cases; admins and viewers see all."""
+    return query.where(Case.owner_id == user.id) if user.role == Role.clinician else query
+
+
+def load_case(session: Session, case_id: str, user: User) -> Case:
+    """The case if this user may see it; another clinician's case is reported as not found."""
+    case = session.get(Case, case_id)
+    if case is None or (user.role == Role.clinician and case.owner_id != user.id):
+        raise BadRequest(f"no case {case_id}", status=404)
+    return case
+
+
+def images_of(session: Session, case: Case) -> list[CaseImage]:
+    return list(session.exec(select(CaseImage).where(CaseImage.case_id == case.id)))
+
+
+@router.post("", response_model=CasePublic, status_code=201)
+async def create(
+    request: Request,
+    user: WriterUser,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    zoo: ZooDep,
+    model_id: Annotated[str, Form(description="The model to run, e.g. skin-ham10000.")],
+    files: Annotated[list[UploadFile], File(description="1..N images of the case.")],
+    patient_ref: Annotated[str, Form(max_length=128, description="Pseudonymous patient reference.")] = "",
+    patient_name: Annotated[str, Form(max_length=255)] = "",
+    patient_age: Annotated[int | None, Form(ge=0, le=130)] = None,
+    patient_sex: Annotated[Sex, Form()] = "",
+    patient_email: Annotated[EmailStr | None, Form()] = None,
+    clinical_notes: Annotated[str, Form(max_length=10_000)] = "",
+) -> CasePublic:
+    """Analyse the images with the model and store the case (images, per-image and case results)."""
+    if not patient_ref.strip() and not patient_name.strip():
+        raise BadRequest("a case needs a patient reference (patient_ref) or a patient name (patient_name)")
+    if len(files) > settings.max_images_per_request:
+        raise BadRequest(f"{len(files)} images sent; at most {settings.max_images_per_request} per case", status=413)
+    model = zoo.get(model_id)
+    raw = [RawImage(await f.read(settings.max_image_bytes + 1), f.filename) for f in files]
+    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    result, _ = await run_case(model, batcher_for(request, model), prepared)
+    uploads = [UploadedImage(r.data, d, r.filename) for r, d in zip(raw, prepared.decoded, strict=True)]
+    patient = PatientFields(
+        patient_ref=patient_ref.strip(),
+        patient_name=patient_name.strip(),
+        patient_age=patient_age,
+        patient_sex=patient_sex,
+        patient_email=str(patient_email or ""),
+        clinical_notes=clinical_notes,
+    )
+    case = await anyio.to_thread.run_sync(
+        lambda: create_case(session, store, user, result, uploads, patient, client_of(request))
+    )
+    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
+
+
+@router.get("", response_model=CasesPage)
+def list_cases(
+    user: CurrentUser,
+    session: SessionDep,
+    model_id: str | None = None,
+    risk_level: str | None = None,
+    status: StatusName | None = None,
+    patient_ref: str | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> CasesPage:
+    """Cases you may see, newest first, filtered; ``total`` counts all pages."""
+    query = visible(select(Case), user)
+    if model_id:
+        query = query.where(Case.model_id == model_id)
+    if risk_level:
+        query = query.where(Case.risk_level == risk_level)
+    if status:
+        query = query.where(Case.status == status)
+    if patient_ref:
+        query = query.where(Case.patient_ref == patient_ref)
+    if created_from:
+        query = query.where(col(Case.created_at) >= created_from)
+    if created_to:
+        query = query.where(col(Case.created_at) < created_to)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(offset).limit(limit)).all()
+    return CasesPage(items=[CaseSummary.of(c) for c in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{case_id}", response_model=CasePublic)
+def read_case(request: Request, case_id: str, user: CurrentUser, session: SessionDep) -> CasePublic:
+    case = load_case(session, case_id, user)
+    audit(session, user, "view", case.id, client=client_of(request))
+    session.commit()
+    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
+
+
+@router.patch("/{case_id}", response_model=CasePublic)
+def review_case(request: Request, case_id: str, body: CaseUpdate, user: WriterUser, session: SessionDep) -> CasePublic:
+    """The clinician review: status, confirmed diagnosis and notes."""
+    case = load_case(session, case_id, user)
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        raise BadRequest("nothing to update: send status, confirmed_diagnosis or review_notes")
+    for field, value in changes.items():
+        setattr(case, field, value)
+    case.reviewed_by, case.reviewed_at = user.id, utcnow()
+    case.updated_at = case.reviewed_at
+    audit(session, user, "review", case.id, f"{sorted(changes)} -> status {case.status}", client_of(request))
+    session.add(case)
+    session.commit()
+    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
+
+
+@router.delete("/{case_id}", status_code=204)
+def remove_case(request: Request, case_id: str, user: WriterUser, session: SessionDep, store: StoreDep) -> Response:
+    """Delete the case, its results and its stored image files."""
+    delete_case(session, store, load_case(session, case_id, user), user, client_of(request))
+    return Response(status_code=204)
+
+
+@router.get("/{case_id}/images/{image_id}", response_class=FileResponse)
+def read_image(
+    request: Request, case_id: str, image_id: str, user: CurrentUser, session: SessionDep, store: StoreDep
+) -> FileResponse:
+    """The original image file, only to those allowed to see the case."""
+    case = load_case(session, case_id, user)
+    image = session.get(CaseImage, image_id)
+    if image is None or image.case_id != case.id:
+        raise BadRequest(f"case {case_id} has no image {image_id}", status=404)
+    path = store.path(image.stored_name)
+    if not path.is_file():
+        raise BadRequest(f"the file of image {image_id} is missing from storage", status=410)
+    audit(session, user, "image_view", case.id, image.id, client_of(request))
+    session.commit()
+    return FileResponse(path, media_type=image.media_type, headers={"Cache-Control": "private, no-store"})

@@ -1,0 +1,145 @@
+"""Reading images from a request: multipart ``file``/``files`` or a JSON body with base64."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import Depends, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from oncolens.analysis import CaseResult, case_result
+from oncolens.api.batching import InferenceBatcher
+from oncolens.api.deps import ModelDep, SettingsDep
+from oncolens.api.errors import BadRequest
+from oncolens.api.schemas import PredictJSON
+from oncolens.config import Settings
+from oncolens.imaging import DecodedImage, ImageDecodeError, decode_base64, decode_image
+from oncolens.zoo import ModelPackage
+from oncolens.zoo.preprocess import preprocess
+
+HOW_TO_SEND = (
+    "send the image as multipart form field 'file' (or several 'files'), "
+    'or as JSON {"image": "<base64 or data URI>", "filename": "..."}'
+)
+
+
+@dataclass(frozen=True)
+class RawImage:
+    data: bytes
+    filename: str | None
+
+
+async def _from_multipart(request: Request, settings: Settings) -> list[RawImage]:
+    try:
+        form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
+    except Exception as exc:  # starlette raises its own MultiPartException / HTTPException here
+        raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
+    uploads = [v for k, v in form.multi_items() if k in ("file", "files") and isinstance(v, UploadFile)]
+    if not uploads:
+        texts = [k for k, v in form.multi_items() if k in ("file", "files")]
+        hint = " (the field holds text, not a file)" if texts else ""
+        raise BadRequest(f"no image in the request{hint}: {HOW_TO_SEND}")
+    images = []
+    for upload in uploads:
+        data = await upload.read(settings.max_image_bytes + 1)
+        images.append(RawImage(data, upload.filename))
+    return images
+
+
+async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
+    try:
+        body = PredictJSON.model_validate(json.loads(await request.body()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise BadRequest(f"unexpected JSON body: {HOW_TO_SEND}") from exc
+    entries = [(body.image, body.filename)] if body.image is not None else []
+    entries += [(item.image, item.filename) for item in body.images or []]
+    if not entries:
+        raise BadRequest(f"no image in the request: {HOW_TO_SEND}")
+    images = []
+    for index, (text, filename) in enumerate(entries):
+        try:
+            images.append(RawImage(decode_base64(text, settings.max_image_bytes), filename))
+        except ImageDecodeError as exc:
+            raise type(exc)(_which(index, filename, len(entries)) + str(exc)) from exc
+    return images
+
+
+def _which(index: int, filename: str | None, total: int) -> str:
+    if total == 1:
+        return ""
+    return f"image {index + 1}" + (f" ({filename})" if filename else "") + ": "
+
+
+async def read_images(request: Request, settings: SettingsDep) -> list[RawImage]:
+    """The request's images as bytes, from multipart ``file``/``files`` or a JSON body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        images = await _from_multipart(request, settings)
+    elif content_type == "application/json":
+        images = await _from_json(request, settings)
+    else:
+        raise BadRequest(f"unsupported content type {content_type or '(none)'!r}: {HOW_TO_SEND}", status=415)
+    if len(images) > settings.max_images_per_request:
+        raise BadRequest(
+            f"{len(images)} images sent; at most {settings.max_images_per_request} per request", status=413
+        )
+    return images
+
+
+RawImagesDep = Annotated[list[RawImage], Depends(read_images)]
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Decoded images and the model input made from them, plus how long that took."""
+
+    decoded: list[DecodedImage]
+    filenames: list[str | None]
+    inputs: np.ndarray
+    decode_ms: float
+
+
+def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
+    """Decode every image (naming the one that fails) and make the model input."""
+    start = time.perf_counter()
+    decoded = []
+    for index, image in enumerate(raw):
+        try:
+            decoded.append(decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels))
+        except ImageDecodeError as exc:
+            raise type(exc)(_which(index, image.filename, len(raw)) + str(exc)) from exc
+    inputs = preprocess([d.image for d in decoded], model.input_spec)
+    return PreparedImages(decoded, [r.filename for r in raw], inputs, (time.perf_counter() - start) * 1000)
+
+
+async def prepare_images(raw: RawImagesDep, model: ModelDep, settings: SettingsDep) -> PreparedImages:
+    """Decode and preprocess on a worker thread, keeping the event loop free."""
+    return await anyio.to_thread.run_sync(prepare, raw, model, settings)
+
+
+ImagesDep = Annotated[PreparedImages, Depends(prepare_images)]
+
+
+async def run_case(
+    model: ModelPackage, batcher: InferenceBatcher, images: PreparedImages
+) -> tuple[CaseResult, np.ndarray]:
+    """The one predict path of the API: batched inference, then calibrated per-image and case results."""
+    start = time.perf_counter()
+    logits, features = await batcher.run(images.inputs)
+    inference_ms = (time.perf_counter() - start) * 1000
+    result = case_result(
+        model,
+        logits.astype("float64"),
+        [(d.width, d.height) for d in images.decoded],
+        images.filenames,
+        {"decode": round(images.decode_ms, 2), "inference": round(inference_ms, 2)},
+    )
+    return result, features

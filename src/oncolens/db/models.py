@@ -1,0 +1,116 @@
+"""Tables (SQLModel). The schema is made only by the Alembic migrations next to this file."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Role(StrEnum):
+    admin = "admin"
+    clinician = "clinician"
+    viewer = "viewer"
+
+
+class CaseStatus(StrEnum):
+    pending = "pending_review"
+    reviewed = "reviewed"
+    confirmed = "confirmed"
+
+
+def _when(index: bool = False) -> Column[datetime]:
+    return Column(DateTime(timezone=True), nullable=False, index=index)
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    full_name: str = Field(default="", max_length=255)
+    hashed_password: str = Field(max_length=255)
+    role: str = Field(default=Role.clinician.value, max_length=16)
+    is_active: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+
+
+class LoginThrottle(SQLModel, table=True):
+    """Failed-login counts per account name, kept whether or not the account exists."""
+
+    __tablename__ = "login_throttle"
+
+    email: str = Field(sa_column=Column(String(255), primary_key=True))
+    failures: int = Field(default=0)
+    locked_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class Case(SQLModel, table=True):
+    __tablename__ = "cases"
+    __table_args__ = (Index("ix_cases_owner_created", "owner_id", "created_at"),)
+
+    id: str = Field(default_factory=new_id, sa_column=Column(String(32), primary_key=True))
+    owner_id: int = Field(sa_column=Column(Integer, ForeignKey("users.id"), nullable=False, index=True))
+    model_id: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    model_version: str = Field(max_length=32)
+    patient_ref: str = Field(default="", sa_column=Column(String(128), nullable=False, index=True))
+    patient_name: str = Field(default="", max_length=255)
+    patient_age: int | None = Field(default=None)
+    patient_sex: str = Field(default="", max_length=16)
+    patient_email: str = Field(default="", max_length=255)
+    clinical_notes: str = Field(default="", sa_column=Column(Text, nullable=False))
+    status: str = Field(default=CaseStatus.pending.value, sa_column=Column(String(16), nullable=False, index=True))
+    top_class: str = Field(max_length=64)
+    p_malignant: float
+    risk_level: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    recommendation: str = Field(sa_column=Column(Text, nullable=False))
+    aggregation_rule: str = Field(max_length=32)
+    result_json: str = Field(sa_column=Column(Text, nullable=False))
+    confirmed_diagnosis: str = Field(default="", max_length=255)
+    review_notes: str = Field(default="", sa_column=Column(Text, nullable=False))
+    reviewed_by: int | None = Field(default=None, sa_column=Column(Integer, ForeignKey("users.id"), nullable=True))
+    reviewed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+
+
+class CaseImage(SQLModel, table=True):
+    __tablename__ = "case_images"
+
+    id: str = Field(default_factory=new_id, sa_column=Column(String(32), primary_key=True))
+    case_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    position: int
+    original_filename: str = Field(default="", max_length=255)
+    stored_name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    media_type: str = Field(max_length=32)
+    width: int
+    height: int
+    size_bytes: int
+    sha256: str = Field(max_length=64)
+    result_json: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
+    user_id: int | None = Field(default=None, index=True)
+    actor: str = Field(default="", max_length=255)
+    action: str = Field(sa_column=Column(String(32), nullable=False, index=True))
+    case_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True, index=True))
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))
+    client: str = Field(default="", max_length=64)
