@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlmodel import Session, select
+from sqlalchemy import delete
+from sqlmodel import Session, col, select
 
 from oncolens.analysis import CaseResult
 from oncolens.db.models import AuditEvent, Case, CaseImage, User
@@ -166,9 +167,8 @@ def create_case(
 
 def delete_case(session: Session, store: CaseStore, case: Case, user: User, client: str = "") -> None:
     """Delete a case, its image rows and then its files (files go only once the rows are gone)."""
-    names = [image.stored_name for image in session.exec(select(CaseImage).where(CaseImage.case_id == case.id))]
-    for image in session.exec(select(CaseImage).where(CaseImage.case_id == case.id)):
-        session.delete(image)
+    names = list(session.exec(select(CaseImage.stored_name).where(CaseImage.case_id == case.id)))
+    session.exec(delete(CaseImage).where(col(CaseImage.case_id) == case.id))
     audit(session, user, "delete", case.id, f"{case.model_id} case of patient ref {case.patient_ref!r}", client)
     session.delete(case)
     session.commit()

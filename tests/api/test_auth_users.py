@@ -72,9 +72,7 @@ def test_repeated_failures_lock_the_account_name(client: TestClient) -> None:
     # an unknown account name is locked the same way, so the lock reveals nothing either
     for _ in range(3):
         client.post("/api/v1/auth/token", data={"username": "nobody@clinic.org", "password": "x" * 12})
-    assert (
-        client.post("/api/v1/auth/token", data={"username": "nobody@clinic.org", "password": "x"}).status_code == 429
-    )
+    assert client.post("/api/v1/auth/token", data={"username": "nobody@clinic.org", "password": "x"}).status_code == 429
 
 
 def test_expired_and_forged_tokens_are_refused(client: TestClient) -> None:

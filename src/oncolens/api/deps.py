@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -39,17 +40,20 @@ ModelDep = Annotated[ModelPackage, Depends(get_model)]
 
 
 def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
-    """The app's one batcher for ``model`` (created on first use)."""
-    batchers: dict[str, InferenceBatcher] = request.app.state.batchers
-    if model.id not in batchers:
+    """The batcher for ``model`` on the running event loop (created on first use).
+
+    A server has one loop per process; keying by loop as well keeps an app that is driven from
+    several loops (test clients, embedding) from queueing work to a loop that never runs it.
+    """
+    batchers: dict[tuple[str, int], InferenceBatcher] = request.app.state.batchers
+    key = (model.id, id(asyncio.get_running_loop()))
+    if key not in batchers:
         settings: Settings = request.app.state.settings
-        batchers[model.id] = InferenceBatcher(
-            model, request.app.state.executor, settings.batch_max, settings.batch_wait_ms
-        )
-    return batchers[model.id]
+        batchers[key] = InferenceBatcher(model, request.app.state.executor, settings.batch_max, settings.batch_wait_ms)
+    return batchers[key]
 
 
-def get_batcher(request: Request, model: ModelDep) -> InferenceBatcher:
+async def get_batcher(request: Request, model: ModelDep) -> InferenceBatcher:
     return batcher_for(request, model)
 
 
