@@ -146,6 +146,7 @@ def test_request_errors_are_explained(client: TestClient, sample_bytes: dict[str
         (client.post(f"{MODEL}/predict", json={"picture": "abc"}), 400, "no image in the request"),
         (client.post(f"{MODEL}/explain?class=melanoma", files={"file": ("x.jpg", data)}), 400, "unknown class"),
         (client.post(f"{MODEL}/predict", files=[("files", ("x.jpg", data))] * 5), 413, "at most 4 per request"),
+        (client.post(f"{MODEL}/predict", files=[("files", ("x.jpg", data))] * 9), 413, "at most 4 per request"),
     ]
     for response, status, message in cases:
         assert response.status_code == status, response.text

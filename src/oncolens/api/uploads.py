@@ -39,7 +39,10 @@ async def _from_multipart(request: Request, settings: Settings) -> list[RawImage
     try:
         form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
     except Exception as exc:  # starlette raises its own MultiPartException / HTTPException here
-        raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
+        detail = str(getattr(exc, "detail", exc))
+        if "Too many files" in detail:
+            raise BadRequest(f"too many images; at most {settings.max_images_per_request} per request", 413) from exc
+        raise BadRequest(f"the multipart body could not be read: {detail}") from exc
     uploads = [v for k, v in form.multi_items() if k in ("file", "files") and isinstance(v, UploadFile)]
     if not uploads:
         texts = [k for k, v in form.multi_items() if k in ("file", "files")]
