@@ -23,7 +23,7 @@ from oncolens.training import plots
 from oncolens.training.calibrate import fit_temperature, nll, risk_policy
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
 from oncolens.training.recipe import Recipe
-from oncolens.training.train import BEST, build_model
+from oncolens.training.train import BEST, build_model, machine_description
 from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
 
 DISCLAIMER = (
@@ -205,6 +205,7 @@ def finalize(
                 "best_val": checkpoint.get("val"),
                 "wall_time_s": history.get("wall_time_s"),
                 "machine": history.get("machine"),
+                "exported_on": machine_description(),
                 "command": history.get("command"),
                 "recipe_file": recipe.source,
                 "recipe": recipe.to_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -103,6 +104,19 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def machine_description() -> str:
+    """CPU model, core count and torch build, e.g. 'AMD EPYC, 2 cores (2 torch threads), torch 2.13.0+cpu'."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, no GPU"
 
 
 def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
@@ -222,8 +236,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
         "best_val": history[best_epoch]["val"] if 0 <= best_epoch < len(history) else None,
         "epochs_run": len(history),
         "wall_time_s": round(history[-1]["elapsed_s"] if history else 0.0, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, CPU".replace("  ", " "),
+        "machine": machine_description(),
         "history": history,
         "config": asdict(cfg),
     }
