@@ -103,3 +103,16 @@ def test_case_result_aggregates_and_keeps_each_image(blob_package: Path) -> None
     assert result.aggregate.risk_level == "moderate"
     assert result.aggregate.is_malignant is True
     assert "not a diagnosis" in result.disclaimer
+
+
+def test_upsample_cam_honours_the_feature_offset() -> None:
+    from oncolens.explain import upsample_cam
+
+    cam = np.zeros((6, 6))
+    cam[2, 3] = 1.0
+    plain = upsample_cam(cam, 192)
+    shifted = upsample_cam(cam, 192, (-15.5, 0.0))
+    assert np.unravel_index(np.argmax(plain), plain.shape) in {(79, 111), (80, 112), (79, 112), (80, 111)}
+    y, x = np.unravel_index(np.argmax(shifted), shifted.shape)
+    assert abs(y - 64) <= 1 and abs(x - 111.5) <= 1
+    assert plain.max() == pytest.approx(1.0, abs=0.05)

@@ -128,7 +128,7 @@ def explanation(
     else:
         raise KeyError(f"unknown class {class_id!r}; this model's classes are {ids}")
     cam = class_activation_map(features, package.head_weight, index)
-    heat = explain.cam_on_image(cam, package.input_spec, image.width, image.height)
+    heat = explain.cam_on_image(cam, package.input_spec, image.width, image.height, package.feature_offset)
     peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
     return Explanation(
         class_id=ids[index],

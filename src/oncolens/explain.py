@@ -29,14 +29,45 @@ def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float64)
 
 
-def cam_on_image(cam: np.ndarray, spec: InputSpec, width: int, height: int) -> np.ndarray:
+def _interpolation_matrix(cells: int, size: int, offset: float) -> np.ndarray:
+    """[size, cells] linear weights: output pixel u samples the map where cell j sits at
+    ``(j + 0.5) * size / cells + offset`` (clamped at the edges)."""
+    stride = size / cells
+    position = (np.arange(size) + 0.5 - offset) / stride - 0.5
+    position = np.clip(position, 0.0, cells - 1.0)
+    low = np.floor(position).astype(int).clip(0, max(cells - 2, 0))
+    frac = position - low
+    weights = np.zeros((size, cells))
+    rows = np.arange(size)
+    weights[rows, low] += 1.0 - frac
+    if cells > 1:
+        weights[rows, low + 1] += frac
+    return weights
+
+
+def upsample_cam(cam: np.ndarray, size: int, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """[h, w] CAM -> [size, size] in model-input pixels, bilinear.
+
+    ``offset`` (dy, dx) is where the network's feature cells really sit relative to the evenly
+    spaced grid, in input pixels (the card's ``input.feature_offset_px``): symmetric padding in
+    stride-2 layers moves every cell up-left by (stride/2 - 0.5) px, mirrored for flipped views.
+    """
+    rows = _interpolation_matrix(cam.shape[0], size, offset[0])
+    cols = _interpolation_matrix(cam.shape[1], size, offset[1])
+    upsampled: np.ndarray = rows @ cam @ cols.T
+    return upsampled
+
+
+def cam_on_image(
+    cam: np.ndarray, spec: InputSpec, width: int, height: int, offset: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     """[h, w] CAM in model-input space -> [height, width] map aligned with the original image.
 
     Inverts the card's resize rule: a stretch for ``squash``; for ``center_crop`` the map covers
     only the cropped centre (zero outside); for ``pad`` the letterbox bars are cut away.
     """
     size = spec.size
-    square = _resize_float(cam, size, size)
+    square = upsample_cam(cam, size, offset)
     if spec.resize == "squash":
         out = _resize_float(square, width, height)
     elif spec.resize == "center_crop":

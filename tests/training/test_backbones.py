@@ -26,3 +26,17 @@ def test_classifier_returns_logits_and_stride_32_features() -> None:
 def test_unknown_backbone_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
         build_backbone("resnet50")
+
+
+def test_feature_offset_is_measured_and_mirrors_with_flips() -> None:
+    from oncolens.training.export import ExportModel
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("efficientnet-lite0", pretrained=True), 3).eval()
+    # Symmetric padding in five stride-2 layers puts cells up to (32/2 - 0.5) = 15.5 px up-left of
+    # the even grid; the ImageNet kernels (trained with other padding) move that, hence measuring.
+    dy, dx = ExportModel(model, ("identity",)).feature_offset(128, samples=2)
+    assert -20 < dy < -8 and -20 < dx < 0
+    # Averaging with the mirrored view cancels the horizontal shift, not the vertical one.
+    dy_h, dx_h = ExportModel(model, ("identity", "hflip")).feature_offset(128, samples=2)
+    assert -20 < dy_h < -8 and abs(dx_h) < 3

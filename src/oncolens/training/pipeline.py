@@ -182,7 +182,13 @@ def finalize(
                 {"id": c.id, "name": c.name, "description": c.description, "malignant": c.malignant}
                 for c in recipe.classes
             ],
-            "input": spec.to_dict() | {"layout": "NCHW", "color": "RGB", "test_time_views": list(model.views)},
+            "input": spec.to_dict()
+            | {
+                "layout": "NCHW",
+                "color": "RGB",
+                "test_time_views": list(model.views),
+                "feature_offset_px": list(model.feature_offset(spec.size)),
+            },
             "outputs": {"logits": [len(classes)], "features": features_shape},
             "calibration": calibration,
             "risk_policy": policy,

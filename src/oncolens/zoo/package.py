@@ -117,6 +117,12 @@ class ModelPackage:
     def input_spec(self) -> InputSpec:
         return InputSpec.from_dict(self.card["input"])
 
+    @property
+    def feature_offset(self) -> tuple[float, float]:
+        """(dy, dx) of the feature cells from the even grid, in input pixels (for heat-maps)."""
+        dy, dx = self.card["input"].get("feature_offset_px", (0.0, 0.0))
+        return float(dy), float(dx)
+
     @cached_property
     def head_weight(self) -> np.ndarray:
         """[C, K] float32 weights of the linear head (for class-activation maps)."""
