@@ -6,7 +6,6 @@ python benchmarks/bench_model.py [--repeats 200]
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -19,14 +18,16 @@ from oncolens.zoo import Zoo
 
 def startup_and_rss() -> dict[str, float]:
     """Fresh process: import the app, build it and load every model; report time and peak RSS."""
+    # ru_maxrss survives fork/exec on Linux, so read the new process's own VmRSS/VmHWM instead.
     code = (
-        "import time, resource; t=time.perf_counter();"
-        "from oncolens.api import create_app; from oncolens.zoo import Zoo;"
-        "app=create_app(); app.state.zoo.load_all();"
-        "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import time; t=time.perf_counter();"
+        "from oncolens.api import create_app;"
+        "app=create_app(); app.state.zoo.load_all(); elapsed=time.perf_counter()-t;"
+        "status=dict(l.split(':',1) for l in open('/proc/self/status'));"
+        "print(elapsed, status['VmRSS'].split()[0], status['VmHWM'].split()[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return {"startup_s": float(out[0]), "rss_mb": float(out[1]) / 1024}
+    return {"startup_s": float(out[0]), "rss_mb": float(out[1]) / 1024, "peak_rss_mb": float(out[2]) / 1024}
 
 
 def main() -> None:
@@ -58,12 +59,8 @@ def main() -> None:
         rows.append(row)
     print_table("Model latency (ONNX Runtime, CPU, all threads)", rows)
     process = startup_and_rss()
-    print_table("Start-up (import + create_app + load every model) and peak RSS", [process])
-    save("model", {"models": rows, "process": process, "self_peak_rss_mb": _self_rss()})
-
-
-def _self_rss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print_table("Start-up (import + create_app + load every model) and memory of that process", [process])
+    save("model", {"models": rows, "process": process})
 
 
 if __name__ == "__main__":

@@ -230,6 +230,7 @@ def finalize(
         if package_dir.exists():
             shutil.rmtree(package_dir)
         package_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; a package must be readable by the server
         staging.rename(package_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
