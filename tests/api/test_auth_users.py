@@ -8,8 +8,8 @@ from sqlmodel import Session
 
 from oncolens.api import create_app
 from oncolens.auth import create_access_token, hash_password
-from oncolens.config import Settings
 from oncolens.db.models import User
+from tests.api.conftest import db_settings
 
 PASSWORD = "correct horse battery"
 
@@ -31,13 +31,7 @@ def login(client: TestClient, email: str, password: str = PASSWORD) -> dict[str,
 
 @pytest.fixture(scope="module")
 def client(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        database_url=database_url,
-        secret_key="test-secret-key-that-is-long-enough-for-hs256",
-        login_max_failures=3,
-        preload_models=False,
-    )
+    settings = db_settings(tmp_path_factory.mktemp("data"), database_url, login_max_failures=3, preload_models=False)
     with TestClient(create_app(settings)) as test_client:
         add_user(test_client, "admin@clinic.org", "admin")
         add_user(test_client, "doc@clinic.org", "clinician")

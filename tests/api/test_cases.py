@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from oncolens.api import create_app
-from oncolens.config import Settings
+from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
@@ -21,12 +21,7 @@ def image(name: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        database_url=database_url,
-        secret_key="test-secret-key-that-is-long-enough-for-hs256",
-        max_images_per_request=3,
-    )
+    settings = db_settings(tmp_path_factory.mktemp("data"), database_url, max_images_per_request=3)
     with TestClient(create_app(settings)) as test_client:
         for email, role in [
             ("admin@clinic.org", "admin"),
