@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.datasets import Sample, encode_labels, open_rgb, read_manifest, select_split
+from oncolens.datasets import ManifestError, Sample, encode_labels, open_rgb, read_manifest, select_split
 from oncolens.inference import calibrate
 from oncolens.metrics import classification_report
 from oncolens.zoo.package import ModelPackage
@@ -22,7 +22,12 @@ def dataset_logits(run: LogitsFn, samples: list[Sample], spec: InputSpec, batch:
     """[N, C] logits of ``run`` (preprocessed batch -> logits) over the samples' image files."""
     out = []
     for start in range(0, len(samples), batch):
-        images = [open_rgb(s.file) for s in samples[start : start + batch]]
+        images = []
+        for sample in samples[start : start + batch]:
+            try:
+                images.append(open_rgb(sample.file))
+            except (OSError, ValueError) as exc:
+                raise ManifestError(f"cannot read image {sample.file}: {exc}") from exc
         out.append(np.asarray(run(preprocess(images, spec)), dtype=np.float64))
     return np.concatenate(out)
 

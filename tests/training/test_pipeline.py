@@ -138,3 +138,14 @@ def test_a_tampered_onnx_file_is_refused(tiny_package: Path, tmp_path: Path) -> 
     with pytest.raises(PackageError, match="sha256"):
         ModelPackage.load(copy)
     assert Zoo([copy.parent]).ids() == ["tiny"]
+
+
+def test_evaluate_names_a_missing_or_broken_image(tiny_package: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_dataset
+
+    root = make_dataset(tmp_path / "broken")
+    (root / "images" / "cancer_7.png").write_bytes(b"not a png")
+    (root / "images" / "cancer_8.png").unlink()
+    result = runner.invoke(app, ["evaluate", "tiny", str(root), "--model-dir", str(tiny_package.parent)])
+    assert result.exit_code == 2
+    assert "cannot read image" in result.output and "cancer_" in result.output
