@@ -23,3 +23,14 @@ def test_settings_read_environment(monkeypatch, tmp_path: Path) -> None:  # type
     assert settings.data_dir == tmp_path
     assert settings.cors_origins == ["http://a.test", "http://b.test"]
     assert settings.max_image_bytes == 1000
+
+
+def test_an_oversized_json_body_is_refused_with_413(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, max_image_bytes=1000, max_images_per_request=2, preload_models=False)
+    with TestClient(create_app(settings)) as client:
+        body = '{"image": "' + "A" * 100_000 + '"}'
+        response = client.post(
+            "/api/v1/models/skin-ham10000/predict", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413
+    assert "the request body is larger than" in response.json()["detail"]

@@ -55,9 +55,26 @@ async def _from_multipart(request: Request, settings: Settings) -> list[RawImage
     return images
 
 
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (never buffered whole)."""
+    declared = request.headers.get("content-length", "")
+    too_large = BadRequest(f"the request body is larger than the limit of {limit:,} bytes", 413)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
+    # base64 is 4/3 of the bytes; allow every image at the size limit plus room for the JSON around it.
+    limit = settings.max_image_bytes * 4 // 3 * settings.max_images_per_request + 64 * 1024
+    raw = await _read_limited(request, limit)
     try:
-        body = PredictJSON.model_validate(json.loads(await request.body()))
+        body = PredictJSON.model_validate(json.loads(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from exc
     except ValidationError as exc:
