@@ -5,6 +5,7 @@ API, CLI, web pages and reports all build their answers from these dataclasses.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,6 +13,8 @@ import numpy as np
 from PIL import Image
 
 from oncolens import explain
+from oncolens.config import Settings
+from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
 from oncolens.inference import (
     aggregate,
     calibrate,
@@ -21,6 +24,7 @@ from oncolens.inference import (
     risk_level,
 )
 from oncolens.zoo.package import ModelPackage
+from oncolens.zoo.preprocess import preprocess
 
 DISCLAIMER = (
     "Decision support only, not a diagnosis. A qualified clinician must interpret this result "
@@ -136,3 +140,41 @@ def explanation(
         overlay_png=explain.png_bytes(explain.overlay(image, heat)),
         peak_xy=(int(peak_x), int(peak_y)),
     )
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Image bytes as received, with the client's file name (a label only, never a path)."""
+
+    data: bytes
+    filename: str | None
+
+
+def name_image(index: int, filename: str | None, total: int) -> str:
+    """ "image 2 (b.png): " to prefix an error about one of several images ("" for a single one)."""
+    if total == 1:
+        return ""
+    return f"image {index + 1}" + (f" ({filename})" if filename else "") + ": "
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Decoded images and the model input made from them, plus how long that took."""
+
+    decoded: list[DecodedImage]
+    filenames: list[str | None]
+    inputs: np.ndarray
+    decode_ms: float
+
+
+def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
+    """Decode every image (naming the one that fails) and make the model input."""
+    start = time.perf_counter()
+    decoded = []
+    for index, image in enumerate(raw):
+        try:
+            decoded.append(decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels))
+        except ImageDecodeError as exc:
+            raise type(exc)(name_image(index, image.filename, len(raw)) + str(exc)) from exc
+    inputs = preprocess([d.image for d in decoded], model.input_spec)
+    return PreparedImages(decoded, [r.filename for r in raw], inputs, (time.perf_counter() - start) * 1000)

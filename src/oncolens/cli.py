@@ -144,32 +144,26 @@ def predict(
     """Predict one case from image files with the same decoder and analysis as the API."""
     import time
 
-    from oncolens.analysis import case_result, explanation
+    from oncolens.analysis import RawImage, case_result, explanation, prepare
     from oncolens.api.schemas import PredictionPublic
     from oncolens.config import Settings
-    from oncolens.imaging import ImageDecodeError, decode_image
+    from oncolens.imaging import ImageDecodeError
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
-    from oncolens.zoo.preprocess import preprocess
 
     settings = Settings()
     try:
         dirs = [ZOO_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
         package = Zoo(dirs, threads=settings.threads).get(model)
-        start = time.perf_counter()
-        decoded = []
-        for path in images:
-            try:
-                decoded.append(decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels))
-            except (OSError, ImageDecodeError) as exc:
-                raise _fail(f"{path}: {exc}") from exc
-        decode_ms = (time.perf_counter() - start) * 1000
-        start = time.perf_counter()
-        logits, features = package.run(preprocess([d.image for d in decoded], package.input_spec), True)
-        timing = {"decode": round(decode_ms, 2), "inference": round((time.perf_counter() - start) * 1000, 2)}
-    except (ModelNotFound, PackageError) as exc:
+        raw = [RawImage(path.read_bytes(), path.name) for path in images]
+        prepared = prepare(raw, package, settings)
+    except (ModelNotFound, PackageError, OSError, ImageDecodeError) as exc:
         raise _fail(str(exc)) from exc
+    start = time.perf_counter()
+    logits, features = package.run(prepared.inputs, with_features=True)
+    timing = {"decode": round(prepared.decode_ms, 2), "inference": round((time.perf_counter() - start) * 1000, 2)}
+    decoded = prepared.decoded
     result = case_result(
-        package, logits.astype("float64"), [(d.width, d.height) for d in decoded], [p.name for p in images], timing
+        package, logits.astype("float64"), [(d.width, d.height) for d in decoded], prepared.filenames, timing
     )
     if heatmap is not None and features is not None:
         for i, (d, feats) in enumerate(zip(decoded, features, strict=True)):

@@ -33,7 +33,6 @@ class InferenceBatcher:
         self.wait_s = wait_ms / 1000.0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
-        self.batches_run = 0
 
     def start(self) -> None:
         if self._worker is None:
@@ -85,7 +84,6 @@ class InferenceBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            self.batches_run += 1
             start = 0
             for job in jobs:
                 end = start + len(job.inputs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -13,26 +12,19 @@ from fastapi import Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from oncolens.analysis import CaseResult, case_result
+from oncolens.analysis import CaseResult, PreparedImages, RawImage, case_result, name_image, prepare
 from oncolens.api.batching import InferenceBatcher
 from oncolens.api.deps import ModelDep, SettingsDep
 from oncolens.api.errors import BadRequest
 from oncolens.api.schemas import PredictJSON
 from oncolens.config import Settings
-from oncolens.imaging import DecodedImage, ImageDecodeError, decode_base64, decode_image
+from oncolens.imaging import ImageDecodeError, decode_base64
 from oncolens.zoo import ModelPackage
-from oncolens.zoo.preprocess import preprocess
 
 HOW_TO_SEND = (
     "send the image as multipart form field 'file' (or several 'files'), "
     'or as JSON {"image": "<base64 or data URI>", "filename": "..."}'
 )
-
-
-@dataclass(frozen=True)
-class RawImage:
-    data: bytes
-    filename: str | None
 
 
 async def _from_multipart(request: Request, settings: Settings) -> list[RawImage]:
@@ -88,14 +80,8 @@ async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
         try:
             images.append(RawImage(decode_base64(text, settings.max_image_bytes), filename))
         except ImageDecodeError as exc:
-            raise type(exc)(_which(index, filename, len(entries)) + str(exc)) from exc
+            raise type(exc)(name_image(index, filename, len(entries)) + str(exc)) from exc
     return images
-
-
-def _which(index: int, filename: str | None, total: int) -> str:
-    if total == 1:
-        return ""
-    return f"image {index + 1}" + (f" ({filename})" if filename else "") + ": "
 
 
 async def read_images(request: Request, settings: SettingsDep) -> list[RawImage]:
@@ -115,29 +101,6 @@ async def read_images(request: Request, settings: SettingsDep) -> list[RawImage]
 
 
 RawImagesDep = Annotated[list[RawImage], Depends(read_images)]
-
-
-@dataclass(frozen=True)
-class PreparedImages:
-    """Decoded images and the model input made from them, plus how long that took."""
-
-    decoded: list[DecodedImage]
-    filenames: list[str | None]
-    inputs: np.ndarray
-    decode_ms: float
-
-
-def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
-    """Decode every image (naming the one that fails) and make the model input."""
-    start = time.perf_counter()
-    decoded = []
-    for index, image in enumerate(raw):
-        try:
-            decoded.append(decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels))
-        except ImageDecodeError as exc:
-            raise type(exc)(_which(index, image.filename, len(raw)) + str(exc)) from exc
-    inputs = preprocess([d.image for d in decoded], model.input_spec)
-    return PreparedImages(decoded, [r.filename for r in raw], inputs, (time.perf_counter() - start) * 1000)
 
 
 async def prepare_images(raw: RawImagesDep, model: ModelDep, settings: SettingsDep) -> PreparedImages:

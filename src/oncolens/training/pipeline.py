@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from oncolens import metrics
+from oncolens.analysis import DISCLAIMER
 from oncolens.datasets import Sample, class_counts, encode_labels, select_split
 from oncolens.evaluation import dataset_logits
 from oncolens.inference import calibrate, p_malignant
@@ -26,10 +27,6 @@ from oncolens.training.recipe import Recipe
 from oncolens.training.train import BEST, build_model, machine_description
 from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
 
-DISCLAIMER = (
-    "OncoLens is decision support, not a diagnosis. Results must be interpreted by a qualified "
-    "clinician together with the patient's history and examination."
-)
 MAX_LOGIT_DIFF = 1e-3
 
 

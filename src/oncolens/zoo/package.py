@@ -44,7 +44,6 @@ class Prediction:
     logits: np.ndarray
     probs: np.ndarray
     p_malignant: np.ndarray
-    features: np.ndarray | None = None
 
 
 class ModelPackage:
@@ -136,20 +135,12 @@ class ModelPackage:
         outputs = self.session.run(names, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return outputs[0], (outputs[1] if with_features else None)
 
-    def predict(self, images: list[Image.Image], with_features: bool = False, batch_size: int = 32) -> Prediction:
+    def predict(self, images: list[Image.Image], batch_size: int = 32) -> Prediction:
         """Decoded RGB images -> calibrated prediction for each (batched through the session)."""
-        logits, features = [], []
-        for start in range(0, len(images), batch_size):
-            chunk = preprocess(images[start : start + batch_size], self.input_spec)
-            out_logits, out_features = self.run(chunk, with_features)
-            logits.append(out_logits)
-            if out_features is not None:
-                features.append(out_features)
-        all_logits = np.concatenate(logits).astype(np.float64)
-        probs = calibrate(all_logits, self.temperature)
-        return Prediction(
-            logits=all_logits,
-            probs=probs,
-            p_malignant=p_malignant(probs, self.malignant),
-            features=np.concatenate(features) if features else None,
-        )
+        chunks = [
+            self.run(preprocess(images[start : start + batch_size], self.input_spec))[0]
+            for start in range(0, len(images), batch_size)
+        ]
+        logits = np.concatenate(chunks).astype(np.float64)
+        probs = calibrate(logits, self.temperature)
+        return Prediction(logits=logits, probs=probs, p_malignant=p_malignant(probs, self.malignant))

@@ -12,11 +12,11 @@ from pydantic import EmailStr
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from oncolens.analysis import DISCLAIMER
+from oncolens.analysis import DISCLAIMER, RawImage, prepare
 from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
 from oncolens.api.errors import BadRequest
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
-from oncolens.api.uploads import RawImage, prepare, run_case
+from oncolens.api.uploads import run_case
 from oncolens.cases import PatientFields, UploadedImage, audit, create_case, delete_case
 from oncolens.db.models import Case, CaseImage, Role, User, utcnow
 

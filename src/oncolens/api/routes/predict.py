@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query
 
-from oncolens.analysis import explanation
+from oncolens.analysis import PreparedImages, explanation
 from oncolens.api.deps import BatcherDep, ModelDep
 from oncolens.api.errors import BadRequest
 from oncolens.api.schemas import (
@@ -20,7 +20,7 @@ from oncolens.api.schemas import (
     PredictionPublic,
     PredictJSON,
 )
-from oncolens.api.uploads import ImagesDep, PreparedImages, run_case
+from oncolens.api.uploads import ImagesDep, run_case
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models/{model_id}", tags=["predict"])
