@@ -24,6 +24,8 @@ organ = "none"
 [dataset]
 name = "tiny"
 license = "generated in the test"
+exclude_labels = ["rare"]
+report_by = ["site"]
 
 [[classes]]
 id = "benign_a"
@@ -47,6 +49,7 @@ image_size = 64
 epochs = 1
 batch_size = 8
 freeze_blocks = 3
+balance_by = "site"
 seed = 0
 
 [export]
@@ -55,7 +58,11 @@ tta = ["identity", "hflip"]
 
 
 def make_dataset(root: Path, per_class: int = 10, with_split: bool = True) -> Path:
-    """A 3-class dataset of small coloured images: class k has a blob in channel k."""
+    """A 3-class dataset of small coloured images: class k has a blob in channel k.
+
+    Each row has a ``site`` (A or B) metadata column, and two extra rows (one train, one test) carry
+    the label ``rare``, which the tiny recipe excludes.
+    """
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -67,8 +74,13 @@ def make_dataset(root: Path, per_class: int = 10, with_split: bool = True) -> Pa
             name = f"images/{label}_{i}.png"
             Image.fromarray(pixels).save(root / name)
             split = ("train", "train", "train", "train", "train", "val", "val", "test", "test", "test")[i % 10]
-            rows.append({"file": name, "label": label, "group_id": f"{label}{i}", "split": split})
-    fields = ["file", "label", "group_id"] + (["split"] if with_split else [])
+            site = "AB"[i % 2]
+            rows.append({"file": name, "label": label, "group_id": f"{label}{i}", "split": split, "site": site})
+    for i, split in enumerate(("train", "test")):
+        name = f"images/rare_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / name)
+        rows.append({"file": name, "label": "rare", "group_id": f"rare{i}", "split": split, "site": "A"})
+    fields = ["file", "label", "group_id", "site"] + (["split"] if with_split else [])
     with (root / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -2,18 +2,26 @@ from pathlib import Path
 
 import pytest
 
-from oncolens.datasets import ManifestError, encode_labels, read_manifest, select_split
+from oncolens.datasets import ManifestError, drop_labels, encode_labels, read_manifest, select_split
 from tests.conftest import make_dataset
 
 
 def test_manifest_rows_keep_the_given_split_and_metadata(tmp_path: Path) -> None:
     root = make_dataset(tmp_path)
     samples = read_manifest(root)
-    assert len(samples) == 30
+    assert len(samples) == 32
     assert {s.split for s in samples} == {"train", "val", "test"}
-    assert len(select_split(samples, "test")) == 9
-    assert len(select_split(samples, "all")) == 30
+    assert len(select_split(samples, "test")) == 10
+    assert len(select_split(samples, "all")) == 32
     assert samples[0].file.is_file()
+    assert samples[0].metadata == {"site": "A"} and samples[1].metadata == {"site": "B"}
+
+
+def test_drop_labels_leaves_out_the_named_labels_and_counts_them(tmp_path: Path) -> None:
+    samples = read_manifest(make_dataset(tmp_path))
+    kept, dropped = drop_labels(samples, ["rare", "not-there"])
+    assert dropped == 2 and len(kept) == 30
+    assert "rare" not in {s.label for s in kept}
 
 
 def test_manifest_without_split_column_reads_as_all(tmp_path: Path) -> None:
@@ -40,4 +48,4 @@ def test_bad_split_value_names_the_line(tmp_path: Path) -> None:
 def test_unknown_labels_are_an_error_naming_them(tmp_path: Path) -> None:
     samples = read_manifest(make_dataset(tmp_path))
     with pytest.raises(ManifestError, match=r"labels not known to the model: \['cancer'\]"):
-        encode_labels(samples, ["benign_a", "benign_b"])
+        encode_labels(samples, ["benign_a", "benign_b", "rare"])

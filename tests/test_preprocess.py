@@ -40,3 +40,17 @@ def test_preprocess_converts_grayscale_to_rgb() -> None:
 def test_unknown_resize_rule_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown resize rule"):
         InputSpec(64, (0.5,) * 3, (0.5,) * 3, "stretch")  # type: ignore[arg-type]
+
+
+def test_grayscale_spec_feeds_the_same_luma_to_every_channel_and_round_trips() -> None:
+    spec = InputSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad", grayscale=True)
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    assert InputSpec.from_dict({"size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}).grayscale is False
+    image = Image.new("RGB", (40, 20), (200, 30, 90))
+    x = preprocess([image], spec)
+    assert x.shape == (1, 3, 32, 32)
+    assert np.array_equal(x[0, 0], x[0, 1]) and np.array_equal(x[0, 1], x[0, 2])
+    luma = round(200 * 0.299 + 30 * 0.587 + 90 * 0.114)
+    assert x[0, 0, 16, 16] == pytest.approx((luma / 255 - 0.5) / 0.5, abs=1e-6)
+    # letterbox bars stay black
+    assert x[0, 0, 0, 16] == pytest.approx(-1.0)

@@ -17,7 +17,6 @@ from oncolens.config import Settings
 from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
 from oncolens.inference import (
     aggregate,
-    calibrate,
     class_activation_map,
     is_malignant,
     p_malignant,
@@ -96,7 +95,7 @@ def case_result(
     timing_ms: dict[str, float] | None = None,
 ) -> CaseResult:
     """[N, C] logits of one case's images (with their (width, height)) -> CaseResult."""
-    probs = calibrate(logits, package.temperature)
+    probs = package.probabilities(logits)
     names = filenames or [None] * len(sizes)
     rule = str(package.card.get("aggregation", {}).get("rule", "mean"))
     images = [ImageResult(i, names[i], w, h, assess(package, probs[i])) for i, (w, h) in enumerate(sizes)]

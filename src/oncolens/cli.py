@@ -46,7 +46,7 @@ def train(
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; re-use it to resume.")] = None,
 ) -> None:
     """Fine-tune, calibrate on val, evaluate on test and write a model package."""
-    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.datasets import ManifestError, drop_labels, read_manifest
     from oncolens.training.recipe import RecipeError, resolve_recipe
     from oncolens.training.train import fit
 
@@ -54,9 +54,13 @@ def train(
         chosen = resolve_recipe(recipe, model_id).with_overrides(
             backbone=backbone, image_size=image_size, epochs=epochs, seed=seed, batch_size=batch_size
         )
-        samples = read_manifest(dataset_dir)
+        samples, n_excluded = drop_labels(read_manifest(dataset_dir), chosen.excluded_labels)
     except (RecipeError, ManifestError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    if n_excluded:
+        typer.echo(
+            f"left out {n_excluded} image(s) labelled {', '.join(chosen.excluded_labels)} (recipe exclude_labels)"
+        )
     runs = run_dir or Path("runs") / model_id
     command = _command()
     fit(chosen, samples, runs, command)

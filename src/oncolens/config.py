@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator
@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
     login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
 
+    compat_enabled: bool = Field(True, description="Serve the five replaced apps' routes (see README, Migration).")
+    compat_root: Literal["skin9", "skin7", "cervical", "thyroid", "none"] = Field(
+        "skin9", description="Which app's routes the contested root paths (/predict, /health) imitate."
+    )
+    compat_models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="Override the model behind an app, e.g. 'skin9=skin-isic9,oral=oral-photo'."
+    )
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'oncolens.db'}"
@@ -61,6 +69,21 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("compat_models", mode="before")
+    @classmethod
+    def _app_equals_model(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            app, sep, model = str(part).partition("=")
+            if not sep or not app.strip() or not model.strip():
+                raise ValueError(f"expected app=model pairs separated by commas, got {part!r}")
+            pairs[app.strip()] = model.strip()
+        return pairs
 
 
 @lru_cache

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from oncolens.zoo.preprocess import InputSpec, resize_rgb
+from oncolens.zoo.preprocess import InputSpec, model_pixels
 
 SPLITS = ("train", "val", "test")
 
@@ -77,6 +77,13 @@ def select_split(samples: list[Sample], split: str) -> list[Sample]:
     return chosen
 
 
+def drop_labels(samples: list[Sample], labels: list[str]) -> tuple[list[Sample], int]:
+    """The samples whose label is not in ``labels``, and how many were dropped."""
+    leave_out = set(labels)
+    kept = [s for s in samples if s.label not in leave_out]
+    return kept, len(samples) - len(kept)
+
+
 def class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
     counts = Counter(s.label for s in samples)
     return {c: counts.get(c, 0) for c in classes}
@@ -102,7 +109,7 @@ def load_pixels(samples: list[Sample], spec: InputSpec) -> np.ndarray:
     out = np.empty((len(samples), spec.size, spec.size, 3), dtype=np.uint8)
     for i, sample in enumerate(samples):
         try:
-            out[i] = resize_rgb(open_rgb(sample.file), spec.size, spec.resize)
+            out[i] = model_pixels(open_rgb(sample.file), spec)
         except (OSError, ValueError) as exc:
             raise ManifestError(f"cannot read {sample.file}: {exc}") from exc
     return out

@@ -9,8 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.datasets import ManifestError, Sample, encode_labels, open_rgb, read_manifest, select_split
-from oncolens.inference import calibrate
+from oncolens.datasets import (
+    ManifestError,
+    Sample,
+    drop_labels,
+    encode_labels,
+    open_rgb,
+    read_manifest,
+    select_split,
+)
 from oncolens.metrics import classification_report
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import InputSpec, preprocess
@@ -32,30 +39,75 @@ def dataset_logits(run: LogitsFn, samples: list[Sample], spec: InputSpec, batch:
     return np.concatenate(out)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """NaN/inf -> None, recursively, so the report is valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
+
+
+SUBGROUP_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece", "intervals", "malignant", "labels")
+
+
+def subgroup_reports(
+    y: np.ndarray,
+    probs: np.ndarray,
+    samples: list[Sample],
+    classes: list[str],
+    malignant: list[bool],
+    columns: list[str],
+    n_boot: int = 1000,
+) -> dict[str, dict[str, Any]]:
+    """Headline metrics per value of each metadata column (e.g. per source dataset).
+
+    Columns the samples do not carry are skipped. A subgroup holding one class only has no AUROC
+    (reported as null), which is itself worth seeing.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for column in columns:
+        if not samples or any(column not in s.metadata for s in samples):
+            continue
+        values = np.array([s.metadata[column] for s in samples])
+        groups: dict[str, Any] = {}
+        for value in sorted(set(values.tolist())):
+            mask = values == value
+            report = classification_report(y[mask], probs[mask], classes, malignant, n_boot=n_boot)
+            report["labels"] = {c: int((y[mask] == k).sum()) for k, c in enumerate(classes)}
+            groups[value] = finite({k: report[k] for k in SUBGROUP_KEYS if k in report})
+        out[column] = groups
+    return out
 
 
 def evaluate_package(
     package: ModelPackage, dataset_dir: Path, split: str | None = None, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """Metrics of a package on one split (``None``: ``test`` if the manifest has splits, else all)."""
+    """Metrics of a package on one split (``None``: ``test`` if the manifest has splits, else all).
+
+    Rows whose label the model card lists as excluded (a class left out in training, e.g. one
+    with too few images) are left out and counted; any other unknown label is an error.
+    """
     samples = read_manifest(dataset_dir)
     if split is None:
         split = "test" if any(s.split != "all" for s in samples) else "all"
     chosen = select_split(samples, split)
+    excluded = [str(x) for x in package.card.get("dataset", {}).get("excluded_labels", [])]
+    chosen, n_excluded = drop_labels(chosen, excluded)
+    if not chosen:
+        raise ManifestError(f"no rows left in split {split!r} after leaving out excluded labels {excluded}")
     y = encode_labels(chosen, package.class_ids)
     logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec)
-    probs = calibrate(logits, package.temperature)
+    probs = package.probabilities(logits)
     report = classification_report(y, probs, package.class_ids, package.malignant, n_boot=n_boot)
-    result: dict[str, Any] = _finite({"model": package.id, "version": package.version, "split": split} | report)
+    columns = [str(c) for c in package.card.get("dataset", {}).get("report_by", [])]
+    by = subgroup_reports(y, probs, chosen, package.class_ids, package.malignant, columns, n_boot)
+    head: dict[str, Any] = {"model": package.id, "version": package.version, "split": split}
+    if n_excluded:
+        head["excluded"] = {"labels": excluded, "rows": n_excluded}
+    result: dict[str, Any] = finite(head | report | ({"by": by} if by else {}))
     return result
 
 
@@ -66,6 +118,12 @@ def format_report(report: dict[str, Any]) -> str:
         return "  n/a" if value is None else f"{value:.3f}"
 
     lines = [f"{report['model']} v{report['version']} on split '{report['split']}' (n={report['n']})", ""]
+    if "excluded" in report:
+        ex = report["excluded"]
+        lines[-1:] = [
+            f"left out {ex['rows']} row(s) labelled {', '.join(ex['labels'])} (not a class of this model)",
+            "",
+        ]
     lines.append(f"{'metric':<20}{'value':>8}   95% bootstrap interval")
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
         low, high = report["intervals"][name]
@@ -82,4 +140,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name:<28}{fmt(row['precision']):>10}{fmt(row['recall']):>8}{fmt(row['f1']):>8}"
             f"{fmt(row['auc']):>8}{row['support']:>9}"
         )
+    for column, groups in report.get("by", {}).items():
+        lines += ["", f"by {column}:", f"{'value':<30}{'n':>5}{'acc':>8}{'bal-acc':>9}{'AUROC':>8}{'mal-AUC':>9}"]
+        for value, sub in groups.items():
+            mal_auc = (sub.get("malignant") or {}).get("auc")
+            lines.append(
+                f"{value:<30}{sub['n']:>5}{fmt(sub['accuracy']):>8}{fmt(sub['balanced_accuracy']):>9}"
+                f"{fmt(sub['macro_auc']):>8}{fmt(mal_auc):>9}"
+            )
     return "\n".join(lines)

@@ -31,6 +31,27 @@ def test_package_has_the_contract_files_and_a_consistent_card(tiny_package: Path
     assert card["dataset"]["counts"]["train"] == {"benign_a": 5, "benign_b": 5, "cancer": 5}
     assert card["input"]["test_time_views"] == ["identity", "hflip"]
     assert card["training"]["epochs_run"] == 1
+    assert card["dataset"]["excluded_labels"] == ["rare"] and card["dataset"]["excluded_images"] == 2
+    assert card["input"]["grayscale"] is False
+
+
+def test_sampling_balances_classes_within_each_stratum() -> None:
+    from oncolens.training.train import sampling_weights
+
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    strata = ["A", "A", "A", "A", "B", "B", "B", "B"]
+    w = sampling_weights(labels, 2, 1.0, strata).numpy()
+    for site in "AB":
+        rows = np.array([s == site for s in strata])
+        # at power 1 both classes are drawn equally often within each source ...
+        assert w[rows & (labels == 0)].sum() == pytest.approx(w[rows & (labels == 1)].sum())
+    # ... and every (source, class) cell equally often overall
+    assert w[:3].sum() == pytest.approx(w[3]) == pytest.approx(w[4]) == pytest.approx(w[5:].sum())
+    # without strata, power 0.5 draws class c in proportion to sqrt(count_c)
+    plain = sampling_weights(labels, 2, 0.5).numpy()
+    assert plain[labels == 0].sum() == pytest.approx(plain[labels == 1].sum())
+    skewed = sampling_weights(np.array([0, 0, 0, 0, 1]), 2, 0.5).numpy()
+    assert skewed[:4].sum() / skewed[4] == pytest.approx(2.0)
 
 
 def test_onnx_outputs_match_pytorch_on_the_dataset_images(tiny_package: Path, tiny_dataset: Path) -> None:
@@ -80,6 +101,16 @@ def test_evaluate_cli_reads_the_package_back(tiny_package: Path, tiny_dataset: P
         assert report[name] == pytest.approx(card["metrics"][name], abs=1e-9)
     assert set(report["per_class"]["cancer"]) >= {"precision", "recall", "f1", "support"}
     assert set(report["malignant"]) >= {"sensitivity", "specificity", "auc"}
+    # the one 'rare' test row is left out (the recipe excludes that label) and said so
+    assert report["excluded"] == {"labels": ["rare"], "rows": 1}
+    assert "left out 1 row(s) labelled rare" in result.output
+    # per-site breakdown, as the card lists report_by = ["site"]; it matches the card's own
+    assert "by site:" in result.output
+    assert set(report["by"]["site"]) == {"A", "B"}
+    assert sum(g["n"] for g in report["by"]["site"].values()) == 9
+    for site in ("A", "B"):
+        assert report["by"]["site"][site]["accuracy"] == pytest.approx(card["metrics"]["by"]["site"][site]["accuracy"])
+        assert sum(report["by"]["site"][site]["labels"].values()) == report["by"]["site"][site]["n"]
 
 
 def test_evaluate_split_all_is_the_default_without_a_split_column(tiny_package: Path, tmp_path: Path) -> None:
@@ -91,7 +122,9 @@ def test_evaluate_split_all_is_the_default_without_a_split_column(tiny_package: 
         app, ["evaluate", "tiny", str(root), "--model-dir", str(tiny_package.parent), "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["n"] == 30
+    report = json.loads(out.read_text())
+    assert report["n"] == 30
+    assert report["excluded"] == {"labels": ["rare"], "rows": 2}
 
 
 def test_evaluate_rejects_labels_the_model_does_not_know(tiny_package: Path, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from oncolens import __version__
+from oncolens.api.compat import include_compat
 from oncolens.api.errors import install_error_handlers
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
@@ -70,6 +72,16 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             allow_headers=["Authorization", "Content-Type"],
         )
     install_error_handlers(app)
-    for router in (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router):
+    routers = (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router)
+    if settings.compat_enabled:
+        own = {
+            (method, API_PREFIX + route.path)
+            for router in routers
+            for route in router.routes
+            if isinstance(route, APIRoute)
+            for method in route.methods or ()
+        }
+        include_compat(app, settings, own)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     return app

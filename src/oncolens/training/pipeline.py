@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from oncolens import metrics
 from oncolens.analysis import DISCLAIMER
-from oncolens.datasets import Sample, class_counts, encode_labels, select_split
-from oncolens.evaluation import dataset_logits
+from oncolens.datasets import Sample, class_counts, drop_labels, encode_labels, select_split
+from oncolens.evaluation import dataset_logits, finite, subgroup_reports
 from oncolens.inference import calibrate, p_malignant
 from oncolens.training import plots
 from oncolens.training.calibrate import fit_temperature, nll, risk_policy
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
 from oncolens.training.recipe import Recipe
-from oncolens.training.train import BEST, build_model, machine_description
+from oncolens.training.train import BEST, build_model, machine_description, sampling_weights
 from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
 
 MAX_LOGIT_DIFF = 1e-3
@@ -43,25 +43,47 @@ def _history(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def prior_correction(recipe: Recipe, samples: list[Sample]) -> np.ndarray:
+    """[C] log(data prior) - log(sampled prior) of the train split.
+
+    Balanced sampling trains the model on a prior q that differs from the data's prior pi; adding
+    log(pi / q) to the logits gives back probabilities for the data's class mix (logit adjustment).
+    Zero when the recipe samples as the data is (balance_power 0).
+    """
+    train = select_split(samples, "train")
+    y = encode_labels(train, recipe.class_ids)
+    k = len(recipe.class_ids)
+    cfg = recipe.train
+    strata = [s.metadata.get(cfg.balance_by, "") for s in train] if cfg.balance_by else None
+    weights = sampling_weights(y, k, cfg.balance_power, strata).numpy()
+    data = np.bincount(y, minlength=k) / len(y)
+    sampled = np.bincount(y, weights=weights, minlength=k) / weights.sum()
+    with np.errstate(divide="ignore"):
+        bias = np.where(data > 0, np.log(data) - np.log(np.maximum(sampled, 1e-12)), 0.0)
+    centred: np.ndarray = bias - bias.mean()
+    return centred
+
+
 def _calibration(
-    y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray
+    y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray, bias: np.ndarray
 ) -> dict[str, Any]:
-    temperature = fit_temperature(val_logits, y_val)
+    temperature = fit_temperature(val_logits + bias, y_val)
     ece = metrics.expected_calibration_error
     return {
-        "method": "temperature scaling",
+        "method": "prior correction for the training sampling (logit_bias), then temperature scaling",
+        "logit_bias": [round(float(b), 6) for b in bias],
         "temperature": temperature,
         "fitted_on": "val",
         "bins": 15,
         "val": {
             "nll_before": nll(val_logits, y_val, 1.0),
-            "nll_after": nll(val_logits, y_val, temperature),
+            "nll_after": nll(val_logits + bias, y_val, temperature),
             "ece_before": ece(y_val, calibrate(val_logits, 1.0)),
-            "ece_after": ece(y_val, calibrate(val_logits, temperature)),
+            "ece_after": ece(y_val, calibrate(val_logits + bias, temperature)),
         },
         "test": {
             "ece_before": ece(y_test, calibrate(test_logits, 1.0)),
-            "ece_after": ece(y_test, calibrate(test_logits, temperature)),
+            "ece_after": ece(y_test, calibrate(test_logits + bias, temperature)),
         },
     }
 
@@ -107,6 +129,8 @@ def finalize(
     are recorded in its ``expected.json`` for the golden tests.
     """
     classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    excluded = recipe.excluded_labels
+    samples, n_excluded = drop_labels(samples, excluded)
     spec = recipe.input_spec
     model, checkpoint = _load_exportable(recipe, run_dir)
     staging = Path(
@@ -134,12 +158,18 @@ def finalize(
         if diff >= MAX_LOGIT_DIFF:
             raise RuntimeError(f"ONNX and PyTorch logits differ by {diff:.2e} (limit {MAX_LOGIT_DIFF})")
 
-        calibration = _calibration(y_val, val_logits, y_test, test_logits)
+        correct_prior = recipe.export.get("prior_correction", True)
+        bias = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
+        calibration = _calibration(y_val, val_logits, y_test, test_logits, bias)
         temperature = calibration["temperature"]
-        val_probs, test_probs = calibrate(val_logits, temperature), calibrate(test_logits, temperature)
+        val_probs = calibrate(val_logits + bias, temperature)
+        test_probs = calibrate(test_logits + bias, temperature)
         mal_mask = np.asarray(malignant)
         policy = risk_policy(p_malignant(val_probs, malignant), mal_mask[y_val], recipe.risk)
         report = metrics.classification_report(y_test, test_probs, classes, malignant)
+        by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by)
+        if by:
+            report["by"] = by
         val_report = metrics.classification_report(y_val, val_probs, classes, malignant, n_boot=200)
         val_headline = {
             k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
@@ -187,16 +217,19 @@ def finalize(
                 "feature_offset_px": list(model.feature_offset(spec.size)),
             },
             "outputs": {"logits": [len(classes)], "features": features_shape},
+            "parameters": sum(p.numel() for p in model.parameters()),
             "calibration": calibration,
             "risk_policy": policy,
             "aggregation": recipe.aggregation,
-            "metrics": {"split": "test", **report},
-            "metrics_val": val_headline | {"malignant": val_report.get("malignant")},
+            "metrics": finite({"split": "test", **report}),
+            "metrics_val": finite(val_headline | {"malignant": val_report.get("malignant")}),
             "dataset": recipe.dataset
             | {
+                "excluded_labels": excluded,
+                "excluded_images": n_excluded,
                 "counts": {
                     split: class_counts(select_split(samples, split), classes) for split in ("train", "val", "test")
-                }
+                },
             },
             "training": {
                 "backbone": recipe.train.backbone,

@@ -31,6 +31,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     freeze_blocks: int = 3
     balance_power: float = 0.5
+    balance_by: str = ""
+    grayscale: bool = False
     label_smoothing: float = 0.0
     dropout: float = 0.2
     ema_decay: float = 0.998
@@ -82,7 +84,23 @@ class Recipe:
         # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x*255 - 127) / 128).
         mean = tuple(self.export.get("mean", (0.498, 0.498, 0.498)))
         std = tuple(self.export.get("std", (0.502, 0.502, 0.502)))
-        return InputSpec(self.train.image_size, mean, std, self.train.resize)  # type: ignore[arg-type]
+        return InputSpec(
+            self.train.image_size,
+            mean,
+            std,
+            self.train.resize,  # type: ignore[arg-type]
+            self.train.grayscale,
+        )
+
+    @property
+    def excluded_labels(self) -> list[str]:
+        """Dataset labels left out of the model (``[dataset] exclude_labels``), e.g. a class too small to learn."""
+        return [str(x) for x in self.dataset.get("exclude_labels", [])]
+
+    @property
+    def report_by(self) -> list[str]:
+        """Manifest metadata columns to break the test metrics down by (``[dataset] report_by``)."""
+        return [str(x) for x in self.dataset.get("report_by", [])]
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """A copy with the given non-None ``[train]`` values replaced."""
@@ -126,6 +144,9 @@ def load_recipe(path: Path) -> Recipe:
     if len(classes) < 2:
         raise RecipeError(f"recipe {path}: a classifier needs at least two classes")
     train = _dataclass_from(TrainConfig, data.get("train", {}), "train")
+    overlap = set(map(str, data["dataset"].get("exclude_labels", []))) & {c.id for c in classes}
+    if overlap:
+        raise RecipeError(f"recipe {path}: label(s) {sorted(overlap)} are both classes and excluded")
     if train.resize not in RESIZE_RULES:
         raise RecipeError(f"recipe {path}: resize {train.resize!r} is not one of {RESIZE_RULES}")
     return Recipe(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from oncolens import metrics
-from oncolens.datasets import Sample, encode_labels, load_pixels, select_split
+from oncolens.datasets import ManifestError, Sample, drop_labels, encode_labels, load_pixels, select_split
 from oncolens.inference import calibrate
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, build_backbone
@@ -89,14 +89,25 @@ def quick_metrics(y: np.ndarray, logits: np.ndarray, num_classes: int) -> dict[s
     }
 
 
-def sampling_weights(labels: np.ndarray, num_classes: int, power: float) -> torch.Tensor:
+def sampling_weights(
+    labels: np.ndarray, num_classes: int, power: float, strata: list[str] | None = None
+) -> torch.Tensor:
     """Per-sample weights so class c is drawn in proportion to count_c ** (1 - power).
 
     power 0 keeps the data's frequencies, 1 draws every class equally often, 0.5 in between.
+    With ``strata`` (one value per sample, e.g. the source dataset), the cells are (stratum, class)
+    instead: at power 1 every class is equally frequent *within* every stratum, so the stratum
+    tells the model nothing about the label (a source shortcut is not rewarded).
     """
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    per_class = np.where(counts > 0, counts ** (-power), 0.0)
-    return torch.from_numpy(per_class[labels])
+    if strata is None:
+        cells = labels
+    else:
+        keys = sorted(set(zip(strata, labels.tolist(), strict=True)))
+        index = {key: i for i, key in enumerate(keys)}
+        cells = np.array([index[key] for key in zip(strata, labels.tolist(), strict=True)], dtype=np.int64)
+    counts = np.bincount(cells, minlength=num_classes).astype(np.float64)
+    per_cell = np.where(counts > 0, counts ** (-power), 0.0)
+    return torch.from_numpy(per_cell[cells])
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -131,6 +142,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
+    samples, _ = drop_labels(samples, recipe.excluded_labels)
     train, val = load_split(samples, "train", recipe), load_split(samples, "val", recipe)
     tqdm.write(f"loaded {len(train.labels)} train / {len(val.labels)} val images in {time.time() - t0:.0f}s")
 
@@ -154,7 +166,12 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
     steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    weights = sampling_weights(train.labels, num_classes, cfg.balance_power)
+    strata = None
+    if cfg.balance_by:
+        if any(cfg.balance_by not in s.metadata for s in train.samples):
+            raise ManifestError(f"balance_by: the manifest has no column {cfg.balance_by!r}")
+        strata = [s.metadata[cfg.balance_by] for s in train.samples]
+    weights = sampling_weights(train.labels, num_classes, cfg.balance_power, strata)
     pixels = torch.from_numpy(train.pixels)
     labels = torch.from_numpy(train.labels)
 

@@ -113,6 +113,16 @@ class ModelPackage:
         return float(self.card["calibration"]["temperature"])
 
     @cached_property
+    def logit_bias(self) -> np.ndarray:
+        """[C] added to the logits before the temperature: undoes the class prior of balanced sampling."""
+        bias = self.card["calibration"].get("logit_bias")
+        return np.zeros(len(self.class_ids)) if bias is None else np.asarray(bias, dtype=np.float64)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """[N, C] raw logits -> calibrated probabilities: softmax((logits + bias) / T)."""
+        return calibrate(np.asarray(logits, dtype=np.float64) + self.logit_bias, self.temperature)
+
+    @cached_property
     def input_spec(self) -> InputSpec:
         return InputSpec.from_dict(self.card["input"])
 
@@ -142,5 +152,5 @@ class ModelPackage:
             for start in range(0, len(images), batch_size)
         ]
         logits = np.concatenate(chunks).astype(np.float64)
-        probs = calibrate(logits, self.temperature)
+        probs = self.probabilities(logits)
         return Prediction(logits=logits, probs=probs, p_malignant=p_malignant(probs, self.malignant))

@@ -22,12 +22,15 @@ class InputSpec:
 
     ``squash`` resizes to size x size ignoring the aspect ratio; ``center_crop`` resizes the shorter
     side to ``size`` and crops the centre; ``pad`` letterboxes onto a black square first.
+    ``grayscale`` replaces each pixel by its luma in all three channels (B-mode ultrasound: colour
+    there is only scanner overlay, e.g. Doppler boxes, which must not become a shortcut).
     """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: ResizeRule = "squash"
+    grayscale: bool = False
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_RULES:
@@ -36,7 +39,13 @@ class InputSpec:
             raise ValueError(f"input size must be at least 32 px, got {self.size}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+        return {
+            "size": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "grayscale": self.grayscale,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
@@ -46,12 +55,13 @@ class InputSpec:
             mean=(float(mean[0]), float(mean[1]), float(mean[2])),
             std=(float(std[0]), float(std[1]), float(std[2])),
             resize=data.get("resize", "squash"),
+            grayscale=bool(data.get("grayscale", False)),
         )
 
 
-def resize_rgb(image: Image.Image, size: int, rule: ResizeRule) -> np.ndarray:
+def resize_rgb(image: Image.Image, size: int, rule: ResizeRule, grayscale: bool = False) -> np.ndarray:
     """RGB PIL image -> [size, size, 3] uint8 array by the given resize rule (bilinear)."""
-    image = image.convert("RGB")
+    image = image.convert("L").convert("RGB") if grayscale else image.convert("RGB")
     if rule == "center_crop":
         w, h = image.size
         scale = size / min(w, h)
@@ -79,4 +89,9 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def preprocess(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
     """List of PIL images -> [N, 3, size, size] float32 model input."""
-    return normalize(np.stack([resize_rgb(im, spec.size, spec.resize) for im in images]), spec)
+    return normalize(np.stack([model_pixels(im, spec) for im in images]), spec)
+
+
+def model_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """One image -> [size, size, 3] uint8 as the model sees it (resize rule, grey if the spec says so)."""
+    return resize_rgb(image, spec.size, spec.resize, spec.grayscale)

@@ -17,8 +17,10 @@ from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, Wr
 from oncolens.api.errors import BadRequest
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
 from oncolens.api.uploads import run_case
-from oncolens.cases import PatientFields, UploadedImage, audit, create_case, delete_case
+from oncolens.cases import CaseStore, PatientFields, UploadedImage, audit, create_case, delete_case
+from oncolens.config import Settings
 from oncolens.db.models import Case, CaseImage, Role, User, utcnow
+from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/cases", tags=["cases"])
 
@@ -66,9 +68,6 @@ async def create(
         raise BadRequest(f"{len(files)} images sent; at most {settings.max_images_per_request} per case", status=413)
     model = zoo.get(model_id)
     raw = [RawImage(await f.read(settings.max_image_bytes + 1), f.filename) for f in files]
-    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
-    result, _ = await run_case(model, batcher_for(request, model), prepared)
-    uploads = [UploadedImage(r.data, d, r.filename) for r, d in zip(raw, prepared.decoded, strict=True)]
     patient = PatientFields(
         patient_ref=patient_ref.strip(),
         patient_name=patient_name.strip(),
@@ -77,10 +76,27 @@ async def create(
         patient_email=str(patient_email or ""),
         clinical_notes=clinical_notes,
     )
-    case = await anyio.to_thread.run_sync(
+    case = await analyse_and_store(request, user, session, store, model, raw, patient)
+    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
+
+
+async def analyse_and_store(
+    request: Request,
+    user: User,
+    session: Session,
+    store: CaseStore,
+    model: ModelPackage,
+    raw: list[RawImage],
+    patient: PatientFields,
+) -> Case:
+    """Run the model on a case's images and store the case atomically (images, results, audit)."""
+    settings: Settings = request.app.state.settings
+    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    result, _ = await run_case(model, batcher_for(request, model), prepared)
+    uploads = [UploadedImage(r.data, d, r.filename) for r, d in zip(raw, prepared.decoded, strict=True)]
+    return await anyio.to_thread.run_sync(
         lambda: create_case(session, store, user, result, uploads, patient, client_of(request))
     )
-    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
 
 
 @router.get("", response_model=CasesPage)

@@ -1,0 +1,139 @@
+"""What the compatibility routers share: the model behind each app, one analysis call, extras."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import Request
+
+from oncolens.analysis import CaseResult, PreparedImages, RawImage, explanation, prepare
+from oncolens.api.deps import batcher_for
+from oncolens.api.errors import BadRequest
+from oncolens.api.uploads import run_case
+from oncolens.config import Settings
+from oncolens.explain import png_bytes
+from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
+
+DEFAULT_MODELS = {
+    "skin9": "skin-isic9",
+    "skin7": "skin-ham10000",
+    "cervical": "cervical-herlev",
+    "thyroid": "thyroid-us",
+    "oral": "oral-photo",
+}
+
+
+def model_for(request: Request, app_name: str) -> ModelPackage:
+    """The OncoLens model that answers for ``app_name`` (``ONCOLENS_COMPAT_MODELS`` overrides)."""
+    settings: Settings = request.app.state.settings
+    zoo: Zoo = request.app.state.zoo
+    model_id = settings.compat_models.get(app_name, DEFAULT_MODELS[app_name])
+    try:
+        return zoo.get(model_id)
+    except ModelNotFound as exc:
+        raise BadRequest(
+            f"the {app_name} compatibility routes are served by model {model_id!r}, which is not installed "
+            f"(installed: {zoo.ids()}); set ONCOLENS_COMPAT_MODELS to choose another",
+            status=503,
+        ) from exc
+
+
+class Analysis:
+    """One case through the OncoLens predict path, with what the compat answers need from it."""
+
+    def __init__(self, model: ModelPackage, result: CaseResult, prepared: PreparedImages, features: np.ndarray):
+        self.model, self.result, self.prepared, self.features = model, result, prepared, features
+
+    def probability(self, class_id: str, image: int | None = None) -> float:
+        assessment = self.result.aggregate if image is None else self.result.images[image].assessment
+        return assessment.probabilities[class_id]
+
+    def heatmap_images(self, image: int = 0, class_id: str | None = None) -> dict[str, str]:
+        """Base64 PNGs of the image as analysed, its heat-map and the overlay."""
+        decoded = self.prepared.decoded[image]
+        ex = explanation(self.model, decoded.image, self.features[image], class_id)
+        return {
+            "original": b64(png_bytes(np.asarray(decoded.image.convert("RGB")))),
+            "heatmap": b64(ex.heatmap_png),
+            "overlay": b64(ex.overlay_png),
+        }
+
+    def oncolens(self) -> dict[str, Any]:
+        """The OncoLens result beside the app's own fields: model, risk, P(malignant), disclaimer."""
+        agg = self.result.aggregate
+        return {
+            "model_id": self.result.model_id,
+            "model_version": self.result.model_version,
+            "top_class": agg.top_class,
+            "probabilities": agg.probabilities,
+            "p_malignant": round(agg.p_malignant, 6),
+            "risk_level": agg.risk_level,
+            "recommendation": agg.recommendation,
+            "disclaimer": self.result.disclaimer,
+        }
+
+
+async def analyse(request: Request, model: ModelPackage, raw: list[RawImage]) -> Analysis:
+    settings: Settings = request.app.state.settings
+    if not raw:
+        raise BadRequest("no image in the request")
+    if len(raw) > settings.max_images_per_request:
+        raise BadRequest(f"{len(raw)} images sent; at most {settings.max_images_per_request} per request", 413)
+    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    result, features = await run_case(model, batcher_for(request, model), prepared)
+    return Analysis(model, result, prepared, features)
+
+
+async def uploaded_files(request: Request, fields: tuple[str, ...]) -> tuple[list[RawImage], dict[str, str]]:
+    """Multipart files under ``fields`` and the text fields beside them (a clear 4xx otherwise)."""
+    settings: Settings = request.app.state.settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise BadRequest(
+            f"send multipart/form-data with the image in field {fields[0]!r} (got {content_type or 'no content type'})",
+            status=415,
+        )
+    try:
+        form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
+    except Exception as exc:  # starlette's MultiPartException / HTTPException
+        raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
+    raw, text = [], {}
+    for key, value in form.multi_items():
+        if key in fields and not isinstance(value, str):
+            raw.append(RawImage(await value.read(settings.max_image_bytes + 1), value.filename))
+        elif isinstance(value, str):
+            text[key] = value
+    if not raw:
+        hint = " (it holds text, not a file)" if any(f in text for f in fields) else ""
+        raise BadRequest(f"no image file in form field {fields[0]!r}{hint}")
+    return raw, text
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def timestamp() -> str:
+    """Local server time as the apps wrote it: ``2026-02-13 10:30:45``."""
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def app_error(exc: Exception) -> tuple[int, str]:
+    """Status and message of an error the compat routes answer in their app's own error shape."""
+    return int(getattr(exc, "status", 400)), str(exc)
+
+
+def is_loaded(request: Request, app_name: str) -> bool:
+    """Whether the app's model is installed and loaded (without loading it)."""
+    settings: Settings = request.app.state.settings
+    zoo: Zoo = request.app.state.zoo
+    return settings.compat_models.get(app_name, DEFAULT_MODELS[app_name]) in zoo.loaded_ids()
+
+
+def display_names(model: ModelPackage, names: dict[str, str]) -> dict[str, str]:
+    """Class id -> the app's name for it; a class the app did not have keeps the OncoLens name."""
+    return {c["id"]: names.get(c["id"], c["name"]) for c in model.card["classes"]}

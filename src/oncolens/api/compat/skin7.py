@@ -1,0 +1,166 @@
+"""The 7-class skin app (FastAPI + Jinja2 pages): upload, then classify, as its web form did.
+
+Its flow is two form posts: ``POST /upload-image`` (multipart ``file``) stores the image and shows
+it; ``POST /predict`` (form field ``image_path``, the path the upload returned) classifies it and
+shows the top class, its calibrated confidence ("87.65%") and every class's probability, labelled
+AKIEC ... VASC as the app did. Browsers get an HTML page; a client that asks for JSON
+(``Accept: application/json``) gets the same fields as JSON. ``POST /predict`` also takes the file
+directly. ``GET /model-info`` leads to the model's card. Served by ``skin-ham10000``, the same
+seven HAM10000 classes, so the mapping is one to one.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from oncolens.analysis import RawImage
+from oncolens.api.compat.common import Analysis, analyse, app_error, model_for, uploaded_files
+from oncolens.api.errors import BadRequest
+from oncolens.config import Settings
+from oncolens.imaging import ImageDecodeError, decode_image
+
+APP = "skin7"
+router = APIRouter(tags=["compat: skin 7-class app"])
+
+CODES = {c: c.upper() for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")}
+FULL_NAMES = {
+    "akiec": "Actinic Keratoses and Intraepithelial Carcinoma (AKIEC)",
+    "bcc": "Basal Cell Carcinoma (BCC)",
+    "bkl": "Benign Keratosis-like Lesions (BKL)",
+    "df": "Dermatofibroma (DF)",
+    "mel": "Melanoma (MEL)",
+    "nv": "Melanocytic Nevi (NV)",
+    "vasc": "Vascular Lesions (VASC)",
+}
+STORED = re.compile(r"^[0-9a-f]{32}_[A-Za-z0-9._-]{1,100}$")
+KEEP_UPLOADS_S = 24 * 3600
+
+
+def _uploads(request: Request) -> Path:
+    settings: Settings = request.app.state.settings
+    folder = settings.data_dir / "compat-uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+        f"<body><main><h1>{html.escape(title)}</h1>{body}<p><small>Decision support only, not a diagnosis. "
+        "A qualified clinician must interpret this result.</small></p></main></body></html>",
+        status_code=status,
+    )
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    status, message = app_error(exc)
+    if _wants_json(request):
+        return JSONResponse({"detail": message}, status_code=status)
+    return _page("Could not analyse the image", f"<p role='alert'>{html.escape(message)}</p>", status)
+
+
+def _stored_path(request: Request, image_path: str) -> Path:
+    name = image_path.rsplit("/", 1)[-1]
+    path = _uploads(request) / name
+    if not STORED.match(name) or not path.is_file():
+        raise BadRequest(f"no uploaded image at {image_path!r}: upload it first with POST /upload-image", 404)
+    return path
+
+
+def _result(analysis: Analysis) -> dict[str, Any]:
+    agg = analysis.result.aggregate
+    top = agg.top_class
+    return {
+        "label": FULL_NAMES.get(top, agg.top_class_name),
+        "confidence": f"{agg.confidence * 100:.2f}%",
+        "predictions": [{"label": CODES.get(c, c), "confidence": p} for c, p in agg.probabilities.items()],
+    }
+
+
+@router.post("/upload-image", summary="Skin 7-class app: upload an image to classify")
+async def upload_image(request: Request) -> Response:
+    try:
+        raw, _ = await uploaded_files(request, ("file",))
+        settings: Settings = request.app.state.settings
+        decode_image(raw[0].data, settings.max_image_bytes, settings.max_image_pixels)
+    except (BadRequest, ImageDecodeError) as exc:
+        return _error(request, exc)
+    folder = _uploads(request)
+    cutoff = time.time() - KEEP_UPLOADS_S
+    for old in folder.iterdir():
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(raw[0].filename or "image").name)[-100:] or "image"
+    name = f"{uuid.uuid4().hex}_{safe}"
+    (folder / name).write_bytes(raw[0].data)
+    image_path = f"/uploads/{name}"
+    if _wants_json(request):
+        return JSONResponse({"image_path": image_path})
+    base = str(request.url.path).rsplit("/upload-image", 1)[0]
+    src = html.escape(base + image_path)
+    return _page(
+        "Skin lesion image uploaded",
+        f"<img src='{src}' alt='uploaded image' style='max-width:320px'>"
+        f"<form method='post' action='{html.escape(base)}/predict'>"
+        f"<input type='hidden' name='image_path' value='{html.escape(image_path)}'>"
+        "<button type='submit'>Classify</button></form>",
+    )
+
+
+@router.get("/uploads/{name}", summary="Skin 7-class app: an uploaded image")
+def uploaded(request: Request, name: str) -> FileResponse:
+    return FileResponse(_stored_path(request, name), headers={"Cache-Control": "private, no-store"})
+
+
+@router.post("/predict", summary="Skin 7-class app: classify an uploaded image")
+async def predict(request: Request) -> Response:
+    try:
+        model = model_for(request, APP)
+        content_type = request.headers.get("content-type", "")
+        form = await request.form() if "form" in content_type else None
+        image_path = form.get("image_path") if form is not None else None
+        if isinstance(image_path, str) and image_path:
+            path = _stored_path(request, image_path)
+            raw = [RawImage(path.read_bytes(), path.name.split("_", 1)[1])]
+        elif form is not None and not isinstance(form.get("file"), str | None):
+            upload = form["file"]
+            settings: Settings = request.app.state.settings
+            raw = [RawImage(await upload.read(settings.max_image_bytes + 1), upload.filename)]  # type: ignore[union-attr]
+        else:
+            raise BadRequest("send form field 'image_path' (from POST /upload-image) or an image in field 'file'")
+        analysis = await analyse(request, model, raw)
+    except (BadRequest, ImageDecodeError) as exc:
+        return _error(request, exc)
+    result = _result(analysis)
+    if _wants_json(request):
+        return JSONResponse(result | {"image_path": image_path or None, "oncolens": analysis.oncolens()})
+    rows = "".join(
+        f"<tr><td>{html.escape(p['label'])}</td><td>{p['confidence'] * 100:.2f}%</td></tr>"
+        for p in sorted(result["predictions"], key=lambda p: -p["confidence"])
+    )
+    agg = analysis.result.aggregate
+    return _page(
+        "Skin lesion classification",
+        f"<p><strong>{html.escape(result['label'])}</strong>: {result['confidence']}</p>"
+        f"<p>Risk level: {html.escape(agg.risk_level)}. {html.escape(agg.recommendation)}</p>"
+        f"<table><thead><tr><th>Class</th><th>Probability</th></tr></thead><tbody>{rows}</tbody></table>",
+    )
+
+
+@router.get("/model-info", summary="Skin 7-class app: the model's technical details")
+def model_info(request: Request) -> RedirectResponse:
+    model = model_for(request, APP)
+    return RedirectResponse(f"/api/v1/models/{model.id}", status_code=307)

@@ -1,0 +1,76 @@
+"""The 9-class skin app (Flask): ``POST /predict`` (multipart ``file``) and ``GET /health``.
+
+Served by ``skin-isic9``. The app's "Unknown" class has no OncoLens twin and is never produced;
+"Seborrheic keratosis" is not a class of that model either (see its card). "Benign keratosis" is
+the model's pigmented benign keratosis, "Melanocytic nevi" its nevus. ``is_cancerous`` keeps the
+app's meaning (top class melanoma, basal or squamous cell carcinoma; actinic keratosis is
+pre-cancerous); the OncoLens risk level, which counts actinic keratosis in, is in ``oncolens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from oncolens.api.compat.common import (
+    analyse,
+    app_error,
+    display_names,
+    is_loaded,
+    model_for,
+    uploaded_files,
+)
+from oncolens.api.errors import BadRequest
+from oncolens.imaging import ImageDecodeError
+
+APP = "skin9"
+router = APIRouter(tags=["compat: skin 9-class app"])
+
+NAMES = {
+    "actinic_keratosis": "Actinic keratosis",
+    "basal_cell_carcinoma": "Basal cell carcinoma",
+    "pigmented_benign_keratosis": "Benign keratosis",
+    "dermatofibroma": "Dermatofibroma",
+    "melanoma": "Melanoma",
+    "nevus": "Melanocytic nevi",
+    "squamous_cell_carcinoma": "Squamous cell carcinoma",
+    "vascular_lesion": "Vascular lesion",
+}
+CANCEROUS = {"melanoma", "basal_cell_carcinoma", "squamous_cell_carcinoma"}
+
+
+@router.post("/predict", summary="Skin 9-class app: classify one lesion image")
+async def predict(request: Request) -> JSONResponse:
+    try:
+        model = model_for(request, APP)
+        raw, _ = await uploaded_files(request, ("file",))
+        if len(raw) > 1:
+            raise BadRequest("send one image in form field 'file'")
+        analysis = await analyse(request, model, raw)
+    except (BadRequest, ImageDecodeError) as exc:
+        status, message = app_error(exc)
+        return JSONResponse({"success": False, "error": message, "detail": message}, status_code=status)
+    names = display_names(model, NAMES)
+    agg = analysis.result.aggregate
+    malignant = {c["id"]: bool(c["malignant"]) for c in model.card["classes"]}
+    cancerous = agg.top_class in CANCEROUS if agg.top_class in NAMES else malignant[agg.top_class]
+    body: dict[str, Any] = {
+        "success": True,
+        "prediction": {
+            "class_name": names[agg.top_class],
+            "is_cancerous": cancerous,
+            "confidence": round(agg.confidence, 4),
+            "all_predictions": {
+                names[c]: round(p, 4) for c, p in sorted(agg.probabilities.items(), key=lambda kv: -kv[1])
+            },
+        },
+        "oncolens": analysis.oncolens(),
+    }
+    return JSONResponse(body)
+
+
+@router.get("/health", summary="Skin 9-class app: health")
+def health(request: Request) -> dict[str, Any]:
+    return {"status": "healthy", "model_loaded": is_loaded(request, APP)}
