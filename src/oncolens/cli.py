@@ -179,6 +179,69 @@ def predict(
     typer.echo(format_case(result))
 
 
+@app.command()
+def batch(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    model: Annotated[str, typer.Option("--model", help="Model id, e.g. skin-ham10000.")],
+    out: Annotated[Path, typer.Option(help="results.csv or results.jsonl; re-run with the same file to resume.")],
+    heatmaps: Annotated[Path | None, typer.Option(help="Folder for each image's heat-map overlay PNG.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding images.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 16,
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+) -> None:
+    """Screen every image in a folder with one model: one row per image, unreadable files reported."""
+    from tqdm import tqdm
+
+    from oncolens.batch import BatchError, run_batch
+    from oncolens.config import Settings
+    from oncolens.zoo import ModelNotFound, PackageError, Zoo
+
+    settings = Settings()
+    try:
+        dirs = [ZOO_DIR, *(model_dir or [])] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
+        package = Zoo(dirs, threads=settings.threads).get(model)
+    except (ModelNotFound, PackageError) as exc:
+        raise _fail(str(exc)) from exc
+    bar = tqdm(total=0, unit="img", desc=f"{package.id}", dynamic_ncols=True)
+    errors = 0
+
+    def started(todo: int) -> None:
+        bar.total = todo
+        bar.refresh()
+
+    def progress(n: int, failed: int) -> None:
+        nonlocal errors
+        errors += failed
+        bar.update(n)
+        bar.set_postfix(errors=errors)
+
+    try:
+        summary = run_batch(
+            package,
+            folder,
+            out,
+            heatmaps,
+            workers,
+            batch_size,
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            progress=progress,
+            started=started,
+        )
+    except BatchError as exc:
+        bar.close()
+        raise _fail(str(exc)) from exc
+    bar.close()
+    typer.echo(
+        f"{summary.analysed} image(s) analysed in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s); "
+        f"{summary.skipped} already in {out.name}; {len(summary.errors)} unreadable"
+    )
+    for name, reason in summary.errors:
+        typer.echo(f"  skipped {name}: {reason}")
+
+
 def _upgrade_database() -> str:
     from oncolens.config import Settings
     from oncolens.db import make_engine, upgrade

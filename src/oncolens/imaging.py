@@ -12,11 +12,13 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "DICOM")
+ACCEPTED = "JPEG, PNG, BMP, TIFF, WebP or DICOM"
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,", re.IGNORECASE)
 
 
@@ -137,9 +139,11 @@ def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int
         raise ImageTooLarge(f"the image is {_mb(len(data))}, over the {_mb(max_bytes)} limit")
     kind = sniff_format(data)
     if kind is None:
-        raise NotAnImage("the file is not an image OncoLens can read (expected JPEG, PNG, BMP, TIFF or WebP)")
+        raise NotAnImage(f"the file is not an image OncoLens can read (expected {ACCEPTED})")
     if kind not in SUPPORTED_FORMATS:
-        raise UnsupportedFormat(f"{kind} images are not supported; send JPEG, PNG, BMP, TIFF or WebP")
+        raise UnsupportedFormat(f"{kind} images are not supported; send {ACCEPTED}")
+    if kind == "DICOM":
+        return decode_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -165,3 +169,92 @@ def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated", ...).
         raise TruncatedImage(f"the {kind} image is truncated or corrupt: {exc}") from exc
     return DecodedImage(rgb, kind, original_mode, rgb.width, rgb.height)
+
+
+def _window(values: np.ndarray, center: float | None, width: float | None) -> np.ndarray:
+    """Grey values -> [0, 1]: the DICOM linear VOI window when given, else the image's own range."""
+    if center is not None and width is not None and width >= 1:
+        return np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _first(value: Any) -> float | None:
+    """A DICOM number, or the first of a multi-valued one (WindowCenter can hold several)."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _can_decode(syntax: Any) -> bool:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    """A DICOM file (Part 10, with preamble) -> RGB of its first frame.
+
+    Uncompressed and RLE pixel data, and the JPEG syntaxes Pillow decodes, are read with pydicom's
+    own handlers. Grey images get the modality rescale, then the file's VOI window (centre/width)
+    where it has one or else their own range; MONOCHROME1 is inverted so that bright means dense
+    as in MONOCHROME2. Colour (RGB, YBR, palette) comes out as 8-bit RGB.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+        raise TruncatedImage(f"the DICOM file cannot be read: {exc}") from exc
+    if "PixelData" not in ds:
+        raise NotAnImage("the DICOM file holds no image (it has no Pixel Data), e.g. a structured report")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise TruncatedImage("the DICOM file lacks Rows/Columns") from exc
+    if rows * cols > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {cols}x{rows} = {rows * cols / 1e6:.1f} MP, over the {max_pixels / 1e6:.0f} MP limit"
+        )
+    if rows == 0 or cols == 0:
+        raise NotAnImage("the image has no pixels (0 width or height)")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if syntax is not None and getattr(syntax, "is_compressed", False) and not _can_decode(syntax):
+        raise UnsupportedFormat(
+            f"DICOM pixel data in transfer syntax {syntax.name} cannot be decoded here; "
+            "send it uncompressed (Explicit VR Little Endian), RLE or baseline JPEG"
+        )
+    try:
+        pixels = pixel_array(ds, index=0 if frames > 1 else None)
+    except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
+        raise TruncatedImage(f"the DICOM pixel data is truncated or corrupt: {exc}") from exc
+    values = np.asarray(pixels)
+    if photometric == "PALETTE COLOR":
+        values = np.asarray(apply_color_lut(values, ds), dtype=np.float64)
+        rgb = _window(values, None, None)
+    elif values.ndim == 3 and values.shape[-1] == 3:
+        bits = int(ds.get("BitsStored", 8) or 8)
+        rgb = values.astype(np.float64) / float(2**bits - 1) if bits > 8 else values.astype(np.float64) / 255.0
+    elif values.ndim == 2:
+        grey = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+        grey = _window(grey, _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth")))
+        if photometric == "MONOCHROME1":
+            grey = 1.0 - grey
+        rgb = np.stack([grey] * 3, axis=-1)
+    else:
+        raise UnsupportedFormat(f"DICOM pixel data of shape {values.shape} ({photometric}) is not a 2-D image")
+    image = Image.fromarray(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8), "RGB")
+    return DecodedImage(image, "DICOM", photometric, image.width, image.height)

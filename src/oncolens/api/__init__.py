@@ -15,6 +15,8 @@ from sqlmodel import Session
 from oncolens import __version__
 from oncolens.api.compat import include_compat
 from oncolens.api.errors import install_error_handlers
+from oncolens.api.metrics import MetricsMiddleware, ServerMetrics
+from oncolens.api.metrics import router as metrics_router
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
 from oncolens.cases import CaseStore
@@ -71,6 +73,9 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.state.metrics = ServerMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(metrics_router)
     install_error_handlers(app)
     routers = (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router)
     if settings.compat_enabled:

@@ -11,10 +11,14 @@ import asyncio
 import contextlib
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from oncolens.zoo.package import ModelPackage
+
+if TYPE_CHECKING:
+    from oncolens.api.metrics import ServerMetrics
 
 
 @dataclass
@@ -26,8 +30,16 @@ class _Job:
 class InferenceBatcher:
     """Batches ``run`` calls for one model; start it inside the event loop that will use it."""
 
-    def __init__(self, package: ModelPackage, executor: Executor, max_batch: int, wait_ms: float) -> None:
+    def __init__(
+        self,
+        package: ModelPackage,
+        executor: Executor,
+        max_batch: int,
+        wait_ms: float,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.package = package
+        self.metrics = metrics
         self.executor = executor
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0

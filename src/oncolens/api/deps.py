@@ -49,7 +49,9 @@ def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
     key = (model.id, id(asyncio.get_running_loop()))
     if key not in batchers:
         settings: Settings = request.app.state.settings
-        batchers[key] = InferenceBatcher(model, request.app.state.executor, settings.batch_max, settings.batch_wait_ms)
+        batchers[key] = InferenceBatcher(
+            model, request.app.state.executor, settings.batch_max, settings.batch_wait_ms, request.app.state.metrics
+        )
     return batchers[key]
 
 

@@ -125,4 +125,6 @@ async def run_case(
         images.filenames,
         {"decode": round(images.decode_ms, 2), "inference": round(inference_ms, 2)},
     )
+    if batcher.metrics is not None:
+        batcher.metrics.record_case(result, inference_ms / 1000)
     return result, features

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import io
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image as PILImage
 from pydantic import EmailStr
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from oncolens.analysis import DISCLAIMER, RawImage, prepare
+from oncolens.analysis import DISCLAIMER, RawImage, explanation, prepare
 from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
 from oncolens.api.errors import BadRequest
+from oncolens.api.fhir import case_bundle
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
+from oncolens.api.report import ReportImage, build_case_pdf
 from oncolens.api.uploads import run_case
 from oncolens.cases import CaseStore, PatientFields, UploadedImage, audit, create_case, delete_case
 from oncolens.config import Settings
 from oncolens.db.models import Case, CaseImage, Role, User, utcnow
-from oncolens.zoo import ModelPackage
+from oncolens.imaging import decode_image
+from oncolens.zoo import ModelNotFound, ModelPackage
+from oncolens.zoo.preprocess import preprocess
 
 router = APIRouter(prefix="/cases", tags=["cases"])
 
@@ -178,3 +184,85 @@ def read_image(
     audit(session, user, "image_view", case.id, image.id, client_of(request))
     session.commit()
     return FileResponse(path, media_type=image.media_type, headers={"Cache-Control": "private, no-store"})
+
+
+@router.get(
+    "/{case_id}/report.pdf",
+    response_class=Response,
+    responses={200: {"content": {"application/pdf": {}}, "description": "The case report as PDF."}},
+)
+async def case_report(
+    request: Request,
+    case_id: str,
+    user: CurrentUser,
+    session: SessionDep,
+    store: StoreDep,
+    zoo: ZooDep,
+    settings: SettingsDep,
+) -> Response:
+    """The PDF case report: patient, model, images with heat-maps, result, review, model metrics."""
+    case = load_case(session, case_id, user)
+    rows = sorted(images_of(session, case), key=lambda i: i.position)
+    public = CasePublic.of(case, rows, DISCLAIMER)
+    reviewer = session.get(User, case.reviewed_by) if case.reviewed_by is not None else None
+    try:
+        model: ModelPackage | None = zoo.get(case.model_id)
+    except ModelNotFound:
+        model = None
+    same_model = model is not None and model.version == case.model_version
+
+    def build() -> bytes:
+        pictures, missing = [], 0
+        for row, shown in zip(rows, public.images, strict=True):
+            path = store.path(row.stored_name)
+            if not path.is_file():
+                missing += 1
+                continue
+            image = decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image
+            overlay = None
+            if same_model and model is not None:
+                _, features = model.run(preprocess([image], model.input_spec), with_features=True)
+                if features is not None:
+                    png = explanation(model, image, features[0]).overlay_png
+                    overlay = PILImage.open(io.BytesIO(png))
+            pictures.append(ReportImage(row.original_filename, image, overlay, shown.result))
+        notes = []
+        if not same_model:
+            notes.append(
+                f"Heat-maps omitted: the case was analysed with {case.model_id} v{case.model_version}, "
+                "which is not the installed version."
+            )
+        if missing:
+            notes.append(f"{missing} image file(s) are missing from storage.")
+        return build_case_pdf(
+            public,
+            pictures,
+            model.card if model is not None else None,
+            settings.clinic_name,
+            reviewer=(reviewer.full_name or reviewer.email) if reviewer is not None else None,
+            note=" ".join(notes) or None,
+        )
+
+    pdf = await anyio.to_thread.run_sync(build)
+    audit(session, user, "report", case.id, client=client_of(request))
+    session.commit()
+    headers = {
+        "Content-Disposition": f'attachment; filename="oncolens-case-{case.id}.pdf"',
+        "Cache-Control": "private, no-store",
+    }
+    return Response(pdf, media_type="application/pdf", headers=headers)
+
+
+@router.get("/{case_id}/fhir", summary="The case as a FHIR R4 Bundle")
+def case_fhir(request: Request, case_id: str, user: CurrentUser, session: SessionDep, zoo: ZooDep) -> JSONResponse:
+    """DiagnosticReport, Observations (class probabilities, P(malignant), risk level), Patient and Media."""
+    case = load_case(session, case_id, user)
+    public = CasePublic.of(case, images_of(session, case), DISCLAIMER)
+    try:
+        card: dict[str, Any] | None = zoo.get(case.model_id).card
+    except ModelNotFound:
+        card = None
+    bundle = case_bundle(public, card, str(request.base_url))
+    audit(session, user, "fhir_export", case.id, client=client_of(request))
+    session.commit()
+    return JSONResponse(bundle, media_type="application/fhir+json")

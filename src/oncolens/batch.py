@@ -1,0 +1,213 @@
+"""Batch screening: one model over every image under a folder, one row per image, resumable.
+
+Rows go to CSV or JSON Lines (by the output's suffix) and are flushed after every batch, so a run
+that is stopped loses at most the batch in flight; running again with the same output skips the
+files it already holds (a half-written last line is cut off first). A file that cannot be read as
+an image gets a row with ``status=error`` and the reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from oncolens.analysis import case_result, explanation
+from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
+from oncolens.zoo.package import ModelPackage
+from oncolens.zoo.preprocess import preprocess
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+
+
+class BatchError(ValueError):
+    """The output cannot be used (wrong suffix, or written by another model)."""
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0
+    skipped: int = 0
+    analysed: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.analysed / self.seconds if self.seconds > 0 else 0.0
+
+
+def find_files(root: Path, exclude: list[Path]) -> list[Path]:
+    """Every regular file under ``root`` (hidden ones and ``exclude`` left out), sorted."""
+    skip = [p.resolve() for p in exclude]
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        resolved = path.resolve()
+        if any(resolved == s or s in resolved.parents for s in skip):
+            continue
+        out.append(path)
+    return out
+
+
+def columns(package: ModelPackage) -> list[str]:
+    fixed = ["file", "status", "error", "model_id", "model_version", "top_class", "confidence", "p_malignant"]
+    return [*fixed, "risk_level", *(f"p_{c}" for c in package.class_ids), "heatmap"]
+
+
+def _done_rows(out: Path, kind: str, package: ModelPackage) -> set[str]:
+    """Files already in ``out``; a partial last line (an interrupted write) is removed first."""
+    if not out.exists() or out.stat().st_size == 0:
+        return set()
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    text = data.decode("utf-8")
+    if kind == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        header = text.splitlines()[0].split(",") if text else []
+        if header and header != columns(package):
+            raise BatchError(f"{out} has other columns (another model?); write to a new file")
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    other = {str(r["model_id"]) for r in rows if r.get("model_id")} - {package.id}
+    if other:
+        raise BatchError(f"{out} holds results of model {sorted(other)}, not {package.id}; write to a new file")
+    return {str(r["file"]) for r in rows}
+
+
+class _Writer:
+    def __init__(self, out: Path, kind: str, package: ModelPackage) -> None:
+        new = not out.exists() or out.stat().st_size == 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.kind, self.handle = kind, out.open("a", newline="", encoding="utf-8")
+        self.csv = csv.DictWriter(self.handle, fieldnames=columns(package)) if kind == "csv" else None
+        if self.csv is not None and new:
+            self.csv.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.csv is not None:
+            flat = {k: v for k, v in row.items() if k != "probabilities"}
+            flat |= {f"p_{c}": round(p, 6) for c, p in row.get("probabilities", {}).items()}
+            self.csv.writerow(flat)
+        else:
+            self.handle.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    @property
+    def file(self) -> TextIO:
+        return self.handle
+
+
+@dataclass(frozen=True)
+class _Ready:
+    image: DecodedImage
+    input: np.ndarray
+
+
+def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) -> _Ready | str:
+    """Decode and preprocess one file (on a worker thread), or the reason it cannot be used."""
+    try:
+        if path.stat().st_size > max_bytes:
+            return f"larger than the {max_bytes:,}-byte limit"
+        decoded = decode_image(path.read_bytes(), max_bytes, max_pixels)
+        return _Ready(decoded, preprocess([decoded.image], package.input_spec))
+    except ImageDecodeError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_batch(
+    package: ModelPackage,
+    root: Path,
+    out: Path,
+    heatmaps: Path | None = None,
+    workers: int = 2,
+    batch_size: int = 16,
+    max_bytes: int = 20 * 1024 * 1024,
+    max_pixels: int = 40_000_000,
+    progress: Callable[[int, int], None] | None = None,
+    started: Callable[[int], None] | None = None,
+) -> BatchSummary:
+    """Analyse every file under ``root`` not yet in ``out``.
+
+    ``started(n)`` is told how many files are left to do; ``progress(done, errors)`` is called after
+    each batch with the files it handled and how many of them could not be read.
+    """
+    kind = FORMATS.get(out.suffix.lower())
+    if kind is None:
+        raise BatchError(f"--out must end in .csv or .jsonl, got {out.name!r}")
+    if not root.is_dir():
+        raise BatchError(f"{root} is not a folder")
+    files = find_files(root, [out] + ([heatmaps] if heatmaps else []))
+    done = _done_rows(out, kind, package)
+    todo = [p for p in files if p.relative_to(root).as_posix() not in done]
+    summary = BatchSummary(total=len(files), skipped=len(files) - len(todo))
+    if started is not None:
+        started(len(todo))
+    writer = _Writer(out, kind, package)
+    start = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for chunk in _chunks(todo, batch_size):
+                decoded = list(pool.map(lambda p: _decode(p, package, max_bytes, max_pixels), chunk))
+                good = [d for d in decoded if isinstance(d, _Ready)]
+                logits, features = (None, None)
+                if good:
+                    inputs = np.concatenate([d.input for d in good])
+                    logits, features = package.run(inputs, with_features=heatmaps is not None)
+                results = iter(range(len(good)))
+                for path, item in zip(chunk, decoded, strict=True):
+                    rel = path.relative_to(root).as_posix()
+                    base: dict[str, Any] = {"file": rel, "model_id": package.id, "model_version": package.version}
+                    if isinstance(item, str):
+                        summary.errors.append((rel, item))
+                        writer.write(base | {"status": "error", "error": item})
+                        continue
+                    i = next(results)
+                    assert logits is not None
+                    size = (item.image.width, item.image.height)
+                    assessment = case_result(package, logits[i : i + 1].astype("float64"), [size]).aggregate
+                    row = base | {
+                        "status": "ok",
+                        "error": "",
+                        "top_class": assessment.top_class,
+                        "confidence": round(assessment.confidence, 6),
+                        "p_malignant": round(assessment.p_malignant, 6),
+                        "risk_level": assessment.risk_level,
+                        "probabilities": assessment.probabilities,
+                        "heatmap": "",
+                    }
+                    if heatmaps is not None and features is not None:
+                        target = heatmaps / (rel + ".png")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(explanation(package, item.image.image, features[i]).overlay_png)
+                        row["heatmap"] = str(target)
+                    writer.write(row)
+                    summary.analysed += 1
+                writer.flush()
+                if progress is not None:
+                    progress(len(chunk), sum(1 for d in decoded if isinstance(d, str)))
+    finally:
+        writer.file.close()
+        summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,48 @@
+"""Prometheus /metrics: counts follow the requests that were made, by route template, model and risk."""
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from oncolens.api import create_app
+from oncolens.config import Settings
+
+SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
+
+
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_requests_inference_and_images_by_risk(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, preload_models=False)
+    images = sorted(SAMPLES.glob("*.jpg"))[:3]
+    with TestClient(create_app(settings)) as client:
+        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+        result = client.post("/api/v1/models/skin-ham10000/predict", files=files).json()
+        client.post("/api/v1/models/skin-ham10000/predict", files={"file": ("x.txt", b"not an image")})
+        client.get("/api/v1/cases/abc123")
+        client.get("/no/such/path")
+        response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    found = samples_of(response.text)
+    predict = "/api/v1/models/{model_id}/predict"
+    assert found[("oncolens_http_requests_total", (("method", "POST"), ("route", predict), ("status", "200")))] == 1
+    assert found[("oncolens_http_requests_total", (("method", "POST"), ("route", predict), ("status", "415")))] == 1
+    cases = "/api/v1/cases/{case_id}"
+    assert found[("oncolens_http_requests_total", (("method", "GET"), ("route", cases), ("status", "401")))] == 1
+    assert found[("oncolens_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+    # one inference (three images batched in one request); the failed upload never reached the model
+    assert found[("oncolens_inference_duration_seconds_count", (("model", "skin-ham10000"),))] == 1
+    risks: dict[str, int] = {}
+    for image in result["images"]:
+        risks[image["risk_level"]] = risks.get(image["risk_level"], 0) + 1
+    for level, count in risks.items():
+        key = ("oncolens_images_analysed_total", (("model", "skin-ham10000"), ("risk_level", level)))
+        assert found[key] == count
+    assert sum(v for (name, _), v in found.items() if name == "oncolens_images_analysed_total") == 3
