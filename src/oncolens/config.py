@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
     login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
 
+    web_enabled: bool = Field(True, description="Serve the web app (login, analyze, cases, models, dashboard).")
     clinic_name: str = Field("OncoLens", description="Clinic or site name printed at the top of PDF reports.")
     compat_enabled: bool = Field(True, description="Serve the five replaced apps' routes (see README, Migration).")
     compat_root: Literal["skin9", "skin7", "cervical", "thyroid", "none"] = Field(

@@ -89,4 +89,8 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
         include_compat(app, settings, own)
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    if settings.web_enabled:
+        from oncolens.web.pages import install_web
+
+        install_web(app)
     return app

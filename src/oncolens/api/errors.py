@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from oncolens.auth import AuthError, Forbidden, PasswordTooWeak
 from oncolens.imaging import ImageDecodeError
@@ -26,14 +26,23 @@ def _json(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
+def _answer(request: Request, status: int, detail: str) -> Response:
+    """JSON for API clients; a web page for a browser on a web page (when the web app is mounted)."""
+    page = getattr(request.app.state, "html_error", None)
+    wants_html = "text/html" in request.headers.get("accept", "")
+    if page is not None and wants_html and not request.url.path.startswith(("/api/", "/compat/")):
+        return page(request, status, detail)  # type: ignore[no-any-return]
+    return _json(status, detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageDecodeError)
-    async def image_error(_: Request, exc: ImageDecodeError) -> JSONResponse:
-        return _json(exc.status, str(exc))
+    async def image_error(request: Request, exc: ImageDecodeError) -> Response:
+        return _answer(request, exc.status, str(exc))
 
     @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-        return _json(exc.status, str(exc))
+    async def bad_request(request: Request, exc: BadRequest) -> Response:
+        return _answer(request, exc.status, str(exc))
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, exc: AuthError) -> JSONResponse:
@@ -43,16 +52,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(Forbidden)
-    async def forbidden(_: Request, exc: Forbidden) -> JSONResponse:
-        return _json(403, str(exc))
+    async def forbidden(request: Request, exc: Forbidden) -> Response:
+        return _answer(request, 403, str(exc))
 
     @app.exception_handler(PasswordTooWeak)
     async def weak_password(_: Request, exc: PasswordTooWeak) -> JSONResponse:
         return _json(400, str(exc))
 
     @app.exception_handler(ModelNotFound)
-    async def model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
-        return _json(404, str(exc))
+    async def model_not_found(request: Request, exc: ModelNotFound) -> Response:
+        return _answer(request, 404, str(exc))
 
     @app.exception_handler(PackageError)
     async def broken_package(_: Request, exc: PackageError) -> JSONResponse:

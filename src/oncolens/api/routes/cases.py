@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
@@ -13,8 +13,9 @@ from PIL import Image as PILImage
 from pydantic import EmailStr
 from sqlalchemy import func
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
-from oncolens.analysis import DISCLAIMER, RawImage, explanation, prepare
+from oncolens.analysis import DISCLAIMER, Explanation, RawImage, explanation, prepare
 from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
 from oncolens.api.errors import BadRequest
 from oncolens.api.fhir import case_bundle
@@ -25,7 +26,7 @@ from oncolens.cases import CaseStore, PatientFields, UploadedImage, audit, creat
 from oncolens.config import Settings
 from oncolens.db.models import Case, CaseImage, Role, User, utcnow
 from oncolens.imaging import decode_image
-from oncolens.zoo import ModelNotFound, ModelPackage
+from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
 
 router = APIRouter(prefix="/cases", tags=["cases"])
@@ -33,7 +34,7 @@ router = APIRouter(prefix="/cases", tags=["cases"])
 Sex = Literal["female", "male", "other", "unknown", ""]
 
 
-def visible(query, user: User):  # type: ignore[no-untyped-def]
+def visible(query: SelectOfScalar[Case], user: User) -> SelectOfScalar[Case]:
     """Clinicians see their own cases; admins and viewers see all."""
     return query.where(Case.owner_id == user.id) if user.role == Role.clinician else query
 
@@ -105,6 +106,32 @@ async def analyse_and_store(
     )
 
 
+def filtered_cases(
+    user: User,
+    model_id: str | None = None,
+    risk_level: str | None = None,
+    status: str | None = None,
+    patient_ref: str | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+) -> SelectOfScalar[Case]:
+    """The select() of the cases ``user`` may see, narrowed by the given filters (API and web)."""
+    query = visible(select(Case), user)
+    if model_id:
+        query = query.where(Case.model_id == model_id)
+    if risk_level:
+        query = query.where(Case.risk_level == risk_level)
+    if status:
+        query = query.where(Case.status == status)
+    if patient_ref:
+        query = query.where(Case.patient_ref == patient_ref)
+    if created_from:
+        query = query.where(col(Case.created_at) >= created_from)
+    if created_to:
+        query = query.where(col(Case.created_at) < created_to)
+    return query
+
+
 @router.get("", response_model=CasesPage)
 def list_cases(
     user: CurrentUser,
@@ -119,19 +146,7 @@ def list_cases(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> CasesPage:
     """Cases you may see, newest first, filtered; ``total`` counts all pages."""
-    query = visible(select(Case), user)
-    if model_id:
-        query = query.where(Case.model_id == model_id)
-    if risk_level:
-        query = query.where(Case.risk_level == risk_level)
-    if status:
-        query = query.where(Case.status == status)
-    if patient_ref:
-        query = query.where(Case.patient_ref == patient_ref)
-    if created_from:
-        query = query.where(col(Case.created_at) >= created_from)
-    if created_to:
-        query = query.where(col(Case.created_at) < created_to)
+    query = filtered_cases(user, model_id, risk_level, status, patient_ref, created_from, created_to)
     total = session.exec(select(func.count()).select_from(query.subquery())).one()
     rows = session.exec(query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(offset).limit(limit)).all()
     return CasesPage(items=[CaseSummary.of(c) for c in rows], total=total, limit=limit, offset=offset)
@@ -202,55 +217,10 @@ async def case_report(
 ) -> Response:
     """The PDF case report: patient, model, images with heat-maps, result, review, model metrics."""
     case = load_case(session, case_id, user)
-    rows = sorted(images_of(session, case), key=lambda i: i.position)
-    public = CasePublic.of(case, rows, DISCLAIMER)
-    reviewer = session.get(User, case.reviewed_by) if case.reviewed_by is not None else None
-    try:
-        model: ModelPackage | None = zoo.get(case.model_id)
-    except ModelNotFound:
-        model = None
-    same_model = model is not None and model.version == case.model_version
-
-    def build() -> bytes:
-        pictures, missing = [], 0
-        for row, shown in zip(rows, public.images, strict=True):
-            path = store.path(row.stored_name)
-            if not path.is_file():
-                missing += 1
-                continue
-            image = decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image
-            overlay = None
-            if same_model and model is not None:
-                _, features = model.run(preprocess([image], model.input_spec), with_features=True)
-                if features is not None:
-                    png = explanation(model, image, features[0]).overlay_png
-                    overlay = PILImage.open(io.BytesIO(png))
-            pictures.append(ReportImage(row.original_filename, image, overlay, shown.result))
-        notes = []
-        if not same_model:
-            notes.append(
-                f"Heat-maps omitted: the case was analysed with {case.model_id} v{case.model_version}, "
-                "which is not the installed version."
-            )
-        if missing:
-            notes.append(f"{missing} image file(s) are missing from storage.")
-        return build_case_pdf(
-            public,
-            pictures,
-            model.card if model is not None else None,
-            settings.clinic_name,
-            reviewer=(reviewer.full_name or reviewer.email) if reviewer is not None else None,
-            note=" ".join(notes) or None,
-        )
-
-    pdf = await anyio.to_thread.run_sync(build)
+    pdf = await anyio.to_thread.run_sync(case_report_pdf, session, store, zoo, settings, case)
     audit(session, user, "report", case.id, client=client_of(request))
     session.commit()
-    headers = {
-        "Content-Disposition": f'attachment; filename="oncolens-case-{case.id}.pdf"',
-        "Cache-Control": "private, no-store",
-    }
-    return Response(pdf, media_type="application/pdf", headers=headers)
+    return pdf_response(case.id, pdf)
 
 
 @router.get("/{case_id}/fhir", summary="The case as a FHIR R4 Bundle")
@@ -258,11 +228,75 @@ def case_fhir(request: Request, case_id: str, user: CurrentUser, session: Sessio
     """DiagnosticReport, Observations (class probabilities, P(malignant), risk level), Patient and Media."""
     case = load_case(session, case_id, user)
     public = CasePublic.of(case, images_of(session, case), DISCLAIMER)
-    try:
-        card: dict[str, Any] | None = zoo.get(case.model_id).card
-    except ModelNotFound:
-        card = None
-    bundle = case_bundle(public, card, str(request.base_url))
+    model = installed_model(zoo, case.model_id)
+    bundle = case_bundle(public, model.card if model is not None else None, str(request.base_url))
     audit(session, user, "fhir_export", case.id, client=client_of(request))
     session.commit()
     return JSONResponse(bundle, media_type="application/fhir+json")
+
+
+def stored_explanation(
+    store: CaseStore, model: ModelPackage | None, case: Case, image: CaseImage, settings: Settings
+) -> tuple[PILImage.Image, Explanation | None] | None:
+    """A stored image and its heat-map (None when the case's model version is not installed).
+
+    None when the file is gone. The heat-map is recomputed from the stored image, which gives the
+    analysis's own result as long as the same model version is installed.
+    """
+    path = store.path(image.stored_name)
+    if not path.is_file():
+        return None
+    decoded = decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image
+    if model is None or model.version != case.model_version:
+        return decoded, None
+    _, features = model.run(preprocess([decoded], model.input_spec), with_features=True)
+    return decoded, (explanation(model, decoded, features[0]) if features is not None else None)
+
+
+def installed_model(zoo: Zoo, model_id: str) -> ModelPackage | None:
+    try:
+        return zoo.get(model_id)
+    except ModelNotFound:
+        return None
+
+
+def case_report_pdf(session: Session, store: CaseStore, zoo: Zoo, settings: Settings, case: Case) -> bytes:
+    """The PDF report of a case (API and web page share it)."""
+    rows = sorted(images_of(session, case), key=lambda i: i.position)
+    public = CasePublic.of(case, rows, DISCLAIMER)
+    reviewer = session.get(User, case.reviewed_by) if case.reviewed_by is not None else None
+    model = installed_model(zoo, case.model_id)
+    pictures, missing, no_heatmap = [], 0, False
+    for row, shown in zip(rows, public.images, strict=True):
+        found = stored_explanation(store, model, case, row, settings)
+        if found is None:
+            missing += 1
+            continue
+        image, ex = found
+        no_heatmap = no_heatmap or ex is None
+        overlay = PILImage.open(io.BytesIO(ex.overlay_png)) if ex is not None else None
+        pictures.append(ReportImage(row.original_filename, image, overlay, shown.result))
+    notes = []
+    if no_heatmap:
+        notes.append(
+            f"Heat-maps omitted: the case was analysed with {case.model_id} v{case.model_version}, "
+            "which is not the installed version."
+        )
+    if missing:
+        notes.append(f"{missing} image file(s) are missing from storage.")
+    return build_case_pdf(
+        public,
+        pictures,
+        model.card if model is not None else None,
+        settings.clinic_name,
+        reviewer=(reviewer.full_name or reviewer.email) if reviewer is not None else None,
+        note=" ".join(notes) or None,
+    )
+
+
+def pdf_response(case_id: str, pdf: bytes) -> Response:
+    headers = {
+        "Content-Disposition": f'attachment; filename="oncolens-case-{case_id}.pdf"',
+        "Cache-Control": "private, no-store",
+    }
+    return Response(pdf, media_type="application/pdf", headers=headers)

@@ -1,0 +1,222 @@
+"""The web app in a real browser: Playwright driving Debian's Chromium against a live server.
+
+Set ONCOLENS_SCREENSHOTS=docs/screenshots to (re)write the README's screenshots while testing.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from sqlmodel import Session
+
+from oncolens.api import create_app
+from oncolens.auth import hash_password
+from oncolens.config import Settings
+from oncolens.db.models import User
+from oncolens.zoo import BUILTIN_DIR
+from tests.api.test_auth_users import PASSWORD
+
+CHROMIUM = "/usr/bin/chromium"
+SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
+SHOTS = os.environ.get("ONCOLENS_SCREENSHOTS")
+LOADED = "Array.from(document.querySelectorAll('{}')).every(i => i.complete && i.naturalWidth > 0)"
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("web"), clinic_name="Hillside Clinic")
+    app = create_app(settings)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "the server did not start"
+
+    with Session(app.state.engine) as session:
+        for email, role in [
+            ("admin@clinic.org", "admin"),
+            ("ana@clinic.org", "clinician"),
+            ("vic@clinic.org", "viewer"),
+        ]:
+            session.add(User(email=email, hashed_password=hash_password(PASSWORD), role=role, full_name=email[:3]))
+        session.commit()
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def page_for(browser: object, server: str, email: str):  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.goto(f"{server}/cases")
+    assert "/login" in page.url, "pages need a login"
+    page.fill("#email", email)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server}/cases")
+    return page
+
+
+def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def analysed(browser: object, server: str) -> dict[str, str]:
+    """A clinician analyses two sample images in the browser; returns the case id and page text."""
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/analyze")
+    page.check("input[name=model_id][value=skin-ham10000]")
+    page.set_input_files("#files", [str(SAMPLES / "ISIC_0025316.jpg"), str(SAMPLES / "ISIC_0026213.jpg")])
+    assert page.locator("[data-previews] img").count() == 2, "both images are previewed before upload"
+    page.fill("input[name=patient_ref]", "PT-2001")
+    page.fill("input[name=patient_age]", "58")
+    shot(page, "analyze-form")
+    page.click("[data-analyze-form] button[type=submit]")
+    page.wait_for_selector("[data-testid=bar-chart]")
+    shot(page, "analyze-result")
+    case_id = page.locator("[data-testid=case-link]").inner_text()
+    return {"case_id": case_id, "text": page.locator("main").inner_text()}
+
+
+def test_analyze_two_images_shows_chart_risk_and_heatmaps(
+    browser: object, server: str, analysed: dict[str, str]
+) -> None:
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/cases/{analysed['case_id']}")
+    bars = page.locator("[data-testid=bar-chart] li")
+    assert bars.count() == 7
+    values = [float(v.rstrip("%")) for v in page.locator("[data-testid=bar-chart] .value").all_inner_texts()]
+    assert values == sorted(values, reverse=True) and abs(sum(values) - 100) < 1.0
+    assert page.locator("[data-testid=bar-chart] li.malignant").count() == 3, "akiec, bcc and mel are marked"
+    risk = page.locator("[data-testid=risk-level] strong").inner_text().lower()
+    assert risk in {"low", "borderline", "moderate", "high"}
+    assert risk in analysed["text"].lower() and "Recommendation" in analysed["text"]
+    assert "Decision support only, not a diagnosis" in analysed["text"]
+    heatmaps = page.locator("[data-testid=heatmap]")
+    assert heatmaps.count() == 2
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('img.heat')).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    slider = page.locator("[data-heat-slider]").first
+    slider.fill("90")
+    assert heatmaps.first.evaluate("img => img.style.opacity") == "0.9"
+    assert page.locator("dl.classes dt").count() == 7, "class descriptions are shown"
+    shot(page, "case")
+
+
+def test_the_stored_case_takes_a_review(browser: object, server: str, analysed: dict[str, str]) -> None:
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/cases")
+    page.click(f"a[href='/cases/{analysed['case_id']}']")
+    page.select_option("select[name=status]", "confirmed")
+    page.fill("input[name=confirmed_diagnosis]", "melanoma, histology pending")
+    page.fill("textarea[name=review_notes]", "Excision booked.")
+    page.click("[data-testid=review-form] button[type=submit]")
+    page.wait_for_selector("[data-testid=saved]")
+    assert page.locator("[data-testid=status]").inner_text() == "confirmed"
+    assert "melanoma, histology pending" in page.locator("main").inner_text()
+    with page.expect_download() as download:
+        page.click("[data-testid=pdf]")
+    assert download.value.suggested_filename == f"oncolens-case-{analysed['case_id']}.pdf"
+
+
+def test_a_viewer_cannot_review(browser: object, server: str, analysed: dict[str, str]) -> None:
+    page = page_for(browser, server, "vic@clinic.org")
+    page.goto(f"{server}/cases/{analysed['case_id']}")
+    assert page.locator("[data-testid=review-form]").count() == 0
+    assert "but not review it" in page.locator("main").inner_text()
+    # a hand-made form post is refused by the server too
+    status = page.evaluate(
+        """async (id) => {
+            const csrf = document.querySelector('input[name=csrf_token]').value;
+            const body = new URLSearchParams({status: 'reviewed', csrf_token: csrf});
+            const r = await fetch(`/cases/${id}/review`, {method: 'POST', body});
+            return r.status;
+        }""",
+        analysed["case_id"],
+    )
+    assert status == 403
+    page.goto(f"{server}/analyze")
+    assert page.locator("button[type=submit]:disabled").count() == 1
+
+
+def test_the_model_page_shows_the_cards_metrics(browser: object, server: str) -> None:
+    card = json.loads((BUILTIN_DIR / "skin-ham10000" / "card.json").read_text())
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/models")
+    page.click("a[href='/models/skin-ham10000']")
+    table = page.locator("[data-testid=metrics]").inner_text()
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece"):
+        assert f"{card['metrics'][key]:.3f}" in table
+    low, high = card["metrics"]["intervals"]["accuracy"]
+    assert f"{low:.3f} \u2013 {high:.3f}" in table
+    assert "non-commercial" in page.locator("main").inner_text()
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('.figures img')).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    shot(page, "model")
+
+
+def test_an_invalid_file_shows_the_error(browser: object, server: str, tmp_path: Path) -> None:
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/analyze")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    page.set_input_files("#files", str(text))
+    assert "Not an image OncoLens can read: notes.txt" in page.locator("[data-file-error]").inner_text()
+    disguised = tmp_path / "lesion.jpg"
+    disguised.write_bytes(b"this is text pretending to be a JPEG")
+    page.check("input[name=model_id][value=skin-ham10000]")
+    page.set_input_files("#files", str(disguised))
+    page.fill("input[name=patient_ref]", "PT-9")
+    page.click("[data-analyze-form] button[type=submit]")
+    error = page.locator("[data-testid=error]").inner_text()
+    assert "not an image OncoLens can read" in error
+    assert "Traceback" not in page.content()
+    assert page.input_value("input[name=patient_ref]") == "PT-9", "the form keeps what was typed"
+
+
+def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dict[str, str]) -> None:
+    page = page_for(browser, server, "admin@clinic.org")
+    page.goto(f"{server}/admin")
+    assert int(page.locator("[data-testid=total-cases]").inner_text()) >= 1
+    assert "review" in page.locator("main").inner_text()
+    shot(page, "dashboard")
+    page.goto(f"{server}/cases?patient_ref=PT-2001")
+    assert page.locator("[data-testid=total]").inner_text() == "1 case"
+    page.goto(f"{server}/cases?patient_ref=nobody")
+    assert page.locator("[data-testid=total]").inner_text() == "0 cases"
+    page.goto(f"{server}/cases")
+    shot(page, "cases")
+    page.context.clear_cookies()
+    page.goto(f"{server}/login")
+    shot(page, "login")
