@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from oncolens.api.compat.common import analyse, app_error, display_names, model_for, uploaded_files
+from oncolens.api.compat.common import analyse_one_file, app_error, display_names
 from oncolens.api.errors import BadRequest
 from oncolens.imaging import ImageDecodeError
 
@@ -24,15 +24,11 @@ router = APIRouter(tags=["compat: cervical app"])
 @router.post("/predict", summary="Cervical app: classify one Pap-smear cell image")
 async def predict(request: Request) -> JSONResponse:
     try:
-        model = model_for(request, APP)
-        raw, _ = await uploaded_files(request, ("file",))
-        if len(raw) > 1:
-            raise BadRequest("send one image in form field 'file'")
-        analysis = await analyse(request, model, raw)
+        analysis = await analyse_one_file(request, APP)
     except (BadRequest, ImageDecodeError) as exc:
         status, message = app_error(exc)
         return JSONResponse({"error": message, "detail": message}, status_code=status)
-    names = display_names(model, {})
+    names = display_names(analysis.model, {})
     agg = analysis.result.aggregate
     body: dict[str, Any] = {
         "prediction": names[agg.top_class],

@@ -137,3 +137,12 @@ def is_loaded(request: Request, app_name: str) -> bool:
 def display_names(model: ModelPackage, names: dict[str, str]) -> dict[str, str]:
     """Class id -> the app's name for it; a class the app did not have keeps the OncoLens name."""
     return {c["id"]: names.get(c["id"], c["name"]) for c in model.card["classes"]}
+
+
+async def analyse_one_file(request: Request, app_name: str) -> Analysis:
+    """The app's model on the one image in multipart field ``file`` (the Flask apps' request)."""
+    model = model_for(request, app_name)
+    raw, _ = await uploaded_files(request, ("file",))
+    if len(raw) > 1:
+        raise BadRequest("send one image in form field 'file'")
+    return await analyse(request, model, raw)

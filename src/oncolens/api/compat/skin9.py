@@ -14,14 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from oncolens.api.compat.common import (
-    analyse,
-    app_error,
-    display_names,
-    is_loaded,
-    model_for,
-    uploaded_files,
-)
+from oncolens.api.compat.common import analyse_one_file, app_error, display_names, is_loaded
 from oncolens.api.errors import BadRequest
 from oncolens.imaging import ImageDecodeError
 
@@ -44,17 +37,13 @@ CANCEROUS = {"melanoma", "basal_cell_carcinoma", "squamous_cell_carcinoma"}
 @router.post("/predict", summary="Skin 9-class app: classify one lesion image")
 async def predict(request: Request) -> JSONResponse:
     try:
-        model = model_for(request, APP)
-        raw, _ = await uploaded_files(request, ("file",))
-        if len(raw) > 1:
-            raise BadRequest("send one image in form field 'file'")
-        analysis = await analyse(request, model, raw)
+        analysis = await analyse_one_file(request, APP)
     except (BadRequest, ImageDecodeError) as exc:
         status, message = app_error(exc)
         return JSONResponse({"success": False, "error": message, "detail": message}, status_code=status)
-    names = display_names(model, NAMES)
+    names = display_names(analysis.model, NAMES)
     agg = analysis.result.aggregate
-    malignant = {c["id"]: bool(c["malignant"]) for c in model.card["classes"]}
+    malignant = {c["id"]: bool(c["malignant"]) for c in analysis.model.card["classes"]}
     cancerous = agg.top_class in CANCEROUS if agg.top_class in NAMES else malignant[agg.top_class]
     body: dict[str, Any] = {
         "success": True,

@@ -104,9 +104,8 @@ def model_info(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/predict", summary="Thyroid app: predict from a base64 image")
-async def predict(request: Request, body: ImageRequest) -> dict[str, Any]:
-    analysis = await _run(request, body)
+def _assessment(body: ImageRequest, analysis: Analysis) -> dict[str, Any]:
+    """The fields /predict answers with (and /analyze before its heat-map)."""
     agg = analysis.result.aggregate
     return {
         "success": True,
@@ -115,8 +114,13 @@ async def predict(request: Request, body: ImageRequest) -> dict[str, Any]:
         "prediction": _prediction(analysis),
         "risk_assessment": RISK_NAMES.get(agg.risk_level, agg.risk_level),
         "recommendation": agg.recommendation,
-        "oncolens": analysis.oncolens(),
     }
+
+
+@router.post("/predict", summary="Thyroid app: predict from a base64 image")
+async def predict(request: Request, body: ImageRequest) -> dict[str, Any]:
+    analysis = await _run(request, body)
+    return _assessment(body, analysis) | {"oncolens": analysis.oncolens()}
 
 
 @router.post("/gradcam", summary="Thyroid app: heat-map of a base64 image")
@@ -140,14 +144,5 @@ async def gradcam(request: Request, body: GradCAMRequest) -> dict[str, Any]:
 @router.post("/analyze", summary="Thyroid app: prediction, risk and heat-map of a base64 image")
 async def analyze(request: Request, body: AnalyzeRequest) -> dict[str, Any]:
     analysis = await _run(request, body)
-    agg = analysis.result.aggregate
-    return {
-        "success": True,
-        "timestamp": timestamp(),
-        "filename": body.filename,
-        "prediction": _prediction(analysis),
-        "risk_assessment": RISK_NAMES.get(agg.risk_level, agg.risk_level),
-        "recommendation": agg.recommendation,
-        "gradcam": _gradcam(analysis) if body.include_gradcam else None,
-        "oncolens": analysis.oncolens(),
-    }
+    gradcam = _gradcam(analysis) if body.include_gradcam else None
+    return _assessment(body, analysis) | {"gradcam": gradcam, "oncolens": analysis.oncolens()}

@@ -1,0 +1,55 @@
+"""Print the README's model table (Markdown) from the shipped model cards: python scripts/models_table.py"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from oncolens.zoo import BUILTIN_DIR
+
+ORDER = ["skin-ham10000", "skin-isic9", "breast-us", "thyroid-us", "cervical-herlev", "oral-photo"]
+
+
+def ci(metrics: dict, key: str) -> str:  # type: ignore[type-arg]
+    low, high = metrics["intervals"][key]
+    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def main() -> None:
+    cards = {p.parent.name: json.loads(p.read_text()) for p in BUILTIN_DIR.glob("*/card.json")}
+    print("| model | organ · modality | classes (malignant in bold) | test metrics, 95% bootstrap CI | data licence |")
+    print("|---|---|---|---|---|")
+    for model_id in [m for m in ORDER if m in cards] + sorted(set(cards) - set(ORDER)):
+        card = cards[model_id]
+        m = card["metrics"]
+        classes = ", ".join(f"**{c['id']}**" if c["malignant"] else c["id"] for c in card["classes"])
+        parts = [
+            f"n = {m['n']}",
+            f"accuracy {ci(m, 'accuracy')}",
+            f"balanced acc. {ci(m, 'balanced_accuracy')}",
+            f"macro AUROC {ci(m, 'macro_auc')}",
+            f"ECE {ci(m, 'ece')}",
+        ]
+        mal = m.get("malignant")
+        if mal:
+            low, high = mal["intervals"]["auc"]
+            parts.append(
+                f"malignant-vs-rest AUROC {mal['auc']:.3f} [{low:.3f}, {high:.3f}], "
+                f"sens. {mal['sensitivity']:.3f} / spec. {mal['specificity']:.3f} at P ≥ 0.5"
+            )
+        for column, groups in m.get("by", {}).items():
+            for value, g in groups.items():
+                auc = (g.get("malignant") or {}).get("auc")
+                auc_text = "n/a" if auc is None else f"{auc:.3f}"
+                parts.append(f"{column}={value}: n {g['n']}, acc. {g['accuracy']:.3f}, AUROC {auc_text}")
+        licence = re.split(r" \(|: |; ", card["dataset"]["license"])[0]
+        if "commercial" in card["dataset"]["license"].lower():
+            licence += " — **no commercial use**"
+        print(
+            f"| `{model_id}` v{card['version']} | {card['organ']} · {card['modality']} | {classes} | "
+            f"{' · '.join(parts)} | {licence} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
