@@ -64,13 +64,28 @@ def prior_correction(recipe: Recipe, samples: list[Sample]) -> np.ndarray:
     return centred
 
 
+PRIOR_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def _calibration(
-    y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray, bias: np.ndarray
+    y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray, prior: np.ndarray
 ) -> dict[str, Any]:
-    temperature = fit_temperature(val_logits + bias, y_val)
+    """Fit, on val, how much of the prior correction to apply (alpha) and the temperature.
+
+    Each alpha in PRIOR_STRENGTHS gets its NLL-optimal temperature; the (alpha, T) pair with the
+    lowest val NLL is kept. The card's ``logit_bias`` is alpha * prior, added before dividing by T.
+    """
+    fits = []
+    for alpha in PRIOR_STRENGTHS:
+        t = fit_temperature(val_logits + alpha * prior, y_val)
+        fits.append((nll(val_logits + alpha * prior, y_val, t), alpha, t))
+    _, alpha, temperature = min(fits)
+    bias = alpha * prior
     ece = metrics.expected_calibration_error
     return {
-        "method": "prior correction for the training sampling (logit_bias), then temperature scaling",
+        "method": "prior correction for the training sampling (strength alpha fitted on val), then temperature scaling",
+        "prior_correction": [round(float(b), 6) for b in prior],
+        "prior_strength": alpha,
         "logit_bias": [round(float(b), 6) for b in bias],
         "temperature": temperature,
         "fitted_on": "val",
@@ -159,9 +174,10 @@ def finalize(
             raise RuntimeError(f"ONNX and PyTorch logits differ by {diff:.2e} (limit {MAX_LOGIT_DIFF})")
 
         correct_prior = recipe.export.get("prior_correction", True)
-        bias = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
-        calibration = _calibration(y_val, val_logits, y_test, test_logits, bias)
+        prior = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
+        calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
         temperature = calibration["temperature"]
+        bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
         val_probs = calibrate(val_logits + bias, temperature)
         test_probs = calibrate(test_logits + bias, temperature)
         mal_mask = np.asarray(malignant)
