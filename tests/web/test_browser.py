@@ -102,6 +102,7 @@ def analysed(browser: object, server: str) -> dict[str, str]:
     shot(page, "analyze-form")
     page.click("[data-analyze-form] button[type=submit]")
     page.wait_for_selector("[data-testid=bar-chart]")
+    page.wait_for_function(LOADED.format("main img"))
     shot(page, "analyze-result")
     case_id = page.locator("[data-testid=case-link]").inner_text()
     return {"case_id": case_id, "text": page.locator("main").inner_text()}
