@@ -87,7 +87,7 @@ def test_skin9_health_and_errors(client: TestClient) -> None:
     bad = client.post("/predict", files={"file": ("notes.txt", b"hello, not an image", "text/plain")})
     assert bad.status_code == 415
     assert bad.json()["success"] is False and "not an image" in bad.json()["error"].lower()
-    missing = client.post("/predict", data={"file": "text"})
+    missing = client.post("/predict", data={"file": "text"}, files={"note": ("note.txt", b"x", "text/plain")})
     assert missing.status_code == 400 and "form field 'file'" in missing.json()["error"]
 
 
@@ -264,8 +264,9 @@ def test_oral_upload_list_get_update_delete(oral: TestClient) -> None:
 
     # stored as an OncoLens case with the patient fields
     case = oral.get(f"/api/v1/cases/{result['id']}", headers=doc).json()
-    assert case["model_id"] == "oral-photo" and case["patient_name"] == "John Doe" and case["patient_age"] == 45
-    assert case["patient_sex"] == "male" and len(case["images"]) == 2
+    assert case["model_id"] == "oral-photo" and case["patient"]["name"] == "John Doe"
+    assert case["patient"]["age"] == 45 and case["patient"]["email"] == "user@example.com"
+    assert case["patient"]["sex"] == "male" and len(case["images"]) == 2
 
     listed = oral.get("/api/v1/result/results/", headers=vic).json()
     assert [r["id"] for r in listed] == [result["id"]]
@@ -287,12 +288,15 @@ def test_oral_bad_input_is_a_clear_error(oral: TestClient) -> None:
     doc = login(oral, "doc@clinic.org")
     _, img = sample("oral-photo")
     url = "/api/v1/result/results/"
-    no_files = oral.post(url, data={"name": "A"}, headers=doc)
-    assert no_files.status_code == 415 or "no image file" in no_files.json()["detail"]
+    before = len(oral.get(url, headers=doc).json())
+    urlencoded = oral.post(url, data={"name": "A"}, headers=doc)
+    assert urlencoded.status_code == 415 and "multipart/form-data" in urlencoded.json()["detail"]
+    no_files = oral.post(url, data={"name": "A"}, files={"note": ("n.txt", b"x", "text/plain")}, headers=doc)
+    assert no_files.status_code == 400 and "no image file in form field 'files'" in no_files.json()["detail"]
     bad_age = oral.post(url, data={"name": "A", "age": "old"}, files={"files": ("a.jpg", img)}, headers=doc)
     assert bad_age.status_code == 400 and "age 'old'" in bad_age.json()["detail"]
     bad_gender = oral.post(url, data={"name": "A", "gender": "x"}, files={"files": ("a.jpg", img)}, headers=doc)
     assert bad_gender.status_code == 400 and "gender" in bad_gender.json()["detail"]
     bad_image = oral.post(url, data={"name": "A"}, files={"files": ("a.jpg", b"nope")}, headers=doc)
     assert bad_image.status_code == 415
-    assert oral.get("/api/v1/result/results/", headers=doc).json() == [], "nothing stored from a failed upload"
+    assert len(oral.get(url, headers=doc).json()) == before, "nothing stored from a failed upload"
