@@ -23,12 +23,11 @@ from oncolens.api.errors import BadRequest
 from oncolens.api.records import CasePublic
 from oncolens.api.routes.cases import (
     analyse_and_store,
-    case_report_pdf,
     filtered_cases,
     images_of,
     installed_model,
     load_case,
-    pdf_response,
+    report_download,
     stored_explanation,
 )
 from oncolens.auth import AuthError, ThrottlePolicy, authenticate, create_access_token
@@ -461,11 +460,7 @@ async def case_report(
     zoo: ZooDep,
     settings: SettingsDep,
 ) -> Response:
-    case = load_case(session, case_id, user)
-    pdf = await anyio.to_thread.run_sync(case_report_pdf, session, store, zoo, settings, case)
-    audit(session, user, "report", case.id, detail="web", client=client_of(request))
-    session.commit()
-    return pdf_response(case.id, pdf)
+    return await report_download(request, session, store, zoo, settings, user, case_id, detail="web")
 
 
 # --- models --------------------------------------------------------------------------------------------

@@ -216,11 +216,7 @@ async def case_report(
     settings: SettingsDep,
 ) -> Response:
     """The PDF case report: patient, model, images with heat-maps, result, review, model metrics."""
-    case = load_case(session, case_id, user)
-    pdf = await anyio.to_thread.run_sync(case_report_pdf, session, store, zoo, settings, case)
-    audit(session, user, "report", case.id, client=client_of(request))
-    session.commit()
-    return pdf_response(case.id, pdf)
+    return await report_download(request, session, store, zoo, settings, user, case_id)
 
 
 @router.get("/{case_id}/fhir", summary="The case as a FHIR R4 Bundle")
@@ -294,9 +290,23 @@ def case_report_pdf(session: Session, store: CaseStore, zoo: Zoo, settings: Sett
     )
 
 
-def pdf_response(case_id: str, pdf: bytes) -> Response:
+async def report_download(
+    request: Request,
+    session: Session,
+    store: CaseStore,
+    zoo: Zoo,
+    settings: Settings,
+    user: User,
+    case_id: str,
+    detail: str = "",
+) -> Response:
+    """The case's PDF as a download, audited (the API route and the web page share it)."""
+    case = load_case(session, case_id, user)
+    pdf = await anyio.to_thread.run_sync(case_report_pdf, session, store, zoo, settings, case)
+    audit(session, user, "report", case.id, detail, client_of(request))
+    session.commit()
     headers = {
-        "Content-Disposition": f'attachment; filename="oncolens-case-{case_id}.pdf"',
+        "Content-Disposition": f'attachment; filename="oncolens-case-{case.id}.pdf"',
         "Cache-Control": "private, no-store",
     }
     return Response(pdf, media_type="application/pdf", headers=headers)
