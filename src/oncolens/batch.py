@@ -171,7 +171,7 @@ def run_batch(
             for chunk in _chunks(todo, batch_size):
                 decoded = list(pool.map(lambda p: _decode(p, package, max_bytes, max_pixels), chunk))
                 good = [d for d in decoded if isinstance(d, _Ready)]
-                logits, features = (None, None)
+                logits, features = np.zeros((0, len(package.class_ids))), None
                 if good:
                     inputs = np.concatenate([d.input for d in good])
                     logits, features = package.run(inputs, with_features=heatmaps is not None)
@@ -184,7 +184,6 @@ def run_batch(
                         writer.write(base | {"status": "error", "error": item})
                         continue
                     i = next(results)
-                    assert logits is not None
                     size = (item.image.width, item.image.height)
                     assessment = case_result(package, logits[i : i + 1].astype("float64"), [size]).aggregate
                     row = base | {

@@ -130,14 +130,16 @@ async def predict(request: Request) -> Response:
     try:
         model = model_for(request, APP)
         content_type = request.headers.get("content-type", "")
-        form = await request.form() if "form" in content_type else None
+        settings: Settings = request.app.state.settings
+        form = (
+            await request.form(max_files=1, max_part_size=settings.max_image_bytes) if "form" in content_type else None
+        )
         image_path = form.get("image_path") if form is not None else None
         if isinstance(image_path, str) and image_path:
             path = _stored_path(request, image_path)
             raw = [RawImage(path.read_bytes(), path.name.split("_", 1)[1])]
         elif form is not None and not isinstance(form.get("file"), str | None):
             upload = form["file"]
-            settings: Settings = request.app.state.settings
             raw = [RawImage(await upload.read(settings.max_image_bytes + 1), upload.filename)]  # type: ignore[union-attr]
         else:
             raise BadRequest("send form field 'image_path' (from POST /upload-image) or an image in field 'file'")
