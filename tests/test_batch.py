@@ -89,3 +89,15 @@ def test_bad_output_and_another_models_file_are_refused(folder: Path, blob_packa
     assert refused.exit_code == 2 and "skin-ham10000" in refused.output
     missing = runner.invoke(app, [*args, "--out", str(tmp_path / "r.csv"), "--model", "nope"])
     assert missing.exit_code == 2 and "no model 'nope'" in missing.output
+
+
+def test_images_of_another_modality_are_reported_not_scored(blob_package: Path, tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    root.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(root / "grey.png")
+    pixels = np.zeros((40, 50, 3), np.uint8)
+    pixels[10:20, 10:20, 0] = 250
+    Image.fromarray(pixels).save(root / "colour.png")
+    out = tmp_path / "r.csv"
+    output = invoke(root, out, blob_package)
+    assert "1 image(s) analysed" in output and "skipped grey.png: this is a greyscale image" in output

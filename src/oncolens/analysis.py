@@ -14,7 +14,7 @@ from PIL import Image
 
 from oncolens import explain
 from oncolens.config import Settings
-from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
+from oncolens.imaging import DecodedImage, ImageDecodeError, WrongModality, coloured_fraction, decode_image
 from oncolens.inference import (
     aggregate,
     class_activation_map,
@@ -166,13 +166,36 @@ class PreparedImages:
     decode_ms: float
 
 
+GREY_MODEL_MAX_COLOUR = 0.25
+COLOUR_MODEL_MIN_COLOUR = 0.0005
+
+
+def check_modality(image: Image.Image, model: ModelPackage) -> None:
+    """Refuse an image that is plainly not the model's kind: a colour photo sent to an ultrasound
+    (greyscale-input) model, or a colourless greyscale image sent to a colour-photo model."""
+    modality = str(model.card.get("modality", "")) or "its"
+    share = coloured_fraction(image)
+    if model.input_spec.grayscale and share > GREY_MODEL_MAX_COLOUR:
+        raise WrongModality(
+            f"this looks like a colour photograph ({share:.0%} of its pixels are clearly coloured), not a "
+            f"{modality} image; {model.id} reads greyscale {modality} frames - choose the model for this kind of image"
+        )
+    if not model.input_spec.grayscale and share < COLOUR_MODEL_MIN_COLOUR:
+        raise WrongModality(
+            f"this is a greyscale image with no colour at all; {model.id} expects a colour {modality} image "
+            "(for an ultrasound frame choose an ultrasound model)"
+        )
+
+
 def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
-    """Decode every image (naming the one that fails) and make the model input."""
+    """Decode every image (naming the one that fails), check it suits the model, make the model input."""
     start = time.perf_counter()
     decoded = []
     for index, image in enumerate(raw):
         try:
-            decoded.append(decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels))
+            one = decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels)
+            check_modality(one.image, model)
+            decoded.append(one)
         except ImageDecodeError as exc:
             raise type(exc)(name_image(index, image.filename, len(raw)) + str(exc)) from exc
     inputs = preprocess([d.image for d in decoded], model.input_spec)

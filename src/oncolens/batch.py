@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from oncolens.analysis import case_result, explanation
+from oncolens.analysis import case_result, check_modality, explanation
 from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
@@ -124,6 +124,7 @@ def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) 
         if path.stat().st_size > max_bytes:
             return f"larger than the {max_bytes:,}-byte limit"
         decoded = decode_image(path.read_bytes(), max_bytes, max_pixels)
+        check_modality(decoded.image, package)
         return _Ready(decoded, preprocess([decoded.image], package.input_spec))
     except ImageDecodeError as exc:
         return str(exc)

@@ -52,6 +52,26 @@ class ImageTooLarge(ImageDecodeError):
     status = 413
 
 
+class WrongModality(ImageDecodeError):
+    """The image is readable but plainly not the kind the chosen model reads (colour vs greyscale)."""
+
+    status = 422
+
+
+def coloured_fraction(image: Image.Image) -> float:
+    """Share of pixels with clearly visible colour (HSV saturation > 0.2, not near black).
+
+    Measured on a thumbnail. B-mode ultrasound frames score 0 (up to ~0.02 with a Doppler box);
+    dermoscopy, cytology and clinical photos almost always well above 0.001.
+    """
+    thumb = image.convert("RGB")
+    thumb.thumbnail((256, 256))
+    rgb = np.asarray(thumb, dtype=np.float32) / 255.0
+    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = np.where(high > 0.05, (high - low) / np.maximum(high, 1e-6), 0.0)
+    return float((saturation > 0.2).mean())
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """An RGB image plus what the decoder saw: the sniffed format and the original mode/size."""

@@ -1,6 +1,7 @@
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,23 @@ def test_openapi_documents_both_body_types(client: TestClient) -> None:
     body = spec["paths"]["/api/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert client.get("/docs").status_code == 200
+
+
+def test_an_image_of_the_wrong_kind_is_refused_with_what_is_wrong(client: TestClient) -> None:
+    samples = Path(__file__).parents[2] / "samples"
+    skin = (samples / "skin-ham10000" / "ISIC_0025316.jpg").read_bytes()
+    thyroid = (samples / "thyroid-us" / "ddti_10_1.jpg").read_bytes()
+    photo_to_ultrasound = client.post("/api/v1/models/thyroid-us/predict", files={"file": ("a.jpg", skin)})
+    assert photo_to_ultrasound.status_code == 422
+    assert "looks like a colour photograph" in photo_to_ultrasound.json()["detail"]
+    ultrasound_to_skin = client.post("/api/v1/models/skin-ham10000/predict", files={"file": ("b.jpg", thyroid)})
+    assert ultrasound_to_skin.status_code == 422
+    assert "greyscale image with no colour at all" in ultrasound_to_skin.json()["detail"]
+    # an ultrasound frame with a Doppler colour box (a tenth of the frame) is still an ultrasound frame
+    frame = np.asarray(Image.open(io.BytesIO(thyroid)).convert("RGB")).copy()
+    h, w = frame.shape[:2]
+    frame[: h // 3, : w // 3] = (200, 30, 30)
+    doppler = io.BytesIO()
+    Image.fromarray(frame).save(doppler, format="PNG")
+    ok = client.post("/api/v1/models/thyroid-us/predict", files={"file": ("c.png", doppler.getvalue())})
+    assert ok.status_code == 200, ok.text

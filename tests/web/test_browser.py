@@ -204,6 +204,12 @@ def test_an_invalid_file_shows_the_error(browser: object, server: str, tmp_path:
     assert "not an image OncoLens can read" in error
     assert "Traceback" not in page.content()
     assert page.input_value("input[name=patient_ref]") == "PT-9", "the form keeps what was typed"
+    # a thyroid ultrasound frame sent to the dermoscopy model: not this modality
+    page.check("input[name=model_id][value=skin-ham10000]")
+    thyroid = Path(__file__).parents[2] / "samples" / "thyroid-us" / "ddti_10_1.jpg"
+    page.set_input_files("#files", str(thyroid))
+    page.click("[data-analyze-form] button[type=submit]")
+    assert "greyscale image with no colour at all" in page.locator("[data-testid=error]").inner_text()
 
 
 def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dict[str, str]) -> None:
