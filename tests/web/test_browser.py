@@ -5,22 +5,14 @@ Set ONCOLENS_SCREENSHOTS=docs/screenshots to (re)write the README's screenshots 
 
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from sqlmodel import Session
 
-from oncolens.api import create_app
-from oncolens.auth import hash_password
 from oncolens.config import Settings
-from oncolens.db.models import User
 from oncolens.zoo import BUILTIN_DIR
-from tests.api.test_auth_users import PASSWORD
+from tests.live import PASSWORD, live_server
 
 CHROMIUM = "/usr/bin/chromium"
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
@@ -31,36 +23,12 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("web"), clinic_name="Hillside Clinic")
-    app = create_app(settings)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "the server did not start"
-
-    with Session(app.state.engine) as session:
-        for email, role in [
-            ("admin@clinic.org", "admin"),
-            ("ana@clinic.org", "clinician"),
-            ("vic@clinic.org", "viewer"),
-        ]:
-            session.add(User(email=email, hashed_password=hash_password(PASSWORD), role=role, full_name=email[:3]))
-        session.commit()
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    users = {"admin@clinic.org": "admin", "ana@clinic.org": "clinician", "vic@clinic.org": "viewer"}
+    with live_server(settings, users) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
