@@ -18,9 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from oncolens.analysis import DISCLAIMER, Explanation, RawImage, explanation, prepare
 from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
 from oncolens.api.errors import BadRequest
-from oncolens.api.fhir import case_bundle
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
-from oncolens.api.report import ReportImage, build_case_pdf
 from oncolens.api.uploads import run_case
 from oncolens.cases import CaseStore, PatientFields, UploadedImage, audit, create_case, delete_case
 from oncolens.config import Settings
@@ -225,6 +223,8 @@ def case_fhir(request: Request, case_id: str, user: CurrentUser, session: Sessio
     case = load_case(session, case_id, user)
     public = CasePublic.of(case, images_of(session, case), DISCLAIMER)
     model = installed_model(zoo, case.model_id)
+    from oncolens.reports.fhir import case_bundle
+
     bundle = case_bundle(public, model.card if model is not None else None, str(request.base_url))
     audit(session, user, "fhir_export", case.id, client=client_of(request))
     session.commit()
@@ -258,6 +258,8 @@ def installed_model(zoo: Zoo, model_id: str) -> ModelPackage | None:
 
 def case_report_pdf(session: Session, store: CaseStore, zoo: Zoo, settings: Settings, case: Case) -> bytes:
     """The PDF report of a case (API and web page share it)."""
+    from oncolens.reports.pdf import ReportImage, build_case_pdf  # reportlab only when a report is made
+
     rows = sorted(images_of(session, case), key=lambda i: i.position)
     public = CasePublic.of(case, rows, DISCLAIMER)
     reviewer = session.get(User, case.reviewed_by) if case.reviewed_by is not None else None
