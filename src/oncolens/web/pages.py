@@ -156,11 +156,17 @@ def home() -> RedirectResponse:
 # --- analyze -------------------------------------------------------------------------------------------
 
 
+def analyze_view(
+    request: Request, user: User, zoo: Zoo, chosen: str, status: int = 200, **context: Any
+) -> HTMLResponse:
+    """The analyze page: the form (with ``form`` values and an ``error``) or a ``case`` result."""
+    context = {"form": {}, "error": None, "case": None} | context
+    return render(request, "analyze.html", status=status, user=user, groups=model_groups(zoo), chosen=chosen, **context)
+
+
 @router.get("/analyze", response_class=HTMLResponse)
 def analyze_page(request: Request, user: WebUser, zoo: ZooDep, model: str = "") -> HTMLResponse:
-    return render(
-        request, "analyze.html", user=user, groups=model_groups(zoo), chosen=model, form={}, error=None, case=None
-    )
+    return analyze_view(request, user, zoo, model)
 
 
 @router.post("/analyze", response_class=HTMLResponse)
@@ -190,17 +196,7 @@ async def analyze(
     }
 
     def again(message: str, status: int) -> HTMLResponse:
-        return render(
-            request,
-            "analyze.html",
-            status=status,
-            user=user,
-            groups=model_groups(zoo),
-            chosen=model_id,
-            form=form,
-            error=message,
-            case=None,
-        )
+        return analyze_view(request, user, zoo, model_id, status, form=form, error=message)
 
     if not can_write(user):
         return again("Your account (viewer) can read cases but not analyse new ones.", 403)
@@ -235,17 +231,7 @@ async def analyze(
         return again(f"There is no model {model_id!r}.", 404)
     except (BadRequest, ImageDecodeError) as exc:
         return again(str(exc), exc.status)
-    return render(
-        request,
-        "analyze.html",
-        user=user,
-        groups=model_groups(zoo),
-        chosen=model_id,
-        form={},
-        error=None,
-        case=case_view(session, zoo, case),
-        card=model.card,
-    )
+    return analyze_view(request, user, zoo, model_id, case=case_view(session, zoo, case))
 
 
 def case_view(session: Session, zoo: Zoo, case: Case) -> dict[str, Any]:
@@ -353,17 +339,31 @@ def case_page(
     case = load_case(session, case_id, user)
     audit(session, user, "view", case.id, detail="web", client=client_of(request))
     session.commit()
+    return case_page_view(request, user, session, zoo, case, saved=bool(saved))
+
+
+def case_page_view(
+    request: Request,
+    user: User,
+    session: Session,
+    zoo: Zoo,
+    case: Case,
+    status: int = 200,
+    saved: bool = False,
+    error: str | None = None,
+) -> HTMLResponse:
     reviewer = session.get(User, case.reviewed_by) if case.reviewed_by else None
     return render(
         request,
         "case.html",
+        status=status,
         user=user,
         view=case_view(session, zoo, case),
         statuses=STATUSES,
         can_review=can_write(user),
-        saved=bool(saved),
+        saved=saved,
         reviewer=reviewer,
-        error=None,
+        error=error,
     )
 
 
@@ -383,18 +383,7 @@ def review(
     case = load_case(session, case_id, user)
 
     def refuse(message: str, code: int) -> HTMLResponse:
-        return render(
-            request,
-            "case.html",
-            status=code,
-            user=user,
-            view=case_view(session, zoo, case),
-            statuses=STATUSES,
-            can_review=can_write(user),
-            saved=False,
-            reviewer=None,
-            error=message,
-        )
+        return case_page_view(request, user, session, zoo, case, code, error=message)
 
     if not can_write(user):
         return refuse("Your account (viewer) cannot review cases.", 403)
