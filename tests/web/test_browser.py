@@ -185,6 +185,9 @@ def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dic
     page.goto(f"{server}/admin")
     assert int(page.locator("[data-testid=total-cases]").inner_text()) >= 1
     assert "review" in page.locator("main").inner_text()
+    today = page.locator(".timeline .day").last
+    assert today.locator("i").count() >= 1, "today's cases are drawn, coloured by risk level"
+    assert "moderate" in (today.get_attribute("title") or "")
     shot(page, "dashboard")
     page.goto(f"{server}/cases?patient_ref=PT-2001")
     assert page.locator("[data-testid=total]").inner_text() == "1 case"

@@ -483,13 +483,13 @@ def admin_page(
         return render(request, "error.html", status=403, user=user, message="The dashboard is for administrators.")
     cases = session.exec(select(Case.model_id, Case.risk_level, Case.status, Case.created_at)).all()
     since = (utcnow() - timedelta(days=days - 1)).date()
-    by_day: Counter[str] = Counter()
+    by_day: dict[str, Counter[str]] = {}
     for row in cases:
         day = row[3].date()
         if day >= since:
-            by_day[day.isoformat()] += 1
-    timeline = [((since + timedelta(days=i)).isoformat()) for i in range(days)]
-    peak = max(by_day.values(), default=0)
+            by_day.setdefault(day.isoformat(), Counter())[row[1]] += 1
+    timeline = [(since + timedelta(days=i)).isoformat() for i in range(days)]
+    peak = max((sum(c.values()) for c in by_day.values()), default=0)
     return render(
         request,
         "admin.html",
@@ -498,7 +498,7 @@ def admin_page(
         by_model=sorted(Counter(r[0] for r in cases).items()),
         by_risk=[(level, sum(1 for r in cases if r[1] == level)) for level in RISK_LEVELS],
         by_status=[(s, sum(1 for r in cases if r[2] == s)) for s in STATUSES],
-        timeline=[(day, by_day.get(day, 0)) for day in timeline],
+        timeline=[(day, [(lv, by_day.get(day, Counter())[lv]) for lv in RISK_LEVELS]) for day in timeline],
         peak=peak,
         days=days,
         users=session.exec(select(User).order_by(col(User.created_at))).all(),
