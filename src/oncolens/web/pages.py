@@ -14,25 +14,30 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from oncolens.analysis import DISCLAIMER, RawImage
 from oncolens.api.deps import SessionDep, SettingsDep, StoreDep, ZooDep, client_of
 from oncolens.api.errors import BadRequest
-from oncolens.api.records import CasePublic
+from oncolens.api.records import CasePublic, CaseUpdate
+from oncolens.api.routes.auth import audited_login
 from oncolens.api.routes.cases import (
     analyse_and_store,
+    case_image_of,
     filtered_cases,
+    image_file,
     images_of,
     installed_model,
     load_case,
+    record_review,
     report_download,
     stored_explanation,
 )
-from oncolens.auth import AuthError, ThrottlePolicy, authenticate, create_access_token
+from oncolens.auth import AuthError, create_access_token
 from oncolens.cases import PatientFields, audit
-from oncolens.db.models import AuditEvent, Case, CaseImage, CaseStatus, Role, User, utcnow
+from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
 from oncolens.imaging import ImageDecodeError
 from oncolens.web.session import (
     CsrfFailed,
@@ -97,9 +102,14 @@ def can_write(user: User) -> bool:
 # --- login / logout ------------------------------------------------------------------------------------
 
 
+def safe_next(target: str) -> str:
+    """Where to go after logging in: a path on this site only (never //other-host or a full URL)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/analyze"
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, next: str = "/analyze") -> HTMLResponse:
-    return render(request, "login.html", next=next if next.startswith("/") else "/analyze", error=None)
+    return render(request, "login.html", next=safe_next(next), error=None)
 
 
 @router.post("/login", response_model=None)
@@ -113,23 +123,11 @@ def login(
     next: Annotated[str, Form()] = "/analyze",
 ) -> Response:
     check_csrf(request, csrf_token)
-    target = next if next.startswith("/") and not next.startswith("//") else "/analyze"
+    target = safe_next(next)
     try:
-        user = authenticate(
-            session, email, password, ThrottlePolicy(settings.login_max_failures, settings.login_lock_minutes)
-        )
+        user = audited_login(session, settings, email, password, client_of(request), channel="web")
     except AuthError as exc:
-        audit(
-            session,
-            None,
-            "login_failed",
-            detail=f"{email.strip().lower()[:200]}: {exc} (web)",
-            client=client_of(request),
-        )
-        session.commit()
         return render(request, "login.html", status=exc.status, next=target, error=str(exc), email=email)
-    audit(session, user, "login", detail="web", client=client_of(request))
-    session.commit()
     response = RedirectResponse(target, status_code=303)
     start_session(
         request,
@@ -387,24 +385,13 @@ def review(
 
     if not can_write(user):
         return refuse("Your account (viewer) cannot review cases.", 403)
-    if status not in STATUSES:
-        return refuse(f"Status {status!r} is not one of {', '.join(STATUSES)}.", 400)
-    if len(confirmed_diagnosis) > 255 or len(review_notes) > 10_000:
-        return refuse("The diagnosis (255 characters) or the notes (10,000) are too long.", 400)
-    case.status, case.confirmed_diagnosis, case.review_notes = status, confirmed_diagnosis.strip(), review_notes
-    case.reviewed_by, case.reviewed_at = user.id, utcnow()
-    case.updated_at = case.reviewed_at
-    audit(session, user, "review", case.id, f"web -> status {status}", client_of(request))
-    session.add(case)
-    session.commit()
+    try:
+        update = CaseUpdate(status=status, confirmed_diagnosis=confirmed_diagnosis.strip(), review_notes=review_notes)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return refuse(f"The review was not saved: {problems}.", 400)
+    record_review(session, case, user, update.model_dump(), client_of(request), channel="web")
     return RedirectResponse(f"/cases/{quote(case.id)}?saved=1", status_code=303)
-
-
-def _case_image(session: Session, case: Case, image_id: str) -> CaseImage:
-    image = session.get(CaseImage, image_id)
-    if image is None or image.case_id != case.id:
-        raise BadRequest(f"case {case.id} has no image {image_id}", 404)
-    return image
 
 
 @router.get("/cases/{case_id}/images/{image_id}")
@@ -412,11 +399,7 @@ def case_image(
     request: Request, case_id: str, image_id: str, user: WebUser, session: SessionDep, store: StoreDep
 ) -> FileResponse:
     case = load_case(session, case_id, user)
-    image = _case_image(session, case, image_id)
-    path = store.path(image.stored_name)
-    if not path.is_file():
-        raise BadRequest(f"the file of image {image_id} is missing from storage", 410)
-    return FileResponse(path, media_type=image.media_type, headers={"Cache-Control": "private, no-store"})
+    return image_file(store, case_image_of(session, case, image_id))
 
 
 @router.get("/cases/{case_id}/images/{image_id}/heatmap.png")
@@ -431,7 +414,7 @@ async def case_heatmap(
     settings: SettingsDep,
 ) -> Response:
     case = load_case(session, case_id, user)
-    image = _case_image(session, case, image_id)
+    image = case_image_of(session, case, image_id)
     model = installed_model(zoo, case.model_id)
     found = await anyio.to_thread.run_sync(stored_explanation, store, model, case, image, settings)
     if found is None or found[1] is None:

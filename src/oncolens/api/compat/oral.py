@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 from oncolens.api.compat.common import model_for, uploaded_files
 from oncolens.api.deps import CurrentUser, SessionDep, StoreDep, WriterUser, client_of
 from oncolens.api.errors import BadRequest
-from oncolens.api.routes.cases import analyse_and_store, images_of, load_case, visible
+from oncolens.api.routes.cases import analyse_and_store, images_of, load_case, record_review, visible
 from oncolens.cases import PatientFields, audit, delete_case
 from oncolens.db.models import Case, CaseStatus, utcnow
 
@@ -158,14 +158,15 @@ def update_result(
         case.patient_age = body.age
     if "gender" in changes:
         case.patient_sex = _sex(body.gender or "")
+    patient_changes = sorted(set(changes) - {"result"})
+    if patient_changes:
+        case.updated_at = utcnow()
+        audit(session, user, "update", case.id, f"oral app PUT {patient_changes}", client_of(request))
+        session.add(case)
+        session.commit()
     if "result" in changes:
-        case.confirmed_diagnosis = (body.result or "").strip()
-        case.status = CaseStatus.reviewed.value
-        case.reviewed_by, case.reviewed_at = user.id, utcnow()
-    case.updated_at = utcnow()
-    audit(session, user, "update", case.id, f"oral app PUT {sorted(changes)}", client_of(request))
-    session.add(case)
-    session.commit()
+        review = {"confirmed_diagnosis": (body.result or "").strip(), "status": CaseStatus.reviewed.value}
+        record_review(session, case, user, review, client_of(request), channel="oral app")
     return _read(session, case)
 
 

@@ -4,11 +4,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
+from sqlmodel import Session
 
 from oncolens.api.deps import SessionDep, SettingsDep, client_of
 from oncolens.api.records import Token
 from oncolens.auth import AuthError, ThrottlePolicy, authenticate, create_access_token
 from oncolens.cases import audit
+from oncolens.config import Settings
+from oncolens.db.models import User
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -25,20 +28,26 @@ def login(
     Wrong e-mail and wrong password get the same answer; repeated failures lock the account name
     for a while (429).
     """
-    policy = ThrottlePolicy(settings.login_max_failures, settings.login_lock_minutes)
-    try:
-        user = authenticate(session, form.username, form.password, policy)
-    except AuthError as exc:
-        audit(
-            session,
-            None,
-            "login_failed",
-            detail=f"{form.username.strip().lower()[:200]}: {exc}",
-            client=client_of(request),
-        )
-        session.commit()
-        raise
-    audit(session, user, "login", client=client_of(request))
-    session.commit()
+    user = audited_login(session, settings, form.username, form.password, client_of(request))
     minutes = settings.access_token_minutes
     return Token(access_token=create_access_token(user, request.app.state.secret, minutes), expires_in=minutes * 60)
+
+
+def audited_login(
+    session: Session, settings: Settings, email: str, password: str, client: str, channel: str = ""
+) -> User:
+    """Check the password under the login throttle and record the attempt in the audit trail.
+
+    Raises AuthError (after auditing the failure) for a wrong password or a locked account name.
+    """
+    policy = ThrottlePolicy(settings.login_max_failures, settings.login_lock_minutes)
+    note = f" ({channel})" if channel else ""
+    try:
+        user = authenticate(session, email, password, policy)
+    except AuthError as exc:
+        audit(session, None, "login_failed", detail=f"{email.strip().lower()[:200]}: {exc}{note}", client=client)
+        session.commit()
+        raise
+    audit(session, user, "login", detail=channel, client=client)
+    session.commit()
+    return user

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
@@ -165,14 +165,22 @@ def review_case(request: Request, case_id: str, body: CaseUpdate, user: WriterUs
     changes = body.model_dump(exclude_unset=True)
     if not changes:
         raise BadRequest("nothing to update: send status, confirmed_diagnosis or review_notes")
+    record_review(session, case, user, changes, client_of(request))
+    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
+
+
+def record_review(
+    session: Session, case: Case, user: User, changes: dict[str, Any], client: str, channel: str = ""
+) -> None:
+    """Apply a clinician review (status, confirmed_diagnosis, review_notes), stamp who and when, audit."""
     for field, value in changes.items():
         setattr(case, field, value)
     case.reviewed_by, case.reviewed_at = user.id, utcnow()
     case.updated_at = case.reviewed_at
-    audit(session, user, "review", case.id, f"{sorted(changes)} -> status {case.status}", client_of(request))
+    prefix = f"{channel}: " if channel else ""
+    audit(session, user, "review", case.id, f"{prefix}{sorted(changes)} -> status {case.status}", client)
     session.add(case)
     session.commit()
-    return CasePublic.of(case, images_of(session, case), DISCLAIMER)
 
 
 @router.delete("/{case_id}", status_code=204)
@@ -188,14 +196,26 @@ def read_image(
 ) -> FileResponse:
     """The original image file, only to those allowed to see the case."""
     case = load_case(session, case_id, user)
-    image = session.get(CaseImage, image_id)
-    if image is None or image.case_id != case.id:
-        raise BadRequest(f"case {case_id} has no image {image_id}", status=404)
-    path = store.path(image.stored_name)
-    if not path.is_file():
-        raise BadRequest(f"the file of image {image_id} is missing from storage", status=410)
+    image = case_image_of(session, case, image_id)
+    response = image_file(store, image)
     audit(session, user, "image_view", case.id, image.id, client_of(request))
     session.commit()
+    return response
+
+
+def case_image_of(session: Session, case: Case, image_id: str) -> CaseImage:
+    """One image row of ``case`` (404 when the id belongs to no image of that case)."""
+    image = session.get(CaseImage, image_id)
+    if image is None or image.case_id != case.id:
+        raise BadRequest(f"case {case.id} has no image {image_id}", status=404)
+    return image
+
+
+def image_file(store: CaseStore, image: CaseImage) -> FileResponse:
+    """The stored original file, never cached by shared caches (410 when storage lost it)."""
+    path = store.path(image.stored_name)
+    if not path.is_file():
+        raise BadRequest(f"the file of image {image.id} is missing from storage", status=410)
     return FileResponse(path, media_type=image.media_type, headers={"Cache-Control": "private, no-store"})
 
 
