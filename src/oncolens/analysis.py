@@ -6,7 +6,7 @@ API, CLI, web pages and reports all build their answers from these dataclasses.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,15 @@ from PIL import Image
 
 from oncolens import explain
 from oncolens.config import Settings
-from oncolens.imaging import DecodedImage, ImageDecodeError, WrongModality, coloured_fraction, decode_image
+from oncolens.imaging import (
+    DecodedImage,
+    ImageDecodeError,
+    ImageTooLarge,
+    WrongModality,
+    coloured_fraction,
+    decode_image,
+    image_pixels,
+)
 from oncolens.inference import (
     aggregate,
     class_activation_map,
@@ -119,9 +127,18 @@ class Explanation:
 
 
 def explanation(
-    package: ModelPackage, image: Image.Image, features: np.ndarray, class_id: str | None = None
+    package: ModelPackage,
+    image: Image.Image,
+    features: np.ndarray,
+    class_id: str | None = None,
+    original_size: tuple[int, int] | None = None,
 ) -> Explanation:
-    """Heat-map and overlay PNGs of ``class_id`` (default the top class) for one image's features."""
+    """Heat-map and overlay PNGs of ``class_id`` (default the top class) for one image's features.
+
+    The maps are drawn at display size (``explain.DISPLAY_MAX_SIDE``); ``peak_xy`` is in the pixels
+    of the original image, whose (width, height) is ``original_size`` (default: ``image``'s own).
+    """
+    image = explain.display_image(image)
     ids = package.class_ids
     if class_id is None:
         logits = features.mean(axis=(1, 2)) @ package.head_weight.T
@@ -133,11 +150,16 @@ def explanation(
     cam = class_activation_map(features, package.head_weight, index)
     heat = explain.cam_on_image(cam, package.input_spec, image.width, image.height, package.feature_offset)
     peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    width, height = original_size or (image.width, image.height)
+    peak = (
+        min(width - 1, int((int(peak_x) + 0.5) * width / image.width)),
+        min(height - 1, int((int(peak_y) + 0.5) * height / image.height)),
+    )
     return Explanation(
         class_id=ids[index],
         heatmap_png=explain.png_bytes(explain.colorize(heat)),
         overlay_png=explain.png_bytes(explain.overlay(image, heat)),
-        peak_xy=(int(peak_x), int(peak_y)),
+        peak_xy=peak,
     )
 
 
@@ -187,16 +209,37 @@ def check_modality(image: Image.Image, model: ModelPackage) -> None:
         )
 
 
+def check_request_pixels(raw: list[RawImage], settings: Settings) -> None:
+    """Refuse (413) a request whose images hold more pixels together than the per-request limit.
+
+    Read from the headers before any pixel is decoded, so the refusal costs almost nothing.
+    """
+    total = sum(image_pixels(image.data) for image in raw)
+    if total > settings.max_request_pixels:
+        raise ImageTooLarge(
+            f"the {len(raw)} images hold {total / 1e6:.1f} MP together, over the limit of "
+            f"{settings.max_request_pixels / 1e6:.0f} MP per request; send fewer or smaller images"
+        )
+
+
 def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
-    """Decode every image (naming the one that fails), check it suits the model, make the model input."""
+    """Decode every image (naming the one that fails), check it suits the model, make the model input.
+
+    One image at a time: its model input and a display-size copy (for heat-maps) are kept and the
+    full-resolution pixels are dropped before the next image is decoded, so memory does not grow
+    with the resolution or the number of the uploads.
+    """
     start = time.perf_counter()
-    decoded = []
+    check_request_pixels(raw, settings)
+    decoded, inputs = [], []
     for index, image in enumerate(raw):
         try:
             one = decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels)
             check_modality(one.image, model)
-            decoded.append(one)
         except ImageDecodeError as exc:
             raise type(exc)(name_image(index, image.filename, len(raw)) + str(exc)) from exc
-    inputs = preprocess([d.image for d in decoded], model.input_spec)
-    return PreparedImages(decoded, [r.filename for r in raw], inputs, (time.perf_counter() - start) * 1000)
+        inputs.append(preprocess([one.image], model.input_spec))
+        decoded.append(replace(one, image=explain.display_image(one.image)))
+        del one
+    decode_ms = (time.perf_counter() - start) * 1000
+    return PreparedImages(decoded, [r.filename for r in raw], np.concatenate(inputs), decode_ms)

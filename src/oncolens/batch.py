@@ -14,13 +14,14 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from oncolens.analysis import case_result, check_modality, explanation
+from oncolens.explain import display_image
 from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
@@ -125,7 +126,9 @@ def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) 
             return f"larger than the {max_bytes:,}-byte limit"
         decoded = decode_image(path.read_bytes(), max_bytes, max_pixels)
         check_modality(decoded.image, package)
-        return _Ready(decoded, preprocess([decoded.image], package.input_spec))
+        inputs = preprocess([decoded.image], package.input_spec)
+        # Only a display-size copy waits for the heat-map: a batch of large scans stays small in memory.
+        return _Ready(replace(decoded, image=display_image(decoded.image)), inputs)
     except ImageDecodeError as exc:
         return str(exc)
     except OSError as exc:
@@ -200,7 +203,8 @@ def run_batch(
                     if heatmaps is not None and features is not None:
                         target = heatmaps / (rel + ".png")
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(explanation(package, item.image.image, features[i]).overlay_png)
+                        shown = explanation(package, item.image.image, features[i], original_size=size)
+                        target.write_bytes(shown.overlay_png)
                         row["heatmap"] = str(target)
                     writer.write(row)
                     summary.analysed += 1

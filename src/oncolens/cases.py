@@ -23,8 +23,17 @@ from oncolens.analysis import CaseResult
 from oncolens.db.models import AuditEvent, Case, CaseImage, User
 from oncolens.imaging import DecodedImage
 
-MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp", "TIFF": "image/tiff", "WEBP": "image/webp"}
-EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+# Every format decode_image accepts (the test pins this), keyed by the format sniffed from the bytes.
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "WEBP": "image/webp",
+    "DICOM": "application/dicom",
+}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp", "DICOM": ".dcm"}
+BROWSER_IMAGE_TYPES = frozenset(t for t in MEDIA_TYPES.values() if t not in ("image/tiff", "application/dicom"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,8 @@ class CaseStore:
         final = self.path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".part")
-        with tmp.open("wb") as handle:
+        # Patient images: readable by the server's user only.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -172,7 +172,7 @@ def predict(
     if heatmap is not None and features is not None:
         for i, (d, feats) in enumerate(zip(decoded, features, strict=True)):
             out = heatmap if i == 0 else heatmap.with_name(f"{heatmap.stem}-{i + 1}{heatmap.suffix}")
-            out.write_bytes(explanation(package, d.image, feats).overlay_png)
+            out.write_bytes(explanation(package, d.image, feats, original_size=(d.width, d.height)).overlay_png)
     if as_json:
         typer.echo(PredictionPublic.from_result(result).model_dump_json(indent=2))
         return

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest accepted upload in bytes.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest accepted image in pixels (W x H).")
     max_images_per_request: int = Field(32, gt=0, description="Most images in one predict request.")
+    max_request_pixels: int = Field(
+        200_000_000, gt=0, description="Most pixels (W x H, summed over its images) one request may hold."
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Most image bytes (summed over its images) one request may upload."
+    )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0 = all cores).")
     batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")

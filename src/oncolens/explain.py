@@ -1,4 +1,8 @@
-"""Heat-maps: a class-activation map mapped back onto the original image, as PNG images."""
+"""Heat-maps: a class-activation map mapped back onto the original image, as PNG images.
+
+Maps are drawn at display size (at most ``DISPLAY_MAX_SIDE`` pixels on the long side, the aspect
+ratio of the original kept) in float32, so their cost does not grow with the upload's resolution.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +24,29 @@ _ANCHORS = np.array(
         [230, 80, 20],
         [122, 4, 3],
     ],
-    dtype=np.float64,
+    dtype=np.float32,
 )
+
+DISPLAY_MAX_SIDE = 1024
+
+
+def display_size(width: int, height: int, max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
+    """(width, height) scaled down so that the long side is at most ``max_side`` (never up)."""
+    scale = min(1.0, max_side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def display_image(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> Image.Image:
+    """The image at display size (the same object when it is already small enough)."""
+    size = display_size(image.width, image.height, max_side)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def _resize_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
     resized = Image.fromarray(values.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float64)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def _interpolation_matrix(cells: int, size: int, offset: float) -> np.ndarray:
@@ -37,7 +57,7 @@ def _interpolation_matrix(cells: int, size: int, offset: float) -> np.ndarray:
     position = np.clip(position, 0.0, cells - 1.0)
     low = np.floor(position).astype(int).clip(0, max(cells - 2, 0))
     frac = position - low
-    weights = np.zeros((size, cells))
+    weights = np.zeros((size, cells), dtype=np.float32)
     rows = np.arange(size)
     weights[rows, low] += 1.0 - frac
     if cells > 1:
@@ -54,7 +74,7 @@ def upsample_cam(cam: np.ndarray, size: int, offset: tuple[float, float] = (0.0,
     """
     rows = _interpolation_matrix(cam.shape[0], size, offset[0])
     cols = _interpolation_matrix(cam.shape[1], size, offset[1])
-    upsampled: np.ndarray = rows @ cam @ cols.T
+    upsampled: np.ndarray = rows @ cam.astype(np.float32) @ cols.T
     return upsampled
 
 
@@ -73,7 +93,7 @@ def cam_on_image(
     elif spec.resize == "center_crop":
         scale = size / min(width, height)
         crop_w, crop_h = round(size / scale), round(size / scale)
-        out = np.zeros((height, width))
+        out = np.zeros((height, width), dtype=np.float32)
         left, top = (width - crop_w) // 2, (height - crop_h) // 2
         out[top : top + crop_h, left : left + crop_w] = _resize_float(square, crop_w, crop_h)
     else:
@@ -87,7 +107,7 @@ def cam_on_image(
 
 def colorize(heat: np.ndarray) -> np.ndarray:
     """[H, W] values in [0, 1] -> [H, W, 3] uint8 colours (cold blue to hot red)."""
-    position = np.clip(heat, 0.0, 1.0) * (len(_ANCHORS) - 1)
+    position = np.clip(heat.astype(np.float32), 0.0, 1.0) * np.float32(len(_ANCHORS) - 1)
     low = np.floor(position).astype(int).clip(0, len(_ANCHORS) - 2)
     frac = (position - low)[..., None]
     colours = _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
@@ -97,9 +117,10 @@ def colorize(heat: np.ndarray) -> np.ndarray:
 
 def overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.45) -> np.ndarray:
     """Blend the coloured heat-map over the RGB image, more opaque where the map is hotter."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    alpha = (opacity * (0.35 + 0.65 * heat))[..., None]
-    return (base * (1 - alpha) + colorize(heat) * alpha).round().astype(np.uint8)
+    base = np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.float32)
+    alpha = (np.float32(opacity) * (np.float32(0.35) + np.float32(0.65) * heat.astype(np.float32)))[..., None]
+    blended: np.ndarray = (base * (1 - alpha) + colorize(heat) * alpha).round().astype(np.uint8)
+    return blended
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -64,9 +64,11 @@ def coloured_fraction(image: Image.Image) -> float:
     Measured on a thumbnail. B-mode ultrasound frames score 0 (up to ~0.02 with a Doppler box);
     dermoscopy, cytology and clinical photos almost always well above 0.001.
     """
-    thumb = image.convert("RGB")
-    thumb.thumbnail((256, 256))
-    rgb = np.asarray(thumb, dtype=np.float32) / 255.0
+    scale = min(1.0, 256 / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # resize() reads the full image once and makes only the small copy (thumbnail() would need a copy).
+    thumb = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0) if scale < 1 else image
+    rgb = np.asarray(thumb.convert("RGB") if thumb.mode != "RGB" else thumb, dtype=np.float32) / 255.0
     high, low = rgb.max(axis=2), rgb.min(axis=2)
     saturation = np.where(high > 0.05, (high - low) / np.maximum(high, 1e-6), 0.0)
     return float((saturation > 0.2).mean())
@@ -178,7 +180,9 @@ def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int
                 raise NotAnImage("the image has no pixels (0 width or height)")
             original_mode = image.mode
             image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            # In place: a transposed copy of a 40 MP image would cost another 120 MB.
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = _to_rgb(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -230,7 +234,6 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
     from pydicom.pixels.utils import pixel_array
 
     try:
@@ -261,20 +264,53 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         pixels = pixel_array(ds, index=0 if frames > 1 else None)
     except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
         raise TruncatedImage(f"the DICOM pixel data is truncated or corrupt: {exc}") from exc
-    values = np.asarray(pixels)
+    try:
+        rgb = _dicom_rgb(ds, np.asarray(pixels), photometric)
+    except ImageDecodeError:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
+        # e.g. PALETTE COLOR without its lookup tables, or a rescale/window tag that is not a number
+        raise TruncatedImage(f"the DICOM image cannot be rendered ({photometric}): {exc}") from exc
+    image = Image.fromarray(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8), "RGB")
+    return DecodedImage(image, "DICOM", photometric, image.width, image.height)
+
+
+def _dicom_rgb(ds: Any, values: np.ndarray, photometric: str) -> np.ndarray:
+    """A DICOM frame's pixel values -> [H, W, 3] floats in [0, 1] by its photometric interpretation."""
+    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+
     if photometric == "PALETTE COLOR":
-        values = np.asarray(apply_color_lut(values, ds), dtype=np.float64)
-        rgb = _window(values, None, None)
-    elif values.ndim == 3 and values.shape[-1] == 3:
+        return _window(np.asarray(apply_color_lut(values, ds), dtype=np.float64), None, None)
+    if values.ndim == 3 and values.shape[-1] == 3:
         bits = int(ds.get("BitsStored", 8) or 8)
-        rgb = values.astype(np.float64) / float(2**bits - 1) if bits > 8 else values.astype(np.float64) / 255.0
-    elif values.ndim == 2:
+        return values.astype(np.float64) / float(2**bits - 1) if bits > 8 else values.astype(np.float64) / 255.0
+    if values.ndim == 2:
         grey = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
         grey = _window(grey, _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth")))
         if photometric == "MONOCHROME1":
             grey = 1.0 - grey
-        rgb = np.stack([grey] * 3, axis=-1)
-    else:
-        raise UnsupportedFormat(f"DICOM pixel data of shape {values.shape} ({photometric}) is not a 2-D image")
-    image = Image.fromarray(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8), "RGB")
-    return DecodedImage(image, "DICOM", photometric, image.width, image.height)
+        return np.stack([grey] * 3, axis=-1)
+    raise UnsupportedFormat(f"DICOM pixel data of shape {values.shape} ({photometric}) is not a 2-D image")
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the header alone (no pixel is decoded); 0 when the header cannot be read.
+
+    Used to refuse a request whose images together are too large before any of them is decoded;
+    an unreadable image is left for ``decode_image`` to report.
+    """
+    kind = sniff_format(data)
+    try:
+        if kind == "DICOM":
+            import pydicom
+
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            return int(ds.Rows) * int(ds.Columns)
+        if kind in SUPPORTED_FORMATS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                width, height = Image.open(io.BytesIO(data), formats=[kind]).size
+            return int(width) * int(height)
+    except Exception:  # any unreadable header: decode_image gives the precise error
+        return 0
+    return 0

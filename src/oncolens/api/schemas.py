@@ -49,9 +49,13 @@ class AssessmentPublic(BaseModel):
 
 class HeatmapPublic(BaseModel):
     class_id: str = Field(description="The class the map explains.")
-    heatmap_png_base64: str = Field(description="Colour heat-map the size of the input image, PNG, base64.")
-    overlay_png_base64: str = Field(description="The heat-map blended over the input image, PNG, base64.")
-    peak_xy: tuple[int, int] = Field(description="Pixel (x, y) of the hottest point in the input image.")
+    heatmap_png_base64: str = Field(
+        description="Colour heat-map, the input image's aspect ratio, at most 1024 px on the long side; PNG, base64."
+    )
+    overlay_png_base64: str = Field(
+        description="The heat-map blended over the input image (at the heat-map's size), PNG, base64."
+    )
+    peak_xy: tuple[int, int] = Field(description="Pixel (x, y) of the hottest point, in the input image's own pixels.")
 
 
 class ImageResultPublic(AssessmentPublic):

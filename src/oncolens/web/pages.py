@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func
@@ -36,9 +37,11 @@ from oncolens.api.routes.cases import (
     stored_explanation,
 )
 from oncolens.auth import AuthError, create_access_token
-from oncolens.cases import PatientFields, audit
+from oncolens.cases import BROWSER_IMAGE_TYPES, PatientFields, audit
+from oncolens.config import Settings
 from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
-from oncolens.imaging import ImageDecodeError
+from oncolens.explain import display_image, png_bytes
+from oncolens.imaging import ImageDecodeError, decode_image
 from oncolens.web.session import (
     CsrfFailed,
     NotLoggedIn,
@@ -397,9 +400,20 @@ def review(
 @router.get("/cases/{case_id}/images/{image_id}")
 def case_image(
     request: Request, case_id: str, image_id: str, user: WebUser, session: SessionDep, store: StoreDep
-) -> FileResponse:
+) -> Response:
     case = load_case(session, case_id, user)
-    return image_file(store, case_image_of(session, case, image_id))
+    image = case_image_of(session, case, image_id)
+    if image.media_type in BROWSER_IMAGE_TYPES:
+        return image_file(store, image)
+    # DICOM and TIFF: browsers cannot show them, so the page gets the decoded image as PNG.
+    path = store.path(image.stored_name)
+    if not path.is_file():
+        raise BadRequest(f"the file of image {image.id} is missing from storage", status=410)
+    settings: Settings = request.app.state.settings
+    shown = display_image(decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image)
+    return Response(
+        png_bytes(np.asarray(shown)), media_type="image/png", headers={"Cache-Control": "private, no-store"}
+    )
 
 
 @router.get("/cases/{case_id}/images/{image_id}/heatmap.png")

@@ -59,9 +59,21 @@ class InputSpec:
         )
 
 
+# A letterbox canvas larger than this (per side) is never built: a long thin image is shrunk first
+# (aspect kept) so that its square canvas stays this small. Every dataset image is far below it, so
+# the model input of ordinary images is exactly as in training.
+MAX_CANVAS_SIDE = 4096
+
+
 def resize_rgb(image: Image.Image, size: int, rule: ResizeRule, grayscale: bool = False) -> np.ndarray:
-    """RGB PIL image -> [size, size, 3] uint8 array by the given resize rule (bilinear)."""
-    image = image.convert("L").convert("RGB") if grayscale else image.convert("RGB")
+    """RGB PIL image -> [size, size, 3] uint8 array by the given resize rule (bilinear).
+
+    Works in the image's own memory: no full-resolution copy is made (grey models resize the luma
+    plane and replicate it afterwards, which gives the same pixels as resizing three equal planes).
+    """
+    mode = "L" if grayscale else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
     if rule == "center_crop":
         w, h = image.size
         scale = size / min(w, h)
@@ -72,11 +84,18 @@ def resize_rgb(image: Image.Image, size: int, rule: ResizeRule, grayscale: bool 
     elif rule == "pad":
         w, h = image.size
         side = max(w, h)
-        canvas = Image.new("RGB", (side, side))
+        if side > MAX_CANVAS_SIDE:
+            shrink = MAX_CANVAS_SIDE / side
+            w, h = max(1, round(w * shrink)), max(1, round(h * shrink))
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+            side = max(w, h)
+        canvas = Image.new(mode, (side, side))
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         image = canvas.resize((size, size), Image.Resampling.BILINEAR)
     else:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
+    if grayscale:
+        image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
 
 

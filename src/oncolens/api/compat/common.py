@@ -15,7 +15,7 @@ from oncolens.api.deps import batcher_for
 from oncolens.api.errors import BadRequest
 from oncolens.api.uploads import run_case
 from oncolens.config import Settings
-from oncolens.explain import png_bytes
+from oncolens.explain import display_image, png_bytes
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 
 DEFAULT_MODELS = {
@@ -55,9 +55,9 @@ class Analysis:
     def heatmap_images(self, image: int = 0, class_id: str | None = None) -> dict[str, str]:
         """Base64 PNGs of the image as analysed, its heat-map and the overlay."""
         decoded = self.prepared.decoded[image]
-        ex = explanation(self.model, decoded.image, self.features[image], class_id)
+        ex = explanation(self.model, decoded.image, self.features[image], class_id, (decoded.width, decoded.height))
         return {
-            "original": b64(png_bytes(np.asarray(decoded.image.convert("RGB")))),
+            "original": b64(png_bytes(np.asarray(display_image(decoded.image)))),
             "heatmap": b64(ex.heatmap_png),
             "overlay": b64(ex.overlay_png),
         }

@@ -23,6 +23,7 @@ from oncolens.api.uploads import run_case
 from oncolens.cases import CaseStore, PatientFields, UploadedImage, audit, create_case, delete_case
 from oncolens.config import Settings
 from oncolens.db.models import Case, CaseImage, Role, User, utcnow
+from oncolens.explain import display_image
 from oncolens.imaging import decode_image
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
@@ -262,11 +263,16 @@ def stored_explanation(
     path = store.path(image.stored_name)
     if not path.is_file():
         return None
-    decoded = decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image
+    full = decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels)
+    shown = display_image(full.image)
     if model is None or model.version != case.model_version:
-        return decoded, None
-    _, features = model.run(preprocess([decoded], model.input_spec), with_features=True)
-    return decoded, (explanation(model, decoded, features[0]) if features is not None else None)
+        return shown, None
+    inputs = preprocess([full.image], model.input_spec)
+    del full  # only the display copy is kept from here on
+    _, features = model.run(inputs, with_features=True)
+    if features is None:
+        return shown, None
+    return shown, explanation(model, shown, features[0], original_size=(image.width, image.height))
 
 
 def installed_model(zoo: Zoo, model_id: str) -> ModelPackage | None:

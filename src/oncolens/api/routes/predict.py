@@ -61,7 +61,7 @@ async def _heatmaps(
     def build() -> list[HeatmapPublic]:
         out = []
         for decoded, feats in zip(images.decoded, features, strict=True):
-            ex = explanation(model, decoded.image, feats, class_id)
+            ex = explanation(model, decoded.image, feats, class_id, (decoded.width, decoded.height))
             out.append(
                 HeatmapPublic(
                     class_id=ex.class_id,
