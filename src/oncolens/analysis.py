@@ -209,11 +209,17 @@ def check_modality(image: Image.Image, model: ModelPackage) -> None:
         )
 
 
-def check_request_pixels(raw: list[RawImage], settings: Settings) -> None:
-    """Refuse (413) a request whose images hold more pixels together than the per-request limit.
+def check_request_size(raw: list[RawImage], settings: Settings) -> None:
+    """Refuse (413) a request whose images together hold more bytes or pixels than its limits.
 
-    Read from the headers before any pixel is decoded, so the refusal costs almost nothing.
+    Pixels are read from the headers before any pixel is decoded, so the refusal costs almost nothing.
     """
+    size = sum(len(image.data) for image in raw)
+    if size > settings.max_request_bytes:
+        raise ImageTooLarge(
+            f"the {len(raw)} images are {size / 2**20:.1f} MB together, over the limit of "
+            f"{settings.max_request_bytes / 2**20:.0f} MB per request; send fewer or smaller images"
+        )
     total = sum(image_pixels(image.data) for image in raw)
     if total > settings.max_request_pixels:
         raise ImageTooLarge(
@@ -230,7 +236,7 @@ def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> Pre
     with the resolution or the number of the uploads.
     """
     start = time.perf_counter()
-    check_request_pixels(raw, settings)
+    check_request_size(raw, settings)
     decoded, inputs = [], []
     for index, image in enumerate(raw):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 
 import jwt
 from pwdlib import PasswordHash
-from sqlmodel import Session, select
+from sqlalchemy import delete, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
 
-from oncolens.db.models import LoginThrottle, User, utcnow
+from oncolens.db.models import LoginThrottle, RevokedToken, User, utcnow
 
 ALGORITHM = "HS256"
 _hasher = PasswordHash.recommended()
@@ -54,7 +58,7 @@ def load_or_create_secret(data_dir: Path) -> str:
     path = data_dir / "secret.key"
     if path.is_file():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_urlsafe(48)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(key)
@@ -64,19 +68,63 @@ def load_or_create_secret(data_dir: Path) -> str:
 
 
 def create_access_token(user: User, secret: str, minutes: int, now: datetime | None = None) -> str:
+    """A signed JWT for ``user``: subject, role, the user's token version and a unique id (jti)."""
     issued = now or datetime.now(UTC)
-    claims = {"sub": str(user.id), "role": user.role, "iat": issued, "exp": issued + timedelta(minutes=minutes)}
+    claims = {
+        "sub": str(user.id),
+        "role": user.role,
+        "ver": user.token_version,
+        "jti": uuid.uuid4().hex,
+        "iat": issued,
+        "exp": issued + timedelta(minutes=minutes),
+    }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def decode_access_token(token: str, secret: str) -> dict[str, Any]:
+    """The token's claims after checking signature, expiry and the claims OncoLens relies on."""
     try:
-        claims: dict[str, Any] = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
+        claims: dict[str, Any] = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub", "jti"]}
+        )
     except jwt.ExpiredSignatureError as exc:
         raise AuthError("the access token has expired; log in again") from exc
     except jwt.InvalidTokenError as exc:
         raise AuthError("the access token is not valid") from exc
+    sub, ver, jti = claims.get("sub"), claims.get("ver", 0), claims.get("jti")
+    if not (
+        isinstance(sub, str) and sub.isdigit() and len(sub) <= 18 and isinstance(ver, int) and isinstance(jti, str)
+    ):
+        raise AuthError("the access token is not valid")
     return claims
+
+
+def user_for_token(session: Session, token: str, secret: str) -> User:
+    """The active user a token stands for; AuthError when it is invalid, expired or revoked."""
+    claims = decode_access_token(token, secret)
+    user = session.get(User, int(claims["sub"]))
+    if user is None or not user.is_active:
+        raise AuthError("the account for this token no longer exists or is disabled")
+    if claims.get("ver", 0) != user.token_version or session.get(RevokedToken, claims["jti"]) is not None:
+        raise AuthError("the access token has been revoked (logout or password change); log in again")
+    return user
+
+
+def revoke_token(session: Session, token: str, secret: str) -> None:
+    """End one token before its expiry (logout); expired revocations are cleared on the way."""
+    try:
+        claims = decode_access_token(token, secret)
+    except AuthError:
+        return  # an invalid or expired token opens nothing already
+    now = utcnow()
+    session.exec(delete(RevokedToken).where(col(RevokedToken.expires_at) < now))
+    if session.get(RevokedToken, claims["jti"]) is None:
+        session.add(RevokedToken(jti=claims["jti"], expires_at=datetime.fromtimestamp(claims["exp"], UTC)))
+
+
+def revoke_all_tokens(user: User) -> None:
+    """Invalidate every token issued to ``user`` so far (the caller commits)."""
+    user.token_version += 1
 
 
 @dataclass(frozen=True)
@@ -90,26 +138,69 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def authenticate(session: Session, email: str, password: str, policy: ThrottlePolicy) -> User:
-    """The active user with these credentials, or AuthError / LoginLocked (same wording either way)."""
-    email = email.strip().lower()
-    throttle = session.get(LoginThrottle, email) or LoginThrottle(email=email, failures=0)
+def _locked(minutes_left: float) -> LoginLocked:
+    return LoginLocked(
+        f"too many failed logins for this account name; try again in {max(1, round(minutes_left))} minute(s)"
+    )
+
+
+def _reserve_attempt(session: Session, email: str, policy: ThrottlePolicy) -> int:
+    """Count this login attempt before its password is checked; return its number in the series.
+
+    One short transaction: the row is created if missing (insert ... on conflict do nothing), then
+    incremented with an UPDATE, which takes the row's write lock (PostgreSQL) or the database's
+    (SQLite) before it is read back, so parallel attempts get distinct numbers. Only attempts
+    numbered up to ``max_failures`` have their password checked; the rest are refused as locked.
+    """
+    table = LoginThrottle.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     now = utcnow()
-    if throttle.locked_until and _aware(throttle.locked_until) > now:
-        minutes = max(1, round((_aware(throttle.locked_until) - now).total_seconds() / 60))
-        raise LoginLocked(f"too many failed logins for this account name; try again in {minutes} minute(s)")
+    try:
+        session.execute(insert(table).values(email=email, failures=0, locked_until=None).on_conflict_do_nothing())
+        session.execute(update(table).where(table.c.email == email).values(failures=table.c.failures + 1))
+        row = session.execute(select(table.c.failures, table.c.locked_until).where(table.c.email == email)).one()
+        failures, locked_until = int(row.failures), row.locked_until
+        if locked_until is not None and _aware(locked_until) > now:
+            # Locked: this attempt does not count towards the next series.
+            session.execute(update(table).where(table.c.email == email).values(failures=0))
+            session.commit()
+            raise _locked((_aware(locked_until) - now).total_seconds() / 60)
+        if locked_until is not None:  # an expired lock: this attempt starts a new series
+            failures = 1
+            session.execute(update(table).where(table.c.email == email).values(failures=1, locked_until=None))
+        if failures > policy.max_failures:
+            session.execute(
+                update(table)
+                .where(table.c.email == email)
+                .values(failures=0, locked_until=now + timedelta(minutes=policy.lock_minutes))
+            )
+            session.commit()
+            raise _locked(policy.lock_minutes)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return failures
+
+
+def authenticate(session: Session, email: str, password: str, policy: ThrottlePolicy) -> User:
+    """The active user with these credentials, or AuthError / LoginLocked (same wording either way).
+
+    At most ``policy.max_failures`` passwords are checked per account name per lock period, however
+    many attempts arrive at once (see ``_reserve_attempt``).
+    """
+    email = email.strip().lower()[:255]
+    attempt = _reserve_attempt(session, email, policy)
+    table = LoginThrottle.__table__  # type: ignore[attr-defined]
     user = session.exec(select(User).where(User.email == email)).first()
     valid = verify_password(password, user.hashed_password if user else _DUMMY_HASH)
     if user is None or not valid or not user.is_active:
-        throttle.failures += 1
-        if throttle.failures >= policy.max_failures:
-            throttle.locked_until = now + timedelta(minutes=policy.lock_minutes)
-            throttle.failures = 0
-        session.add(throttle)
-        session.commit()
+        if attempt >= policy.max_failures:
+            until = utcnow() + timedelta(minutes=policy.lock_minutes)
+            session.execute(update(table).where(table.c.email == email).values(failures=0, locked_until=until))
+            session.commit()
         raise AuthError("incorrect email or password")
-    if throttle.failures:
-        throttle.failures = 0
-        session.add(throttle)
-        session.commit()
+    session.execute(update(table).where(table.c.email == email).values(failures=0))
+    session.commit()
     return user

@@ -88,13 +88,25 @@ class CaseStore:
     def files(self) -> list[Path]:
         return [p for p in self.root.glob("*/*") if p.is_file()] if self.root.is_dir() else []
 
-    def sweep_orphans(self, session: Session, older_than_s: float = 600.0) -> int:
-        """Delete files no case refers to (left by a crash before commit); returns how many."""
+    def sweep_orphans(self, session: Session, older_than_s: float = 600.0, partial_older_than_s: float = 60.0) -> int:
+        """Delete files no case refers to (left by a crash before commit); returns how many.
+
+        A finished file waits ``older_than_s`` (its case may be committing); a ``.part`` file is a
+        write that never finished (a write takes well under a second), so it goes after
+        ``partial_older_than_s``. The names are read before the files are listed, so a file whose
+        case commits in between is younger than the grace period and stays.
+        """
+        now = time.time()
         known = set(session.exec(select(CaseImage.stored_name)).all())
-        cutoff = time.time() - older_than_s
         removed = 0
         for path in self.files():
-            if path.name not in known and path.stat().st_mtime < cutoff:
+            partial = path.name.endswith(".part")
+            grace = partial_older_than_s if partial else older_than_s
+            try:
+                old = path.stat().st_mtime < now - grace
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+            if old and (partial or path.name not in known):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

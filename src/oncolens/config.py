@@ -54,6 +54,19 @@ class Settings(BaseSettings):
     access_token_minutes: int = Field(60, gt=0, description="Lifetime of an access token.")
     login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
     login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
+    require_auth_for_predict: bool = Field(
+        False, description="Require a login (Bearer token or web session) on the predict and compat routes."
+    )
+    compat_upload_max_files: int = Field(200, gt=0, description="Most images the skin 7-class upload store keeps.")
+    compat_upload_max_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="Most bytes the skin 7-class upload store keeps (oldest go first)."
+    )
+    compat_upload_keep_minutes: int = Field(
+        60, gt=0, description="How long an image uploaded to the skin 7-class app is kept."
+    )
+    orphan_sweep_minutes: float = Field(
+        10.0, gt=0, description="How often stored files that no case refers to are looked for and removed."
+    )
 
     web_enabled: bool = Field(True, description="Serve the web app (login, analyze, cases, models, dashboard).")
     clinic_name: str = Field("OncoLens", description="Clinic or site name printed at the top of PDF reports.")
@@ -68,6 +81,13 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'oncolens.db'}"
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: the most image bytes a request may carry, as base64 (4/3), plus 64 KiB
+        for the form fields or JSON around them."""
+        images = min(self.max_request_bytes, self.max_image_bytes * self.max_images_per_request)
+        return -(-images * 4 // 3) + 64 * 1024
 
     @property
     def images_dir(self) -> Path:

@@ -17,7 +17,8 @@ from tests.live import PASSWORD, live_server
 CHROMIUM = "/usr/bin/chromium"
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
 SHOTS = os.environ.get("ONCOLENS_SCREENSHOTS")
-LOADED = "Array.from(document.querySelectorAll('{}')).every(i => i.complete && i.naturalWidth > 0)"
+# A function, not an expression: the pages' CSP forbids eval, which Playwright uses to poll expressions.
+LOADED = "() => Array.from(document.querySelectorAll('{}')).every(i => i.complete && i.naturalWidth > 0)"
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -42,6 +43,11 @@ def browser() -> Iterator[object]:
 def page_for(browser: object, server: str, email: str):  # type: ignore[no-untyped-def]
     context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
     page = context.new_page()
+    page.csp_violations = []
+    page.on(
+        "console",
+        lambda m: page.csp_violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page.goto(f"{server}/cases")
     assert "/login" in page.url, "pages need a login"
     page.fill("#email", email)
@@ -73,6 +79,7 @@ def analysed(browser: object, server: str) -> dict[str, str]:
     page.wait_for_function(LOADED.format("main img"))
     shot(page, "analyze-result")
     case_id = page.locator("[data-testid=case-link]").inner_text()
+    assert page.csp_violations == [], "the pages run under their Content-Security-Policy"
     return {"case_id": case_id, "text": page.locator("main").inner_text()}
 
 
@@ -92,9 +99,7 @@ def test_analyze_two_images_shows_chart_risk_and_heatmaps(
     assert "Decision support only, not a diagnosis" in analysed["text"]
     heatmaps = page.locator("[data-testid=heatmap]")
     assert heatmaps.count() == 2
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('img.heat')).every(i => i.complete && i.naturalWidth > 0)"
-    )
+    page.wait_for_function(LOADED.format("img.heat"))
     slider = page.locator("[data-heat-slider]").first
     slider.fill("90")
     assert heatmaps.first.evaluate("img => img.style.opacity") == "0.9"
@@ -149,9 +154,7 @@ def test_the_model_page_shows_the_cards_metrics(browser: object, server: str) ->
     low, high = card["metrics"]["intervals"]["accuracy"]
     assert f"{low:.3f} \u2013 {high:.3f}" in table
     assert "non-commercial" in page.locator("main").inner_text()
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('.figures img')).every(i => i.complete && i.naturalWidth > 0)"
-    )
+    page.wait_for_function(LOADED.format(".figures img"))
     shot(page, "model")
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
@@ -14,9 +17,12 @@ from sqlmodel import Session
 
 from oncolens import __version__
 from oncolens.api.compat import include_compat
+from oncolens.api.compat.skin7 import sweep_uploads
 from oncolens.api.errors import install_error_handlers
 from oncolens.api.metrics import MetricsMiddleware, ServerMetrics
 from oncolens.api.metrics import router as metrics_router
+from oncolens.api.middleware import BodySizeLimit, SecurityHeaders
+from oncolens.api.openapi import install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
 from oncolens.cases import CaseStore
@@ -25,6 +31,7 @@ from oncolens.db import make_engine, upgrade
 from oncolens.zoo import BUILTIN_DIR, Zoo
 
 API_PREFIX = "/api/v1"
+log = logging.getLogger("oncolens.api")
 
 
 def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> FastAPI:
@@ -38,12 +45,13 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start = time.perf_counter()
         upgrade(app.state.engine)
-        with Session(app.state.engine) as session:
-            app.state.store.sweep_orphans(session)
+        sweep_stored_files(app)
         if settings.preload_models:
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
+        sweeper = asyncio.create_task(periodic_sweep(app, settings.orphan_sweep_minutes * 60))
         yield
+        sweeper.cancel()
         for batcher in app.state.batchers.values():
             await batcher.stop()
         app.state.executor.shutdown(wait=False)
@@ -75,8 +83,11 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
         )
     app.state.metrics = ServerMetrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     app.include_router(metrics_router)
     install_error_handlers(app)
+    install_openapi(app)
     routers = (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router)
     if settings.compat_enabled:
         own = {
@@ -94,3 +105,23 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
 
         install_web(app)
     return app
+
+
+def sweep_stored_files(app: FastAPI) -> None:
+    """Remove case files no row refers to (a crash between write and commit) and expired compat uploads."""
+    settings: Settings = app.state.settings
+    with Session(app.state.engine) as session:
+        removed = app.state.store.sweep_orphans(session)
+    expired = sweep_uploads(settings.data_dir, settings.compat_upload_keep_minutes)
+    if removed or expired:
+        log.info("swept %d orphaned case file(s) and %d expired compat upload(s)", removed, expired)
+
+
+async def periodic_sweep(app: FastAPI, every_s: float) -> None:
+    """Run the sweep every ``every_s`` seconds while the server runs (not only at start-up)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await anyio.to_thread.run_sync(sweep_stored_files, app)
+        except Exception:  # a failed sweep (e.g. the database briefly down) is retried next round
+            log.exception("the periodic sweep of stored files failed")

@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
 from oncolens.api.batching import InferenceBatcher
-from oncolens.auth import AuthError, Forbidden, decode_access_token
+from oncolens.auth import AuthError, Forbidden, user_for_token
 from oncolens.cases import CaseStore
 from oncolens.config import Settings
 from oncolens.db.models import Role, User
@@ -29,6 +29,12 @@ def get_zoo(request: Request) -> Zoo:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# Integers from a query or path go to the database: both engines store 32-bit integers in these
+# columns, and Python would pass a larger number through to an OverflowError (a 500).
+DB_INT_MAX = 2**31 - 1
+Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Rows to skip.")]
+UserId = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 ZooDep = Annotated[Zoo, Depends(get_zoo)]
 
 
@@ -81,14 +87,31 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token")
 
 
 def current_user(request: Request, session: SessionDep, token: Annotated[str, Depends(oauth2_scheme)]) -> User:
-    claims = decode_access_token(token, request.app.state.secret)
-    user = session.get(User, int(claims["sub"]))
-    if user is None or not user.is_active:
-        raise AuthError("the account for this token no longer exists or is disabled")
-    return user
+    return user_for_token(session, token, request.app.state.secret)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+BearerToken = Annotated[str, Depends(oauth2_scheme)]
+
+
+def predict_access(request: Request) -> None:
+    """With ``ONCOLENS_REQUIRE_AUTH_FOR_PREDICT`` on, the open predict and compat routes need a login:
+    a Bearer token, or the web app's session cookie. Off by default, as in the apps replaced."""
+    settings: Settings = request.app.state.settings
+    if not settings.require_auth_for_predict:
+        return
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    token = credentials.strip() if scheme.lower() == "bearer" else request.cookies.get("oncolens_session", "")
+    if not token:
+        raise AuthError(
+            "this server requires a login for predictions (ONCOLENS_REQUIRE_AUTH_FOR_PREDICT): send "
+            "'Authorization: Bearer <token>' with a token from POST /api/v1/auth/token"
+        )
+    with Session(request.app.state.engine) as session:
+        user_for_token(session, token, request.app.state.secret)
+
+
+PredictAccess = Depends(predict_access)
 
 
 def require_roles(*roles: Role) -> object:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from oncolens.auth import AuthError, Forbidden, PasswordTooWeak
@@ -35,7 +38,20 @@ def _answer(request: Request, status: int, detail: str) -> Response:
     return _json(status, detail)
 
 
+def validation_message(errors: Sequence[Any]) -> str:
+    """FastAPI's validation errors as one sentence: ``body.role: Input should be ...; query.limit: ...``."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return "; ".join(parts) or "the request is not valid"
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return _answer(request, 422, validation_message(exc.errors()))
+
     @app.exception_handler(ImageDecodeError)
     async def image_error(request: Request, exc: ImageDecodeError) -> Response:
         return _answer(request, exc.status, str(exc))

@@ -3,16 +3,60 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, EmailStr, Field
+from pydantic import AfterValidator, BaseModel, EmailStr, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from oncolens.api.schemas import AssessmentPublic
 from oncolens.db.models import AuditEvent, Case, CaseImage, User
 
 RoleName = Literal["admin", "clinician", "viewer"]
 StatusName = Literal["pending_review", "reviewed", "confirmed"]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Stored times are UTC; SQLite hands them back without a zone, so the zone is put back."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# A time as the API shows it: always with its zone (RFC 3339, e.g. 2026-11-23T18:04:05.123456Z).
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class PartialUpdate(BaseModel):
+    """A PATCH body: a field left out keeps its value; null is refused (422), since the columns
+    behind these fields cannot be empty. Fields named in ``nullable`` may be null."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = sorted(k for k, v in data.items() if v is None and k in cls.model_fields and k not in cls.nullable)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)} cannot be null; leave a field out to keep its value")
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for name, prop in schema.get("properties", {}).items():
+            options = prop.get("anyOf")
+            if name in cls.nullable or not options or {"type": "null"} not in options:
+                continue
+            rest = [option for option in options if option != {"type": "null"}]
+            del prop["anyOf"]
+            if len(rest) == 1:
+                prop.update(rest[0])
+            else:
+                prop["anyOf"] = rest
+            if "default" in prop and prop["default"] is None:
+                del prop["default"]
+        return schema
 
 
 class Token(BaseModel):
@@ -27,7 +71,7 @@ class UserPublic(BaseModel):
     full_name: str
     role: RoleName
     is_active: bool
-    created_at: datetime
+    created_at: UTCDateTime
 
     @classmethod
     def of(cls, user: User) -> UserPublic:
@@ -41,7 +85,7 @@ class UserCreate(BaseModel):
     role: RoleName = "clinician"
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(PartialUpdate):
     """Admin changes to an account; every field optional."""
 
     full_name: str | None = Field(None, max_length=255)
@@ -50,7 +94,9 @@ class UserUpdate(BaseModel):
     password: str | None = Field(None, min_length=10, max_length=128)
 
 
-class UserUpdateMe(BaseModel):
+class UserUpdateMe(PartialUpdate):
+    nullable = frozenset({"current_password"})
+
     full_name: str | None = Field(None, max_length=255)
     password: str | None = Field(None, min_length=10, max_length=128)
     current_password: str | None = Field(None, description="Needed to change the password.")
@@ -70,7 +116,7 @@ class ReviewPublic(BaseModel):
     confirmed_diagnosis: str
     notes: str
     reviewed_by: int | None
-    reviewed_at: datetime | None
+    reviewed_at: UTCDateTime | None
 
 
 class CaseImagePublic(BaseModel):
@@ -90,8 +136,8 @@ class CasePublic(BaseModel):
     owner_id: int
     model_id: str
     model_version: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
     patient: PatientPublic
     result: AssessmentPublic
     aggregation_rule: str
@@ -147,7 +193,7 @@ class CaseSummary(BaseModel):
     id: str
     owner_id: int
     model_id: str
-    created_at: datetime
+    created_at: UTCDateTime
     patient_ref: str
     top_class: str
     p_malignant: float
@@ -166,7 +212,7 @@ class CasesPage(BaseModel):
     offset: int
 
 
-class CaseUpdate(BaseModel):
+class CaseUpdate(PartialUpdate):
     """The clinician review."""
 
     status: StatusName | None = None
@@ -176,7 +222,7 @@ class CaseUpdate(BaseModel):
 
 class AuditEventPublic(BaseModel):
     id: int
-    at: datetime
+    at: UTCDateTime
     user_id: int | None
     actor: str
     action: str

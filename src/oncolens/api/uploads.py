@@ -16,6 +16,7 @@ from oncolens.analysis import CaseResult, PreparedImages, RawImage, case_result,
 from oncolens.api.batching import InferenceBatcher
 from oncolens.api.deps import ModelDep, SettingsDep
 from oncolens.api.errors import BadRequest
+from oncolens.api.middleware import BodyTooLarge
 from oncolens.api.schemas import PredictJSON
 from oncolens.config import Settings
 from oncolens.imaging import ImageDecodeError, decode_base64
@@ -30,6 +31,8 @@ HOW_TO_SEND = (
 async def _from_multipart(request: Request, settings: Settings) -> list[RawImage]:
     try:
         form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
+    except BodyTooLarge:
+        raise
     except Exception as exc:  # starlette raises its own MultiPartException / HTTPException here
         detail = str(getattr(exc, "detail", exc))
         if "Too many files" in detail:
@@ -62,13 +65,13 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
-    # base64 is 4/3 of the bytes; allow every image at the size limit plus room for the JSON around it.
-    limit = settings.max_image_bytes * 4 // 3 * settings.max_images_per_request + 64 * 1024
-    raw = await _read_limited(request, limit)
+    raw = await _read_limited(request, settings.max_body_bytes)
     try:
         body = PredictJSON.model_validate(json.loads(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("the JSON body is nested too deeply") from exc
     except ValidationError as exc:
         raise BadRequest(f"unexpected JSON body: {HOW_TO_SEND}") from exc
     entries = [(body.image, body.filename)] if body.image is not None else []

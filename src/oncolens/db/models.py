@@ -44,6 +44,18 @@ class User(SQLModel, table=True):
     role: str = Field(default=Role.clinician.value, max_length=16)
     is_active: bool = Field(default=True)
     created_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    # Every access token carries the version it was issued under; bumping it (password change or
+    # reset, deactivation) makes all of the user's earlier tokens invalid at once.
+    token_version: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+
+
+class RevokedToken(SQLModel, table=True):
+    """One access token ended before its expiry (a logout); kept until it would have expired."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: str = Field(sa_column=Column(String(32), primary_key=True))
+    expires_at: datetime = Field(sa_column=_when(index=True))
 
 
 class LoginThrottle(SQLModel, table=True):

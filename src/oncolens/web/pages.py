@@ -142,10 +142,10 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> RedirectResponse:
+def logout(request: Request, session: SessionDep, csrf_token: Annotated[str, Form()] = "") -> RedirectResponse:
     check_csrf(request, csrf_token)
     response = RedirectResponse("/login", status_code=303)
-    end_session(response)
+    end_session(request, response, session)
     return response
 
 
@@ -288,7 +288,7 @@ def cases_page(
     patient_ref: str = "",
     date_from: str = "",
     date_to: str = "",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
 ) -> HTMLResponse:
     filters = {
         "model_id": model_id,
@@ -335,7 +335,12 @@ def cases_page(
 
 @router.get("/cases/{case_id}", response_class=HTMLResponse)
 def case_page(
-    request: Request, case_id: str, user: WebUser, session: SessionDep, zoo: ZooDep, saved: int = 0
+    request: Request,
+    case_id: str,
+    user: WebUser,
+    session: SessionDep,
+    zoo: ZooDep,
+    saved: Annotated[int, Query(ge=0, le=1)] = 0,
 ) -> HTMLResponse:
     case = load_case(session, case_id, user)
     audit(session, user, "view", case.id, detail="web", client=client_of(request))

@@ -12,7 +12,7 @@ import secrets
 from fastapi import Request, Response
 from sqlmodel import Session
 
-from oncolens.auth import AuthError, decode_access_token
+from oncolens.auth import AuthError, revoke_token, user_for_token
 from oncolens.db.models import User
 
 SESSION_COOKIE = "oncolens_session"
@@ -53,13 +53,9 @@ def web_user(request: Request, session: Session) -> User:
     if not token:
         raise NotLoggedIn
     try:
-        claims = decode_access_token(token, request.app.state.secret)
+        return user_for_token(session, token, request.app.state.secret)
     except AuthError as exc:
         raise NotLoggedIn from exc
-    user = session.get(User, int(claims["sub"]))
-    if user is None or not user.is_active:
-        raise NotLoggedIn
-    return user
 
 
 def start_session(request: Request, response: Response, token: str, minutes: int) -> None:
@@ -73,5 +69,10 @@ def start_session(request: Request, response: Response, token: str, minutes: int
     )
 
 
-def end_session(response: Response) -> None:
-    response.delete_cookie(SESSION_COOKIE)
+def end_session(request: Request, response: Response, session: Session) -> None:
+    """Log this browser out: its token is revoked on the server (a copied cookie stops working too)."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        revoke_token(session, token, request.app.state.secret)
+        session.commit()
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=request.url.scheme == "https")

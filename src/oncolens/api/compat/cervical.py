@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from oncolens.api.compat.common import analyse_one_file, app_error, display_names
+from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
 from oncolens.imaging import ImageDecodeError
 
@@ -21,7 +22,7 @@ APP = "cervical"
 router = APIRouter(tags=["compat: cervical app"])
 
 
-@router.post("/predict", summary="Cervical app: classify one Pap-smear cell image")
+@router.post("/predict", summary="Cervical app: classify one Pap-smear cell image", dependencies=[PredictAccess])
 async def predict(request: Request) -> JSONResponse:
     try:
         analysis = await analyse_one_file(request, APP)

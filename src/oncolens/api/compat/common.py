@@ -13,6 +13,7 @@ from fastapi import Request
 from oncolens.analysis import CaseResult, PreparedImages, RawImage, explanation, prepare
 from oncolens.api.deps import batcher_for
 from oncolens.api.errors import BadRequest
+from oncolens.api.middleware import BodyTooLarge
 from oncolens.api.uploads import run_case
 from oncolens.config import Settings
 from oncolens.explain import display_image, png_bytes
@@ -99,6 +100,8 @@ async def uploaded_files(request: Request, fields: tuple[str, ...]) -> tuple[lis
         )
     try:
         form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
+    except BodyTooLarge:
+        raise
     except Exception as exc:  # starlette's MultiPartException / HTTPException
         raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
     raw, text = [], {}

@@ -16,7 +16,6 @@ confirmed diagnosis and marks the case reviewed; the model's own output is never
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -24,8 +23,9 @@ from pydantic import BaseModel, EmailStr, Field
 from sqlmodel import Session, col, select
 
 from oncolens.api.compat.common import model_for, uploaded_files
-from oncolens.api.deps import CurrentUser, SessionDep, StoreDep, WriterUser, client_of
+from oncolens.api.deps import DB_INT_MAX, CurrentUser, SessionDep, StoreDep, WriterUser, client_of
 from oncolens.api.errors import BadRequest
+from oncolens.api.records import UTCDateTime
 from oncolens.api.routes.cases import analyse_and_store, images_of, load_case, record_review, visible
 from oncolens.cases import PatientFields, audit, delete_case
 from oncolens.db.models import Case, CaseStatus, utcnow
@@ -44,7 +44,7 @@ class ResultRead(BaseModel):
     confidence: float | None = Field(description="Calibrated probability of the result, in percent.", examples=[93.22])
     images: list[str]
     created_by: int | None
-    date: datetime
+    date: UTCDateTime
     oncolens: dict[str, Any]
 
 
@@ -123,7 +123,7 @@ def list_results(
     request: Request,
     user: CurrentUser,
     session: SessionDep,
-    skip: Annotated[int, Query(ge=0)] = 0,
+    skip: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> list[ResultRead]:
     model_id = model_for(request, APP).id

@@ -12,6 +12,7 @@ seven HAM10000 classes, so the mapping is one to one.
 from __future__ import annotations
 
 import html
+import os
 import re
 import time
 import uuid
@@ -23,7 +24,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from oncolens.analysis import RawImage
 from oncolens.api.compat.common import Analysis, analyse, app_error, model_for, uploaded_files
+from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
+from oncolens.cases import EXTENSIONS, MEDIA_TYPES
 from oncolens.config import Settings
 from oncolens.imaging import ImageDecodeError, decode_image
 
@@ -40,15 +43,56 @@ FULL_NAMES = {
     "nv": "Melanocytic Nevi (NV)",
     "vasc": "Vascular Lesions (VASC)",
 }
-STORED = re.compile(r"^[0-9a-f]{32}_[A-Za-z0-9._-]{1,100}$")
-KEEP_UPLOADS_S = 24 * 3600
+# Stored under a name the server chooses: a random id and the extension of the format sniffed from
+# the bytes. The client's file name never reaches the disk or the Content-Type.
+STORED = re.compile(r"^[0-9a-f]{32}\.(?:" + "|".join(ext[1:] for ext in EXTENSIONS.values()) + r")$")
+MEDIA_BY_EXTENSION = {ext: MEDIA_TYPES[kind] for kind, ext in EXTENSIONS.items()}
 
 
 def _uploads(request: Request) -> Path:
     settings: Settings = request.app.state.settings
     folder = settings.data_dir / "compat-uploads"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
+
+
+def _make_room(folder: Path, incoming: int, settings: Settings) -> None:
+    """Expire old uploads, then drop the oldest until the new one fits the store's quota."""
+    cutoff = time.time() - settings.compat_upload_keep_minutes * 60
+    kept = []
+    for path in folder.iterdir():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue  # removed by a parallel request
+        if stat.st_mtime < cutoff or not STORED.match(path.name):
+            path.unlink(missing_ok=True)
+        else:
+            kept.append((stat.st_mtime, stat.st_size, path))
+    kept.sort()
+    files, size = len(kept), sum(s for _, s, _ in kept)
+    for _, file_size, path in kept:
+        if files + 1 <= settings.compat_upload_max_files and size + incoming <= settings.compat_upload_max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        files, size = files - 1, size - file_size
+
+
+def sweep_uploads(data_dir: Path, keep_minutes: float) -> int:
+    """Remove expired uploads of the skin 7-class app (the server's periodic sweep); returns how many."""
+    folder = data_dir / "compat-uploads"
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - keep_minutes * 60
+    removed = 0
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _wants_json(request: Request) -> bool:
@@ -90,42 +134,48 @@ def _result(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-@router.post("/upload-image", summary="Skin 7-class app: upload an image to classify")
+@router.post("/upload-image", summary="Skin 7-class app: upload an image to classify", dependencies=[PredictAccess])
 async def upload_image(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
     try:
         raw, _ = await uploaded_files(request, ("file",))
-        settings: Settings = request.app.state.settings
-        decode_image(raw[0].data, settings.max_image_bytes, settings.max_image_pixels)
+        if len(raw) > 1:
+            raise BadRequest("send one image in form field 'file'")
+        decoded = decode_image(raw[0].data, settings.max_image_bytes, settings.max_image_pixels)
     except (BadRequest, ImageDecodeError) as exc:
         return _error(request, exc)
     folder = _uploads(request)
-    cutoff = time.time() - KEEP_UPLOADS_S
-    for old in folder.iterdir():
-        if old.stat().st_mtime < cutoff:
-            old.unlink(missing_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(raw[0].filename or "image").name)[-100:] or "image"
-    name = f"{uuid.uuid4().hex}_{safe}"
-    (folder / name).write_bytes(raw[0].data)
+    _make_room(folder, len(raw[0].data), settings)
+    name = uuid.uuid4().hex + EXTENSIONS[decoded.format]
+    with os.fdopen(os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+        handle.write(raw[0].data)
     image_path = f"/uploads/{name}"
     if _wants_json(request):
         return JSONResponse({"image_path": image_path})
     base = str(request.url.path).rsplit("/upload-image", 1)[0]
+    # At the root, /predict belongs to the app ONCOLENS_COMPAT_ROOT names: post to this app's own.
+    action = base + "/predict" if base or settings.compat_root == APP else f"/compat/{APP}/predict"
     src = html.escape(base + image_path)
     return _page(
         "Skin lesion image uploaded",
         f"<img src='{src}' alt='uploaded image' style='max-width:320px'>"
-        f"<form method='post' action='{html.escape(base)}/predict'>"
+        f"<form method='post' action='{html.escape(action)}'>"
         f"<input type='hidden' name='image_path' value='{html.escape(image_path)}'>"
         "<button type='submit'>Classify</button></form>",
     )
 
 
-@router.get("/uploads/{name}", summary="Skin 7-class app: an uploaded image")
+@router.get("/uploads/{name}", summary="Skin 7-class app: an uploaded image", dependencies=[PredictAccess])
 def uploaded(request: Request, name: str) -> FileResponse:
-    return FileResponse(_stored_path(request, name), headers={"Cache-Control": "private, no-store"})
+    path = _stored_path(request, name)
+    return FileResponse(
+        path,
+        media_type=MEDIA_BY_EXTENSION[path.suffix],
+        headers={"Cache-Control": "private, no-store", "Content-Disposition": "inline"},
+    )
 
 
-@router.post("/predict", summary="Skin 7-class app: classify an uploaded image")
+@router.post("/predict", summary="Skin 7-class app: classify an uploaded image", dependencies=[PredictAccess])
 async def predict(request: Request) -> Response:
     try:
         model = model_for(request, APP)
@@ -137,7 +187,7 @@ async def predict(request: Request) -> Response:
         image_path = form.get("image_path") if form is not None else None
         if isinstance(image_path, str) and image_path:
             path = _stored_path(request, image_path)
-            raw = [RawImage(path.read_bytes(), path.name.split("_", 1)[1])]
+            raw = [RawImage(path.read_bytes(), None)]
         elif form is not None and not isinstance(form.get("file"), str | None):
             upload = form["file"]
             raw = [RawImage(await upload.read(settings.max_image_bytes + 1), upload.filename)]  # type: ignore[union-attr]

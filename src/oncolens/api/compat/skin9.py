@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from oncolens.api.compat.common import analyse_one_file, app_error, display_names, is_loaded
+from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
 from oncolens.imaging import ImageDecodeError
 
@@ -34,7 +35,7 @@ NAMES = {
 CANCEROUS = {"melanoma", "basal_cell_carcinoma", "squamous_cell_carcinoma"}
 
 
-@router.post("/predict", summary="Skin 9-class app: classify one lesion image")
+@router.post("/predict", summary="Skin 9-class app: classify one lesion image", dependencies=[PredictAccess])
 async def predict(request: Request) -> JSONResponse:
     try:
         analysis = await analyse_one_file(request, APP)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from oncolens import __version__
 from oncolens.analysis import RawImage
 from oncolens.api.compat.common import Analysis, analyse, is_loaded, model_for, timestamp
+from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
 from oncolens.config import Settings
 from oncolens.imaging import decode_base64
@@ -117,13 +118,13 @@ def _assessment(body: ImageRequest, analysis: Analysis) -> dict[str, Any]:
     }
 
 
-@router.post("/predict", summary="Thyroid app: predict from a base64 image")
+@router.post("/predict", summary="Thyroid app: predict from a base64 image", dependencies=[PredictAccess])
 async def predict(request: Request, body: ImageRequest) -> dict[str, Any]:
     analysis = await _run(request, body)
     return _assessment(body, analysis) | {"oncolens": analysis.oncolens()}
 
 
-@router.post("/gradcam", summary="Thyroid app: heat-map of a base64 image")
+@router.post("/gradcam", summary="Thyroid app: heat-map of a base64 image", dependencies=[PredictAccess])
 async def gradcam(request: Request, body: GradCAMRequest) -> dict[str, Any]:
     if body.layer_name not in (None, CAM_LAYER):
         raise BadRequest(
@@ -141,7 +142,9 @@ async def gradcam(request: Request, body: GradCAMRequest) -> dict[str, Any]:
     }
 
 
-@router.post("/analyze", summary="Thyroid app: prediction, risk and heat-map of a base64 image")
+@router.post(
+    "/analyze", summary="Thyroid app: prediction, risk and heat-map of a base64 image", dependencies=[PredictAccess]
+)
 async def analyze(request: Request, body: AnalyzeRequest) -> dict[str, Any]:
     analysis = await _run(request, body)
     gradcam = _gradcam(analysis) if body.include_gradcam else None

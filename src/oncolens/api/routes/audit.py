@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from oncolens.api.deps import AdminUser, SessionDep
+from oncolens.api.deps import DB_INT_MAX, AdminUser, Offset, SessionDep
 from oncolens.api.records import AuditEventPublic, AuditPage
 from oncolens.db.models import AuditEvent
 
@@ -19,9 +19,9 @@ def list_audit(
     session: SessionDep,
     action: str | None = None,
     case_id: str | None = None,
-    user_id: int | None = None,
+    user_id: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> AuditPage:
     """Who did what to which case and when, newest first (admins only)."""
     query = select(AuditEvent)

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 from sqlmodel import Session
 
-from oncolens.api.deps import SessionDep, SettingsDep, client_of
+from oncolens.api.deps import BearerToken, CurrentUser, SessionDep, SettingsDep, client_of
 from oncolens.api.records import Token
-from oncolens.auth import AuthError, ThrottlePolicy, authenticate, create_access_token
+from oncolens.auth import AuthError, ThrottlePolicy, authenticate, create_access_token, revoke_token
 from oncolens.cases import audit
 from oncolens.config import Settings
 from oncolens.db.models import User
@@ -31,6 +31,15 @@ def login(
     user = audited_login(session, settings, form.username, form.password, client_of(request))
     minutes = settings.access_token_minutes
     return Token(access_token=create_access_token(user, request.app.state.secret, minutes), expires_in=minutes * 60)
+
+
+@router.post("/logout", status_code=204, response_class=Response)
+def logout(request: Request, user: CurrentUser, token: BearerToken, session: SessionDep) -> Response:
+    """End this access token now (other tokens of the account stay valid)."""
+    revoke_token(session, token, request.app.state.secret)
+    audit(session, user, "logout", client=client_of(request))
+    session.commit()
+    return Response(status_code=204)
 
 
 def audited_login(

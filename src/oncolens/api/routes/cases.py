@@ -16,7 +16,17 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from oncolens.analysis import DISCLAIMER, Explanation, RawImage, explanation, prepare
-from oncolens.api.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, WriterUser, ZooDep, batcher_for, client_of
+from oncolens.api.deps import (
+    CurrentUser,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    WriterUser,
+    ZooDep,
+    batcher_for,
+    client_of,
+)
 from oncolens.api.errors import BadRequest
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
 from oncolens.api.uploads import run_case
@@ -142,7 +152,7 @@ def list_cases(
     created_from: datetime | None = None,
     created_to: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> CasesPage:
     """Cases you may see, newest first, filtered; ``total`` counts all pages."""
     query = filtered_cases(user, model_id, risk_level, status, patient_ref, created_from, created_to)

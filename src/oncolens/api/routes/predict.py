@@ -10,8 +10,9 @@ import anyio
 from fastapi import APIRouter, Query
 
 from oncolens.analysis import PreparedImages, explanation
-from oncolens.api.deps import BatcherDep, ModelDep
+from oncolens.api.deps import BatcherDep, ModelDep, PredictAccess
 from oncolens.api.errors import BadRequest
+from oncolens.api.openapi import inline_defs
 from oncolens.api.schemas import (
     AnalysisPublic,
     ClassPublic,
@@ -23,7 +24,7 @@ from oncolens.api.schemas import (
 from oncolens.api.uploads import ImagesDep, run_case
 from oncolens.zoo import ModelPackage
 
-router = APIRouter(prefix="/models/{model_id}", tags=["predict"])
+router = APIRouter(prefix="/models/{model_id}", tags=["predict"], dependencies=[PredictAccess])
 
 BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -42,7 +43,7 @@ BODY_DOC: dict[str, Any] = {
                     },
                 }
             },
-            "application/json": {"schema": PredictJSON.model_json_schema()},
+            "application/json": {"schema": inline_defs(PredictJSON.model_json_schema())},
         },
     }
 }

@@ -4,10 +4,10 @@ from fastapi import APIRouter, Request
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from oncolens.api.deps import AdminUser, CurrentUser, SessionDep, client_of
+from oncolens.api.deps import AdminUser, CurrentUser, SessionDep, UserId, client_of
 from oncolens.api.errors import BadRequest
 from oncolens.api.records import UserCreate, UserPublic, UserUpdate, UserUpdateMe
-from oncolens.auth import AuthError, hash_password, verify_password
+from oncolens.auth import AuthError, hash_password, revoke_all_tokens, verify_password
 from oncolens.cases import audit
 from oncolens.db.models import User
 
@@ -28,6 +28,7 @@ def update_me(body: UserUpdateMe, user: CurrentUser, session: SessionDep) -> Use
         if body.current_password is None or not verify_password(body.current_password, user.hashed_password):
             raise AuthError("the current password is wrong")
         user.hashed_password = hash_password(body.password)
+        revoke_all_tokens(user)  # this token too: the client logs in again with the new password
     session.add(user)
     session.commit()
     return UserPublic.of(user)
@@ -65,12 +66,14 @@ def _get(session: SessionDep, user_id: int) -> User:
 
 
 @router.get("/{user_id}", response_model=UserPublic)
-def read_user(user_id: int, _: AdminUser, session: SessionDep) -> UserPublic:
+def read_user(user_id: UserId, _: AdminUser, session: SessionDep) -> UserPublic:
     return UserPublic.of(_get(session, user_id))
 
 
 @router.patch("/{user_id}", response_model=UserPublic)
-def update_user(request: Request, user_id: int, body: UserUpdate, admin: AdminUser, session: SessionDep) -> UserPublic:
+def update_user(
+    request: Request, user_id: UserId, body: UserUpdate, admin: AdminUser, session: SessionDep
+) -> UserPublic:
     """Change a user's name, role, password or active flag (deactivate instead of deleting)."""
     user = _get(session, user_id)
     if user.id == admin.id and (body.role not in (None, "admin") or body.is_active is False):
@@ -81,6 +84,8 @@ def update_user(request: Request, user_id: int, body: UserUpdate, admin: AdminUs
     if body.password is not None:
         user.hashed_password = hash_password(body.password)
         changes["password"] = "changed"
+    if body.password is not None or body.is_active is False:
+        revoke_all_tokens(user)  # a reset or a deactivation ends every session of the account
     audit(session, admin, "user_update", detail=f"{user.email}: {sorted(changes)}", client=client_of(request))
     session.add(user)
     session.commit()
