@@ -105,13 +105,22 @@ def cam_on_image(
     return clipped
 
 
-def colorize(heat: np.ndarray) -> np.ndarray:
-    """[H, W] values in [0, 1] -> [H, W, 3] uint8 colours (cold blue to hot red)."""
-    position = np.clip(heat.astype(np.float32), 0.0, 1.0) * np.float32(len(_ANCHORS) - 1)
+def _colour_table() -> np.ndarray:
+    """[256, 3] uint8: the anchor colours interpolated at 256 evenly spaced heat values."""
+    position = np.linspace(0.0, len(_ANCHORS) - 1, 256, dtype=np.float32)
     low = np.floor(position).astype(int).clip(0, len(_ANCHORS) - 2)
-    frac = (position - low)[..., None]
-    colours = _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
-    rgb: np.ndarray = colours.round().astype(np.uint8)
+    frac = (position - low)[:, None]
+    table: np.ndarray = (_ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac).round().astype(np.uint8)
+    return table
+
+
+_COLOURS = _colour_table()
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """[H, W] values in [0, 1] -> [H, W, 3] uint8 colours (cold blue to hot red), by a 256-entry table."""
+    levels = (np.clip(heat, 0.0, 1.0) * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+    rgb: np.ndarray = _COLOURS[levels]
     return rgb
 
 
