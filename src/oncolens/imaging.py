@@ -189,8 +189,12 @@ def decode_image(data: bytes, max_bytes: int = 20 * 1024 * 1024, max_pixels: int
         raise ImageTooLarge(f"the image is over the {max_pixels / 1e6:.0f} MP limit ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImage(f"the file looks like {kind} but cannot be read as one") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports truncated or corrupt data as OSError ("image file is truncated", ...).
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated", ...), and a
+        # malformed header as whatever its parser trips on (struct.error, IndexError, ...): all the
+        # client's bytes, so all a 400.
         raise TruncatedImage(f"the {kind} image is truncated or corrupt: {exc}") from exc
     return DecodedImage(rgb, kind, original_mode, rgb.width, rgb.height)
 
@@ -225,6 +229,20 @@ def _can_decode(syntax: Any) -> bool:
 
 
 def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    """A DICOM file (Part 10, with preamble) -> RGB of its first frame; see ``_decode_dicom``.
+
+    pydicom parses lazily and raises many kinds of exception on malformed input (NotImplementedError
+    for an unknown VR, BytesLengthException, ...): every one of them is the file's fault, so a 400.
+    """
+    try:
+        return _decode_dicom(data, max_pixels)
+    except (ImageDecodeError, MemoryError):
+        raise
+    except Exception as exc:
+        raise TruncatedImage(f"the DICOM file cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     """A DICOM file (Part 10, with preamble) -> RGB of its first frame.
 
     Uncompressed and RLE pixel data, and the JPEG syntaxes Pillow decodes, are read with pydicom's
