@@ -109,7 +109,13 @@ def route_template(scope: Scope) -> str:
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", include_in_schema=True, summary="Prometheus metrics (text exposition format)")
+@router.get(
+    "/metrics",
+    include_in_schema=True,
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "The metrics."}},
+)
 def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -47,9 +47,12 @@ def document(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
+            content = dict(_ERROR_CONTENT)
+            if "text/html" in responses.get("200", {}).get("content", {}):
+                content["text/html"] = {"schema": {"type": "string"}}  # the error page of an HTML route
             responses["4XX"] = {
                 "description": "The request cannot be served; `detail` says why.",
-                "content": _ERROR_CONTENT,
+                "content": content,
             }
     return spec
 

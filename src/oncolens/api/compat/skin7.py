@@ -46,6 +46,8 @@ FULL_NAMES = {
 # Stored under a name the server chooses: a random id and the extension of the format sniffed from
 # the bytes. The client's file name never reaches the disk or the Content-Type.
 STORED = re.compile(r"^[0-9a-f]{32}\.(?:" + "|".join(ext[1:] for ext in EXTENSIONS.values()) + r")$")
+# Browsers get HTML pages, clients asking for JSON get JSON (errors likewise).
+PAGE_OR_JSON = {"text/html": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}
 MEDIA_BY_EXTENSION = {ext: MEDIA_TYPES[kind] for kind, ext in EXTENSIONS.items()}
 
 
@@ -134,7 +136,13 @@ def _result(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-@router.post("/upload-image", summary="Skin 7-class app: upload an image to classify", dependencies=[PredictAccess])
+@router.post(
+    "/upload-image",
+    summary="Skin 7-class app: upload an image to classify",
+    dependencies=[PredictAccess],
+    response_class=Response,
+    responses={200: {"content": PAGE_OR_JSON, "description": "The upload page, or its image_path as JSON."}},
+)
 async def upload_image(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     try:
@@ -165,7 +173,13 @@ async def upload_image(request: Request) -> Response:
     )
 
 
-@router.get("/uploads/{name}", summary="Skin 7-class app: an uploaded image", dependencies=[PredictAccess])
+@router.get(
+    "/uploads/{name}",
+    summary="Skin 7-class app: an uploaded image",
+    dependencies=[PredictAccess],
+    response_class=FileResponse,
+    responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "The image as uploaded."}},
+)
 def uploaded(request: Request, name: str) -> FileResponse:
     path = _stored_path(request, name)
     return FileResponse(
@@ -175,7 +189,13 @@ def uploaded(request: Request, name: str) -> FileResponse:
     )
 
 
-@router.post("/predict", summary="Skin 7-class app: classify an uploaded image", dependencies=[PredictAccess])
+@router.post(
+    "/predict",
+    summary="Skin 7-class app: classify an uploaded image",
+    dependencies=[PredictAccess],
+    response_class=Response,
+    responses={200: {"content": PAGE_OR_JSON, "description": "The result page, or the result as JSON."}},
+)
 async def predict(request: Request) -> Response:
     try:
         model = model_for(request, APP)
