@@ -28,6 +28,7 @@ from oncolens.auth import load_or_create_secret
 from oncolens.cases import CaseStore
 from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
+from oncolens.memory import return_large_allocations
 from oncolens.zoo import BUILTIN_DIR, Zoo
 
 API_PREFIX = "/api/v1"
@@ -37,6 +38,7 @@ log = logging.getLogger("oncolens.api")
 def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> FastAPI:
     """Build the app; models are discovered now and (by default) loaded before the first request."""
     settings = settings or Settings()
+    return_large_allocations()
     if zoo is None:
         dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
         zoo = Zoo(dirs, threads=settings.threads)
