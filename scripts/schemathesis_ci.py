@@ -22,6 +22,9 @@ import urllib.request
 from pathlib import Path
 
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
+# These can end the token Schemathesis is using (logout; a password change or reset of the admin
+# itself revokes the admin's tokens), so they run last, on a token of their own.
+REVOKING = ["POST /api/v1/auth/logout", "PATCH /api/v1/users/me", "PATCH /api/v1/users/{user_id}"]
 ADMIN, PASSWORD = "admin@example.org", "schemathesis password"
 
 
@@ -52,7 +55,7 @@ def token(url: str) -> str:
         return str(json.loads(answer.read())["access_token"])
 
 
-def schemathesis(url: str, max_examples: int, headers: list[str], label: str) -> int:
+def schemathesis(url: str, max_examples: int, headers: list[str], label: str, filters: list[str] | None = None) -> int:
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
         "--checks", CHECKS,
@@ -64,6 +67,7 @@ def schemathesis(url: str, max_examples: int, headers: list[str], label: str) ->
     ]  # fmt: skip
     for header in headers:
         command += ["-H", header]
+    command += filters or []
     print(f"\n=== Schemathesis, {label}: {max_examples} examples per operation ===", flush=True)
     start = time.perf_counter()
     code = subprocess.call(command)
@@ -101,7 +105,20 @@ def main() -> None:
                 wait_until_up(url, server)
                 codes = [
                     schemathesis(url, args.max_examples, [], "anonymous"),
-                    schemathesis(url, args.max_examples, [f"Authorization: Bearer {token(url)}"], "admin token"),
+                    schemathesis(
+                        url,
+                        args.max_examples,
+                        [f"Authorization: Bearer {token(url)}"],
+                        "admin token",
+                        [arg for name in REVOKING for arg in ("--exclude-name", name)],
+                    ),
+                    schemathesis(
+                        url,
+                        args.max_examples,
+                        [f"Authorization: Bearer {token(url)}"],
+                        "admin token, operations that revoke it",
+                        [arg for name in REVOKING for arg in ("--include-name", name)],
+                    ),
                 ]
             finally:
                 server.terminate()
@@ -111,7 +128,7 @@ def main() -> None:
         ]
         if errors:
             print(f"the server log shows {len(errors)} error line(s):", *errors[:20], sep="\n")
-    sys.exit(0 if codes == [0, 0] and not errors else 1)
+    sys.exit(0 if not any(codes) and not errors else 1)
 
 
 if __name__ == "__main__":
