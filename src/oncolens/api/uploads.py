@@ -50,22 +50,8 @@ async def _from_multipart(request: Request, settings: Settings) -> list[RawImage
     return images
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (never buffered whole)."""
-    declared = request.headers.get("content-length", "")
-    too_large = BadRequest(f"the request body is larger than the limit of {limit:,} bytes", 413)
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
 async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
-    raw = await _read_limited(request, settings.max_body_bytes)
+    raw = await request.body()  # bounded by the BodySizeLimit middleware (settings.max_body_bytes)
     try:
         body = PredictJSON.model_validate(json.loads(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -16,6 +16,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,15 @@ def _uploads(request: Request) -> Path:
 
 def _make_room(folder: Path, incoming: int, settings: Settings) -> None:
     """Expire old uploads, then drop the oldest until the new one fits the store's quota."""
-    cutoff = time.time() - settings.compat_upload_keep_minutes * 60
+    sweep_uploads(settings.data_dir, settings.compat_upload_keep_minutes)
     kept = []
     for path in folder.iterdir():
         try:
             stat = path.stat()
         except FileNotFoundError:
             continue  # removed by a parallel request
-        if stat.st_mtime < cutoff or not STORED.match(path.name):
-            path.unlink(missing_ok=True)
+        if not STORED.match(path.name):
+            path.unlink(missing_ok=True)  # an upload of an older version, named by the client
         else:
             kept.append((stat.st_mtime, stat.st_size, path))
     kept.sort()
@@ -136,12 +137,19 @@ def _result(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/upload-image",
-    summary="Skin 7-class app: upload an image to classify",
-    dependencies=[PredictAccess],
-    response_class=Response,
-    responses={200: {"content": PAGE_OR_JSON, "description": "The upload page, or its image_path as JSON."}},
+def _page_route(path: str, summary: str, answer: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A POST that answers browsers with a page and JSON clients with JSON, documented as both."""
+    return router.post(
+        path,
+        summary=summary,
+        dependencies=[PredictAccess],
+        response_class=Response,
+        responses={200: {"content": PAGE_OR_JSON, "description": answer}},
+    )
+
+
+@_page_route(
+    "/upload-image", "Skin 7-class app: upload an image to classify", "The upload page, or its image_path as JSON."
 )
 async def upload_image(request: Request) -> Response:
     settings: Settings = request.app.state.settings
@@ -189,13 +197,7 @@ def uploaded(request: Request, name: str) -> FileResponse:
     )
 
 
-@router.post(
-    "/predict",
-    summary="Skin 7-class app: classify an uploaded image",
-    dependencies=[PredictAccess],
-    response_class=Response,
-    responses={200: {"content": PAGE_OR_JSON, "description": "The result page, or the result as JSON."}},
-)
+@_page_route("/predict", "Skin 7-class app: classify an uploaded image", "The result page, or the result as JSON.")
 async def predict(request: Request) -> Response:
     try:
         model = model_for(request, APP)
