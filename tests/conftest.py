@@ -142,9 +142,16 @@ def write_package(directory: Path, module: object, classes: list[dict[str, objec
         "id": directory.name,
         "version": "0.0.1",
         "title": "test model",
+        "modality": "synthetic",
+        "organ": "none",
+        "intended_use": "Tests only.",
+        "limitations": ["Made in a test; it has seen no real image."],
+        "disclaimer": "Decision support only, not a diagnosis.",
         "classes": classes,
         "input": {"size": size, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "resize": "squash"},
-        "calibration": {"temperature": 1.0},
+        "calibration": {"method": "none", "temperature": 1.0},
+        "metrics": {},
+        "dataset": {"name": "generated"},
         "risk_policy": {
             "levels": [
                 {"level": "low", "min": 0.0, "recommendation": "routine"},

@@ -39,9 +39,19 @@ def test_missing_manifest_and_missing_columns_are_clear_errors(tmp_path: Path) -
         read_manifest(tmp_path)
 
 
-def test_bad_split_value_names_the_line(tmp_path: Path) -> None:
-    (tmp_path / "manifest.csv").write_text("file,label,split\na.png,x,train\nb.png,y,holdout\n")
-    with pytest.raises(ManifestError, match=r"manifest.csv:3: split 'holdout'"):
+def test_any_split_name_is_read_and_selected_by_name(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("file,label,split\na.png,x,train\nb.png,y,holdout\nc.png,x,holdout\n")
+    samples = read_manifest(tmp_path)
+    assert [s.file.name for s in select_split(samples, "holdout")] == ["b.png", "c.png"]
+    assert len(select_split(samples, "all")) == 3
+    with pytest.raises(ManifestError, match=r"no rows in split 'test'; the manifest has \['holdout', 'train'\]"):
+        select_split(samples, "test")
+
+
+@pytest.mark.parametrize("bad", ["all", "has space", "", "../x"])
+def test_bad_split_value_names_the_line(tmp_path: Path, bad: str) -> None:
+    (tmp_path / "manifest.csv").write_text(f"file,label,split\na.png,x,train\nb.png,y,{bad}\n")
+    with pytest.raises(ManifestError, match=r"manifest.csv:3: split '.*' is not a split name"):
         read_manifest(tmp_path)
 
 

@@ -6,8 +6,9 @@ from PIL import Image
 
 from oncolens.analysis import case_result, explanation
 from oncolens.explain import cam_on_image
-from oncolens.inference import aggregate, calibrate, class_activation_map, p_malignant, risk_level
+from oncolens.inference import aggregate, calibrate, class_activation_map, p_malignant
 from oncolens.zoo import ModelPackage
+from oncolens.zoo.card import RiskPolicy
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
 POLICY = {
@@ -40,7 +41,7 @@ def test_p_malignant_sums_the_flagged_classes() -> None:
     ("p", "level"), [(0.0, "low"), (0.2499, "low"), (0.25, "borderline"), (0.5, "moderate"), (0.8, "high")]
 )
 def test_risk_level_follows_the_policy_thresholds(p: float, level: str) -> None:
-    assert risk_level(p, POLICY)["level"] == level
+    assert RiskPolicy.model_validate(POLICY).level_for(p).level == level
 
 
 def test_aggregation_rules() -> None:

@@ -74,3 +74,41 @@ def test_classification_report_shape_and_malignant_block() -> None:
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece"):
         low, high = report["intervals"][name]
         assert low <= high
+
+
+# --- cross-checked against scikit-learn on random data -------------------------------------------------
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+@pytest.fixture(params=range(5))
+def random_case(request: pytest.FixtureRequest) -> tuple[np.ndarray, np.ndarray, int]:
+    rng = np.random.default_rng(request.param)
+    k = int(rng.integers(2, 8))
+    n = int(rng.integers(30, 400))
+    y = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])  # every class present
+    probs = rng.dirichlet(np.ones(k), size=n)
+    probs[np.arange(n), y] += rng.random(n)  # some signal, so the metrics are not all near chance
+    return y, probs / probs.sum(axis=1, keepdims=True), k
+
+
+def test_label_metrics_match_scikit_learn(random_case: tuple[np.ndarray, np.ndarray, int]) -> None:
+    y, probs, k = random_case
+    pred = probs.argmax(axis=1)
+    labels = list(range(k))
+    assert (
+        metrics.confusion_matrix(y, pred, k).tolist()
+        == sklearn_metrics.confusion_matrix(y, pred, labels=labels).tolist()
+    )
+    assert metrics.accuracy(y, pred) == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
+    assert metrics.balanced_accuracy(y, pred, k) == pytest.approx(sklearn_metrics.balanced_accuracy_score(y, pred))
+    expected_f1 = sklearn_metrics.f1_score(y, pred, labels=labels, average="macro", zero_division=0)
+    assert metrics.macro_f1(y, pred, k) == pytest.approx(expected_f1)
+
+
+def test_auc_metrics_match_scikit_learn(random_case: tuple[np.ndarray, np.ndarray, int]) -> None:
+    y, probs, k = random_case
+    one_vs_rest = [sklearn_metrics.roc_auc_score(y == c, probs[:, c]) for c in range(k)]
+    assert metrics.macro_auc(y, probs) == pytest.approx(np.mean(one_vs_rest))
+    scores = np.round(probs[:, 0], 2)  # ties: both count a tie as half
+    assert metrics.binary_auc(y == 0, scores) == pytest.approx(sklearn_metrics.roc_auc_score(y == 0, scores))

@@ -23,13 +23,8 @@ from oncolens.imaging import (
     decode_image,
     image_pixels,
 )
-from oncolens.inference import (
-    aggregate,
-    class_activation_map,
-    is_malignant,
-    p_malignant,
-    risk_level,
-)
+from oncolens.inference import aggregate, class_activation_map, p_malignant
+from oncolens.zoo.card import RiskLevel
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
 
@@ -49,7 +44,7 @@ class Assessment:
     confidence: float
     p_malignant: float
     is_malignant: bool
-    risk_level: str
+    risk_level: RiskLevel
     recommendation: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,20 +73,20 @@ class CaseResult:
 
 def assess(package: ModelPackage, probs: np.ndarray) -> Assessment:
     """[C] calibrated probabilities -> Assessment under the package's classes and risk policy."""
-    classes = package.card["classes"]
+    classes = package.card.classes
     top = int(np.argmax(probs))
     p_mal = float(p_malignant(probs[None, :], package.malignant)[0])
-    policy = package.card["risk_policy"]
-    level = risk_level(p_mal, policy)
+    policy = package.card.risk_policy
+    level = policy.level_for(p_mal)
     return Assessment(
-        probabilities={c["id"]: float(p) for c, p in zip(classes, probs, strict=True)},
-        top_class=classes[top]["id"],
-        top_class_name=classes[top]["name"],
+        probabilities={c.id: float(p) for c, p in zip(classes, probs, strict=True)},
+        top_class=classes[top].id,
+        top_class_name=classes[top].name,
         confidence=float(probs[top]),
         p_malignant=p_mal,
-        is_malignant=is_malignant(p_mal, policy),
-        risk_level=str(level["level"]),
-        recommendation=str(level["recommendation"]),
+        is_malignant=p_mal >= policy.malignant_threshold,
+        risk_level=level.level,
+        recommendation=level.recommendation,
     )
 
 
@@ -105,7 +100,7 @@ def case_result(
     """[N, C] logits of one case's images (with their (width, height)) -> CaseResult."""
     probs = package.probabilities(logits)
     names = filenames or [None] * len(sizes)
-    rule = str(package.card.get("aggregation", {}).get("rule", "mean"))
+    rule = package.card.aggregation.rule
     images = [ImageResult(i, names[i], w, h, assess(package, probs[i])) for i, (w, h) in enumerate(sizes)]
     combined = aggregate(probs, package.malignant, rule)
     return CaseResult(
@@ -195,7 +190,7 @@ COLOUR_MODEL_MIN_COLOUR = 0.0005
 def check_modality(image: Image.Image, model: ModelPackage) -> None:
     """Refuse an image that is plainly not the model's kind: a colour photo sent to an ultrasound
     (greyscale-input) model, or a colourless greyscale image sent to a colour-photo model."""
-    modality = str(model.card.get("modality", "")) or "its"
+    modality = model.card.modality or "its"
     share = coloured_fraction(image)
     if model.input_spec.grayscale and share > GREY_MODEL_MAX_COLOUR:
         raise WrongModality(

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from oncolens.db.models import LoginThrottle, RevokedToken, User, utcnow
+from oncolens.errors import PermissionDenied
 
 ALGORITHM = "HS256"
 _hasher = PasswordHash.recommended()
@@ -35,7 +36,7 @@ class LoginLocked(AuthError):
     status = 429
 
 
-class Forbidden(PermissionError):
+class Forbidden(PermissionDenied):
     """The user is authenticated but their role may not do this."""
 
 

@@ -99,7 +99,11 @@ def evaluate(
     model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
     dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv (file,label[,split]).")],
     split: Annotated[
-        str | None, typer.Option(help="train, val, test or all (default: test, or all without splits).")
+        str | None,
+        typer.Option(
+            help="The rows whose split column holds this name (train, val, test, holdout, ...), or all "
+            "(default: test, or all when the manifest has no split column)."
+        ),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
     model_dir: Annotated[
@@ -107,12 +111,13 @@ def evaluate(
     ] = None,
 ) -> None:
     """Run a packaged ONNX model on a dataset and print its metrics (no torch needed)."""
+    from oncolens.config import Settings
     from oncolens.datasets import ManifestError
     from oncolens.evaluation import evaluate_package, format_report
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     try:
-        package = Zoo([ZOO_DIR, *(model_dir or [])]).get(model_id)
+        package = Zoo.from_settings(Settings(), model_dir or []).get(model_id)
         report = evaluate_package(package, dataset_dir, split)
     except (ModelNotFound, PackageError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
@@ -146,31 +151,24 @@ def predict(
     ] = None,
 ) -> None:
     """Predict one case from image files with the same decoder and analysis as the API."""
-    import time
-
-    from oncolens.analysis import RawImage, case_result, explanation, prepare
+    from oncolens.analysis import RawImage, explanation
     from oncolens.api.schemas import PredictionPublic
     from oncolens.config import Settings
+    from oncolens.errors import DomainError
     from oncolens.imaging import ImageDecodeError
+    from oncolens.services.analysis import analyse_now
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     settings = Settings()
     try:
-        dirs = [ZOO_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
-        package = Zoo(dirs, threads=settings.threads).get(model)
+        package = Zoo.from_settings(settings).get(model)
         raw = [RawImage(path.read_bytes(), path.name) for path in images]
-        prepared = prepare(raw, package, settings)
-    except (ModelNotFound, PackageError, OSError, ImageDecodeError) as exc:
+        analysed = analyse_now(package, raw, settings)
+    except (ModelNotFound, PackageError, OSError, ImageDecodeError, DomainError) as exc:
         raise _fail(str(exc)) from exc
-    start = time.perf_counter()
-    logits, features = package.run(prepared.inputs, with_features=True)
-    timing = {"decode": round(prepared.decode_ms, 2), "inference": round((time.perf_counter() - start) * 1000, 2)}
-    decoded = prepared.decoded
-    result = case_result(
-        package, logits.astype("float64"), [(d.width, d.height) for d in decoded], prepared.filenames, timing
-    )
-    if heatmap is not None and features is not None:
-        for i, (d, feats) in enumerate(zip(decoded, features, strict=True)):
+    result, decoded = analysed.result, analysed.prepared.decoded
+    if heatmap is not None:
+        for i, (d, feats) in enumerate(zip(decoded, analysed.features, strict=True)):
             out = heatmap if i == 0 else heatmap.with_name(f"{heatmap.stem}-{i + 1}{heatmap.suffix}")
             out.write_bytes(explanation(package, d.image, feats, original_size=(d.width, d.height)).overlay_png)
     if as_json:
@@ -200,8 +198,7 @@ def batch(
 
     settings = Settings()
     try:
-        dirs = [ZOO_DIR, *(model_dir or [])] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
-        package = Zoo(dirs, threads=settings.threads).get(model)
+        package = Zoo.from_settings(settings, model_dir or []).get(model)
     except (ModelNotFound, PackageError) as exc:
         raise _fail(str(exc)) from exc
     bar = tqdm(total=0, unit="img", desc=f"{package.id}", dynamic_ncols=True)
@@ -273,31 +270,23 @@ def users_create(
     role: Annotated[str, typer.Option(help="clinician or viewer (ignored with --admin).")] = "clinician",
 ) -> None:
     """Create a user (the first administrator is made this way)."""
-    from sqlalchemy.exc import IntegrityError
     from sqlmodel import Session
 
-    from oncolens.auth import PasswordTooWeak, hash_password
+    from oncolens.auth import PasswordTooWeak
     from oncolens.config import Settings
     from oncolens.db import make_engine
-    from oncolens.db.models import Role, User
+    from oncolens.errors import DomainError
+    from oncolens.services.users import create_user
 
-    chosen = Role.admin.value if admin else role
-    if chosen not in {r.value for r in Role}:
-        raise _fail(f"unknown role {role!r}; choose admin, clinician or viewer")
+    chosen = "admin" if admin else role
     _upgrade_database()
     engine = make_engine(Settings().resolved_database_url)
     try:
         with Session(engine) as session:
-            user = User(
-                email=email.strip().lower(), full_name=full_name, hashed_password=hash_password(password), role=chosen
-            )
-            session.add(user)
-            session.commit()
+            user = create_user(session, None, email, password, full_name, chosen)
             typer.echo(f"created {chosen} {user.email} (id {user.id})")
-    except PasswordTooWeak as exc:
+    except (PasswordTooWeak, DomainError) as exc:
         raise _fail(str(exc)) from exc
-    except IntegrityError as exc:
-        raise _fail(f"a user with e-mail {email} already exists") from exc
     finally:
         engine.dispose()
 

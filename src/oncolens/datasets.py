@@ -8,16 +8,22 @@ lesion's images together, and re-splitting here would leak them across train/val
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from oncolens.imaging import ImageDecodeError, decode_image
 from oncolens.zoo.preprocess import InputSpec, model_pixels
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # what training reads; a manifest may hold other names too
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Dataset files are the project's own, not a client's upload: the decoder's limits are set wide.
+DATASET_MAX_BYTES = 512 * 1024 * 1024
+DATASET_MAX_PIXELS = 400_000_000
 
 
 class ManifestError(ValueError):
@@ -49,8 +55,11 @@ def read_manifest(dataset_dir: Path) -> list[Sample]:
             if not row["file"] or not row["label"]:
                 raise ManifestError(f"{path}:{line}: empty file or label")
             split = row.get("split") or "all"
-            if "split" in columns and split not in SPLITS:
-                raise ManifestError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
+            if "split" in columns and (split == "all" or not SPLIT_NAME.match(split)):
+                raise ManifestError(
+                    f"{path}:{line}: split {row.get('split') or ''!r} is not a split name "
+                    "(letters, digits, _ . -; 'all' is reserved)"
+                )
             extra = {k: v for k, v in row.items() if k not in {"file", "label", "split", "group_id"}}
             samples.append(
                 Sample(
@@ -67,7 +76,7 @@ def read_manifest(dataset_dir: Path) -> list[Sample]:
 
 
 def select_split(samples: list[Sample], split: str) -> list[Sample]:
-    """Rows of one split; ``"all"`` keeps every row."""
+    """Rows whose ``split`` is ``split``, whatever the name (``holdout``, ``site-b``); ``"all"`` keeps every row."""
     if split == "all":
         return list(samples)
     chosen = [s for s in samples if s.split == split]
@@ -99,9 +108,12 @@ def encode_labels(samples: list[Sample], classes: list[str]) -> np.ndarray:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """An image file as RGB with its EXIF orientation applied."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """An image file through the serving decoder (``imaging.decode_image``: EXIF orientation, 16-bit
+    scaling, alpha over black, DICOM), so training and evaluation see the pixels patients' images get."""
+    try:
+        return decode_image(path.read_bytes(), DATASET_MAX_BYTES, DATASET_MAX_PIXELS).image
+    except ImageDecodeError as exc:
+        raise ManifestError(f"cannot read image {path}: {exc}") from exc
 
 
 def load_pixels(samples: list[Sample], spec: InputSpec) -> np.ndarray:
@@ -110,6 +122,6 @@ def load_pixels(samples: list[Sample], spec: InputSpec) -> np.ndarray:
     for i, sample in enumerate(samples):
         try:
             out[i] = model_pixels(open_rgb(sample.file), spec)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise ManifestError(f"cannot read {sample.file}: {exc}") from exc
     return out

@@ -33,7 +33,7 @@ def dataset_logits(run: LogitsFn, samples: list[Sample], spec: InputSpec, batch:
         for sample in samples[start : start + batch]:
             try:
                 images.append(open_rgb(sample.file))
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
                 raise ManifestError(f"cannot read image {sample.file}: {exc}") from exc
         out.append(np.asarray(run(preprocess(images, spec)), dtype=np.float64))
     return np.concatenate(out)
@@ -94,7 +94,7 @@ def evaluate_package(
     if split is None:
         split = "test" if any(s.split != "all" for s in samples) else "all"
     chosen = select_split(samples, split)
-    excluded = [str(x) for x in package.card.get("dataset", {}).get("excluded_labels", [])]
+    excluded = list(package.card.dataset.excluded_labels)
     chosen, n_excluded = drop_labels(chosen, excluded)
     if not chosen:
         raise ManifestError(f"no rows left in split {split!r} after leaving out excluded labels {excluded}")
@@ -102,7 +102,7 @@ def evaluate_package(
     logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec)
     probs = package.probabilities(logits)
     report = classification_report(y, probs, package.class_ids, package.malignant, n_boot=n_boot)
-    columns = [str(c) for c in package.card.get("dataset", {}).get("report_by", [])]
+    columns = list(package.card.dataset.report_by)
     by = subgroup_reports(y, probs, chosen, package.class_ids, package.malignant, columns, n_boot)
     head: dict[str, Any] = {"model": package.id, "version": package.version, "split": split}
     if n_excluded:

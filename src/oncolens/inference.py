@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -23,21 +22,6 @@ def p_malignant(probs: np.ndarray, malignant: Sequence[bool]) -> np.ndarray:
     """[N, C] probabilities -> [N] summed probability of the malignant classes."""
     summed: np.ndarray = np.asarray(probs)[:, np.asarray(malignant, dtype=bool)].sum(axis=1)
     return summed
-
-
-def risk_level(p: float, policy: dict[str, Any]) -> dict[str, Any]:
-    """The highest policy level whose ``min`` threshold ``p`` reaches: {level, recommendation, min}."""
-    levels = sorted(policy["levels"], key=lambda lv: lv["min"])
-    chosen = levels[0]
-    for level in levels:
-        if p >= level["min"]:
-            chosen = level
-    return dict(chosen)
-
-
-def is_malignant(p: float, policy: dict[str, Any]) -> bool:
-    """The binary call: P(malignant) at or above the policy's ``malignant_threshold`` (default 0.5)."""
-    return bool(p >= float(policy.get("malignant_threshold", 0.5)))
 
 
 def aggregate(probs: np.ndarray, malignant: Sequence[bool], rule: str = "mean") -> np.ndarray:

@@ -79,7 +79,19 @@ def test_bad_case_requests_are_explained_and_store_nothing(client: TestClient, t
     before, headers = stored_files(client), tokens["ana"]
     total = client.get("/api/v1/cases", headers=tokens["admin"]).json()["total"]
     cases = [
-        ({"model_id": "skin-ham10000"}, [("files", ("a.jpg", image(MEL)))], 400, "patient reference"),
+        ({"model_id": "skin-ham10000"}, [("files", ("a.jpg", image(MEL)))], 422, "patient reference"),
+        (
+            {"model_id": "skin-ham10000", "patient_ref": "R" * 129, "patient_name": "N" * 256},
+            [("files", ("a.jpg", image(MEL)))],
+            422,
+            "patient_ref: String should have at most 128 characters; patient_name: String should have at most 255",
+        ),
+        (
+            {"model_id": "skin-ham10000", "patient_ref": "x", "patient_email": "not-mail"},
+            [("files", ("a.jpg", image(MEL)))],
+            422,
+            "patient_email: value is not a valid email address",
+        ),
         ({"model_id": "lungs", "patient_ref": "x"}, [("files", ("a.jpg", image(MEL)))], 404, "no model 'lungs'"),
         (
             {"model_id": "skin-ham10000", "patient_ref": "x"},
@@ -179,7 +191,7 @@ def test_review_round_trip_is_stored_and_audited(client: TestClient, tokens: dic
     bad = client.patch(f"/api/v1/cases/{case['id']}", json={"status": "closed"}, headers=tokens["ana"])
     assert bad.status_code == 422
     empty = client.patch(f"/api/v1/cases/{case['id']}", json={}, headers=tokens["ana"])
-    assert empty.status_code == 400 and "nothing to update" in empty.json()["detail"]
+    assert empty.status_code == 422 and "nothing to update" in empty.json()["detail"]
     audit = client.get("/api/v1/audit", params={"case_id": case["id"]}, headers=tokens["admin"]).json()
     assert [e["action"] for e in reversed(audit["items"])] == ["create", "review", "view"]
     assert all(e["actor"] == "ana@clinic.org" for e in audit["items"])

@@ -277,7 +277,7 @@ def test_oral_upload_list_get_update_delete(oral: TestClient) -> None:
     assert updated.json()["result"] == result["result"], "the model's output is never overwritten"
     assert updated.json()["oncolens"]["confirmed_result"] == "CANCER"
     assert updated.json()["oncolens"]["status"] == "reviewed"
-    assert oral.put(f"/api/v1/result/results/{result['id']}", json={}, headers=doc).status_code == 400
+    assert oral.put(f"/api/v1/result/results/{result['id']}", json={}, headers=doc).status_code == 422
     assert oral.put(f"/api/v1/result/results/{result['id']}", json={"age": 46}, headers=vic).status_code == 403
 
     assert oral.delete(f"/api/v1/result/results/{result['id']}", headers=doc).json() == {"ok": True, "id": result["id"]}
@@ -294,9 +294,12 @@ def test_oral_bad_input_is_a_clear_error(oral: TestClient) -> None:
     no_files = oral.post(url, data={"name": "A"}, files={"note": ("n.txt", b"x", "text/plain")}, headers=doc)
     assert no_files.status_code == 400 and "no image file in form field 'files'" in no_files.json()["detail"]
     bad_age = oral.post(url, data={"name": "A", "age": "old"}, files={"files": ("a.jpg", img)}, headers=doc)
-    assert bad_age.status_code == 400 and "age 'old'" in bad_age.json()["detail"]
+    assert bad_age.status_code == 422 and "patient_age: Input should be a valid integer" in bad_age.json()["detail"]
     bad_gender = oral.post(url, data={"name": "A", "gender": "x"}, files={"files": ("a.jpg", img)}, headers=doc)
-    assert bad_gender.status_code == 400 and "gender" in bad_gender.json()["detail"]
+    assert bad_gender.status_code == 422 and "patient_sex: Input should be" in bad_gender.json()["detail"]
+    long_name = oral.post(url, data={"name": "N" * 256}, files={"files": ("a.jpg", img)}, headers=doc)
+    assert long_name.status_code == 422, "a name over the column's 255 characters is refused, not cut"
+    assert "patient_name: String should have at most 255 characters" in long_name.json()["detail"]
     bad_image = oral.post(url, data={"name": "A"}, files={"files": ("a.jpg", b"nope")}, headers=doc)
     assert bad_image.status_code == 415
     assert len(oral.get(url, headers=doc).json()) == before, "nothing stored from a failed upload"

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oncolens.cli import app as cli
-from oncolens.inference import risk_level
+from oncolens.zoo.card import RiskPolicy
 from tests.api.conftest import MODEL, SAMPLES
 
 MALIGNANT = {"akiec", "bcc", "mel"}
@@ -22,7 +22,7 @@ def check_assessment(result: dict, card: dict) -> None:
     assert result["top_class"] == max(probs, key=probs.__getitem__)
     assert result["confidence"] == pytest.approx(probs[result["top_class"]])
     assert result["p_malignant"] == pytest.approx(sum(probs[c] for c in MALIGNANT))
-    assert result["risk_level"] == risk_level(result["p_malignant"], card["risk_policy"])["level"]
+    assert result["risk_level"] == RiskPolicy.model_validate(card["risk_policy"]).level_for(result["p_malignant"]).level
     assert result["is_malignant"] == (result["p_malignant"] >= 0.5)
 
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from oncolens.cases import CaseStore
 from oncolens.db import make_engine, upgrade
 from oncolens.db.models import Case, CaseImage
+from oncolens.storage import CaseStore
 
 SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"
 

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 
-from oncolens.inference import calibrate, risk_level
+from oncolens.inference import calibrate
 from oncolens.training.calibrate import (
     fit_temperature,
     risk_policy,
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
+from oncolens.zoo.card import RiskPolicy
 
 
 def test_fit_temperature_recovers_the_temperature_that_generated_the_labels() -> None:
@@ -39,14 +40,28 @@ def test_risk_policy_levels_are_ordered_and_applied() -> None:
     policy = risk_policy(p, is_mal, {"sensitivity_target": 0.95, "specificity_target": 0.95})
     mins = [lv["min"] for lv in policy["levels"]]
     assert mins == sorted(mins)
-    assert [lv["level"] for lv in policy["levels"]] == ["low", "borderline", "moderate", "high"]
+    # specificity 0.95 is reached below 0.5 here, so "high" starts at 0.5 with "moderate": moderate is left out
+    assert [lv["level"] for lv in policy["levels"]] == ["low", "borderline", "high"]
     borderline = policy["levels"][1]["min"]
     assert np.mean(p[is_mal] >= borderline) >= 0.95
-    assert risk_level(0.0, policy)["level"] == "low"
-    assert risk_level(1.0, policy)["level"] == "high"
+    typed = RiskPolicy.model_validate(policy)  # the card's contract: strictly rising thresholds
+    assert typed.level_for(0.0).level == "low"
+    assert typed.level_for(1.0).level == "high"
     levels = policy["levels"]
     for level, upper in zip(levels, [*levels[1:], {"min": 1.01}], strict=True):
-        if level["min"] < upper["min"]:  # a band can be empty when two thresholds coincide
-            assert risk_level(level["min"], policy)["level"] == level["level"]
-            assert risk_level(upper["min"] - 1e-9, policy)["level"] == level["level"]
+        assert level["min"] < upper["min"]  # no band is empty
+        assert typed.level_for(level["min"]).level == level["level"]
+        assert typed.level_for(upper["min"] - 1e-9).level == level["level"]
     assert "val" in policy["reasoning"]
+
+
+def test_a_risk_level_that_no_probability_reaches_is_left_out() -> None:
+    # Every malignant case scores 0.9, so the sensitivity threshold (borderline) reaches the 0.5 of
+    # moderate: borderline would be empty and is left out instead of kept unreachable.
+    is_mal = np.array([True] * 20 + [False] * 20)
+    p = np.where(is_mal, 0.9, 0.1)
+    policy = risk_policy(p, is_mal, {"sensitivity_target": 0.95, "specificity_target": 0.95, "moderate_at": 0.05})
+    names = [lv["level"] for lv in policy["levels"]]
+    assert "borderline" not in names and names[0] == "low"
+    assert "Left out as unreachable" in policy["reasoning"] and "borderline" in policy["reasoning"]
+    RiskPolicy.model_validate(policy)

@@ -1,5 +1,7 @@
 """End to end on a generated dataset: train 2 steps, export, verify, evaluate through the CLI."""
 
+import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -33,6 +35,9 @@ def test_package_has_the_contract_files_and_a_consistent_card(tiny_package: Path
     assert card["training"]["epochs_run"] == 1
     assert card["dataset"]["excluded_labels"] == ["rare"] and card["dataset"]["excluded_images"] == 2
     assert card["input"]["grayscale"] is False
+    assert card["schema_version"] == 2
+    mins = [level["min"] for level in card["risk_policy"]["levels"]]
+    assert mins[0] == 0.0 and all(a < b for a, b in itertools.pairwise(mins)), "every level reachable"
 
 
 def test_sampling_balances_classes_within_each_stratum() -> None:
@@ -80,9 +85,45 @@ def test_logits_equal_the_head_on_pooled_features(tiny_package: Path) -> None:
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
     logits, features = package.run(x, with_features=True)
     assert features is not None and features.shape == (2, 1280, 2, 2)
-    bias = np.frombuffer(__import__("base64").b64decode(package.card["head"]["bias_f32_b64"]), dtype="<f4")
+    bias = np.frombuffer(__import__("base64").b64decode(package.card.head.bias_f32_b64 or ""), dtype="<f4")
     recomputed = features.mean(axis=(2, 3)) @ package.head_weight.T + bias
     assert np.abs(recomputed - logits).max() < 1e-4
+
+
+def test_evaluate_cli_takes_any_split_name(tiny_package: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """A user's own split (``holdout``) is evaluated by name; ``all`` takes every row."""
+    with (tiny_dataset / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for index, row in enumerate(rows):
+        row["split"] = "holdout" if index % 2 == 0 else "site-b"
+        row["file"] = str((tiny_dataset / row["file"]).resolve())
+    own = tmp_path / "own"
+    own.mkdir()
+    with (own / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    holdout = sum(1 for r in rows if r["split"] == "holdout" and r["label"] != "rare")
+    for split, n in (("holdout", holdout), ("all", sum(1 for r in rows if r["label"] != "rare"))):
+        out = tmp_path / f"{split}.json"
+        args = [
+            "evaluate",
+            "tiny",
+            str(own),
+            "--split",
+            split,
+            "--model-dir",
+            str(tiny_package.parent),
+            "--json",
+            str(out),
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        assert report["split"] == split and report["n"] == n
+    missing = runner.invoke(app, ["evaluate", "tiny", str(own), "--model-dir", str(tiny_package.parent)])
+    assert missing.exit_code == 2
+    assert "no rows in split 'test'; the manifest has ['holdout', 'site-b']" in missing.output
 
 
 def test_evaluate_cli_reads_the_package_back(tiny_package: Path, tiny_dataset: Path, tmp_path: Path) -> None:

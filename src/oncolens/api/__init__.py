@@ -25,11 +25,11 @@ from oncolens.api.middleware import BodySizeLimit, SecurityHeaders
 from oncolens.api.openapi import install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
-from oncolens.cases import CaseStore
 from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
 from oncolens.memory import return_large_allocations
-from oncolens.zoo import BUILTIN_DIR, Zoo
+from oncolens.storage import CaseStore
+from oncolens.zoo import Zoo
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger("oncolens.api")
@@ -40,8 +40,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     settings = settings or Settings()
     return_large_allocations()
     if zoo is None:
-        dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else [])
-        zoo = Zoo(dirs, threads=settings.threads)
+        zoo = Zoo.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,9 +12,12 @@ from sqlmodel import Session
 
 from oncolens.api.batching import InferenceBatcher
 from oncolens.auth import AuthError, Forbidden, user_for_token
-from oncolens.cases import CaseStore
 from oncolens.config import Settings
 from oncolens.db.models import Role, User
+from oncolens.services.analysis import Recorder
+from oncolens.services.audit import Actor
+from oncolens.services.cases import CaseService
+from oncolens.storage import CaseStore
 from oncolens.zoo import ModelPackage, Zoo
 
 
@@ -130,3 +133,25 @@ WriterUser = Annotated[User, require_roles(Role.admin, Role.clinician)]
 
 def client_of(request: Request) -> str:
     return request.client.host if request.client else ""
+
+
+def api_actor(request: Request, user: CurrentUser) -> Actor:
+    """The caller of an API route as the services' audit trail records it."""
+    return Actor(user, client_of(request))
+
+
+ActorDep = Annotated[Actor, Depends(api_actor)]
+
+
+def get_cases(
+    request: Request, session: SessionDep, store: StoreDep, zoo: ZooDep, settings: SettingsDep
+) -> CaseService:
+    return CaseService(session, store, zoo, settings)
+
+
+CasesDep = Annotated[CaseService, Depends(get_cases)]
+
+
+def recorder(batcher: InferenceBatcher) -> Recorder | None:
+    """What counts each analysed case in the server's Prometheus metrics (None without metrics)."""
+    return batcher.metrics.record_case if batcher.metrics is not None else None

@@ -10,15 +10,35 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from oncolens.auth import AuthError, Forbidden, PasswordTooWeak
+from oncolens.auth import AuthError, PasswordTooWeak
+from oncolens.errors import Conflict, DomainError, Gone, InvalidInput, NotFound, PermissionDenied, Unavailable
 from oncolens.imaging import ImageDecodeError
 from oncolens.zoo import ModelNotFound, PackageError
 
 log = logging.getLogger("oncolens.api")
 
 
+# The one place a domain error becomes an HTTP status.
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    PermissionDenied: 403,
+    Conflict: 409,
+    Gone: 410,
+    InvalidInput: 422,
+    Unavailable: 503,
+}
+
+
+def status_of(exc: DomainError) -> int:
+    """The HTTP status of a domain error (its nearest listed class; 400 if none is listed)."""
+    for kind in type(exc).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400
+
+
 class BadRequest(ValueError):
-    """The request is malformed in a way the schema cannot express (e.g. no image in it)."""
+    """The HTTP request itself is malformed in a way the schema cannot express (e.g. no image in it)."""
 
     def __init__(self, detail: str, status: int = 400) -> None:
         super().__init__(detail)
@@ -67,9 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
-    @app.exception_handler(Forbidden)
-    async def forbidden(request: Request, exc: Forbidden) -> Response:
-        return _answer(request, 403, str(exc))
+    @app.exception_handler(DomainError)
+    async def domain_error(request: Request, exc: DomainError) -> Response:
+        return _answer(request, status_of(exc), str(exc))
 
     @app.exception_handler(PasswordTooWeak)
     async def weak_password(_: Request, exc: PasswordTooWeak) -> JSONResponse:

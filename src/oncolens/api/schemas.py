@@ -6,9 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from oncolens.analysis import Assessment, CaseResult
-
-EXAMPLE_PROBS = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.71, "nv": 0.17, "vasc": 0.01}
+from oncolens.analysis import CaseResult
+from oncolens.views import AssessmentPublic
 
 
 class ImageIn(BaseModel):
@@ -28,23 +27,6 @@ class PredictJSON(BaseModel):
             "examples": [{"image": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ...", "filename": "lesion.jpg"}]
         }
     }
-
-
-class AssessmentPublic(BaseModel):
-    top_class: str = Field(examples=["mel"])
-    top_class_name: str = Field(examples=["Melanoma"])
-    confidence: float = Field(description="Calibrated probability of the top class.", examples=[0.71])
-    probabilities: dict[str, float] = Field(
-        description="Calibrated probability of every class (sums to 1).", examples=[EXAMPLE_PROBS]
-    )
-    p_malignant: float = Field(description="Sum of the malignant classes' probabilities.", examples=[0.76])
-    is_malignant: bool = Field(description="P(malignant) at or above the model's threshold.", examples=[True])
-    risk_level: str = Field(examples=["high"])
-    recommendation: str = Field(examples=["High risk. Prompt specialist referral is recommended."])
-
-    @classmethod
-    def from_assessment(cls, assessment: Assessment) -> AssessmentPublic:
-        return cls(**assessment.to_dict())
 
 
 class HeatmapPublic(BaseModel):

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Sequence
 from typing import Annotated
 
 import anyio
-import numpy as np
 from fastapi import Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from oncolens.analysis import CaseResult, PreparedImages, RawImage, case_result, name_image, prepare
-from oncolens.api.batching import InferenceBatcher
+from oncolens.analysis import PreparedImages, RawImage, name_image, prepare
 from oncolens.api.deps import ModelDep, SettingsDep
 from oncolens.api.errors import BadRequest
 from oncolens.api.middleware import BodyTooLarge
 from oncolens.api.schemas import PredictJSON
 from oncolens.config import Settings
 from oncolens.imaging import ImageDecodeError, decode_base64
-from oncolens.zoo import ModelPackage
 
 HOW_TO_SEND = (
     "send the image as multipart form field 'file' (or several 'files'), "
@@ -28,7 +25,24 @@ HOW_TO_SEND = (
 )
 
 
-async def _from_multipart(request: Request, settings: Settings) -> list[RawImage]:
+async def raw_images(uploads: Sequence[UploadFile], settings: Settings) -> list[RawImage]:
+    """The bytes of uploaded files, each read up to one byte past the per-image limit (so an
+    oversized file is refused by the decoder with its size, without reading all of it)."""
+    return [RawImage(await upload.read(settings.max_image_bytes + 1), upload.filename) for upload in uploads]
+
+
+async def read_form(
+    request: Request, settings: Settings, fields: tuple[str, ...] = ("file", "files"), required: bool = True
+) -> tuple[list[RawImage], dict[str, str]]:
+    """The one multipart reader (API, compat routes, web form): the files under ``fields`` and the
+    text fields beside them. A body that is not multipart is a 415; one with no file (when
+    ``required``) a 400."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise BadRequest(
+            f"send multipart/form-data with the image in field {fields[0]!r} (got {content_type or 'no content type'})",
+            status=415,
+        )
     try:
         form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
     except BodyTooLarge:
@@ -38,16 +52,17 @@ async def _from_multipart(request: Request, settings: Settings) -> list[RawImage
         if "Too many files" in detail:
             raise BadRequest(f"too many images; at most {settings.max_images_per_request} per request", 413) from exc
         raise BadRequest(f"the multipart body could not be read: {detail}") from exc
-    uploads = [v for k, v in form.multi_items() if k in ("file", "files") and isinstance(v, UploadFile)]
-    if not uploads:
-        texts = [k for k, v in form.multi_items() if k in ("file", "files")]
-        hint = " (the field holds text, not a file)" if texts else ""
-        raise BadRequest(f"no image in the request{hint}: {HOW_TO_SEND}")
-    images = []
-    for upload in uploads:
-        data = await upload.read(settings.max_image_bytes + 1)
-        images.append(RawImage(data, upload.filename))
-    return images
+    uploads: list[UploadFile] = []
+    text: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            text[key] = value
+        elif key in fields and value.filename != "":  # a browser sends an empty part for "no file chosen"
+            uploads.append(value)
+    if not uploads and required:
+        hint = " (the field holds text, not a file)" if any(f in text for f in fields) else ""
+        raise BadRequest(f"no image in the request: no image file in form field {fields[0]!r}{hint}")
+    return await raw_images(uploads, settings), text
 
 
 async def _from_json(request: Request, settings: Settings) -> list[RawImage]:
@@ -77,7 +92,7 @@ async def read_images(request: Request, settings: SettingsDep) -> list[RawImage]
     """The request's images as bytes, from multipart ``file``/``files`` or a JSON body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        images = await _from_multipart(request, settings)
+        images, _ = await read_form(request, settings)
     elif content_type == "application/json":
         images = await _from_json(request, settings)
     else:
@@ -98,22 +113,3 @@ async def prepare_images(raw: RawImagesDep, model: ModelDep, settings: SettingsD
 
 
 ImagesDep = Annotated[PreparedImages, Depends(prepare_images)]
-
-
-async def run_case(
-    model: ModelPackage, batcher: InferenceBatcher, images: PreparedImages
-) -> tuple[CaseResult, np.ndarray]:
-    """The one predict path of the API: batched inference, then calibrated per-image and case results."""
-    start = time.perf_counter()
-    logits, features = await batcher.run(images.inputs)
-    inference_ms = (time.perf_counter() - start) * 1000
-    result = case_result(
-        model,
-        logits.astype("float64"),
-        [(d.width, d.height) for d in images.decoded],
-        images.filenames,
-        {"decode": round(images.decode_ms, 2), "inference": round(inference_ms, 2)},
-    )
-    if batcher.metrics is not None:
-        batcher.metrics.record_case(result, inference_ms / 1000)
-    return result, features

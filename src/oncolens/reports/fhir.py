@@ -13,7 +13,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from oncolens.api.records import CasePublic
+from oncolens.views import CaseImagePublic, CasePublic
+from oncolens.zoo.card import ModelCard
 
 NAMESPACE = uuid.UUID("5b7d0e4e-4f0f-4a55-9a39-0c7f8f1f5e21")
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -31,15 +32,7 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def case_bundle(case: CasePublic, card: dict[str, Any] | None, base_url: str) -> dict[str, Any]:
-    """The case as a FHIR R4 Bundle (type collection), as plain JSON-ready dicts."""
-    status = "preliminary" if case.review.status == "pending_review" else "final"
-    effective = _iso(case.created_at)
-    patient_ref = {"reference": _urn(case.id, "patient")}
-    system = f"urn:oncolens:model:{case.model_id}"
-    names = {c["id"]: c["name"] for c in (card or {}).get("classes", [])}
-    entries: list[dict[str, Any]] = []
-
+def _patient(case: CasePublic) -> dict[str, Any]:
     patient: dict[str, Any] = {"resourceType": "Patient"}
     p = case.patient
     if p.ref:
@@ -50,110 +43,126 @@ def case_bundle(case: CasePublic, card: dict[str, Any] | None, base_url: str) ->
         patient["gender"] = GENDERS[p.sex]
     if p.email:
         patient["telecom"] = [{"system": "email", "value": p.email}]
-    entries.append({"fullUrl": patient_ref["reference"], "resource": patient})
+    return patient
 
-    media_refs = []
-    for image in case.images:
-        ref = _urn(case.id, "media", image.id)
-        media_refs.append({"reference": ref})
-        entries.append(
-            {
-                "fullUrl": ref,
-                "resource": {
-                    "resourceType": "Media",
-                    "status": "completed",
-                    "type": {
-                        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]
-                    },
-                    "subject": patient_ref,
-                    "createdDateTime": effective,
-                    "width": image.width,
-                    "height": image.height,
-                    "content": {
-                        "contentType": image.media_type,
-                        "url": base_url.rstrip("/") + image.url,
-                        "size": image.size_bytes,
-                        "title": image.filename or f"image {image.position + 1}",
-                    },
-                },
-            }
-        )
 
-    def observation(key: str, code: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
-        ref = _urn(case.id, "observation", key)
-        resource = {
-            "resourceType": "Observation",
-            "status": status,
-            "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
-            "code": code,
-            "subject": patient_ref,
-            "effectiveDateTime": effective,
-            "derivedFrom": media_refs,
-            "device": {"display": f"OncoLens model {case.model_id} v{case.model_version}"},
-        } | value
-        entries.append({"fullUrl": ref, "resource": resource})
-        return {"reference": ref}
+def _media(case: CasePublic, image: CaseImagePublic, subject: dict[str, str], base_url: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Media",
+        "status": "completed",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]},
+        "subject": subject,
+        "createdDateTime": _iso(case.created_at),
+        "width": image.width,
+        "height": image.height,
+        "content": {
+            "contentType": image.media_type,
+            "url": base_url.rstrip("/") + image.url,
+            "size": image.size_bytes,
+            "title": image.filename or f"image {image.position + 1}",
+        },
+    }
 
+
+def _probability(value: float) -> dict[str, Any]:
+    return {"valueQuantity": {"value": round(value, 6), "unit": "probability", "system": UCUM, "code": "1"}}
+
+
+def _observation_values(case: CasePublic, card: ModelCard | None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(key, code, value) of each Observation: every class probability, P(malignant), risk level, age."""
+    system = f"urn:oncolens:model:{case.model_id}"
     r = case.result
-    results = []
+    values = []
     for class_id, probability in sorted(r.probabilities.items(), key=lambda kv: -kv[1]):
-        name = names.get(class_id, class_id)
-        results.append(
-            observation(
-                f"p-{class_id}",
-                {"coding": [{"system": system, "code": class_id, "display": name}], "text": f"Probability: {name}"},
-                {"valueQuantity": {"value": round(probability, 6), "unit": "probability", "system": UCUM, "code": "1"}},
-            )
-        )
-    results.append(
-        observation(
-            "p-malignant",
-            {"coding": [{"system": system, "code": "p_malignant"}], "text": "Probability of a malignant class"},
-            {"valueQuantity": {"value": round(r.p_malignant, 6), "unit": "probability", "system": UCUM, "code": "1"}},
-        )
-    )
-    results.append(
-        observation(
-            "risk-level",
-            {"coding": [{"system": "urn:oncolens:risk", "code": "risk_level"}], "text": "OncoLens risk level"},
-            {
-                "valueCodeableConcept": {
-                    "coding": [{"system": "urn:oncolens:risk-level", "code": r.risk_level}],
-                    "text": r.risk_level,
-                },
-                "note": [{"text": r.recommendation}],
-            },
-        )
-    )
-    if p.age is not None:
+        info = card.class_info(class_id) if card else None
+        name = info.name if info else class_id
+        code = {"coding": [{"system": system, "code": class_id, "display": name}], "text": f"Probability: {name}"}
+        values.append((f"p-{class_id}", code, _probability(probability)))
+    malignant = {"coding": [{"system": system, "code": "p_malignant"}], "text": "Probability of a malignant class"}
+    values.append(("p-malignant", malignant, _probability(r.p_malignant)))
+    risk = {"coding": [{"system": "urn:oncolens:risk", "code": "risk_level"}], "text": "OncoLens risk level"}
+    level = {
+        "valueCodeableConcept": {
+            "coding": [{"system": "urn:oncolens:risk-level", "code": r.risk_level}],
+            "text": r.risk_level,
+        },
+        "note": [{"text": r.recommendation}],
+    }
+    values.append(("risk-level", risk, level))
+    if case.patient.age is not None:
         age = {"coding": [{"system": "http://loinc.org", "code": "30525-0", "display": "Age"}], "text": "Age"}
-        results.append(
-            observation("age", age, {"valueQuantity": {"value": p.age, "unit": "years", "system": UCUM, "code": "a"}})
+        values.append(
+            ("age", age, {"valueQuantity": {"value": case.patient.age, "unit": "years", "system": UCUM, "code": "a"}})
         )
+    return values
 
+
+def _observation(
+    case: CasePublic, code: dict[str, Any], value: dict[str, Any], subject: dict[str, str], media: list[dict[str, str]]
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": _status(case),
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
+        "code": code,
+        "subject": subject,
+        "effectiveDateTime": _iso(case.created_at),
+        "derivedFrom": media,
+        "device": {"display": f"OncoLens model {case.model_id} v{case.model_version}"},
+    } | value
+
+
+def _status(case: CasePublic) -> str:
+    """``preliminary`` until a clinician has reviewed the case, then ``final``."""
+    return "preliminary" if case.review.status == "pending_review" else "final"
+
+
+def _report(
+    case: CasePublic,
+    card: ModelCard | None,
+    subject: dict[str, str],
+    results: list[dict[str, str]],
+    media: list[dict[str, str]],
+) -> dict[str, Any]:
+    r = case.result
     conclusion = f"Risk level {r.risk_level}: {r.recommendation} Most likely: {r.top_class_name} ({r.confidence:.1%})."
     if case.review.confirmed_diagnosis:
         conclusion += f" Clinician's confirmed diagnosis: {case.review.confirmed_diagnosis}."
-    report = {
+    return {
         "resourceType": "DiagnosticReport",
-        "status": status,
-        "code": {"text": f"AI-assisted image screening: {(card or {}).get('title', case.model_id)}"},
-        "subject": patient_ref,
-        "effectiveDateTime": effective,
+        "status": _status(case),
+        "code": {"text": f"AI-assisted image screening: {card.title if card else case.model_id}"},
+        "subject": subject,
+        "effectiveDateTime": _iso(case.created_at),
         "issued": _iso(datetime.now(UTC)),
         "result": results,
         "media": [
             {"comment": image.filename or f"image {image.position + 1}", "link": ref}
-            for image, ref in zip(case.images, media_refs, strict=True)
+            for image, ref in zip(case.images, media, strict=True)
         ],
         "conclusion": f"{conclusion} {case.disclaimer}",
     }
-    report_ref = _urn(case.id, "report")
-    entries.insert(0, {"fullUrl": report_ref, "resource": report})
+
+
+def case_bundle(case: CasePublic, card: ModelCard | None, base_url: str) -> dict[str, Any]:
+    """The case as a FHIR R4 Bundle (type collection), as plain JSON-ready dicts."""
+    subject = {"reference": _urn(case.id, "patient")}
+    entries: list[dict[str, Any]] = [{"fullUrl": subject["reference"], "resource": _patient(case)}]
+    media = []
+    for image in case.images:
+        ref = _urn(case.id, "media", image.id)
+        media.append({"reference": ref})
+        entries.append({"fullUrl": ref, "resource": _media(case, image, subject, base_url)})
+    results = []
+    for key, code, value in _observation_values(case, card):
+        ref = _urn(case.id, "observation", key)
+        entries.append({"fullUrl": ref, "resource": _observation(case, code, value, subject, media)})
+        results.append({"reference": ref})
+    report = {"fullUrl": _urn(case.id, "report"), "resource": _report(case, card, subject, results, media)}
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid5(NAMESPACE, case.id)),
         "type": "collection",
         "timestamp": _iso(datetime.now(UTC)),
-        "entry": entries,
+        "entry": [report, *entries],
     }

@@ -31,8 +31,8 @@ from reportlab.platypus import (
     Image as PdfImage,
 )
 
-from oncolens.api.records import CasePublic
-from oncolens.api.schemas import AssessmentPublic
+from oncolens.views import AssessmentPublic, CasePublic
+from oncolens.zoo.card import ModelCard
 
 RISK_COLOURS = {"low": "#2e7d32", "borderline": "#b58900", "moderate": "#e65100", "high": "#c62828"}
 
@@ -95,8 +95,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _metric_rows(card: dict[str, Any]) -> list[list[str]]:
-    metrics = card.get("metrics", {})
+def _metric_rows(card: ModelCard) -> list[list[str]]:
+    metrics = card.metrics
     rows = [["test metric", "value", "95% interval"]]
     for key, label in (
         ("accuracy", "accuracy"),
@@ -115,19 +115,11 @@ def _metric_rows(card: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def build_case_pdf(
-    case: CasePublic,
-    images: list[ReportImage],
-    card: dict[str, Any] | None,
-    clinic: str,
-    reviewer: str | None = None,
-    note: str | None = None,
-) -> bytes:
-    """The report as PDF bytes. ``card`` is the model card (None if the model is no longer installed)."""
-    s = _styles()
-    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    classes = {c["id"]: c for c in (card or {}).get("classes", [])}
-    story: list[Flowable] = [
+Styles = dict[str, ParagraphStyle]
+
+
+def _header(case: CasePublic, clinic: str, s: Styles) -> list[Flowable]:
+    return [
         Paragraph(escape(clinic), s["small"]),
         Paragraph("Image screening report", s["title"]),
         Paragraph(f"Case {escape(case.id)} &middot; analysed {case.created_at:%Y-%m-%d %H:%M} UTC", s["body"]),
@@ -135,62 +127,72 @@ def build_case_pdf(
         Paragraph(escape(case.disclaimer), s["warn"]),
     ]
 
+
+def _patient(case: CasePublic, s: Styles) -> list[Flowable]:
     p = case.patient
-    patient = [
+    fields = [
         ("Patient reference", p.ref),
         ("Name", p.name),
         ("Age", "" if p.age is None else str(p.age)),
         ("Sex", p.sex),
         ("E-mail", p.email),
     ]
-    story.append(Paragraph("Patient", s["h2"]))
-    rows = [[k, escape(v)] for k, v in patient if v]
-    story.append(_table(rows or [["Patient", "(no patient fields stored)"]], [4 * cm, 12 * cm], header=False))
+    rows = [[k, escape(v)] for k, v in fields if v]
+    story: list[Flowable] = [
+        Paragraph("Patient", s["h2"]),
+        _table(rows or [["Patient", "(no patient fields stored)"]], [4 * cm, 12 * cm], header=False),
+    ]
     if p.clinical_notes:
         story.append(Paragraph(f"<b>Clinical notes:</b> {escape(p.clinical_notes)}", s["body"]))
+    return story
 
-    title = (card or {}).get("title", case.model_id)
-    story.append(Paragraph("Model", s["h2"]))
-    story.append(
+
+def _model(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowable]:
+    title = card.title if card else case.model_id
+    modality = f" &middot; {escape(card.modality)}" if card else ""
+    return [
+        Paragraph("Model", s["h2"]),
         Paragraph(
-            f"{escape(title)} &mdash; <b>{escape(case.model_id)}</b> version {escape(case.model_version)}"
-            + (f" &middot; {escape(card.get('modality', ''))}" if card else ""),
+            f"{escape(title)} &mdash; <b>{escape(case.model_id)}</b> version {escape(case.model_version)}{modality}",
             s["body"],
-        )
-    )
+        ),
+    ]
 
+
+def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowable]:
     r = case.result
     colour = RISK_COLOURS.get(r.risk_level, "#000000")
-    story.append(Paragraph("Result", s["h2"]))
-    story.append(
+    combined = (
+        f" &middot; {len(case.images)} images combined by rule '{escape(case.aggregation_rule)}'"
+        if len(case.images) > 1
+        else ""
+    )
+    rows = [["class", "probability", ""]]
+    for class_id, prob in sorted(r.probabilities.items(), key=lambda kv: -kv[1]):
+        info = card.class_info(class_id) if card else None
+        name = info.name if info else class_id
+        rows.append([escape(name), f"{prob:.3f}", "malignant class" if info and info.malignant else ""])
+    return [
+        Paragraph("Result", s["h2"]),
         Paragraph(
             f"Risk level: <font color='{colour}'><b>{escape(r.risk_level.upper())}</b></font> &middot; "
             f"P(malignant) {r.p_malignant:.3f} &middot; most likely: <b>{escape(r.top_class_name)}</b> "
-            f"({r.confidence:.1%})"
-            + (
-                f" &middot; {len(case.images)} images combined by rule '{escape(case.aggregation_rule)}'"
-                if len(case.images) > 1
-                else ""
-            ),
+            f"({r.confidence:.1%}){combined}",
             s["body"],
-        )
-    )
-    story.append(Paragraph(f"<b>Recommendation:</b> {escape(r.recommendation)}", s["body"]))
-    prob_rows = [["class", "probability", ""]]
-    for class_id, prob in sorted(r.probabilities.items(), key=lambda kv: -kv[1]):
-        info = classes.get(class_id, {})
-        name = info.get("name", class_id)
-        prob_rows.append([escape(name), f"{prob:.3f}", "malignant class" if info.get("malignant") else ""])
-    story.append(Spacer(1, 4))
-    story.append(_table(prob_rows, [8 * cm, 3 * cm, 5 * cm]))
+        ),
+        Paragraph(f"<b>Recommendation:</b> {escape(r.recommendation)}", s["body"]),
+        Spacer(1, 4),
+        _table(rows, [8 * cm, 3 * cm, 5 * cm]),
+    ]
 
-    story.append(Paragraph("Images", s["h2"]))
+
+def _images(images: list[ReportImage], note: str | None, s: Styles) -> list[Flowable]:
+    story: list[Flowable] = [Paragraph("Images", s["h2"])]
     if note:
         story.append(Paragraph(escape(note), s["small"]))
     for index, item in enumerate(images, start=1):
         res = item.result
-        pictures: list[Any] = [_pdf_image(item.image, 6 * cm, 5 * cm)]
-        pictures.append(
+        heat: Any = (
             _pdf_image(item.overlay, 6 * cm, 5 * cm)
             if item.overlay is not None
             else Paragraph("no heat-map", s["small"])
@@ -201,7 +203,11 @@ def build_case_pdf(
             f"<br/>P(malignant) {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}",
             s["body"],
         )
-        block = Table([[pictures[0], pictures[1], text]], colWidths=[6.3 * cm, 6.3 * cm, 4.4 * cm], hAlign="LEFT")
+        block = Table(
+            [[_pdf_image(item.image, 6 * cm, 5 * cm), heat, text]],
+            colWidths=[6.3 * cm, 6.3 * cm, 4.4 * cm],
+            hAlign="LEFT",
+        )
         block.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP")]))
         story.append(KeepTogether([block, Spacer(1, 6)]))
     story.append(
@@ -210,45 +216,73 @@ def build_case_pdf(
             s["small"],
         )
     )
+    return story
 
+
+def _review(case: CasePublic, reviewer: str | None, s: Styles) -> list[Flowable]:
     review = case.review
-    story.append(Paragraph("Clinician review", s["h2"]))
-    review_rows = [
+    rows = [
         ["Status", review.status],
         ["Reviewed by", reviewer or ("" if review.reviewed_by is None else f"user {review.reviewed_by}")],
         ["Reviewed at", "" if review.reviewed_at is None else f"{review.reviewed_at:%Y-%m-%d %H:%M} UTC"],
         ["Confirmed diagnosis", review.confirmed_diagnosis],
         ["Notes", review.notes],
     ]
-    story.append(
-        _table([[k, Paragraph(escape(v or "-"), s["body"])] for k, v in review_rows], [4 * cm, 12 * cm], header=False)
-    )
+    return [
+        Paragraph("Clinician review", s["h2"]),
+        _table([[k, Paragraph(escape(v or "-"), s["body"])] for k, v in rows], [4 * cm, 12 * cm], header=False),
+    ]
 
-    story.append(Paragraph("About the model", s["h2"]))
-    if card:
-        story.append(Paragraph(f"<b>Intended use:</b> {escape(card.get('intended_use', ''))}", s["body"]))
-        story.append(Spacer(1, 4))
-        story.append(_table(_metric_rows(card), [7 * cm, 3 * cm, 4 * cm]))
-        n = card.get("metrics", {}).get("n")
-        data = card.get("dataset", {})
-        story.append(
-            Paragraph(
-                f"Measured on {n} held-out test images of {escape(data.get('title', data.get('name', '')))}. "
-                f"Data licence: {escape(data.get('license', 'unknown'))}",
-                s["small"],
-            )
-        )
-        for limitation in card.get("limitations", [])[:4]:
-            story.append(Paragraph(f"&bull; {escape(limitation)}", s["small"]))
-    else:
+
+def _about_model(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowable]:
+    story: list[Flowable] = [Paragraph("About the model", s["h2"])]
+    if card is None:
         story.append(
             Paragraph(f"Model {escape(case.model_id)} is no longer installed; its card is not available.", s["body"])
         )
+        return story
+    data = card.dataset
+    story += [
+        Paragraph(f"<b>Intended use:</b> {escape(card.intended_use)}", s["body"]),
+        Spacer(1, 4),
+        _table(_metric_rows(card), [7 * cm, 3 * cm, 4 * cm]),
+        Paragraph(
+            f"Measured on {card.metrics.get('n')} held-out test images of {escape(data.title or data.name)}. "
+            f"Data licence: {escape(data.license or 'unknown')}",
+            s["small"],
+        ),
+    ]
+    story += [Paragraph(f"&bull; {escape(limitation)}", s["small"]) for limitation in card.limitations[:4]]
+    return story
 
-    story.append(Spacer(1, 8))
-    story.append(Paragraph(escape(case.disclaimer), s["warn"]))
-    story.append(Paragraph(f"Generated {generated} by OncoLens.", s["small"]))
 
+def build_case_pdf(
+    case: CasePublic,
+    images: list[ReportImage],
+    card: ModelCard | None,
+    clinic: str,
+    reviewer: str | None = None,
+    note: str | None = None,
+) -> bytes:
+    """The report as PDF bytes. ``card`` is the model card (None if the model is no longer installed)."""
+    s = _styles()
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    story = [
+        *_header(case, clinic, s),
+        *_patient(case, s),
+        *_model(case, card, s),
+        *_result(case, card, s),
+        *_images(images, note, s),
+        *_review(case, reviewer, s),
+        *_about_model(case, card, s),
+        Spacer(1, 8),
+        Paragraph(escape(case.disclaimer), s["warn"]),
+        Paragraph(f"Generated {generated} by OncoLens.", s["small"]),
+    ]
+    return _render(story, case, clinic, generated)
+
+
+def _render(story: list[Flowable], case: CasePublic, clinic: str, generated: str) -> bytes:
     buffer = io.BytesIO()
 
     def footer(canvas: Any, doc: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from oncolens.inference import calibrate
+from oncolens.zoo.card import prune_levels
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -57,7 +58,8 @@ def risk_policy(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[
 
     ``borderline`` starts where val sensitivity reaches ``sensitivity_target`` (below it: ``low``),
     ``moderate`` at ``moderate_at`` (default 0.5), ``high`` where val specificity reaches
-    ``specificity_target``. Thresholds are kept in increasing order.
+    ``specificity_target``. Thresholds are kept in increasing order; a level that no P(malignant)
+    could reach (it starts where the next one does) is left out.
     """
     sens_target = float(config.get("sensitivity_target", 0.95))
     spec_target = float(config.get("specificity_target", 0.95))
@@ -72,24 +74,20 @@ def risk_policy(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[
         "moderate": "Moderate risk. Specialist review is recommended.",
         "high": "High risk. Prompt specialist referral is recommended.",
     } | dict(config.get("recommendations", {}))
-    return {
-        "score": "p_malignant",
-        "levels": [
-            {"level": "low", "min": 0.0, "recommendation": recommendations["low"]},
-            {
-                "level": "borderline",
-                "min": borderline,
-                "recommendation": recommendations["borderline"],
-            },
-            {"level": "moderate", "min": moderate, "recommendation": recommendations["moderate"]},
-            {"level": "high", "min": high, "recommendation": recommendations["high"]},
-        ],
-        "chosen_on": "val",
-        "reasoning": (
-            f"'borderline' starts at the P(malignant) where sensitivity on val reaches {sens_target:.2f} "
-            f"(val sensitivity {called['borderline'][mal].mean():.3f}, so 'low' holds few malignant cases); "
-            f"'moderate' starts at {moderate:.2f}; 'high' starts where specificity on val reaches "
-            f"{spec_target:.2f} (val specificity {(~called['high'][~mal]).mean():.3f}, "
-            f"sensitivity {called['high'][mal].mean():.3f})."
-        ),
-    }
+    levels = [
+        {"level": "low", "min": 0.0, "recommendation": recommendations["low"]},
+        {"level": "borderline", "min": borderline, "recommendation": recommendations["borderline"]},
+        {"level": "moderate", "min": moderate, "recommendation": recommendations["moderate"]},
+        {"level": "high", "min": high, "recommendation": recommendations["high"]},
+    ]
+    kept, dropped = prune_levels(levels)
+    reasoning = (
+        f"'borderline' starts at the P(malignant) where sensitivity on val reaches {sens_target:.2f} "
+        f"(val sensitivity {called['borderline'][mal].mean():.3f}, so 'low' holds few malignant cases); "
+        f"'moderate' starts at {moderate:.2f}; 'high' starts where specificity on val reaches "
+        f"{spec_target:.2f} (val specificity {(~called['high'][~mal]).mean():.3f}, "
+        f"sensitivity {called['high'][mal].mean():.3f})."
+    )
+    if dropped:
+        reasoning += f" Left out as unreachable (its threshold equals the next level's): {', '.join(dropped)}."
+    return {"score": "p_malignant", "levels": kept, "chosen_on": "val", "reasoning": reasoning}

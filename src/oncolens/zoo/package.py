@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 from oncolens.inference import calibrate, p_malignant
+from oncolens.zoo.card import CardError, ModelCard, read_card
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
 CARD = "card.json"
@@ -49,7 +48,7 @@ class Prediction:
 class ModelPackage:
     """A verified model package with one ONNX Runtime session, created once."""
 
-    def __init__(self, directory: Path, card: dict[str, Any], session: ort.InferenceSession) -> None:
+    def __init__(self, directory: Path, card: ModelCard, session: ort.InferenceSession) -> None:
         self.directory = directory
         self.card = card
         self.session = session
@@ -62,14 +61,12 @@ class ModelPackage:
             if not needed.is_file():
                 raise PackageError(f"model package {directory} lacks {needed.name}")
         try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PackageError(f"{card_path} is not valid JSON: {exc}") from exc
+            card = read_card(card_path)
+        except CardError as exc:
+            raise PackageError(str(exc)) from exc
         actual = sha256_of(onnx_path)
-        if card.get("sha256") != actual:
-            raise PackageError(
-                f"{onnx_path} sha256 {actual[:12]}… does not match the card's {str(card.get('sha256'))[:12]}…"
-            )
+        if card.sha256 != actual:
+            raise PackageError(f"{onnx_path} sha256 {actual[:12]}… does not match the card's {card.sha256[:12]}…")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -94,28 +91,28 @@ class ModelPackage:
 
     @property
     def id(self) -> str:
-        return str(self.card["id"])
+        return self.card.id
 
     @property
     def version(self) -> str:
-        return str(self.card.get("version", "0"))
+        return self.card.version
 
     @property
     def class_ids(self) -> list[str]:
-        return [c["id"] for c in self.card["classes"]]
+        return self.card.class_ids
 
     @property
     def malignant(self) -> list[bool]:
-        return [bool(c["malignant"]) for c in self.card["classes"]]
+        return [c.malignant for c in self.card.classes]
 
     @property
     def temperature(self) -> float:
-        return float(self.card["calibration"]["temperature"])
+        return self.card.calibration.temperature
 
     @cached_property
     def logit_bias(self) -> np.ndarray:
         """[C] added to the logits before the temperature: undoes the class prior of balanced sampling."""
-        bias = self.card["calibration"].get("logit_bias")
+        bias = self.card.calibration.logit_bias
         return np.zeros(len(self.class_ids)) if bias is None else np.asarray(bias, dtype=np.float64)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
@@ -124,20 +121,19 @@ class ModelPackage:
 
     @cached_property
     def input_spec(self) -> InputSpec:
-        return InputSpec.from_dict(self.card["input"])
+        return self.card.input.spec()
 
     @property
     def feature_offset(self) -> tuple[float, float]:
         """(dy, dx) of the feature cells from the even grid, in input pixels (for heat-maps)."""
-        dy, dx = self.card["input"].get("feature_offset_px", (0.0, 0.0))
-        return float(dy), float(dx)
+        return self.card.input.feature_offset_px
 
     @cached_property
     def head_weight(self) -> np.ndarray:
         """[C, K] float32 weights of the linear head (for class-activation maps)."""
-        head = self.card["head"]
-        raw = base64.b64decode(head["weight_f32_b64"])
-        return np.frombuffer(raw, dtype="<f4").reshape(head["weight_shape"]).astype(np.float32)
+        head = self.card.head
+        raw = base64.b64decode(head.weight_f32_b64)
+        return np.frombuffer(raw, dtype="<f4").reshape(head.weight_shape).astype(np.float32)
 
     def run(self, batch: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """[N, 3, S, S] preprocessed float32 -> logits [N, C] (and features [N, K, h, w])."""

@@ -13,10 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from oncolens.api.compat.common import analyse_one_file, app_error, display_names
+from oncolens.api.compat.common import APP_ERRORS, analyse_one_file, app_error, display_names
 from oncolens.api.deps import PredictAccess
-from oncolens.api.errors import BadRequest
-from oncolens.imaging import ImageDecodeError
 
 APP = "cervical"
 router = APIRouter(tags=["compat: cervical app"])
@@ -26,7 +24,7 @@ router = APIRouter(tags=["compat: cervical app"])
 async def predict(request: Request) -> JSONResponse:
     try:
         analysis = await analyse_one_file(request, APP)
-    except (BadRequest, ImageDecodeError) as exc:
+    except APP_ERRORS as exc:
         status, message = app_error(exc)
         return JSONResponse({"error": message, "detail": message}, status_code=status)
     names = display_names(analysis.model, {})

@@ -6,17 +6,18 @@ import base64
 from datetime import datetime
 from typing import Any
 
-import anyio
 import numpy as np
 from fastapi import Request
 
-from oncolens.analysis import CaseResult, PreparedImages, RawImage, explanation, prepare
-from oncolens.api.deps import batcher_for
-from oncolens.api.errors import BadRequest
-from oncolens.api.middleware import BodyTooLarge
-from oncolens.api.uploads import run_case
+from oncolens.analysis import CaseResult, PreparedImages, RawImage, explanation
+from oncolens.api.deps import batcher_for, recorder
+from oncolens.api.errors import BadRequest, status_of
+from oncolens.api.uploads import read_form
 from oncolens.config import Settings
+from oncolens.errors import DomainError, Unavailable
 from oncolens.explain import display_image, png_bytes
+from oncolens.imaging import ImageDecodeError
+from oncolens.services.analysis import analyse as services_analyse
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 
 DEFAULT_MODELS = {
@@ -36,10 +37,9 @@ def model_for(request: Request, app_name: str) -> ModelPackage:
     try:
         return zoo.get(model_id)
     except ModelNotFound as exc:
-        raise BadRequest(
+        raise Unavailable(
             f"the {app_name} compatibility routes are served by model {model_id!r}, which is not installed "
-            f"(installed: {zoo.ids()}); set ONCOLENS_COMPAT_MODELS to choose another",
-            status=503,
+            f"(installed: {zoo.ids()}); set ONCOLENS_COMPAT_MODELS to choose another"
         ) from exc
 
 
@@ -79,41 +79,15 @@ class Analysis:
 
 
 async def analyse(request: Request, model: ModelPackage, raw: list[RawImage]) -> Analysis:
-    settings: Settings = request.app.state.settings
-    if not raw:
-        raise BadRequest("no image in the request")
-    if len(raw) > settings.max_images_per_request:
-        raise BadRequest(f"{len(raw)} images sent; at most {settings.max_images_per_request} per request", 413)
-    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
-    result, features = await run_case(model, batcher_for(request, model), prepared)
-    return Analysis(model, result, prepared, features)
+    """The one predict path (services.analysis) through the server's batcher for ``model``."""
+    batcher = batcher_for(request, model)
+    analysed = await services_analyse(model, raw, request.app.state.settings, batcher, recorder(batcher))
+    return Analysis(model, analysed.result, analysed.prepared, analysed.features)
 
 
 async def uploaded_files(request: Request, fields: tuple[str, ...]) -> tuple[list[RawImage], dict[str, str]]:
     """Multipart files under ``fields`` and the text fields beside them (a clear 4xx otherwise)."""
-    settings: Settings = request.app.state.settings
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        raise BadRequest(
-            f"send multipart/form-data with the image in field {fields[0]!r} (got {content_type or 'no content type'})",
-            status=415,
-        )
-    try:
-        form = await request.form(max_files=settings.max_images_per_request, max_part_size=settings.max_image_bytes)
-    except BodyTooLarge:
-        raise
-    except Exception as exc:  # starlette's MultiPartException / HTTPException
-        raise BadRequest(f"the multipart body could not be read: {getattr(exc, 'detail', exc)}") from exc
-    raw, text = [], {}
-    for key, value in form.multi_items():
-        if key in fields and not isinstance(value, str):
-            raw.append(RawImage(await value.read(settings.max_image_bytes + 1), value.filename))
-        elif isinstance(value, str):
-            text[key] = value
-    if not raw:
-        hint = " (it holds text, not a file)" if any(f in text for f in fields) else ""
-        raise BadRequest(f"no image file in form field {fields[0]!r}{hint}")
-    return raw, text
+    return await read_form(request, request.app.state.settings, fields)
 
 
 def b64(data: bytes) -> str:
@@ -125,8 +99,15 @@ def timestamp() -> str:
     return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
 
+# What the Flask apps answer in their own error shape: a bad request, an unreadable image, a
+# domain error (no image, no model installed).
+APP_ERRORS = (BadRequest, ImageDecodeError, DomainError)
+
+
 def app_error(exc: Exception) -> tuple[int, str]:
     """Status and message of an error the compat routes answer in their app's own error shape."""
+    if isinstance(exc, DomainError):
+        return status_of(exc), str(exc)
     return int(getattr(exc, "status", 400)), str(exc)
 
 
@@ -139,7 +120,7 @@ def is_loaded(request: Request, app_name: str) -> bool:
 
 def display_names(model: ModelPackage, names: dict[str, str]) -> dict[str, str]:
     """Class id -> the app's name for it; a class the app did not have keeps the OncoLens name."""
-    return {c["id"]: names.get(c["id"], c["name"]) for c in model.card["classes"]}
+    return {c.id: names.get(c.id, c.name) for c in model.card.classes}
 
 
 async def analyse_one_file(request: Request, app_name: str) -> Analysis:

@@ -16,25 +16,27 @@ confirmed diagnosis and marks the case reviewed; the model's own output is never
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, EmailStr, Field
-from sqlmodel import Session, col, select
+from pydantic import BaseModel, Field
 
 from oncolens.api.compat.common import model_for, uploaded_files
-from oncolens.api.deps import DB_INT_MAX, CurrentUser, SessionDep, StoreDep, WriterUser, client_of
-from oncolens.api.errors import BadRequest
-from oncolens.api.records import UTCDateTime
-from oncolens.api.routes.cases import analyse_and_store, images_of, load_case, record_review, visible
-from oncolens.cases import PatientFields, audit, delete_case
-from oncolens.db.models import Case, CaseStatus, utcnow
+from oncolens.api.deps import DB_INT_MAX, ActorDep, CasesDep, batcher_for, recorder
+from oncolens.db.models import Case, CaseStatus
+from oncolens.errors import InvalidInput
+from oncolens.services.audit import Actor
+from oncolens.services.cases import CaseFilters, CaseService
+from oncolens.services.inputs import AGE_MAX, DIAGNOSIS_MAX, EMAIL_MAX, NAME_MAX
+from oncolens.views import UTCDateTime
 
 APP = "oral"
 router = APIRouter(prefix="/api/v1/result/results", tags=["compat: oral app"])
 
 LABELS = {"cancer": "CANCER", "non_cancer": "NON CANCER"}
-SEXES = {"male": "male", "m": "male", "female": "female", "f": "female", "other": "other", "": ""}
+# The app's gender values -> the sex OncoLens records; anything else is checked as a sex.
+SEX_ALIASES = {"m": "male", "f": "female"}
 
 
 class ResultRead(BaseModel):
@@ -49,28 +51,28 @@ class ResultRead(BaseModel):
 
 
 class ResultUpdate(BaseModel):
-    name: str | None = Field(None, max_length=255)
-    email: EmailStr | None = None
-    age: int | None = Field(None, ge=0, le=130)
-    gender: str | None = Field(None, max_length=16)
-    result: str | None = Field(None, max_length=255, description="The clinician's confirmed result.")
+    """The app's PUT body; the values are checked by the case service like any patient input."""
+
+    name: str | None = Field(None, max_length=NAME_MAX)
+    email: str | None = Field(None, max_length=EMAIL_MAX, description="An e-mail address, or empty.")
+    age: int | None = Field(None, ge=0, le=AGE_MAX)
+    gender: str | None = Field(None, max_length=16, description="Male, Female or Other (M, F too).")
+    result: str | None = Field(None, max_length=DIAGNOSIS_MAX, description="The clinician's confirmed result.")
 
 
 def _sex(value: str) -> str:
-    try:
-        return SEXES[value.strip().lower()]
-    except KeyError:
-        raise BadRequest(f"gender {value!r} is not one of Male, Female, Other") from None
+    text = value.strip().lower()
+    return SEX_ALIASES.get(text, text)
 
 
-def _read(session: Session, case: Case) -> ResultRead:
+def _read(cases: CaseService, case: Case) -> ResultRead:
     aggregate = json.loads(case.result_json)
     return ResultRead(
         id=case.id,
         user_id=case.owner_id,
         result=LABELS.get(case.top_class, case.top_class),
         confidence=round(aggregate["probabilities"][case.top_class] * 100, 2),
-        images=[f"/api/v1/cases/{case.id}/images/{image.id}" for image in images_of(session, case)],
+        images=[f"/api/v1/cases/{case.id}/images/{image.id}" for image in cases.images_of(case)],
         created_by=case.owner_id,
         date=case.created_at,
         oncolens={
@@ -86,94 +88,66 @@ def _read(session: Session, case: Case) -> ResultRead:
     )
 
 
-def _oral_case(session: Session, result_id: str, user: Any, model_id: str) -> Case:
-    case = load_case(session, result_id, user)
-    if case.model_id != model_id:
-        raise BadRequest(f"no result {result_id}", status=404)
-    return case
+def _oral(actor: Actor) -> Actor:
+    return replace(actor, channel="oral app")
 
 
 @router.post("/", response_model=ResultRead, summary="Oral app: upload photos, predict and store the result")
-async def create_result(request: Request, user: WriterUser, session: SessionDep, store: StoreDep) -> ResultRead:
+async def create_result(request: Request, actor: ActorDep, cases: CasesDep) -> ResultRead:
     model = model_for(request, APP)
     raw, form = await uploaded_files(request, ("files", "file"))
-    name, email = form.get("name", "").strip(), form.get("email", "").strip()
-    if not name:
-        raise BadRequest("form field 'name' (the patient's name) is required")
-    age_text = form.get("age", "").strip()
-    if age_text and not (age_text.isdigit() and int(age_text) <= 130):
-        raise BadRequest(f"age {age_text!r} is not a whole number of years between 0 and 130")
-    if email:
-        try:
-            ResultUpdate(email=email)
-        except ValueError as exc:
-            raise BadRequest(f"email {email!r} is not a valid address") from exc
-    patient = PatientFields(
-        patient_name=name[:255],
-        patient_age=int(age_text) if age_text else None,
-        patient_sex=_sex(form.get("gender", "")),
-        patient_email=email,
-    )
-    case = await analyse_and_store(request, user, session, store, model, raw, patient)
-    return _read(session, case)
+    if not form.get("name", "").strip():
+        raise InvalidInput("form field 'name' (the patient's name) is required")
+    patient = {
+        "patient_name": form.get("name", ""),
+        "patient_age": form.get("age", ""),
+        "patient_sex": _sex(form.get("gender", "")),
+        "patient_email": form.get("email", ""),
+    }
+    batcher = batcher_for(request, model)
+    case = await cases.create(_oral(actor), model, raw, patient, batcher, recorder(batcher))
+    return _read(cases, case)
 
 
 @router.get("/", response_model=list[ResultRead], summary="Oral app: list results, newest first")
 def list_results(
     request: Request,
-    user: CurrentUser,
-    session: SessionDep,
+    actor: ActorDep,
+    cases: CasesDep,
     skip: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> list[ResultRead]:
-    model_id = model_for(request, APP).id
-    query = visible(select(Case), user).where(Case.model_id == model_id)
-    rows = session.exec(query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(skip).limit(limit)).all()
-    return [_read(session, case) for case in rows]
+    rows, _ = cases.page(actor.user, CaseFilters(model_id=model_for(request, APP).id), limit, skip)
+    return [_read(cases, case) for case in rows]
 
 
 @router.get("/{result_id}", response_model=ResultRead, summary="Oral app: one result")
-def read_result(request: Request, result_id: str, user: CurrentUser, session: SessionDep) -> ResultRead:
-    case = _oral_case(session, result_id, user, model_for(request, APP).id)
-    audit(session, user, "view", case.id, client=client_of(request))
-    session.commit()
-    return _read(session, case)
+def read_result(request: Request, result_id: str, actor: ActorDep, cases: CasesDep) -> ResultRead:
+    return _read(cases, cases.get(_oral(actor), result_id, model_for(request, APP).id))
 
 
 @router.put("/{result_id}", response_model=ResultRead, summary="Oral app: update a result's patient fields")
-def update_result(
-    request: Request, result_id: str, body: ResultUpdate, user: WriterUser, session: SessionDep
-) -> ResultRead:
-    case = _oral_case(session, result_id, user, model_for(request, APP).id)
+def update_result(request: Request, result_id: str, body: ResultUpdate, actor: ActorDep, cases: CasesDep) -> ResultRead:
+    model_id = model_for(request, APP).id
     changes = body.model_dump(exclude_unset=True)
     if not changes:
-        raise BadRequest("nothing to update: send name, email, age, gender or result")
-    if "name" in changes:
-        if not (body.name or "").strip():
-            raise BadRequest("name cannot be empty")
-        case.patient_name = (body.name or "").strip()
-    if "email" in changes:
-        case.patient_email = str(body.email or "")
-    if "age" in changes:
-        case.patient_age = body.age
-    if "gender" in changes:
-        case.patient_sex = _sex(body.gender or "")
-    patient_changes = sorted(set(changes) - {"result"})
-    if patient_changes:
-        case.updated_at = utcnow()
-        audit(session, user, "update", case.id, f"oral app PUT {patient_changes}", client_of(request))
-        session.add(case)
-        session.commit()
+        raise InvalidInput("nothing to update: send name, email, age, gender or result")
+    names = {"name": "patient_name", "email": "patient_email", "age": "patient_age", "gender": "patient_sex"}
+    patient = {names[k]: v for k, v in changes.items() if k in names}
+    if "patient_sex" in patient:
+        patient["patient_sex"] = _sex(patient["patient_sex"] or "")
+    if "name" in changes and not (body.name or "").strip():
+        raise InvalidInput("name cannot be empty")
+    case = cases.find(actor.user, result_id, model_id)
+    if patient:
+        case = cases.update_patient(_oral(actor), result_id, patient, model_id)
     if "result" in changes:
         review = {"confirmed_diagnosis": (body.result or "").strip(), "status": CaseStatus.reviewed.value}
-        record_review(session, case, user, review, client_of(request), channel="oral app")
-    return _read(session, case)
+        case = cases.review(_oral(actor), result_id, review, model_id)
+    return _read(cases, case)
 
 
 @router.delete("/{result_id}", summary="Oral app: delete a result and its images")
-def delete_result(
-    request: Request, result_id: str, user: WriterUser, session: SessionDep, store: StoreDep
-) -> dict[str, Any]:
-    case = _oral_case(session, result_id, user, model_for(request, APP).id)
-    delete_case(session, store, case, user, client_of(request))
+def delete_result(request: Request, result_id: str, actor: ActorDep, cases: CasesDep) -> dict[str, Any]:
+    cases.delete(_oral(actor), result_id, model_for(request, APP).id)
     return {"ok": True, "id": result_id}

@@ -24,12 +24,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from oncolens.analysis import RawImage
-from oncolens.api.compat.common import Analysis, analyse, app_error, model_for, uploaded_files
+from oncolens.api.compat.common import APP_ERRORS, Analysis, analyse, app_error, model_for, uploaded_files
 from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
-from oncolens.cases import EXTENSIONS, MEDIA_TYPES
 from oncolens.config import Settings
-from oncolens.imaging import ImageDecodeError, decode_image
+from oncolens.imaging import decode_image
+from oncolens.storage import EXTENSIONS, MEDIA_TYPES
 
 APP = "skin7"
 router = APIRouter(tags=["compat: skin 7-class app"])
@@ -158,7 +158,7 @@ async def upload_image(request: Request) -> Response:
         if len(raw) > 1:
             raise BadRequest("send one image in form field 'file'")
         decoded = decode_image(raw[0].data, settings.max_image_bytes, settings.max_image_pixels)
-    except (BadRequest, ImageDecodeError) as exc:
+    except APP_ERRORS as exc:
         return _error(request, exc)
     folder = _uploads(request)
     _make_room(folder, len(raw[0].data), settings)
@@ -216,7 +216,7 @@ async def predict(request: Request) -> Response:
         else:
             raise BadRequest("send form field 'image_path' (from POST /upload-image) or an image in field 'file'")
         analysis = await analyse(request, model, raw)
-    except (BadRequest, ImageDecodeError) as exc:
+    except APP_ERRORS as exc:
         return _error(request, exc)
     result = _result(analysis)
     if _wants_json(request):

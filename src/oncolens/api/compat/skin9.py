@@ -14,10 +14,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from oncolens.api.compat.common import analyse_one_file, app_error, display_names, is_loaded
+from oncolens.api.compat.common import APP_ERRORS, analyse_one_file, app_error, display_names, is_loaded
 from oncolens.api.deps import PredictAccess
-from oncolens.api.errors import BadRequest
-from oncolens.imaging import ImageDecodeError
 
 APP = "skin9"
 router = APIRouter(tags=["compat: skin 9-class app"])
@@ -39,12 +37,12 @@ CANCEROUS = {"melanoma", "basal_cell_carcinoma", "squamous_cell_carcinoma"}
 async def predict(request: Request) -> JSONResponse:
     try:
         analysis = await analyse_one_file(request, APP)
-    except (BadRequest, ImageDecodeError) as exc:
+    except APP_ERRORS as exc:
         status, message = app_error(exc)
         return JSONResponse({"success": False, "error": message, "detail": message}, status_code=status)
     names = display_names(analysis.model, NAMES)
     agg = analysis.result.aggregate
-    malignant = {c["id"]: bool(c["malignant"]) for c in analysis.model.card["classes"]}
+    malignant = {c.id: c.malignant for c in analysis.model.card.classes}
     cancerous = agg.top_class in CANCEROUS if agg.top_class in NAMES else malignant[agg.top_class]
     body: dict[str, Any] = {
         "success": True,

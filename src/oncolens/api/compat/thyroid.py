@@ -21,6 +21,7 @@ from oncolens.api.compat.common import Analysis, analyse, is_loaded, model_for, 
 from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
 from oncolens.config import Settings
+from oncolens.errors import Unavailable
 from oncolens.imaging import decode_base64
 from oncolens.zoo import ModelPackage
 
@@ -46,12 +47,12 @@ class AnalyzeRequest(ImageRequest):
 
 def _labels(model: ModelPackage) -> dict[int, str]:
     """{0: not-suspicious name, 1: suspicious name} of a two-class model with one malignant class."""
-    classes = model.card["classes"]
-    positive = [c for c in classes if c["malignant"]]
-    negative = [c for c in classes if not c["malignant"]]
+    classes = model.card.classes
+    positive = [c for c in classes if c.malignant]
+    negative = [c for c in classes if not c.malignant]
     if len(classes) != 2 or len(positive) != 1:
-        raise BadRequest(f"the thyroid routes need a two-class model with one malignant class; {model.id} is not", 503)
-    return {0: str(negative[0]["name"]), 1: str(positive[0]["name"])}
+        raise Unavailable(f"the thyroid routes need a two-class model with one malignant class; {model.id} is not")
+    return {0: negative[0].name, 1: positive[0].name}
 
 
 async def _run(request: Request, body: ImageRequest) -> Analysis:
@@ -73,8 +74,8 @@ def _prediction(analysis: Analysis, with_percentage: bool = True) -> dict[str, A
 
 
 def _gradcam(analysis: Analysis) -> dict[str, Any]:
-    positive = next(c["id"] for c in analysis.model.card["classes"] if c["malignant"])
-    negative = next(c["id"] for c in analysis.model.card["classes"] if not c["malignant"])
+    positive = next(c.id for c in analysis.model.card.classes if c.malignant)
+    negative = next(c.id for c in analysis.model.card.classes if not c.malignant)
     explained = positive if analysis.result.aggregate.is_malignant else negative
     return {"layer_used": CAM_LAYER, "images": analysis.heatmap_images(0, explained)}
 
@@ -95,10 +96,10 @@ def model_info(request: Request) -> dict[str, Any]:
     size = model.input_spec.size
     labels = _labels(model)
     return {
-        "model_name": model.card.get("title", model.id),
+        "model_name": model.card.title,
         "input_shape": [None, size, size, 3],
         "output_shape": [None, 1],
-        "total_parameters": model.card.get("parameters"),
+        "total_parameters": model.card.parameters,
         "classes": {str(k): v for k, v in labels.items()},
         "conv_layers": [CAM_LAYER],
         "oncolens": {"model_id": model.id, "model_version": model.version, "labels_are": "TI-RADS risk scores"},

@@ -18,7 +18,7 @@ FIGURES = ("confusion_matrix", "roc", "reliability")
 
 def summary(model: ModelPackage) -> ModelSummary:
     card = model.card
-    metrics = card.get("metrics", {})
+    metrics = card.metrics
     intervals = metrics.get("intervals", {})
     headline: dict[str, Any] = {
         name: {"value": metrics.get(name), "ci95": intervals.get(name)} for name in HEADLINE if name in metrics
@@ -28,11 +28,11 @@ def summary(model: ModelPackage) -> ModelSummary:
     return ModelSummary(
         id=model.id,
         version=model.version,
-        title=card.get("title", model.id),
-        modality=card.get("modality", ""),
-        organ=card.get("organ", ""),
-        use_for=card.get("use_for", ""),
-        classes=[ClassPublic(**c) for c in card["classes"]],
+        title=card.title,
+        modality=card.modality,
+        organ=card.organ,
+        use_for=card.use_for,
+        classes=[ClassPublic(**c.model_dump()) for c in card.classes],
         input_size=model.input_spec.size,
         test_metrics=headline | {"n": metrics.get("n")},
     )
@@ -47,7 +47,7 @@ def list_models(zoo: ZooDep) -> list[ModelSummary]:
 @router.get("/{model_id}")
 def get_model_card(model: ModelDep) -> dict[str, Any]:
     """The model card: intended use, limitations, classes, calibration, risk policy, metrics, data."""
-    card = {k: v for k, v in model.card.items() if k != "head"}
+    card = model.card.model_dump(mode="json", exclude={"head"})
     card["figures"] = {name: f"/api/v1/models/{model.id}/figures/{name}.png" for name in FIGURES}
     return card
 

@@ -10,7 +10,8 @@ import anyio
 from fastapi import APIRouter, Query
 
 from oncolens.analysis import PreparedImages, explanation
-from oncolens.api.deps import BatcherDep, ModelDep, PredictAccess
+from oncolens.api.batching import InferenceBatcher
+from oncolens.api.deps import BatcherDep, ModelDep, PredictAccess, recorder
 from oncolens.api.errors import BadRequest
 from oncolens.api.openapi import inline_defs
 from oncolens.api.schemas import (
@@ -21,7 +22,8 @@ from oncolens.api.schemas import (
     PredictionPublic,
     PredictJSON,
 )
-from oncolens.api.uploads import ImagesDep, run_case
+from oncolens.api.uploads import ImagesDep
+from oncolens.services.analysis import Analysed, run_prepared
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models/{model_id}", tags=["predict"], dependencies=[PredictAccess])
@@ -76,6 +78,10 @@ async def _heatmaps(
     return await anyio.to_thread.run_sync(build)
 
 
+async def _run(model: ModelPackage, batcher: InferenceBatcher, images: PreparedImages) -> Analysed:
+    return await run_prepared(model, batcher, images, recorder(batcher))
+
+
 def _total(timing: dict[str, float], start: float) -> dict[str, float]:
     return timing | {"total": round((time.perf_counter() - start) * 1000, 2)}
 
@@ -88,7 +94,7 @@ async def predict(model: ModelDep, batcher: BatcherDep, images: ImagesDep) -> Pr
     ``images`` holds each image's own result.
     """
     start = time.perf_counter()
-    result, _ = await run_case(model, batcher, images)
+    result = (await _run(model, batcher, images)).result
     response = PredictionPublic.from_result(result)
     response.timing_ms = _total(response.timing_ms, start - images.decode_ms / 1000)
     return response
@@ -104,7 +110,8 @@ async def explain(
     """Class-activation heat-map and overlay (PNG, base64) of each image, the size of the input."""
     _check_class(model, class_id)
     start = time.perf_counter()
-    result, features = await run_case(model, batcher, images)
+    analysed = await _run(model, batcher, images)
+    result, features = analysed.result, analysed.features
     heatmaps = await _heatmaps(model, images, features, class_id)
     return ExplanationPublic(
         model_id=model.id,
@@ -124,14 +131,15 @@ async def analyze(
 ) -> AnalysisPublic:
     """Prediction, risk and recommendation, class descriptions, intended use and heat-maps."""
     start = time.perf_counter()
-    result, features = await run_case(model, batcher, images)
+    analysed = await _run(model, batcher, images)
+    result, features = analysed.result, analysed.features
     heatmaps = await _heatmaps(model, images, features, None) if heatmap else None
     base = PredictionPublic.from_result(result, heatmaps)
     card = model.card
     return AnalysisPublic(
         **base.model_dump(exclude={"timing_ms"}),
         timing_ms=_total(result.timing_ms, start - images.decode_ms / 1000),
-        classes=[ClassPublic(**c) for c in card["classes"]],
-        intended_use=card.get("intended_use", ""),
-        limitations=list(card.get("limitations", [])),
+        classes=[ClassPublic(**c.model_dump()) for c in card.classes],
+        intended_use=card.intended_use,
+        limitations=list(card.limitations),
     )

@@ -1,0 +1,90 @@
+"""The one predict path every edge calls: decoded images -> model outputs -> calibrated case result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import numpy as np
+
+from oncolens.analysis import CaseResult, PreparedImages, RawImage, case_result, prepare
+from oncolens.config import Settings
+from oncolens.errors import InvalidInput
+from oncolens.imaging import ImageTooLarge
+from oncolens.zoo import ModelPackage
+
+
+class Runner(Protocol):
+    """Runs the model on a batch: the server's batcher, or the package itself (CLI)."""
+
+    async def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class DirectRunner:
+    """The package's own session, called on the current thread (CLI, tests)."""
+
+    def __init__(self, model: ModelPackage) -> None:
+        self.model = model
+
+    async def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self.model.run(inputs, with_features=True)
+        assert features is not None  # asked for with_features
+        return logits, features
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """A case result with what heat-maps need: the prepared images and their [N, K, h, w] features."""
+
+    result: CaseResult
+    prepared: PreparedImages
+    features: np.ndarray
+
+
+Recorder = Callable[[CaseResult, float], None]
+
+
+def check_count(raw: list[RawImage], settings: Settings) -> None:
+    """At least one image and no more than a request may hold (413)."""
+    if not raw:
+        raise InvalidInput("no image in the request")
+    if len(raw) > settings.max_images_per_request:
+        raise ImageTooLarge(f"{len(raw)} images sent; at most {settings.max_images_per_request} per request")
+
+
+async def run_prepared(
+    model: ModelPackage, runner: Runner, prepared: PreparedImages, record: Recorder | None = None
+) -> Analysed:
+    """Model outputs of already prepared images -> calibrated per-image and case results."""
+    start = time.perf_counter()
+    logits, features = await runner.run(prepared.inputs)
+    inference_s = time.perf_counter() - start
+    result = case_result(
+        model,
+        logits.astype("float64"),
+        [(d.width, d.height) for d in prepared.decoded],
+        prepared.filenames,
+        {"decode": round(prepared.decode_ms, 2), "inference": round(inference_s * 1000, 2)},
+    )
+    if record is not None:
+        record(result, inference_s)
+    return Analysed(result, prepared, features)
+
+
+async def analyse(
+    model: ModelPackage, raw: list[RawImage], settings: Settings, runner: Runner, record: Recorder | None = None
+) -> Analysed:
+    """Decode and check the images (on a worker thread), run the model, build the case result."""
+    check_count(raw, settings)
+    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    return await run_prepared(model, runner, prepared, record)
+
+
+def analyse_now(model: ModelPackage, raw: list[RawImage], settings: Settings) -> Analysed:
+    """``analyse`` for a caller without an event loop (the CLI): the package's session, this thread."""
+    check_count(raw, settings)
+    prepared = prepare(raw, model, settings)
+    return anyio.run(run_prepared, model, DirectRunner(model), prepared)

@@ -1,0 +1,361 @@
+"""The case use cases every edge calls: create, list, get, review, update, delete a case; open a
+stored image, explain it, build the case's PDF report or FHIR bundle.
+
+Each call that reads or changes a case writes its own audit event, so no edge can forget one. A
+case of another clinician is reported as not found (its existence is not disclosed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from PIL import Image
+from sqlalchemy import delete, func
+from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
+
+from oncolens.analysis import DISCLAIMER, CaseResult, Explanation, ImageResult, RawImage, explanation
+from oncolens.config import Settings
+from oncolens.db.models import Case, CaseImage, Role, User, utcnow
+from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
+from oncolens.explain import display_image, png_bytes
+from oncolens.imaging import DecodedImage, decode_image
+from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
+from oncolens.services.audit import Actor, audit_by
+from oncolens.services.inputs import CaseReview, PatientInput, validated
+from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, CaseStore
+from oncolens.views import CasePublic
+from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
+from oncolens.zoo.preprocess import preprocess
+
+
+@dataclass(frozen=True)
+class CaseFilters:
+    """Narrowing of a case list; None (or empty) leaves a filter out."""
+
+    model_id: str | None = None
+    risk_level: str | None = None
+    status: str | None = None
+    patient_ref: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An image ready to send: a file on disk, or rendered bytes (DICOM/TIFF shown as PNG)."""
+
+    media_type: str
+    path: Path | None = None
+    content: bytes | None = None
+
+
+def can_write(user: User) -> bool:
+    """Admins and clinicians create and change cases; viewers only read."""
+    return user.role in (Role.admin.value, Role.clinician.value)
+
+
+def require_writer(user: User) -> None:
+    if not can_write(user):
+        raise PermissionDenied(f"this needs the admin or clinician role; you are {user.role}")
+
+
+def visible(query: SelectOfScalar[Case], user: User) -> SelectOfScalar[Case]:
+    """Clinicians see their own cases; admins and viewers see all."""
+    return query.where(Case.owner_id == user.id) if user.role == Role.clinician else query
+
+
+class CaseService:
+    """Cases in one database session and one image store."""
+
+    def __init__(self, session: Session, store: CaseStore, zoo: Zoo, settings: Settings) -> None:
+        self.session, self.store, self.zoo, self.settings = session, store, zoo, settings
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def find(self, user: User, case_id: str, model_id: str | None = None) -> Case:
+        """The case if ``user`` may see it (and, given ``model_id``, it was made by that model); no audit."""
+        case = self.session.get(Case, case_id)
+        if case is None or (user.role == Role.clinician and case.owner_id != user.id):
+            raise NotFound(f"no case {case_id}")
+        if model_id is not None and case.model_id != model_id:
+            raise NotFound(f"no case {case_id} of model {model_id}")
+        return case
+
+    def images_of(self, case: Case) -> list[CaseImage]:
+        rows = self.session.exec(select(CaseImage).where(CaseImage.case_id == case.id))
+        return sorted(rows, key=lambda image: image.position)
+
+    def view(self, case: Case) -> CasePublic:
+        """How the case reads (no audit: the caller has audited the read or just made the change)."""
+        return CasePublic.of(case, self.images_of(case), DISCLAIMER)
+
+    def get(self, actor: Actor, case_id: str, model_id: str | None = None) -> Case:
+        """Open a case to read it: audited ``view``."""
+        case = self.find(actor.user, case_id, model_id)
+        self._commit_audit(actor, "view", case.id)
+        return case
+
+    def query(self, user: User, filters: CaseFilters) -> SelectOfScalar[Case]:
+        """The select() of the cases ``user`` may see, narrowed by ``filters``."""
+        query = visible(select(Case), user)
+        if filters.model_id:
+            query = query.where(Case.model_id == filters.model_id)
+        if filters.risk_level:
+            query = query.where(Case.risk_level == filters.risk_level)
+        if filters.status:
+            query = query.where(Case.status == filters.status)
+        if filters.patient_ref:
+            query = query.where(Case.patient_ref == filters.patient_ref)
+        if filters.created_from:
+            query = query.where(col(Case.created_at) >= filters.created_from)
+        if filters.created_to:
+            query = query.where(col(Case.created_at) < filters.created_to)
+        return query
+
+    def page(self, user: User, filters: CaseFilters, limit: int, offset: int) -> tuple[list[Case], int]:
+        """One page of the cases ``user`` may see, newest first, and how many match in all."""
+        query = self.query(user, filters)
+        total = self.session.exec(select(func.count()).select_from(query.subquery())).one()
+        page = query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(offset).limit(limit)
+        return list(self.session.exec(page).all()), int(total)
+
+    # --- creating and changing -------------------------------------------------------------------------
+
+    async def create(
+        self,
+        actor: Actor,
+        model: ModelPackage,
+        raw: list[RawImage],
+        patient_fields: Mapping[str, Any],
+        runner: Runner,
+        record: Recorder | None = None,
+    ) -> Case:
+        """Check the patient fields, analyse the images and store the case atomically (files, rows,
+        audit ``create``)."""
+        require_writer(actor.user)
+        patient = validated(PatientInput, dict(patient_fields))
+        analysed = await analyse(model, raw, self.settings, runner, record)
+        return await anyio.to_thread.run_sync(self._store, actor, analysed, raw, patient)
+
+    def _store(self, actor: Actor, analysed: Analysed, raw: list[RawImage], patient: PatientInput) -> Case:
+        """Write the image files, then commit the case, its images and the audit event; all or nothing."""
+        result = analysed.result
+        written: list[str] = []
+        try:
+            for image, decoded in zip(raw, analysed.prepared.decoded, strict=True):
+                written.append(self.store.write(image.data, decoded.format))
+            case = _case_row(actor.user, result, patient)
+            self.session.add(case)
+            for image, decoded, stored, image_result in zip(
+                raw, analysed.prepared.decoded, written, result.images, strict=True
+            ):
+                self.session.add(_image_row(case.id, image, decoded, stored, image_result))
+            detail = f"{result.model_id}: {len(raw)} image(s), risk {result.aggregate.risk_level}"
+            audit_by(self.session, actor, "create", case.id, detail)
+            self.session.commit()
+        except BaseException:
+            self.session.rollback()
+            self.store.remove(written)
+            raise
+        return case
+
+    def review(self, actor: Actor, case_id: str, changes: Mapping[str, Any], model_id: str | None = None) -> Case:
+        """The clinician review (status, confirmed diagnosis, notes), stamped with who and when."""
+        case = self.find(actor.user, case_id, model_id)
+        require_writer(actor.user)
+        review = validated(CaseReview, dict(changes))
+        fields = review.model_dump(exclude_unset=True)
+        if not fields:
+            raise InvalidInput("nothing to update: send status, confirmed_diagnosis or review_notes")
+        for field, value in fields.items():
+            setattr(case, field, value)
+        case.reviewed_by, case.reviewed_at = actor.user.id, utcnow()
+        case.updated_at = case.reviewed_at
+        audit_by(self.session, actor, "review", case.id, f"{sorted(fields)} -> status {case.status}")
+        self.session.add(case)
+        self.session.commit()
+        return case
+
+    def update_patient(
+        self, actor: Actor, case_id: str, changes: Mapping[str, Any], model_id: str | None = None
+    ) -> Case:
+        """Change the patient fields of a case; the result is checked as a whole, as at creation."""
+        case = self.find(actor.user, case_id, model_id)
+        require_writer(actor.user)
+        current = {name: getattr(case, name) for name in PatientInput.model_fields}
+        patient = validated(PatientInput, current | dict(changes))
+        for name, value in patient.columns().items():
+            setattr(case, name, value)
+        case.updated_at = utcnow()
+        audit_by(self.session, actor, "update", case.id, f"patient {sorted(changes)}")
+        self.session.add(case)
+        self.session.commit()
+        return case
+
+    def delete(self, actor: Actor, case_id: str, model_id: str | None = None) -> None:
+        """Delete a case, its image rows and then its files (files go only once the rows are gone)."""
+        case = self.find(actor.user, case_id, model_id)
+        require_writer(actor.user)
+        names = list(self.session.exec(select(CaseImage.stored_name).where(CaseImage.case_id == case.id)))
+        self.session.exec(delete(CaseImage).where(col(CaseImage.case_id) == case.id))
+        audit_by(self.session, actor, "delete", case.id, f"{case.model_id} case of patient ref {case.patient_ref!r}")
+        self.session.delete(case)
+        self.session.commit()
+        self.store.remove(names)
+
+    # --- images, heat-maps, reports --------------------------------------------------------------------
+
+    def _image(self, case: Case, image_id: str) -> CaseImage:
+        image = self.session.get(CaseImage, image_id)
+        if image is None or image.case_id != case.id:
+            raise NotFound(f"case {case.id} has no image {image_id}")
+        return image
+
+    def _file(self, image: CaseImage) -> Path:
+        path = self.store.path(image.stored_name)
+        if not path.is_file():
+            raise Gone(f"the file of image {image.id} is missing from storage")
+        return path
+
+    def _decode(self, path: Path) -> DecodedImage:
+        return decode_image(path.read_bytes(), self.settings.max_image_bytes, self.settings.max_image_pixels)
+
+    def open_image(self, actor: Actor, case_id: str, image_id: str, for_browser: bool = False) -> StoredFile:
+        """A stored original image (audited ``image_view``); ``for_browser`` renders DICOM/TIFF as PNG."""
+        case = self.find(actor.user, case_id)
+        image = self._image(case, image_id)
+        path = self._file(image)
+        if for_browser and image.media_type not in BROWSER_IMAGE_TYPES:
+            shown = display_image(self._decode(path).image)
+            stored = StoredFile("image/png", content=png_bytes(np.asarray(shown)))
+        else:
+            stored = StoredFile(image.media_type, path=path)
+        self._commit_audit(actor, "image_view", case.id, image.id)
+        return stored
+
+    def installed_model(self, model_id: str) -> ModelPackage | None:
+        try:
+            return self.zoo.get(model_id)
+        except ModelNotFound:
+            return None
+
+    def explain_stored(self, case: Case, image: CaseImage) -> tuple[Image.Image, Explanation | None]:
+        """A stored image (display size) and its heat-map; no heat-map when the case's model version
+        is not the installed one. Recomputed from the stored file, which gives the analysis's own map."""
+        full = self._decode(self._file(image))
+        shown = display_image(full.image)
+        model = self.installed_model(case.model_id)
+        if model is None or model.version != case.model_version:
+            return shown, None
+        inputs = preprocess([full.image], model.input_spec)
+        del full  # only the display copy is kept from here on
+        _, features = model.run(inputs, with_features=True)
+        if features is None:
+            return shown, None
+        return shown, explanation(model, shown, features[0], original_size=(image.width, image.height))
+
+    def heatmap(self, actor: Actor, case_id: str, image_id: str) -> bytes:
+        """The heat-map PNG of a stored image (audited ``heatmap_view``)."""
+        case = self.find(actor.user, case_id)
+        image = self._image(case, image_id)
+        _, found = self.explain_stored(case, image)
+        if found is None:
+            raise NotFound(
+                f"no heat-map: case {case.id} was analysed with {case.model_id} v{case.model_version}, "
+                "which is not the installed version"
+            )
+        self._commit_audit(actor, "heatmap_view", case.id, image.id)
+        return found.heatmap_png
+
+    def report_pdf(self, actor: Actor, case_id: str) -> bytes:
+        """The case's PDF report (audited ``report``)."""
+        from oncolens.reports.pdf import ReportImage, build_case_pdf  # reportlab only when a report is made
+
+        case = self.find(actor.user, case_id)
+        rows = self.images_of(case)
+        public = CasePublic.of(case, rows, DISCLAIMER)
+        pictures, missing, no_heatmap = [], 0, False
+        for row, shown in zip(rows, public.images, strict=True):
+            try:
+                image, ex = self.explain_stored(case, row)
+            except Gone:
+                missing += 1
+                continue
+            no_heatmap = no_heatmap or ex is None
+            overlay = Image.open(io.BytesIO(ex.overlay_png)) if ex is not None else None
+            pictures.append(ReportImage(row.original_filename, image, overlay, shown.result))
+        notes = []
+        if no_heatmap:
+            notes.append(
+                f"Heat-maps omitted: the case was analysed with {case.model_id} v{case.model_version}, "
+                "which is not the installed version."
+            )
+        if missing:
+            notes.append(f"{missing} image file(s) are missing from storage.")
+        reviewer = self.session.get(User, case.reviewed_by) if case.reviewed_by is not None else None
+        model = self.installed_model(case.model_id)
+        pdf = build_case_pdf(
+            public,
+            pictures,
+            model.card if model is not None else None,
+            self.settings.clinic_name,
+            reviewer=(reviewer.full_name or reviewer.email) if reviewer is not None else None,
+            note=" ".join(notes) or None,
+        )
+        self._commit_audit(actor, "report", case.id)
+        return pdf
+
+    def fhir_bundle(self, actor: Actor, case_id: str, base_url: str) -> dict[str, Any]:
+        """The case as a FHIR R4 Bundle (audited ``fhir_export``)."""
+        from oncolens.reports.fhir import case_bundle
+
+        case = self.find(actor.user, case_id)
+        model = self.installed_model(case.model_id)
+        bundle = case_bundle(self.view(case), model.card if model is not None else None, base_url)
+        self._commit_audit(actor, "fhir_export", case.id)
+        return bundle
+
+    def _commit_audit(self, actor: Actor, action: str, case_id: str, detail: str = "") -> None:
+        audit_by(self.session, actor, action, case_id, detail)
+        self.session.commit()
+
+
+def _case_row(owner: User, result: CaseResult, patient: PatientInput) -> Case:
+    agg = result.aggregate
+    return Case(
+        owner_id=owner.id,  # type: ignore[arg-type]
+        model_id=result.model_id,
+        model_version=result.model_version,
+        top_class=agg.top_class,
+        p_malignant=agg.p_malignant,
+        risk_level=agg.risk_level,
+        recommendation=agg.recommendation,
+        aggregation_rule=result.aggregation_rule,
+        result_json=json.dumps(agg.to_dict()),
+        **patient.columns(),
+    )
+
+
+def _image_row(case_id: str, image: RawImage, decoded: DecodedImage, stored: str, result: ImageResult) -> CaseImage:
+    return CaseImage(
+        case_id=case_id,
+        position=result.index,
+        original_filename=(image.filename or "")[:255],
+        stored_name=stored,
+        media_type=MEDIA_TYPES[decoded.format],
+        width=decoded.width,
+        height=decoded.height,
+        size_bytes=len(image.data),
+        sha256=hashlib.sha256(image.data).hexdigest(),
+        result_json=json.dumps(result.assessment.to_dict()),
+    )

@@ -1,0 +1,129 @@
+"""How a stored case reads: the one shape that the API, the web pages, the compat routes and the
+PDF and FHIR builders all start from (a core module: it imports no edge)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from oncolens.analysis import Assessment
+from oncolens.db.models import Case, CaseImage
+
+StatusName = Literal["pending_review", "reviewed", "confirmed"]
+EXAMPLE_PROBS = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.71, "nv": 0.17, "vasc": 0.01}
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Stored times are UTC; SQLite hands them back without a zone, so the zone is put back."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# A time as the API shows it: always with its zone (RFC 3339, e.g. 2026-11-23T18:04:05.123456Z).
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class AssessmentPublic(BaseModel):
+    top_class: str = Field(examples=["mel"])
+    top_class_name: str = Field(examples=["Melanoma"])
+    confidence: float = Field(description="Calibrated probability of the top class.", examples=[0.71])
+    probabilities: dict[str, float] = Field(
+        description="Calibrated probability of every class (sums to 1).", examples=[EXAMPLE_PROBS]
+    )
+    p_malignant: float = Field(description="Sum of the malignant classes' probabilities.", examples=[0.76])
+    is_malignant: bool = Field(description="P(malignant) at or above the model's threshold.", examples=[True])
+    risk_level: str = Field(examples=["high"])
+    recommendation: str = Field(examples=["High risk. Prompt specialist referral is recommended."])
+
+    @classmethod
+    def from_assessment(cls, assessment: Assessment) -> AssessmentPublic:
+        return cls(**assessment.to_dict())
+
+
+class PatientPublic(BaseModel):
+    ref: str
+    name: str
+    age: int | None
+    sex: str
+    email: str
+    clinical_notes: str
+
+
+class ReviewPublic(BaseModel):
+    status: StatusName
+    confirmed_diagnosis: str
+    notes: str
+    reviewed_by: int | None
+    reviewed_at: UTCDateTime | None
+
+
+class CaseImagePublic(BaseModel):
+    id: str
+    position: int
+    filename: str
+    media_type: str
+    width: int
+    height: int
+    size_bytes: int
+    url: str
+    result: AssessmentPublic
+
+
+class CasePublic(BaseModel):
+    id: str
+    owner_id: int
+    model_id: str
+    model_version: str
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
+    patient: PatientPublic
+    result: AssessmentPublic
+    aggregation_rule: str
+    review: ReviewPublic
+    images: list[CaseImagePublic]
+    disclaimer: str
+
+    @classmethod
+    def of(cls, case: Case, images: list[CaseImage], disclaimer: str) -> CasePublic:
+        return cls(
+            id=case.id,
+            owner_id=case.owner_id,
+            model_id=case.model_id,
+            model_version=case.model_version,
+            created_at=case.created_at,
+            updated_at=case.updated_at,
+            patient=PatientPublic(
+                ref=case.patient_ref,
+                name=case.patient_name,
+                age=case.patient_age,
+                sex=case.patient_sex,
+                email=case.patient_email,
+                clinical_notes=case.clinical_notes,
+            ),
+            result=AssessmentPublic(**json.loads(case.result_json)),
+            aggregation_rule=case.aggregation_rule,
+            review=ReviewPublic(
+                status=case.status,
+                confirmed_diagnosis=case.confirmed_diagnosis,
+                notes=case.review_notes,
+                reviewed_by=case.reviewed_by,
+                reviewed_at=case.reviewed_at,
+            ),
+            images=[
+                CaseImagePublic(
+                    id=image.id,
+                    position=image.position,
+                    filename=image.original_filename,
+                    media_type=image.media_type,
+                    width=image.width,
+                    height=image.height,
+                    size_bytes=image.size_bytes,
+                    url=f"/api/v1/cases/{case.id}/images/{image.id}",
+                    result=AssessmentPublic(**json.loads(image.result_json)),
+                )
+                for image in sorted(images, key=lambda i: i.position)
+            ],
+            disclaimer=disclaimer,
+        )

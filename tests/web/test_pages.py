@@ -1,0 +1,159 @@
+"""The web pages through FastAPI's TestClient (no browser): forms, messages, and the audit of every read."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, select
+
+from oncolens.api import create_app
+from oncolens.db.models import AuditEvent, Case
+from tests.api.conftest import db_settings
+from tests.api.test_auth_users import PASSWORD, add_user, login
+
+SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"
+
+
+@pytest.fixture(scope="module")
+def app_client(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = db_settings(tmp_path_factory.mktemp("data"), database_url)
+    with TestClient(create_app(settings)) as client:
+        add_user(client, "doc@clinic.org", "clinician")
+        add_user(client, "view@clinic.org", "viewer")
+        yield client
+
+
+def web_login(client: TestClient, email: str) -> TestClient:
+    """A second client on the same app, logged in to the web pages (CSRF cookie + form token)."""
+    browser = TestClient(client.app)
+    browser.get("/login")
+    token = browser.cookies["oncolens_csrf"]
+    response = browser.post(
+        "/login", data={"email": email, "password": PASSWORD, "csrf_token": token}, follow_redirects=False
+    )
+    assert response.status_code == 303, response.text
+    return browser
+
+
+def analyze(browser: TestClient, **fields: str) -> object:
+    data = {"model_id": "skin-ham10000", "patient_ref": "W-1", "csrf_token": browser.cookies["oncolens_csrf"]} | fields
+    files = [("files", ("lesion.jpg", SAMPLE.read_bytes(), "image/jpeg"))]
+    return browser.post("/analyze", data=data, files=files)
+
+
+def case_count(client: TestClient) -> int:
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        return len(session.exec(select(Case)).all())
+
+
+def test_the_analyze_page_stores_a_case_and_shows_its_result(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    before = case_count(app_client)
+    page = analyze(browser, patient_age="61", patient_sex="female")
+    assert page.status_code == 200  # type: ignore[attr-defined]
+    assert "Decision support only" in page.text  # type: ignore[attr-defined]
+    assert case_count(app_client) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"patient_ref": "R" * 129}, "Patient reference: String should have at most 128 characters"),
+        ({"patient_ref": "", "patient_name": ""}, "A case needs a patient reference"),
+        ({"patient_age": "131"}, "Age: Input should be less than or equal to 130"),
+        ({"patient_sex": "robot"}, "Sex: Input should be"),
+        ({"clinical_notes": "n" * 10_001}, "Clinical notes: String should have at most 10000 characters"),
+    ],
+)
+def test_a_bad_patient_field_is_a_message_on_the_form_never_cut(
+    app_client: TestClient, fields: dict[str, str], message: str
+) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    before = case_count(app_client)
+    page = analyze(browser, **fields)
+    assert page.status_code == 422  # type: ignore[attr-defined]
+    assert message.replace("'", "&#39;") in page.text or message in page.text  # type: ignore[attr-defined]
+    assert case_count(app_client) == before, "nothing is stored when a field is refused"
+
+
+def test_a_viewer_cannot_analyse_or_review(app_client: TestClient) -> None:
+    viewer = web_login(app_client, "view@clinic.org")
+    page = analyze(viewer)
+    assert page.status_code == 403 and "viewer" in page.text  # type: ignore[attr-defined]
+
+
+def test_an_invalid_review_is_shown_and_not_saved(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    analyze(browser)
+    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
+        case = session.exec(select(Case).order_by(col(Case.created_at).desc())).first()
+    assert case is not None
+    token = browser.cookies["oncolens_csrf"]
+    bad = browser.post(f"/cases/{case.id}/review", data={"status": "done", "csrf_token": token})
+    assert bad.status_code == 400 and "The review was not saved: status: Input should be" in bad.text
+    good = browser.post(
+        f"/cases/{case.id}/review",
+        data={"status": "reviewed", "confirmed_diagnosis": "melanoma", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert good.status_code == 303 and good.headers["location"].endswith("?saved=1")
+
+
+# --- every read of a case or one of its images writes exactly one audit event ---------------------------
+
+READS = [
+    ("api", "/api/v1/cases/{case}", "view"),
+    ("api", "/api/v1/cases/{case}/images/{image}", "image_view"),
+    ("api", "/api/v1/cases/{case}/report.pdf", "report"),
+    ("api", "/api/v1/cases/{case}/fhir", "fhir_export"),
+    ("web", "/cases/{case}", "view"),
+    ("web", "/cases/{case}/images/{image}", "image_view"),
+    ("web", "/cases/{case}/images/{image}/heatmap.png", "heatmap_view"),
+    ("web", "/cases/{case}/report.pdf", "report"),
+    ("api", "/api/v1/result/results/{case}", "view"),  # the oral compat app (an oral-photo case)
+]
+
+
+@pytest.fixture(scope="module")
+def stored(app_client: TestClient) -> dict[str, dict[str, str]]:
+    """One skin case (API) and one oral case (compat route), with an image id each."""
+    headers = login(app_client, "doc@clinic.org")
+    skin = app_client.post(
+        "/api/v1/cases",
+        data={"model_id": "skin-ham10000", "patient_ref": "AUDIT"},
+        files=[("files", ("a.jpg", SAMPLE.read_bytes(), "image/jpeg"))],
+        headers=headers,
+    ).json()
+    oral_image = next((Path(__file__).parents[2] / "samples" / "oral-photo").glob("*.jpg")).read_bytes()
+    oral = app_client.post(
+        "/api/v1/result/results/", data={"name": "Audit"}, files={"files": ("o.jpg", oral_image)}, headers=headers
+    ).json()
+    oral_case = app_client.get(f"/api/v1/cases/{oral['id']}", headers=headers).json()
+    return {
+        "skin": {"case": skin["id"], "image": skin["images"][0]["id"]},
+        "oral": {"case": oral_case["id"], "image": oral_case["images"][0]["id"]},
+    }
+
+
+def events(client: TestClient) -> list[AuditEvent]:
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        return list(session.exec(select(AuditEvent).order_by(col(AuditEvent.id))))
+
+
+@pytest.mark.parametrize(("edge", "template", "action"), READS)
+def test_every_read_route_writes_exactly_one_audit_event(
+    app_client: TestClient, stored: dict[str, dict[str, str]], edge: str, template: str, action: str
+) -> None:
+    ids = stored["oral" if "result/results" in template else "skin"]
+    url = template.format(**ids)
+    if edge == "web":
+        reader = web_login(app_client, "doc@clinic.org")
+    else:
+        reader = TestClient(app_client.app, headers=login(app_client, "doc@clinic.org"))
+    start = len(events(app_client))  # after the login, which writes its own event
+    response = reader.get(url)
+    assert response.status_code == 200, response.text
+    new = events(app_client)[start:]
+    assert [(e.action, e.case_id) for e in new] == [(action, ids["case"])], f"{url}: {[e.action for e in new]}"
+    assert new[0].actor == "doc@clinic.org"
