@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from oncolens.analysis import Assessment
 from oncolens.db.models import Case, CaseImage
+from oncolens.zoo.card import RiskLevel
 
 StatusName = Literal["pending_review", "reviewed", "confirmed"]
 EXAMPLE_PROBS = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.71, "nv": 0.17, "vasc": 0.01}
@@ -34,7 +35,7 @@ class AssessmentPublic(BaseModel):
     )
     p_malignant: float = Field(description="Sum of the malignant classes' probabilities.", examples=[0.76])
     is_malignant: bool = Field(description="P(malignant) at or above the model's threshold.", examples=[True])
-    risk_level: str = Field(examples=["high"])
+    risk_level: RiskLevel = Field(examples=["high"])
     recommendation: str = Field(examples=["High risk. Prompt specialist referral is recommended."])
 
     @classmethod

@@ -114,6 +114,7 @@ def test_golden_probabilities_of_the_committed_samples(package: ModelPackage) ->
     """The committed samples, decoded by the serving decoder, give the probabilities recorded at export."""
     samples = ROOT / "samples" / package.id
     expected = json.loads((samples / "expected.json").read_text())
+    assert expected["sha256"] == package.card.sha256, "expected.json was recorded from another ONNX file"
     with (samples / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(expected["images"]) >= 3

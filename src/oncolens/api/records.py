@@ -9,6 +9,7 @@ from pydantic import BaseModel, EmailStr, Field
 from oncolens.db.models import AuditEvent, Case, User
 from oncolens.services.inputs import CaseReview, PartialUpdate
 from oncolens.views import CasePublic, StatusName, UTCDateTime
+from oncolens.zoo.card import RiskLevel
 
 __all__ = ["CasePublic", "CaseUpdate", "StatusName", "UTCDateTime"]
 
@@ -66,7 +67,7 @@ class CaseSummary(BaseModel):
     patient_ref: str
     top_class: str
     p_malignant: float
-    risk_level: str
+    risk_level: RiskLevel
     status: StatusName
 
     @classmethod

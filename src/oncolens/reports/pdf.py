@@ -32,9 +32,14 @@ from reportlab.platypus import (
 )
 
 from oncolens.views import AssessmentPublic, CasePublic
-from oncolens.zoo.card import ModelCard
+from oncolens.zoo.card import ModelCard, RiskLevel
 
-RISK_COLOURS = {"low": "#2e7d32", "borderline": "#b58900", "moderate": "#e65100", "high": "#c62828"}
+RISK_COLOURS = {
+    RiskLevel.low: "#2e7d32",
+    RiskLevel.borderline: "#b58900",
+    RiskLevel.moderate: "#e65100",
+    RiskLevel.high: "#c62828",
+}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from oncolens.datasets import ManifestError, Sample, drop_labels, encode_labels,
 from oncolens.inference import calibrate
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, build_backbone
-from oncolens.training.recipe import Recipe
+from oncolens.training.recipe import Recipe, TrainConfig
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -130,6 +130,123 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, no GPU"
 
 
+def _freeze(model: Classifier, freeze_blocks: int) -> Classifier:
+    """A frozen copy for the exponential moving average, after freezing the first blocks of ``model``."""
+    for module in _frozen_modules(model, freeze_blocks):
+        for p in module.parameters():
+            p.requires_grad = False
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad = False
+    return ema
+
+
+def _optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _train_weights(train: SplitData, cfg: TrainConfig, num_classes: int) -> torch.Tensor:
+    """Sampling weights of the train images (balanced by class, within ``balance_by`` strata)."""
+    strata = None
+    if cfg.balance_by:
+        if any(cfg.balance_by not in s.metadata for s in train.samples):
+            raise ManifestError(f"balance_by: the manifest has no column {cfg.balance_by!r}")
+        strata = [s.metadata[cfg.balance_by] for s in train.samples]
+    return sampling_weights(train.labels, num_classes, cfg.balance_power, strata)
+
+
+@dataclass
+class _Progress:
+    """What a run carries from epoch to epoch (and across a resume)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    elapsed_before: float = 0.0
+
+
+def _resume(
+    last_path: Path, model: Classifier, ema: Classifier, optimizer: torch.optim.Optimizer, gen: torch.Generator
+) -> _Progress:
+    if not last_path.exists():
+        return _Progress()
+    state = torch.load(last_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    tqdm.write(f"resuming from {last_path} at epoch {state['epoch'] + 2}")
+    return _Progress(state["history"], state["epoch"] + 1, state["best_score"], state["best_epoch"], state["elapsed_s"])
+
+
+def _update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
+    with torch.no_grad():
+        for e_p, m_p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if e_p.dtype.is_floating_point:
+                e_p.mul_(decay).add_(m_p, alpha=1 - decay)
+            else:
+                e_p.copy_(m_p)
+
+
+def _epoch(
+    recipe: Recipe,
+    model: Classifier,
+    ema: Classifier,
+    optimizer: torch.optim.Optimizer,
+    batches: torch.Tensor,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    gen: torch.Generator,
+    step: int,
+    total_steps: int,
+    warmup: int,
+    desc: str,
+) -> tuple[float, int]:
+    """One epoch over ``batches`` [steps, batch] of image indices; returns (smoothed loss, step)."""
+    cfg = recipe.train
+    set_train_mode(model, cfg.freeze_blocks)
+    running = 0.0
+    bar = tqdm(range(len(batches)), desc=desc, unit="batch")
+    for i in bar:
+        idx = batches[i]
+        x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
+        logits, _ = model(x.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        step += 1
+        _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
+        bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+    return running, step
+
+
+def _summary(recipe: Recipe, command: str, progress: _Progress) -> dict[str, Any]:
+    history, best = progress.history, progress.best_epoch
+    return {
+        "command": command,
+        "recipe": recipe.to_dict(),
+        "best_epoch": best + 1,
+        "best_val": history[best]["val"] if 0 <= best < len(history) else None,
+        "epochs_run": len(history),
+        "wall_time_s": round(history[-1]["elapsed_s"] if history else 0.0, 1),
+        "machine": machine_description(),
+        "history": history,
+        "config": asdict(recipe.train),
+    }
+
+
 def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
     """Train on ``train``, select on ``val``; writes ``best.pt``/``last.pt``/``history.json``.
 
@@ -148,114 +265,52 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
 
     num_classes = len(recipe.classes)
     model = build_model(recipe)
-    for module in _frozen_modules(model, cfg.freeze_blocks):
-        for p in module.parameters():
-            p.requires_grad = False
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad = False
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    ema = _freeze(model, cfg.freeze_blocks)
+    optimizer = _optimizer(model, cfg)
     steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    strata = None
-    if cfg.balance_by:
-        if any(cfg.balance_by not in s.metadata for s in train.samples):
-            raise ManifestError(f"balance_by: the manifest has no column {cfg.balance_by!r}")
-        strata = [s.metadata[cfg.balance_by] for s in train.samples]
-    weights = sampling_weights(train.labels, num_classes, cfg.balance_power, strata)
-    pixels = torch.from_numpy(train.pixels)
-    labels = torch.from_numpy(train.labels)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch, elapsed_before = 0, -math.inf, -1, 0.0
+    total_steps, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    weights = _train_weights(train, cfg, num_classes)
+    pixels, labels = torch.from_numpy(train.pixels), torch.from_numpy(train.labels)
     last_path = out_dir / LAST
-    if last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        best_score, best_epoch = state["best_score"], state["best_epoch"]
-        elapsed_before = state["elapsed_s"]
-        tqdm.write(f"resuming from {last_path} at epoch {start_epoch + 1}")
+    progress = _resume(last_path, model, ema, optimizer, gen)
 
     t_train = time.time()
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        set_train_mode(model, cfg.freeze_blocks)
+    step = progress.start_epoch * steps_per_epoch
+    for epoch in range(progress.start_epoch, cfg.epochs):
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
-        running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        for i in bar:
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
-            logits, _ = model(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            step += 1
-            with torch.no_grad():
-                d = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for e_p, m_p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-                    if e_p.dtype.is_floating_point:
-                        e_p.mul_(d).add_(m_p, alpha=1 - d)
-                    else:
-                        e_p.copy_(m_p)
-            running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        batches = order.view(steps_per_epoch, cfg.batch_size)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        running, step = _epoch(
+            recipe, model, ema, optimizer, batches, pixels, labels, gen, step, total_steps, warmup, desc
+        )
         val_metrics = quick_metrics(val.labels, predict_logits(ema, val, recipe), num_classes)
         score = val_metrics[cfg.select_metric]
-        improved = score > best_score
+        improved = score > progress.best_score
         if improved:
-            best_score, best_epoch = score, epoch
+            progress.best_score, progress.best_epoch = score, epoch
             torch.save({"model": ema.state_dict(), "epoch": epoch, "val": val_metrics}, out_dir / BEST)
-        elapsed = elapsed_before + time.time() - t_train
-        history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
+        elapsed = progress.elapsed_before + time.time() - t_train
+        progress.history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
         tqdm.write(
             f"epoch {epoch + 1}: train loss {running:.3f} | val loss {val_metrics['loss']:.3f} "
             f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} "
             f"F1 {val_metrics['macro_f1']:.3f} AUROC {val_metrics['macro_auc']:.3f}" + (" *best*" if improved else "")
         )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(),
-                "history": history,
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "elapsed_s": elapsed,
-            },
-            last_path,
-        )
-        if epoch - best_epoch >= cfg.patience:
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(),
+            "history": progress.history,
+            "epoch": epoch,
+            "best_score": progress.best_score,
+            "best_epoch": progress.best_epoch,
+            "elapsed_s": elapsed,
+        }
+        torch.save(state, last_path)
+        if epoch - progress.best_epoch >= cfg.patience:
             tqdm.write(f"early stop: no {cfg.select_metric} gain on val for {cfg.patience} epochs")
             break
-    summary = {
-        "command": command,
-        "recipe": recipe.to_dict(),
-        "best_epoch": best_epoch + 1,
-        "best_val": history[best_epoch]["val"] if 0 <= best_epoch < len(history) else None,
-        "epochs_run": len(history),
-        "wall_time_s": round(history[-1]["elapsed_s"] if history else 0.0, 1),
-        "machine": machine_description(),
-        "history": history,
-        "config": asdict(cfg),
-    }
+    summary = _summary(recipe, command, progress)
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary

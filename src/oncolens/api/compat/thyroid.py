@@ -24,11 +24,17 @@ from oncolens.config import Settings
 from oncolens.errors import Unavailable
 from oncolens.imaging import decode_base64
 from oncolens.zoo import ModelPackage
+from oncolens.zoo.card import RiskLevel
 
 APP = "thyroid"
 router = APIRouter(prefix="/api/v1", tags=["compat: thyroid app"])
 
-RISK_NAMES = {"low": "Low Risk", "borderline": "Borderline", "moderate": "Moderate", "high": "High Risk"}
+RISK_NAMES = {
+    RiskLevel.low: "Low Risk",
+    RiskLevel.borderline: "Borderline",
+    RiskLevel.moderate: "Moderate",
+    RiskLevel.high: "High Risk",
+}
 CAM_LAYER = "features"
 
 

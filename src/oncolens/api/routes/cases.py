@@ -17,6 +17,7 @@ from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate,
 from oncolens.api.uploads import raw_images
 from oncolens.services.cases import CaseFilters, StoredFile
 from oncolens.services.inputs import Sex
+from oncolens.zoo.card import RiskLevel
 
 router = APIRouter(prefix="/cases", tags=["cases"])
 
@@ -63,7 +64,7 @@ def list_cases(
     actor: ActorDep,
     cases: CasesDep,
     model_id: str | None = None,
-    risk_level: str | None = None,
+    risk_level: RiskLevel | None = None,
     status: StatusName | None = None,
     patient_ref: str | None = None,
     created_from: datetime | None = None,
