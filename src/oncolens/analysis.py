@@ -14,6 +14,7 @@ from PIL import Image
 
 from oncolens import explain
 from oncolens.config import Settings
+from oncolens.domain import DomainCheck, QualityIssue, quality_stats
 from oncolens.imaging import (
     DecodedImage,
     ImageDecodeError,
@@ -26,7 +27,7 @@ from oncolens.imaging import (
 from oncolens.inference import aggregate, class_activation_map, p_malignant
 from oncolens.zoo.card import RiskLevel
 from oncolens.zoo.package import ModelPackage
-from oncolens.zoo.preprocess import preprocess
+from oncolens.zoo.preprocess import model_pixels, normalize
 
 DISCLAIMER = (
     "Decision support only, not a diagnosis. A qualified clinician must interpret this result "
@@ -46,6 +47,9 @@ class Assessment:
     is_malignant: bool
     risk_level: RiskLevel
     recommendation: str
+    domain: dict[str, Any] | None = None
+    quality: list[dict[str, str]] = field(default_factory=list)
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,22 +75,43 @@ class CaseResult:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-def assess(package: ModelPackage, probs: np.ndarray) -> Assessment:
-    """[C] calibrated probabilities -> Assessment under the package's classes and risk policy."""
+OUT_OF_DOMAIN_ADVICE = (
+    "Indeterminate: this image does not look like the images this model was made for, so it gives no "
+    "risk level. Retake the image (framing, focus, lighting) or choose the model for this kind of image."
+)
+ALL_OUT_OF_DOMAIN = (
+    "Indeterminate: no image of this case looks like the images this model was made for. Retake the "
+    "images or choose the model for this kind of image."
+)
+
+
+def assess(
+    package: ModelPackage,
+    probs: np.ndarray,
+    domain: DomainCheck | None = None,
+    quality: list[QualityIssue] | None = None,
+) -> Assessment:
+    """[C] calibrated probabilities -> Assessment under the package's classes and risk policy.
+
+    An image out of the model's domain gets the probabilities but no risk level: ``indeterminate``.
+    """
     classes = package.card.classes
     top = int(np.argmax(probs))
     p_mal = float(p_malignant(probs[None, :], package.malignant)[0])
     policy = package.card.risk_policy
     level = policy.level_for(p_mal)
+    in_domain = domain is None or domain.in_domain
     return Assessment(
         probabilities={c.id: float(p) for c, p in zip(classes, probs, strict=True)},
         top_class=classes[top].id,
         top_class_name=classes[top].name,
         confidence=float(probs[top]),
         p_malignant=p_mal,
-        is_malignant=p_mal >= policy.malignant_threshold,
-        risk_level=level.level,
-        recommendation=level.recommendation,
+        is_malignant=in_domain and p_mal >= policy.malignant_threshold,
+        risk_level=level.level if in_domain else RiskLevel.indeterminate,
+        recommendation=level.recommendation if in_domain else OUT_OF_DOMAIN_ADVICE,
+        domain=domain.to_dict() if domain is not None else None,
+        quality=[issue.to_dict() for issue in quality or []],
     )
 
 
@@ -96,18 +121,44 @@ def case_result(
     sizes: list[tuple[int, int]],
     filenames: list[str | None] | None = None,
     timing_ms: dict[str, float] | None = None,
+    features: np.ndarray | None = None,
+    stats: list[dict[str, float]] | None = None,
 ) -> CaseResult:
-    """[N, C] logits of one case's images (with their (width, height)) -> CaseResult."""
+    """[N, C] logits of one case's images (with their (width, height)) -> CaseResult.
+
+    With ``features`` [N, K, h, w], each image gets its out-of-domain check, and images out of domain
+    are left out of the combined result (all out: the case is indeterminate). With ``stats`` (from
+    ``domain.quality_stats``), each image gets its quality warnings.
+    """
     probs = package.probabilities(logits)
     names = filenames or [None] * len(sizes)
     rule = package.card.aggregation.rule
-    images = [ImageResult(i, names[i], w, h, assess(package, probs[i])) for i, (w, h) in enumerate(sizes)]
-    combined = aggregate(probs, package.malignant, rule)
+    checks = package.domain_checks(features) if features is not None else [None] * len(sizes)
+    limits = package.quality_limits
+    images = []
+    for i, (w, h) in enumerate(sizes):
+        issues = limits.check(stats[i], w, h) if limits is not None and stats is not None else []
+        images.append(ImageResult(i, names[i], w, h, assess(package, probs[i], checks[i], issues)))
+    kept = [i for i, check in enumerate(checks) if check is None or check.in_domain]
+    combined = assess(package, aggregate(probs[kept] if kept else probs, package.malignant, rule))
+    if not kept:
+        combined = replace(
+            combined,
+            risk_level=RiskLevel.indeterminate,
+            recommendation=ALL_OUT_OF_DOMAIN,
+            is_malignant=False,
+            note=f"all {len(sizes)} image(s) are out of the model's domain",
+        )
+    elif len(kept) < len(sizes):
+        left_out = ", ".join(str(i + 1) for i in range(len(sizes)) if i not in kept)
+        combined = replace(
+            combined, note=f"image(s) {left_out} out of the model's domain: left out of the combined result"
+        )
     return CaseResult(
         model_id=package.id,
         model_version=package.version,
         images=images,
-        aggregate=assess(package, combined),
+        aggregate=combined,
         aggregation_rule=rule,
         timing_ms=timing_ms or {},
     )
@@ -181,6 +232,7 @@ class PreparedImages:
     filenames: list[str | None]
     inputs: np.ndarray
     decode_ms: float
+    stats: list[dict[str, float]] = field(default_factory=list)  # quality_stats of each model input
 
 
 GREY_MODEL_MAX_COLOUR = 0.25
@@ -232,15 +284,18 @@ def prepare(raw: list[RawImage], model: ModelPackage, settings: Settings) -> Pre
     """
     start = time.perf_counter()
     check_request_size(raw, settings)
-    decoded, inputs = [], []
+    decoded, pixels = [], []
     for index, image in enumerate(raw):
         try:
             one = decode_image(image.data, settings.max_image_bytes, settings.max_image_pixels)
             check_modality(one.image, model)
         except ImageDecodeError as exc:
             raise type(exc)(name_image(index, image.filename, len(raw)) + str(exc)) from exc
-        inputs.append(preprocess([one.image], model.input_spec))
+        pixels.append(model_pixels(one.image, model.input_spec))
         decoded.append(replace(one, image=explain.display_image(one.image)))
         del one
+    block = np.stack(pixels)
+    measured = quality_stats(block)
+    stats = [{key: float(values[i]) for key, values in measured.items()} for i in range(len(block))]
     decode_ms = (time.perf_counter() - start) * 1000
-    return PreparedImages(decoded, [r.filename for r in raw], np.concatenate(inputs), decode_ms)
+    return PreparedImages(decoded, [r.filename for r in raw], normalize(block, model.input_spec), decode_ms, stats)

@@ -21,10 +21,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from oncolens.analysis import case_result, check_modality, explanation
+from oncolens.domain import quality_stats
 from oncolens.explain import display_image
 from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
 from oncolens.zoo.package import ModelPackage
-from oncolens.zoo.preprocess import preprocess
+from oncolens.zoo.preprocess import model_pixels, normalize
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 
@@ -63,7 +64,8 @@ def find_files(root: Path, exclude: list[Path]) -> list[Path]:
 
 def columns(package: ModelPackage) -> list[str]:
     fixed = ["file", "status", "error", "model_id", "model_version", "top_class", "confidence", "p_malignant"]
-    return [*fixed, "risk_level", *(f"p_{c}" for c in package.class_ids), "heatmap"]
+    checks = ["in_domain", "ood_score", "quality"]
+    return [*fixed, "risk_level", *checks, *(f"p_{c}" for c in package.class_ids), "heatmap"]
 
 
 def _done_rows(out: Path, kind: str, package: ModelPackage) -> set[str]:
@@ -100,6 +102,7 @@ class _Writer:
     def write(self, row: dict[str, Any]) -> None:
         if self.csv is not None:
             flat = {k: v for k, v in row.items() if k != "probabilities"}
+            flat["quality"] = ";".join(issue["code"] for issue in row.get("quality", []))
             flat |= {f"p_{c}": round(p, 6) for c, p in row.get("probabilities", {}).items()}
             self.csv.writerow(flat)
         else:
@@ -117,6 +120,7 @@ class _Writer:
 class _Ready:
     image: DecodedImage
     input: np.ndarray
+    stats: dict[str, float]
 
 
 def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) -> _Ready | str:
@@ -126,9 +130,12 @@ def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) 
             return f"larger than the {max_bytes:,}-byte limit"
         decoded = decode_image(path.read_bytes(), max_bytes, max_pixels)
         check_modality(decoded.image, package)
-        inputs = preprocess([decoded.image], package.input_spec)
+        pixels = model_pixels(decoded.image, package.input_spec)[None]
+        stats = {key: float(values[0]) for key, values in quality_stats(pixels).items()}
         # Only a display-size copy waits for the heat-map: a batch of large scans stays small in memory.
-        return _Ready(replace(decoded, image=display_image(decoded.image)), inputs)
+        return _Ready(
+            replace(decoded, image=display_image(decoded.image)), normalize(pixels, package.input_spec), stats
+        )
     except ImageDecodeError as exc:
         return str(exc)
     except OSError as exc:
@@ -178,7 +185,7 @@ def run_batch(
                 logits, features = np.zeros((0, len(package.class_ids))), None
                 if good:
                     inputs = np.concatenate([d.input for d in good])
-                    logits, features = package.run(inputs, with_features=heatmaps is not None)
+                    logits, features = package.run(inputs, with_features=True)
                 results = iter(range(len(good)))
                 for path, item in zip(chunk, decoded, strict=True):
                     rel = path.relative_to(root).as_posix()
@@ -189,14 +196,26 @@ def run_batch(
                         continue
                     i = next(results)
                     size = (item.image.width, item.image.height)
-                    assessment = case_result(package, logits[i : i + 1].astype("float64"), [size]).aggregate
+                    image_features = features[i : i + 1] if features is not None else None
+                    one = case_result(
+                        package,
+                        logits[i : i + 1].astype("float64"),
+                        [size],
+                        features=image_features,
+                        stats=[item.stats],
+                    )
+                    assessment = one.images[0].assessment
+                    domain = assessment.domain
                     row = base | {
                         "status": "ok",
                         "error": "",
                         "top_class": assessment.top_class,
                         "confidence": round(assessment.confidence, 6),
                         "p_malignant": round(assessment.p_malignant, 6),
-                        "risk_level": assessment.risk_level,
+                        "risk_level": assessment.risk_level.value,
+                        "in_domain": "" if domain is None else domain["in_domain"],
+                        "ood_score": "" if domain is None else round(domain["score"], 4),
+                        "quality": assessment.quality,
                         "probabilities": assessment.probabilities,
                         "heatmap": "",
                     }

@@ -127,6 +127,57 @@ def evaluate(
         typer.echo(f"\nwrote {json_path}")
 
 
+@app.command("fit-domain")
+def fit_domain(
+    model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
+    dataset_dir: Annotated[Path, typer.Argument(help="The model's dataset (manifest.csv with train/val/test).")],
+    other: Annotated[
+        list[Path] | None, typer.Option("--other", help="A dataset of another organ or modality (repeatable).")
+    ] = None,
+    others_from: Annotated[
+        Path | None,
+        typer.Option(help="A folder of dataset folders named by model id: every one of another organ/modality."),
+    ] = None,
+    natural: Annotated[Path | None, typer.Option(help="A folder of everyday photographs to measure too.")] = None,
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+) -> None:
+    """Fit the out-of-domain model and quality limits of a package from its dataset (no retraining).
+
+    The threshold passes 95% of the model's own val images; the flagged shares of its own test split,
+    of the other datasets' test splits and of the photographs are measured and written to the card.
+    """
+    from oncolens.config import Settings
+    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.domain import DomainFitError
+    from oncolens.domain_fit import fit_domain as fit
+    from oncolens.domain_fit import install_domain, other_domains
+    from oncolens.zoo import ModelNotFound, PackageError, Zoo
+
+    try:
+        zoo = Zoo.from_settings(Settings(), model_dir or [])
+        package = zoo.get(model_id)
+        others = list(other or [])
+        if others_from is not None:
+            domains = {i: f"{zoo.get(i).card.organ}/{zoo.get(i).card.modality}" for i in zoo.ids()}
+            others += other_domains(others_from, model_id, domains)
+        result = fit(package, read_manifest(dataset_dir), others, natural, log=typer.echo)
+        install_domain(package.directory, result)
+    except (ModelNotFound, PackageError, ManifestError, DomainFitError) as exc:
+        raise _fail(str(exc)) from exc
+    flagged = result.card_section["flagged"]
+    section = result.card_section
+    typer.echo(f"{model_id}: distance threshold {section['distance_threshold']:.3f} (d={section['dims']})")
+    typer.echo(f"  own test flagged: {flagged['own_test']:.3f} of {flagged['own_test_n']}")
+    for name, row in flagged["other_datasets_test"].items():
+        typer.echo(f"  {name} test flagged: {row['flagged']:.3f} of {row['n']} ({row['refused']} refused by modality)")
+    if "natural_photos" in flagged:
+        row = flagged["natural_photos"]
+        typer.echo(f"  photographs flagged: {row['flagged']:.3f} of {row['n']} ({row['refused']} refused by modality)")
+    typer.echo(f"wrote {package.directory / result.card_section['file']} and the card's domain and quality sections")
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -301,11 +352,21 @@ def format_case(result: CaseResult) -> str:
         rows.append((f"case ({result.aggregation_rule})", result.aggregate))
     for name, a in rows:
         lines.append(f"{name[:27]:<28}{a.top_class:<12}{a.confidence:>7.3f}{a.p_malignant:>11.3f}  {a.risk_level}")
+    for image in result.images:
+        name, a = image.filename or f"#{image.index + 1}", image.assessment
+        if a.domain is not None and not a.domain["in_domain"]:
+            lines.append(
+                f"! {name}: out of the model's domain (score {a.domain['score']:.2f} > {a.domain['threshold']:.2f}):"
+                " no risk level"
+            )
+        lines += [f"! {name}: {issue['message']}" for issue in a.quality]
     agg = result.aggregate
+    if agg.note:
+        lines.append(f"note: {agg.note}")
     lines += ["", "class probabilities (case):"]
     for class_id, p in sorted(agg.probabilities.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {class_id:<26}{p:>7.3f}  {'#' * round(p * 40)}")
-    lines += ["", f"risk: {agg.risk_level} - {agg.recommendation}", "", result.disclaimer]
+    lines += ["", f"risk: {agg.risk_level.value} - {agg.recommendation}", "", result.disclaimer]
     return "\n".join(lines)
 
 

@@ -26,6 +26,17 @@ def as_utc(moment: datetime) -> datetime:
 UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
+class DomainPublic(BaseModel):
+    in_domain: bool = Field(description="False: the image is unlike the model's training images; no risk level.")
+    score: float = Field(description="Squared Mahalanobis distance of the image's features / feature count.")
+    threshold: float = Field(description="Scores above it are out of domain (chosen on val: 95% of val pass).")
+
+
+class QualityPublic(BaseModel):
+    code: str = Field(examples=["blurred"])
+    message: str
+
+
 class AssessmentPublic(BaseModel):
     top_class: str = Field(examples=["mel"])
     top_class_name: str = Field(examples=["Melanoma"])
@@ -37,6 +48,11 @@ class AssessmentPublic(BaseModel):
     is_malignant: bool = Field(description="P(malignant) at or above the model's threshold.", examples=[True])
     risk_level: RiskLevel = Field(examples=["high"])
     recommendation: str = Field(examples=["High risk. Prompt specialist referral is recommended."])
+    domain: DomainPublic | None = Field(
+        None, description="Out-of-domain check of one image (null on a case's combined result, or a model without one)."
+    )
+    quality: list[QualityPublic] = Field(default_factory=list, description="Image-quality warnings of one image.")
+    note: str = Field("", description="On a combined result: which images were left out as out of domain.")
 
     @classmethod
     def from_assessment(cls, assessment: Assessment) -> AssessmentPublic:

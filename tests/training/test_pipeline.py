@@ -36,6 +36,10 @@ def test_package_has_the_contract_files_and_a_consistent_card(tiny_package: Path
     assert card["dataset"]["excluded_labels"] == ["rare"] and card["dataset"]["excluded_images"] == 2
     assert card["input"]["grayscale"] is False
     assert card["schema_version"] == 2
+    # training fits the out-of-domain model on its own splits (no other datasets: distance only)
+    assert (tiny_package / "domain.npz").is_file() and card["domain"]["other_threshold"] is None
+    assert card["domain"]["val_pass_rate"] >= 0.95 and card["domain"]["flagged"]["own_test_n"] == 9
+    assert set(card["quality"]) >= {"min_sharpness", "min_brightness", "max_brightness", "min_side"}
     mins = [level["min"] for level in card["risk_policy"]["levels"]]
     assert mins[0] == 0.0 and all(a < b for a, b in itertools.pairwise(mins)), "every level reachable"
 

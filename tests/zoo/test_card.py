@@ -82,3 +82,10 @@ def test_a_package_with_a_bad_card_does_not_load(tmp_path: Path) -> None:
     (package / "card.json").write_text(json.dumps(card))
     with pytest.raises(PackageError, match=r"input\.size: Input should be greater than or equal to 32"):
         ModelPackage.load(package)
+
+
+def test_indeterminate_is_an_answer_not_a_level_a_policy_may_list() -> None:
+    card = shipped()
+    card["risk_policy"]["levels"][-1]["level"] = "indeterminate"
+    with pytest.raises(CardError, match="'indeterminate' is the answer for out-of-domain images"):
+        parse_card(card)

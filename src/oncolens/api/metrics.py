@@ -54,11 +54,28 @@ class ServerMetrics:
             ["model", "risk_level"],
             registry=self.registry,
         )
+        self.out_of_domain = Counter(
+            "oncolens_images_out_of_domain",
+            "Images the model flagged as unlike its training images (answered 'indeterminate'), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.quality_warnings = Counter(
+            "oncolens_image_quality_warnings",
+            "Image-quality warnings given, by model and code (blurred, underexposed, too_small, ...).",
+            ["model", "code"],
+            registry=self.registry,
+        )
 
     def record_case(self, result: CaseResult, inference_s: float) -> None:
         self.inference_seconds.labels(result.model_id).observe(inference_s)
         for image in result.images:
-            self.images.labels(result.model_id, image.assessment.risk_level).inc()
+            assessment = image.assessment
+            self.images.labels(result.model_id, assessment.risk_level).inc()
+            if assessment.domain is not None and not assessment.domain["in_domain"]:
+                self.out_of_domain.labels(result.model_id).inc()
+            for issue in assessment.quality:
+                self.quality_warnings.labels(result.model_id, issue["code"]).inc()
 
 
 class MetricsMiddleware:

@@ -126,6 +126,11 @@ def _report(
 ) -> dict[str, Any]:
     r = case.result
     conclusion = f"Risk level {r.risk_level}: {r.recommendation} Most likely: {r.top_class_name} ({r.confidence:.1%})."
+    if r.note:
+        conclusion += f" Note: {r.note}."
+    warnings = [f"image {i.position + 1}: {q.message}" for i in case.images for q in i.result.quality]
+    if warnings:
+        conclusion += " Image quality: " + " ".join(warnings)
     if case.review.confirmed_diagnosis:
         conclusion += f" Clinician's confirmed diagnosis: {case.review.confirmed_diagnosis}."
     return {

@@ -39,6 +39,7 @@ RISK_COLOURS = {
     RiskLevel.borderline: "#b58900",
     RiskLevel.moderate: "#e65100",
     RiskLevel.high: "#c62828",
+    RiskLevel.indeterminate: "#5f6368",
 }
 
 
@@ -177,8 +178,20 @@ def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowabl
         info = card.class_info(class_id) if card else None
         name = info.name if info else class_id
         rows.append([escape(name), f"{prob:.3f}", "malignant class" if info and info.malignant else ""])
+    notices: list[Flowable] = []
+    if r.risk_level == RiskLevel.indeterminate:
+        notices.append(
+            Paragraph(
+                "<b>No risk level.</b> The images are not like those the model was made for (out of domain): "
+                "the probabilities below must not be acted on.",
+                s["warn"],
+            )
+        )
+    if r.note:
+        notices.append(Paragraph(f"<b>Note:</b> {escape(r.note)}.", s["body"]))
     return [
         Paragraph("Result", s["h2"]),
+        *notices,
         Paragraph(
             f"Risk level: <font color='{colour}'><b>{escape(r.risk_level.upper())}</b></font> &middot; "
             f"P(malignant) {r.p_malignant:.3f} &middot; most likely: <b>{escape(r.top_class_name)}</b> "
@@ -205,7 +218,9 @@ def _images(images: list[ReportImage], note: str | None, s: Styles) -> list[Flow
         text = Paragraph(
             f"<b>{index}. {escape(item.filename or 'image')}</b>"
             f"<br/>{escape(res.top_class_name)} ({res.confidence:.1%})"
-            f"<br/>P(malignant) {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}",
+            f"<br/>P(malignant) {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}"
+            + ("<br/><b>out of domain</b>" if res.domain is not None and not res.domain.in_domain else "")
+            + "".join(f"<br/>quality: {escape(issue.message)}" for issue in res.quality),
             s["body"],
         )
         block = Table(

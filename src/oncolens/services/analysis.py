@@ -68,6 +68,8 @@ async def run_prepared(
         [(d.width, d.height) for d in prepared.decoded],
         prepared.filenames,
         {"decode": round(prepared.decode_ms, 2), "inference": round(inference_s * 1000, 2)},
+        features=features,
+        stats=prepared.stats or None,
     )
     if record is not None:
         record(result, inference_s)

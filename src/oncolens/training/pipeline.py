@@ -293,6 +293,20 @@ def _install(staging: Path, package_dir: Path) -> None:
     staging.rename(package_dir)
 
 
+def _with_domain(package: ModelPackage, samples: list[Sample]) -> ModelPackage:
+    """Fit the package's out-of-domain model and quality limits on its own splits (other datasets are
+    added by ``oncolens fit-domain --others-from``, which also measures them)."""
+    from oncolens.domain import DomainFitError
+    from oncolens.domain_fit import fit_domain, install_domain
+
+    try:
+        install_domain(package.directory, fit_domain(package, samples, [], log=tqdm.write))
+    except DomainFitError as exc:
+        tqdm.write(f"no out-of-domain model: {exc}")
+        return package
+    return ModelPackage.load(package.directory)
+
+
 def finalize(
     recipe: Recipe,
     samples: list[Sample],
@@ -332,7 +346,7 @@ def finalize(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    package = ModelPackage.load(package_dir)
+    package = _with_domain(ModelPackage.load(package_dir), samples)
     n = record_sample_expectations(package, samples_dir) if samples_dir else 0
     report = scored.report
     tqdm.write(

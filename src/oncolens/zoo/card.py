@@ -26,15 +26,19 @@ class CardError(ValueError):
 
 
 class RiskLevel(StrEnum):
-    """The levels a risk policy may use, from lowest to highest."""
+    """The levels a risk policy may use, from lowest to highest, and ``indeterminate``: the answer for
+    an image the model was not made for (out of domain), which no policy may list."""
 
     low = "low"
     borderline = "borderline"
     moderate = "moderate"
     high = "high"
+    indeterminate = "indeterminate"
 
 
-LEVEL_ORDER = {level: rank for rank, level in enumerate(RiskLevel)}
+LEVEL_ORDER: dict[RiskLevel, int] = {
+    level: rank for rank, level in enumerate(RiskLevel) if level != RiskLevel.indeterminate
+}
 
 
 class _Strict(BaseModel):
@@ -88,6 +92,13 @@ class RiskLevelRule(_Strict):
     min: float = Field(ge=0.0, le=1.0)
     recommendation: str = Field(min_length=1)
 
+    @field_validator("level")
+    @classmethod
+    def _not_indeterminate(cls, value: RiskLevel) -> RiskLevel:
+        if value == RiskLevel.indeterminate:
+            raise ValueError("'indeterminate' is the answer for out-of-domain images, not a level of the policy")
+        return value
+
 
 class RiskPolicy(_Open):
     score: Literal["p_malignant"] = "p_malignant"
@@ -134,6 +145,28 @@ class Head(_Strict):
     bias_f32_b64: str | None = None
 
 
+class DomainInfo(_Open):
+    """The out-of-domain model (``file`` in the package) and what it was measured to do."""
+
+    method: str
+    file: str = "domain.npz"
+    dims: int = Field(ge=1)
+    threshold: float = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    flagged: dict[str, Any] = Field(default_factory=dict)
+
+
+class QualityInfo(_Strict):
+    """Image-quality limits from the training images (see ``domain.QualityLimits``)."""
+
+    min_sharpness: float = Field(ge=0)
+    min_brightness: float = Field(ge=0, le=1)
+    max_brightness: float = Field(ge=0, le=1)
+    max_dark_clipped: float = Field(ge=0, le=1)
+    max_bright_clipped: float = Field(ge=0, le=1)
+    min_side: int = Field(ge=1)
+
+
 class DatasetInfo(_Open):
     name: str
     title: str = ""
@@ -172,6 +205,8 @@ class ModelCard(_Strict):
     export: dict[str, Any] = Field(default_factory=dict)
     head: Head
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    domain: DomainInfo | None = None
+    quality: QualityInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from oncolens.domain import DomainCheck, DomainModel, QualityLimits, pooled
 from oncolens.inference import calibrate, p_malignant
 from oncolens.zoo.card import CardError, ModelCard, read_card
 from oncolens.zoo.preprocess import InputSpec, preprocess
@@ -74,7 +75,34 @@ class ModelPackage:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         package = cls(directory, card, session)
         package._check_shapes()
+        package._load_domain()
         return package
+
+    def _load_domain(self) -> None:
+        self.domain_model: DomainModel | None = None
+        self.quality_limits: QualityLimits | None = None
+        if self.card.quality is not None:
+            self.quality_limits = QualityLimits(**self.card.quality.model_dump())
+        if self.card.domain is None:
+            return
+        path = self.directory / self.card.domain.file
+        if not path.is_file() or sha256_of(path) != self.card.domain.sha256:
+            raise PackageError(f"{self.id}: {path.name} is missing or does not match the card's sha256")
+        try:
+            model = DomainModel.load(path)
+        except (OSError, KeyError, ValueError) as exc:
+            raise PackageError(f"{self.id}: the domain model {path.name} cannot be read: {exc}") from exc
+        if model.mean.shape[1] != self.head_weight.shape[1]:
+            raise PackageError(f"{self.id}: {path.name} does not match the feature size {self.head_weight.shape[1]}")
+        self.domain_model = model
+
+    def domain_checks(self, features: np.ndarray) -> list[DomainCheck | None]:
+        """[N, K, h, w] features -> each image's out-of-domain check (None: the package has no domain model)."""
+        if self.domain_model is None or self.card.domain is None:
+            return [None] * len(features)
+        threshold = self.card.domain.threshold
+        scores = self.domain_model.score(pooled(features))
+        return [DomainCheck(bool(s <= threshold), float(s), threshold) for s in scores]
 
     def _check_shapes(self) -> None:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}

@@ -70,7 +70,8 @@ def _read(cases: CaseService, case: Case) -> ResultRead:
     return ResultRead(
         id=case.id,
         user_id=case.owner_id,
-        result=LABELS.get(case.top_class, case.top_class),
+        # Out of domain: the model gives no answer the app could show as CANCER / NON CANCER.
+        result="INDETERMINATE" if case.risk_level == "indeterminate" else LABELS.get(case.top_class, case.top_class),
         confidence=round(aggregate["probabilities"][case.top_class] * 100, 2),
         images=[f"/api/v1/cases/{case.id}/images/{image.id}" for image in cases.images_of(case)],
         created_by=case.owner_id,
@@ -84,6 +85,7 @@ def _read(cases: CaseService, case: Case) -> ResultRead:
             "recommendation": case.recommendation,
             "status": case.status,
             "confirmed_result": case.confirmed_diagnosis or None,
+            "note": aggregate.get("note", ""),
         },
     )
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from oncolens.api.compat.common import APP_ERRORS, analyse_one_file, app_error, display_names, is_loaded
 from oncolens.api.deps import PredictAccess
+from oncolens.zoo.card import RiskLevel
 
 APP = "skin9"
 router = APIRouter(tags=["compat: skin 9-class app"])
@@ -44,11 +45,13 @@ async def predict(request: Request) -> JSONResponse:
     agg = analysis.result.aggregate
     malignant = {c.id: c.malignant for c in analysis.model.card.classes}
     cancerous = agg.top_class in CANCEROUS if agg.top_class in NAMES else malignant[agg.top_class]
+    unknown = agg.risk_level == RiskLevel.indeterminate
     body: dict[str, Any] = {
         "success": True,
         "prediction": {
-            "class_name": names[agg.top_class],
-            "is_cancerous": cancerous,
+            # The app's own "Unknown" class: the image is out of the model's domain (no risk level).
+            "class_name": "Unknown" if unknown else names[agg.top_class],
+            "is_cancerous": False if unknown else cancerous,
             "confidence": round(agg.confidence, 4),
             "all_predictions": {
                 names[c]: round(p, 4) for c, p in sorted(agg.probabilities.items(), key=lambda kv: -kv[1])

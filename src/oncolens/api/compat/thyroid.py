@@ -34,6 +34,7 @@ RISK_NAMES = {
     RiskLevel.borderline: "Borderline",
     RiskLevel.moderate: "Moderate",
     RiskLevel.high: "High Risk",
+    RiskLevel.indeterminate: "Indeterminate (not a thyroid ultrasound frame this model can read)",
 }
 CAM_LAYER = "features"
 
