@@ -154,7 +154,16 @@ def analyze_view(
 ) -> HTMLResponse:
     """The analyze page: the form (with ``form`` values and an ``error``) or a ``case`` result."""
     context = {"form": {}, "error": None, "case": None} | context
-    return render(request, "analyze.html", status=status, user=user, groups=model_groups(zoo), chosen=chosen, **context)
+    return render(
+        request,
+        "analyze.html",
+        status=status,
+        user=user,
+        groups=model_groups(zoo),
+        chosen=chosen,
+        sexes=SEXES,
+        **context,
+    )
 
 
 @router.get("/analyze", response_class=HTMLResponse)
