@@ -14,18 +14,16 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from oncolens.analysis import case_result, check_modality, explanation
-from oncolens.domain import quality_stats
-from oncolens.explain import display_image
-from oncolens.imaging import DecodedImage, ImageDecodeError, decode_image
+from oncolens.analysis import PreparedImages, RawImage, case_result, explanation, prepare
+from oncolens.config import Settings
+from oncolens.imaging import ImageDecodeError
 from oncolens.zoo.package import ModelPackage
-from oncolens.zoo.preprocess import model_pixels, normalize
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 
@@ -116,26 +114,15 @@ class _Writer:
         return self.handle
 
 
-@dataclass(frozen=True)
-class _Ready:
-    image: DecodedImage
-    input: np.ndarray
-    stats: dict[str, float]
+def _decode(path: Path, package: ModelPackage, settings: Settings) -> PreparedImages | str:
+    """One file through the API's own ``prepare`` (on a worker thread), or the reason it cannot be used.
 
-
-def _decode(path: Path, package: ModelPackage, max_bytes: int, max_pixels: int) -> _Ready | str:
-    """Decode and preprocess one file (on a worker thread), or the reason it cannot be used."""
+    Only a display-size copy of the image waits for the heat-map: a batch of large scans stays small.
+    """
     try:
-        if path.stat().st_size > max_bytes:
-            return f"larger than the {max_bytes:,}-byte limit"
-        decoded = decode_image(path.read_bytes(), max_bytes, max_pixels)
-        check_modality(decoded.image, package)
-        pixels = model_pixels(decoded.image, package.input_spec)[None]
-        stats = {key: float(values[0]) for key, values in quality_stats(pixels).items()}
-        # Only a display-size copy waits for the heat-map: a batch of large scans stays small in memory.
-        return _Ready(
-            replace(decoded, image=display_image(decoded.image)), normalize(pixels, package.input_spec), stats
-        )
+        if path.stat().st_size > settings.max_image_bytes:
+            return f"larger than the {settings.max_image_bytes:,}-byte limit"
+        return prepare([RawImage(path.read_bytes(), path.name)], package, settings)
     except ImageDecodeError as exc:
         return str(exc)
     except OSError as exc:
@@ -154,8 +141,7 @@ def run_batch(
     heatmaps: Path | None = None,
     workers: int = 2,
     batch_size: int = 16,
-    max_bytes: int = 20 * 1024 * 1024,
-    max_pixels: int = 40_000_000,
+    settings: Settings | None = None,
     progress: Callable[[int, int], None] | None = None,
     started: Callable[[int], None] | None = None,
 ) -> BatchSummary:
@@ -164,6 +150,7 @@ def run_batch(
     ``started(n)`` is told how many files are left to do; ``progress(done, errors)`` is called after
     each batch with the files it handled and how many of them could not be read.
     """
+    settings = settings or Settings()
     kind = FORMATS.get(out.suffix.lower())
     if kind is None:
         raise BatchError(f"--out must end in .csv or .jsonl, got {out.name!r}")
@@ -180,11 +167,11 @@ def run_batch(
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for chunk in _chunks(todo, batch_size):
-                decoded = list(pool.map(lambda p: _decode(p, package, max_bytes, max_pixels), chunk))
-                good = [d for d in decoded if isinstance(d, _Ready)]
+                decoded = list(pool.map(lambda p: _decode(p, package, settings), chunk))
+                good = [d for d in decoded if isinstance(d, PreparedImages)]
                 logits, features = np.zeros((0, len(package.class_ids))), None
                 if good:
-                    inputs = np.concatenate([d.input for d in good])
+                    inputs = np.concatenate([d.inputs for d in good])
                     logits, features = package.run(inputs, with_features=True)
                 results = iter(range(len(good)))
                 for path, item in zip(chunk, decoded, strict=True):
@@ -195,14 +182,15 @@ def run_batch(
                         writer.write(base | {"status": "error", "error": item})
                         continue
                     i = next(results)
-                    size = (item.image.width, item.image.height)
+                    image = item.decoded[0]
+                    size = (image.width, image.height)
                     image_features = features[i : i + 1] if features is not None else None
                     one = case_result(
                         package,
                         logits[i : i + 1].astype("float64"),
                         [size],
                         features=image_features,
-                        stats=[item.stats],
+                        stats=item.stats,
                     )
                     assessment = one.images[0].assessment
                     domain = assessment.domain
@@ -222,7 +210,7 @@ def run_batch(
                     if heatmaps is not None and features is not None:
                         target = heatmaps / (rel + ".png")
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        shown = explanation(package, item.image.image, features[i], original_size=size)
+                        shown = explanation(package, image.image, features[i], original_size=size)
                         target.write_bytes(shown.overlay_png)
                         row["heatmap"] = str(target)
                     writer.write(row)

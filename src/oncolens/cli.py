@@ -273,8 +273,7 @@ def batch(
             heatmaps,
             workers,
             batch_size,
-            settings.max_image_bytes,
-            settings.max_image_pixels,
+            settings,
             progress=progress,
             started=started,
         )
