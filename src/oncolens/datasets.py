@@ -19,7 +19,6 @@ from PIL import Image
 from oncolens.imaging import ImageDecodeError, decode_image
 from oncolens.zoo.preprocess import InputSpec, model_pixels
 
-SPLITS = ("train", "val", "test")  # what training reads; a manifest may hold other names too
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Dataset files are the project's own, not a client's upload: the decoder's limits are set wide.
 DATASET_MAX_BYTES = 512 * 1024 * 1024

@@ -227,8 +227,6 @@ class DomainCheck:
 
 # --- image quality -------------------------------------------------------------------------------------
 
-QUALITY_KEYS = ("sharpness", "brightness", "dark_clipped", "bright_clipped")
-
 
 @dataclass(frozen=True)
 class QualityIssue:

@@ -40,7 +40,7 @@ from oncolens.domain import (
     root_features,
     threshold_for,
 )
-from oncolens.imaging import ImageDecodeError, decode_image
+from oncolens.imaging import WrongModality
 from oncolens.zoo.card import parse_card
 from oncolens.zoo.package import CARD, ModelPackage, sha256_of
 from oncolens.zoo.preprocess import model_pixels, normalize
@@ -82,16 +82,15 @@ def extract(package: ModelPackage, files: Iterable[Path], batch: int = 32, check
             pending.clear()
 
     for path in files:
-        if check:
-            try:
-                decoded = decode_image(path.read_bytes(), 512 * 2**20, 400_000_000)
-                check_modality(decoded.image, package)
-            except ImageDecodeError:
-                refused += 1
-                continue
-            image = decoded.image
-        else:
-            image = open_rgb(path)
+        try:
+            image = open_rgb(path)  # the serving decoder, with the dataset limits
+            if check:
+                check_modality(image, package)
+        except (ManifestError, WrongModality):
+            if not check:
+                raise
+            refused += 1
+            continue
         sides.append(min(image.size))
         pending.append(model_pixels(image, spec))
         if len(pending) == batch:

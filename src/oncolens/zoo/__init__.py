@@ -50,8 +50,7 @@ class Zoo:
     """Discovers packages once and loads each on first use (or all at start with ``load_all``)."""
 
     def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0) -> None:
-        self.directories = list(directories)
-        self.paths = discover(self.directories)
+        self.paths = discover(directories)
         self.threads = threads
         self._loaded: dict[str, ModelPackage] = {}
         self._lock = threading.Lock()

@@ -140,12 +140,11 @@ def update_result(request: Request, result_id: str, body: ResultUpdate, actor: A
         patient["patient_sex"] = _sex(patient["patient_sex"] or "")
     if "name" in changes and not (body.name or "").strip():
         raise InvalidInput("name cannot be empty")
-    case = cases.find(actor.user, result_id, model_id)
-    if patient:
-        case = cases.update_patient(_oral(actor), result_id, patient, model_id)
+    case = cases.update_patient(_oral(actor), result_id, patient, model_id) if patient else None
     if "result" in changes:
         review = {"confirmed_diagnosis": (body.result or "").strip(), "status": CaseStatus.reviewed.value}
         case = cases.review(_oral(actor), result_id, review, model_id)
+    assert case is not None  # changes is not empty, so one of the two ran
     return _read(cases, case)
 
 

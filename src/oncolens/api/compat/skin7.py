@@ -28,6 +28,7 @@ from oncolens.api.compat.common import APP_ERRORS, Analysis, analyse, app_error,
 from oncolens.api.deps import PredictAccess
 from oncolens.api.errors import BadRequest
 from oncolens.config import Settings
+from oncolens.errors import NotFound
 from oncolens.imaging import decode_image
 from oncolens.storage import EXTENSIONS, MEDIA_TYPES
 
@@ -123,7 +124,7 @@ def _stored_path(request: Request, image_path: str) -> Path:
     name = image_path.rsplit("/", 1)[-1]
     path = _uploads(request) / name
     if not STORED.match(name) or not path.is_file():
-        raise BadRequest(f"no uploaded image at {image_path!r}: upload it first with POST /upload-image", 404)
+        raise NotFound(f"no uploaded image at {image_path!r}: upload it first with POST /upload-image")
     return path
 
 

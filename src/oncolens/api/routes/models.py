@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from oncolens.api.deps import ModelDep, ZooDep
-from oncolens.api.errors import BadRequest
 from oncolens.api.schemas import ClassPublic, ModelSummary
+from oncolens.errors import NotFound
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -56,8 +56,8 @@ def get_model_card(model: ModelDep) -> dict[str, Any]:
 def get_figure(model: ModelDep, name: str) -> FileResponse:
     """A report figure of the model card: confusion_matrix, roc or reliability."""
     if name not in FIGURES:
-        raise BadRequest(f"no figure {name!r}; available: {', '.join(FIGURES)}", status=404)
+        raise NotFound(f"no figure {name!r}; available: {', '.join(FIGURES)}")
     path = model.directory / "report" / f"{name}.png"
     if not path.is_file():
-        raise BadRequest(f"model {model.id} has no {name} figure", status=404)
+        raise NotFound(f"model {model.id} has no {name} figure")
     return FileResponse(path, media_type="image/png")
