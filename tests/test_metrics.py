@@ -112,3 +112,43 @@ def test_auc_metrics_match_scikit_learn(random_case: tuple[np.ndarray, np.ndarra
     assert metrics.macro_auc(y, probs) == pytest.approx(np.mean(one_vs_rest))
     scores = np.round(probs[:, 0], 2)  # ties: both count a tie as half
     assert metrics.binary_auc(y == 0, scores) == pytest.approx(sklearn_metrics.roc_auc_score(y == 0, scores))
+
+
+def test_adaptive_ece_uses_bins_of_equal_count() -> None:
+    # four images, two bins of two: confidences (0.6, 0.7) with one right, (0.8, 0.9) both right
+    probs = np.array([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]])
+    y = np.array([0, 1, 0, 0])
+    expected = 0.5 * abs(0.5 - 0.65) + 0.5 * abs(1.0 - 0.85)
+    assert metrics.adaptive_calibration_error(y, probs, n_bins=2) == pytest.approx(expected)
+
+
+def test_classwise_ece_brier_and_nll_by_hand() -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    y = np.array([0, 0])
+    # class 0: bins hold 0.9 (hit) and 0.2 (hit): |1 - 0.9| + |1 - 0.2| over 2 images; class 1 mirrors it
+    assert metrics.classwise_calibration_error(y, probs) == pytest.approx((0.1 + 0.8) / 2)
+    assert metrics.brier_score(y, probs) == pytest.approx(((0.1**2 + 0.1**2) + (0.8**2 + 0.8**2)) / 2)
+    assert metrics.log_loss(y, probs) == pytest.approx(-(np.log(0.9) + np.log(0.2)) / 2)
+
+
+def test_consistency_resampling_tells_calibrated_from_overconfident() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    p = rng.uniform(0.05, 0.95, n)
+    probs = np.stack([1 - p, p], axis=1)
+    calibrated = (rng.random(n) < p).astype(int)  # labels drawn from the model's own probabilities
+    assert metrics.consistency_p_value(calibrated, probs, metrics.expected_calibration_error, 300) > 0.05
+    sharp = np.stack([1 - np.round(p), np.round(p)], axis=1) * 0.98 + 0.01  # says 0.99 where the truth is p
+    p_value = metrics.consistency_p_value(calibrated, sharp, metrics.expected_calibration_error, 300)
+    assert p_value == pytest.approx(1 / 301), "not one resample reaches the observed error"
+
+
+def test_calibration_report_has_every_figure_with_an_interval() -> None:
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(3), 50)
+    y = rng.integers(0, 3, 50)
+    report = metrics.calibration_report(y, probs, n_boot=50, n_resamples=50)
+    for name in ("ece", "adaptive_ece", "classwise_ece", "brier", "nll"):
+        low, high = report["intervals"][name]
+        assert low <= report[name] <= high or name == "ece", name
+    assert set(report["consistency_p"]) == {"ece", "adaptive_ece"}

@@ -96,7 +96,7 @@ def assess(
     An image out of the model's domain gets the probabilities but no risk level: ``indeterminate``.
     """
     classes = package.card.classes
-    top = int(np.argmax(probs))
+    top = int(package.card.decision.top(probs[None, :])[0])
     p_mal = float(p_malignant(probs[None, :], package.malignant)[0])
     policy = package.card.risk_policy
     level = policy.level_for(p_mal)

@@ -12,6 +12,7 @@ import typer
 
 if TYPE_CHECKING:
     from oncolens.analysis import CaseResult
+    from oncolens.training.recipe import Recipe
 
 app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
 db_app = typer.Typer(help="Database schema (Alembic migrations).")
@@ -63,11 +64,94 @@ def train(
         )
     runs = run_dir or Path("runs") / model_id
     command = _command()
-    fit(chosen, samples, runs, command)
+    if chosen.train.method == "distill":
+        from oncolens.training.distill import fit_distilled
+
+        fit_distilled(chosen, samples, runs, command)
+    else:
+        fit(chosen, samples, runs, command)
     from oncolens.training.pipeline import finalize
 
     package = finalize(chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, command)
     typer.echo(f"wrote model package {package}")
+
+
+def _settings(recipe: Recipe, pairs: list[str]) -> Recipe:
+    """The recipe with ``key=value`` ([train]) and ``augment.key=value`` ([augment]) replaced."""
+    from dataclasses import replace
+
+    from oncolens.training.recipe import RecipeError
+
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, _, name = key.rpartition(".")
+        section = section or "train"
+        if not sep or section not in ("train", "augment"):
+            raise RecipeError(f"--set {pair!r}: expected KEY=VALUE or augment.KEY=VALUE")
+        current = getattr(recipe, section)
+        if not hasattr(current, name):
+            raise RecipeError(f"--set {pair!r}: [{section}] has no key {name!r}")
+        kind = type(getattr(current, name))
+        try:
+            value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError as exc:
+            raise RecipeError(f"--set {pair!r}: {name} takes a {kind.__name__}") from exc
+        recipe = replace(recipe, **{section: replace(current, **{name: value})})
+    return recipe
+
+
+@app.command()
+def cv(
+    dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv and the images.")],
+    model_id: Annotated[str, typer.Option("--model-id", help="Whose recipe (recipes/<model-id>.toml).")],
+    recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
+    folds: Annotated[int | None, typer.Option(help="Folds (default the recipe's).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Repeats with other fold cuts (default the recipe's).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value: KEY=VALUE ([train]) or augment.KEY=VALUE; repeatable."),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="Train and score only the rows whose metadata COLUMN=VALUE, e.g. a source.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Repeated grouped k-fold cross-validation on train + val: compare recipes without touching test."""
+    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.training.distill import cross_validate
+    from oncolens.training.recipe import RecipeError, resolve_recipe
+
+    try:
+        chosen = _settings(resolve_recipe(recipe, model_id), set_ or []).with_overrides(folds=folds, repeats=repeats)
+        samples = read_manifest(dataset_dir)
+        if only is not None:
+            column, sep, value = only.partition("=")
+            if not sep or any(column not in s.metadata for s in samples):
+                raise ManifestError(f"--only {only!r}: expected COLUMN=VALUE with a manifest column")
+            samples = [s for s in samples if s.metadata[column] == value]
+            if not samples:
+                raise ManifestError(f"--only {only!r}: no rows")
+        result = cross_validate(chosen, samples)
+    except (RecipeError, ManifestError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    result["only"] = only
+    result["set"] = set_ or []
+    oof = result["out_of_fold"]
+    typer.echo(
+        f"{model_id}: {result['folds']}-fold x {result['repeats']} out of fold on {result['n']} train+val images"
+    )
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece"):
+        low, high = oof["intervals"][key]
+        typer.echo(f"  {key:<18} {oof[key]:.3f}  [{low:.3f}, {high:.3f}]  by repeat {oof[f'{key}_by_repeat']}")
+    if "malignant_auc" in oof:
+        low, high = oof["malignant_auc_interval"]
+        typer.echo(f"  {'malignant_auc':<18} {oof['malignant_auc']:.3f}  [{low:.3f}, {high:.3f}]")
+    for views, report in result["by_views"].items():
+        typer.echo(
+            f"  views {views}: balanced accuracy {report['balanced_accuracy']:.3f}, AUROC {report['macro_auc']:.3f}"
+        )
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
 
 
 @app.command()
@@ -106,6 +190,14 @@ def evaluate(
         ),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Also write one CSV row per image: file, label, each class's calibrated probability, "
+            "p_malignant and the predicted class.",
+        ),
+    ] = None,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
     ] = None,
@@ -118,7 +210,7 @@ def evaluate(
 
     try:
         package = Zoo.from_settings(Settings(), model_dir or []).get(model_id)
-        report = evaluate_package(package, dataset_dir, split)
+        report = evaluate_package(package, dataset_dir, split, predictions=predictions)
     except (ModelNotFound, PackageError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(format_report(report))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from oncolens.datasets import (
     read_manifest,
     select_split,
 )
+from oncolens.inference import p_malignant
 from oncolens.metrics import classification_report
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import InputSpec, preprocess
@@ -61,6 +63,8 @@ def subgroup_reports(
     malignant: list[bool],
     columns: list[str],
     n_boot: int = 1000,
+    pred: np.ndarray | None = None,
+    malignant_threshold: float = 0.5,
 ) -> dict[str, dict[str, Any]]:
     """Headline metrics per value of each metadata column (e.g. per source dataset).
 
@@ -75,15 +79,51 @@ def subgroup_reports(
         groups: dict[str, Any] = {}
         for value in sorted(set(values.tolist())):
             mask = values == value
-            report = classification_report(y[mask], probs[mask], classes, malignant, n_boot=n_boot)
+            chosen = pred[mask] if pred is not None else None
+            report = classification_report(
+                y[mask], probs[mask], classes, malignant, n_boot, 0, malignant_threshold, chosen, calibration=False
+            )
             report["labels"] = {c: int((y[mask] == k).sum()) for k, c in enumerate(classes)}
             groups[value] = finite({k: report[k] for k in SUBGROUP_KEYS if k in report})
         out[column] = groups
     return out
 
 
+def write_predictions(
+    path: Path,
+    dataset_dir: Path,
+    samples: list[Sample],
+    y: np.ndarray,
+    probs: np.ndarray,
+    pred: np.ndarray,
+    package: ModelPackage,
+) -> None:
+    """One CSV row per image: file, label, the calibrated probability of every class, P(malignant)
+    and the class the model's decision rule picks, so anyone can recompute the metrics."""
+    classes = package.class_ids
+    p_mal = p_malignant(probs, package.malignant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", *(f"p_{c}" for c in classes), "p_malignant", "predicted"])
+        for sample, label, row, pm, chosen in zip(samples, y, probs, p_mal, pred, strict=True):
+            writer.writerow(
+                [
+                    sample.file.relative_to(dataset_dir).as_posix(),
+                    classes[label],
+                    *(f"{v:.6f}" for v in row),
+                    f"{pm:.6f}",
+                    classes[chosen],
+                ]
+            )
+
+
 def evaluate_package(
-    package: ModelPackage, dataset_dir: Path, split: str | None = None, n_boot: int = 1000
+    package: ModelPackage,
+    dataset_dir: Path,
+    split: str | None = None,
+    n_boot: int = 1000,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of a package on one split (``None``: ``test`` if the manifest has splits, else all).
 
@@ -101,9 +141,14 @@ def evaluate_package(
     y = encode_labels(chosen, package.class_ids)
     logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec)
     probs = package.probabilities(logits)
-    report = classification_report(y, probs, package.class_ids, package.malignant, n_boot=n_boot)
+    pred = package.card.decision.top(probs)
+    threshold = package.card.risk_policy.malignant_threshold
+    classes, malignant = package.class_ids, package.malignant
+    if predictions is not None:
+        write_predictions(predictions, dataset_dir, chosen, y, probs, pred, package)
+    report = classification_report(y, probs, classes, malignant, n_boot, 0, threshold, pred)
     columns = list(package.card.dataset.report_by)
-    by = subgroup_reports(y, probs, chosen, package.class_ids, package.malignant, columns, n_boot)
+    by = subgroup_reports(y, probs, chosen, classes, malignant, columns, n_boot, pred, threshold)
     head: dict[str, Any] = {"model": package.id, "version": package.version, "split": split}
     if n_excluded:
         head["excluded"] = {"labels": excluded, "rows": n_excluded}
@@ -134,6 +179,14 @@ def format_report(report: dict[str, Any]) -> str:
         for name in ("sensitivity", "specificity", "auc"):
             low, high = mal["intervals"][name]
             lines.append(f"{name:<20}{fmt(mal[name]):>8}   [{fmt(low)}, {fmt(high)}]")
+    if "calibration" in report:
+        cal = report["calibration"]
+        lines += ["", "calibration (consistency p: how likely an error this large is if the model is calibrated)"]
+        for name in ("ece", "adaptive_ece", "classwise_ece", "brier", "nll"):
+            low, high = cal["intervals"][name]
+            p_value = cal["consistency_p"].get(name)
+            extra = f"   p = {p_value:.3f}" if p_value is not None else ""
+            lines.append(f"{name:<20}{fmt(cal[name]):>8}   [{fmt(low)}, {fmt(high)}]{extra}")
     lines += ["", f"{'class':<28}{'precision':>10}{'recall':>8}{'f1':>8}{'AUROC':>8}{'support':>9}"]
     for name, row in report["per_class"].items():
         lines.append(

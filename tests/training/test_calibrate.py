@@ -65,3 +65,38 @@ def test_a_risk_level_that_no_probability_reaches_is_left_out() -> None:
     assert "borderline" not in names and names[0] == "low"
     assert "Left out as unreachable" in policy["reasoning"] and "borderline" in policy["reasoning"]
     RiskPolicy.model_validate(policy)
+
+
+def test_the_call_threshold_is_the_most_specific_one_at_the_target_sensitivity() -> None:
+    from oncolens.training.calibrate import call_threshold
+
+    p = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.52, 0.51, 0.4, 0.3, 0.2])
+    mal = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    threshold, why = call_threshold(p, mal, {"call_sensitivity": 0.9})
+    assert threshold == 0.51  # 9 of 10 malignant at or above it
+    assert "val sensitivity 0.900" in why
+    assert call_threshold(p, np.ones(12), {})[0] == 0.5
+
+
+def test_decision_rule_adjusts_for_rare_classes_and_writes_two_class_thresholds_as_offsets() -> None:
+    from oncolens.training.calibrate import decision_rule
+    from oncolens.zoo.card import Decision
+
+    rng = np.random.default_rng(0)
+    prior = np.array([0.8, 0.15, 0.05])
+    y = rng.choice(3, 400, p=prior)
+    logits = rng.normal(0, 1, (400, 3)) + np.log(prior) + 1.2 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    rule = decision_rule(y, probs, prior, [False, False, True], 0.5)
+    assert rule["rule"] == "offsets" and rule["tau"] > 0
+    adjusted = Decision.model_validate(rule).top(probs)
+    from oncolens import metrics
+
+    assert metrics.balanced_accuracy(y, adjusted, 3) > metrics.balanced_accuracy(y, probs.argmax(axis=1), 3)
+
+    two = Decision.model_validate(
+        decision_rule(y % 2, probs[:, :2] / probs[:, :2].sum(1, keepdims=True), prior[:2], [False, True], 0.3)
+    )
+    p_mal = np.array([0.29, 0.31, 0.7])
+    chosen = two.top(np.stack([1 - p_mal, p_mal], axis=1))
+    assert chosen.tolist() == [0, 1, 1], "the top class agrees with P(malignant) >= 0.3"

@@ -135,12 +135,22 @@ class EfficientNetLite(nn.Module):
         self._bn1 = _bn(_HEAD)
         self.act = nn.ReLU6(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def front(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The stem and the first ``n_blocks`` blocks: image -> an intermediate map."""
         x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:n_blocks]:
+            x = block(x)
+        return x
+
+    def tail(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The blocks after the first ``n_blocks`` and the head conv: ``front``'s map -> features."""
+        for block in self._blocks[n_blocks:]:
             x = block(x)
         features: torch.Tensor = self.act(self._bn1(self._conv_head(x)))
         return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.front(x, 0), 0)
 
 
 class Classifier(nn.Module):
@@ -156,6 +166,12 @@ class Classifier(nn.Module):
         features = self.backbone(x)
         pooled = features.mean(dim=(2, 3))
         return self.head(self.dropout(pooled)), features
+
+    def tail_logits(self, front_map: torch.Tensor, n_frozen: int) -> torch.Tensor:
+        """Logits from the map ``backbone.front(x, n_frozen)`` left: training on cached front maps."""
+        pooled = self.backbone.tail(front_map, n_frozen).mean(dim=(2, 3))
+        logits: torch.Tensor = self.head(self.dropout(pooled))
+        return logits
 
 
 def imagenet_weights_path(spec: BackboneSpec) -> str:

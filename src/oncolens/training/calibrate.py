@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from oncolens import metrics
 from oncolens.inference import calibrate
 from oncolens.zoo.card import prune_levels
 
@@ -53,6 +54,85 @@ def threshold_for_specificity(p_malignant: np.ndarray, is_malignant: np.ndarray,
     return float(np.nextafter(negatives[k - 1], np.float64(np.inf)))
 
 
+def call_threshold(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[str, Any]) -> tuple[float, str]:
+    """The P(malignant) at which a case is called malignant (``is_malignant``), chosen on val.
+
+    The largest threshold that still catches ``call_sensitivity`` (default 0.90) of val's malignant
+    cases: the most specific call at the sensitivity a screening tool needs. Where val has no
+    malignant or no benign case, 0.5. Returns the threshold and the reasoning.
+    """
+    target = float(config.get("call_sensitivity", 0.90))
+    mal = is_malignant.astype(bool)
+    if not mal.any() or mal.all():
+        return 0.5, "called malignant at P(malignant) >= 0.5 (val lacks a malignant or a benign case)"
+    t = threshold_for_sensitivity(p_malignant, is_malignant, target)
+    sens = float((p_malignant[mal] >= t).mean())
+    spec = float((p_malignant[~mal] < t).mean())
+    at_half = float((p_malignant[mal] >= 0.5).mean()), float((p_malignant[~mal] < 0.5).mean())
+    return t, (
+        f"called malignant at P(malignant) >= {t:.3f}, the largest threshold with val sensitivity >= "
+        f"{target:.2f} (val sensitivity {sens:.3f}, specificity {spec:.3f}; at 0.5 they were "
+        f"{at_half[0]:.3f} and {at_half[1]:.3f})"
+    )
+
+
+ADJUSTMENTS = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2))
+
+
+def decision_rule(
+    y_val: np.ndarray, val_probs: np.ndarray, train_prior: np.ndarray, malignant: list[bool], threshold: float
+) -> dict[str, Any]:
+    """How the top class is chosen (the card's ``decision``), on val.
+
+    Two classes: the malignant threshold written as class offsets, so the top class and ``is_malignant``
+    agree. More classes: logit adjustment, argmax of log p - tau * log(train prior), with the tau in
+    ADJUSTMENTS that gives the best val balanced accuracy (the smallest on a tie; tau 0 is the argmax):
+    rare classes (often the malignant ones) are not drowned by the common ones.
+    """
+    k = len(malignant)
+    if k == 2:
+        if threshold == 0.5:
+            return {
+                "rule": "argmax",
+                "objective": "accuracy",
+                "chosen_on": "val",
+                "reasoning": "the more probable class",
+            }
+        m = malignant.index(True)
+        half = 0.5 * math.log((1 - threshold) / threshold)
+        offsets = [half if i == m else -half for i in range(2)]
+        return {
+            "rule": "offsets",
+            "class_offsets": offsets,
+            "objective": "sensitivity",
+            "chosen_on": "val",
+            "reasoning": f"the malignant class is chosen when P(malignant) >= {threshold:.3f} (the call threshold)",
+        }
+    log_prior = np.log(np.clip(train_prior, 1e-12, None))
+    scores = {}
+    for tau in ADJUSTMENTS:
+        offsets = -tau * (log_prior - log_prior.mean())
+        pred = (np.log(np.clip(val_probs, 1e-12, None)) + offsets).argmax(axis=1)
+        scores[float(tau)] = metrics.balanced_accuracy(y_val, pred, k)
+    best = max(scores.values())
+    tau = min(t for t, v in scores.items() if v >= best)
+    offsets = (-tau * (log_prior - log_prior.mean())).tolist()
+    reasoning = (
+        f"logit adjustment: argmax of log p - tau * log(train prior), tau = {tau} chosen on val for balanced "
+        f"accuracy ({', '.join(f'{t}: {v:.3f}' for t, v in scores.items())})"
+    )
+    if tau == 0.0:
+        return {"rule": "argmax", "objective": "balanced_accuracy", "chosen_on": "val", "reasoning": reasoning}
+    return {
+        "rule": "offsets",
+        "class_offsets": [round(float(o), 6) for o in offsets],
+        "tau": tau,
+        "objective": "balanced_accuracy",
+        "chosen_on": "val",
+        "reasoning": reasoning,
+    }
+
+
 def risk_policy(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
     """Risk thresholds on P(malignant), chosen on val, with the reasoning recorded for the card.
 
@@ -90,4 +170,11 @@ def risk_policy(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[
     )
     if dropped:
         reasoning += f" Left out as unreachable (its threshold equals the next level's): {', '.join(dropped)}."
-    return {"score": "p_malignant", "levels": kept, "chosen_on": "val", "reasoning": reasoning}
+    threshold, why = call_threshold(p_malignant, is_malignant, config)
+    return {
+        "score": "p_malignant",
+        "levels": kept,
+        "malignant_threshold": threshold,
+        "chosen_on": "val",
+        "reasoning": f"{reasoning} Is-malignant: {why}.",
+    }

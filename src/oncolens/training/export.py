@@ -1,9 +1,10 @@
-"""ONNX export of a trained classifier, with test-time flips folded into the graph."""
+"""ONNX export of a trained classifier, with test-time flips and rotations folded into the graph."""
 
 from __future__ import annotations
 
 import base64
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,51 +14,96 @@ from torch import nn
 
 from oncolens.training.backbones import Classifier
 
-TTA_VIEWS = ("identity", "hflip", "vflip")
+
+def _rot90(x: torch.Tensor) -> torch.Tensor:
+    """torch.rot90(x, 1, (2, 3)) in ops ONNX has (aten::rot90 does not export)."""
+    return x.flip(3).transpose(2, 3)
+
+
+def _rot270(x: torch.Tensor) -> torch.Tensor:
+    """torch.rot90(x, -1, (2, 3))."""
+    return x.transpose(2, 3).flip(3)
+
+
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(2, 3)
+
+
+def _antitranspose(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(2, 3).flip(2, 3)
+
+
+ViewFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Each test-time view of an [N, C, H, W] tensor and its inverse: the symmetries of the square (the
+# dihedral group D4). Rotations and transposes need a square input, which every model has.
+VIEWS: dict[str, tuple[ViewFn, ViewFn]] = {
+    "identity": (lambda x: x, lambda x: x),
+    "hflip": (lambda x: x.flip(3), lambda x: x.flip(3)),
+    "vflip": (lambda x: x.flip(2), lambda x: x.flip(2)),
+    "rot180": (lambda x: x.flip(2, 3), lambda x: x.flip(2, 3)),
+    "rot90": (_rot90, _rot270),
+    "rot270": (_rot270, _rot90),
+    "transpose": (_transpose, _transpose),
+    "antitranspose": (_antitranspose, _antitranspose),
+}
+TTA_VIEWS = tuple(VIEWS)
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """``views`` as a tuple, or a ValueError naming the unknown ones."""
+    unknown = sorted(set(views) - set(VIEWS))
+    if unknown or not views:
+        raise ValueError(f"unknown test-time views {unknown}; choose from {list(TTA_VIEWS)}")
+    return tuple(views)
+
+
+def view_offset_sign(view: str) -> tuple[int, int]:
+    """Where a feature cell's up-left offset (-1, -1) in the view's frame lands in the image's frame."""
+    probe = torch.zeros(1, 1, 3, 3)
+    probe[0, 0, 0, 0] = 1.0
+    back = VIEWS[view][1](probe)[0, 0]
+    y, x = divmod(int(back.argmax()), 3)
+    return y - 1, x - 1
 
 
 class ExportModel(nn.Module):
-    """image [N,3,H,W] -> (logits [N,C], features [N,K,h,w]) averaged over flipped views.
+    """image [N,3,H,W] -> (logits [N,C], features [N,K,h,w]) averaged over test-time views.
 
-    Each view's feature map is flipped back before averaging, so ``features`` stays aligned with
-    the input and logits == head(mean over h,w of features): the class-activation map from
-    ``features`` and the head weights is exact.
+    Each view's feature map is mapped back (flipped or rotated) before averaging, so ``features``
+    stays aligned with the input and logits == head(mean over h,w of features): the
+    class-activation map from ``features`` and the head weights is exact.
     """
 
-    def __init__(self, classifier: Classifier, views: tuple[str, ...] = ("identity",)) -> None:
+    def __init__(self, classifier: Classifier, views: Sequence[str] = ("identity",)) -> None:
         super().__init__()
-        unknown = set(views) - set(TTA_VIEWS)
-        if unknown or not views:
-            raise ValueError(f"unknown test-time views {sorted(unknown)}; choose from {TTA_VIEWS}")
         self.backbone = classifier.backbone
         self.head = classifier.head
-        self.views = tuple(views)
+        self.views = check_views(views)
 
     def feature_offset(self, image_size: int) -> tuple[float, float]:
         """(dy, dx) in input pixels from the evenly spaced grid to the centres of the feature cells.
 
         Each stride-2 layer with symmetric padding centres output i on input index 2i, so a cell of
-        an un-flipped view is centred (stride/2 - 0.5) px up-left of its grid point; a flipped view
-        mirrors that on its axis, and the views' maps are averaged, so are their offsets. (Measured
-        on the trained 192 px model with |d feature / d input| this came out at -16.0 / -18.2 px
-        against -15.5 predicted; the gradient estimate is too noisy to ship, the geometry is exact.)
+        an untransformed view is centred (stride/2 - 0.5) px up-left of its grid point; a flipped or
+        rotated view moves that offset with it, and the views' maps are averaged, so are their
+        offsets. (Measured on the trained 192 px model with |d feature / d input| this came out at
+        -16.0 / -18.2 px against -15.5 predicted; the gradient estimate is too noisy to ship, the
+        geometry is exact.)
         """
         with torch.no_grad():
             cells = int(self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[-1])
         shift = image_size / cells / 2 - 0.5
-        dy = sum(shift if view == "vflip" else -shift for view in self.views) / len(self.views)
-        dx = sum(shift if view == "hflip" else -shift for view in self.views) / len(self.views)
+        signs = [view_offset_sign(view) for view in self.views]
+        dy = sum(sy for sy, _ in signs) * shift / len(signs)
+        dx = sum(sx for _, sx in signs) * shift / len(signs)
         return float(dy), float(dx)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = []
         for view in self.views:
-            if view == "hflip":
-                maps.append(self.backbone(image.flip(3)).flip(3))
-            elif view == "vflip":
-                maps.append(self.backbone(image.flip(2)).flip(2))
-            else:
-                maps.append(self.backbone(image))
+            forward, inverse = VIEWS[view]
+            maps.append(inverse(self.backbone(forward(image))))
         features = maps[0] if len(maps) == 1 else torch.stack(maps).mean(dim=0)
         return self.head(features.mean(dim=(2, 3))), features
 

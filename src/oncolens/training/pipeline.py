@@ -23,11 +23,12 @@ from oncolens.datasets import Sample, class_counts, drop_labels, encode_labels, 
 from oncolens.evaluation import dataset_logits, finite, subgroup_reports
 from oncolens.inference import calibrate, p_malignant
 from oncolens.training import plots
-from oncolens.training.calibrate import fit_temperature, nll, risk_policy
+from oncolens.training.calibrate import decision_rule, fit_temperature, nll, risk_policy
+from oncolens.training.distill import TEACHERS
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import BEST, build_model, machine_description, sampling_weights
-from oncolens.zoo.card import SCHEMA_VERSION, ModelCard, parse_card
+from oncolens.zoo.card import SCHEMA_VERSION, Decision, ModelCard, parse_card
 from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
@@ -38,13 +39,18 @@ def _load_exportable(recipe: Recipe, run_dir: Path) -> tuple[ExportModel, dict[s
     checkpoint = torch.load(run_dir / BEST, map_location="cpu", weights_only=False)
     model = build_model(recipe, pretrained=False)
     model.load_state_dict(checkpoint["model"])
-    views = tuple(recipe.export.get("tta", ["identity"]))
-    return ExportModel(model, views).eval(), checkpoint
+    return ExportModel(model, _views(recipe, run_dir)).eval(), checkpoint
 
 
 def _history(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "history.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _views(recipe: Recipe, run_dir: Path) -> tuple[str, ...]:
+    """The test-time views the run chose on val, else the recipe's ``[export] tta``."""
+    chosen = _history(run_dir).get("test_time_views") or recipe.export.get("tta", ["identity"])
+    return tuple(str(v) for v in chosen)
 
 
 def prior_correction(recipe: Recipe, samples: list[Sample]) -> np.ndarray:
@@ -141,6 +147,7 @@ class Scored:
     test_probs: np.ndarray
     calibration: dict[str, Any]
     policy: dict[str, Any]
+    decision: dict[str, Any]
     report: dict[str, Any]
     val_headline: dict[str, Any]
     val_malignant: dict[str, Any] | None
@@ -183,16 +190,99 @@ def _score(
     val_probs = calibrate(val_logits + bias, calibration["temperature"])
     test_probs = calibrate(test_logits + bias, calibration["temperature"])
     policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
-    report = metrics.classification_report(y_test, test_probs, classes, malignant)
-    by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by)
+    threshold = policy["malignant_threshold"]
+    train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
+    decision = decision_rule(y_val, val_probs, train_prior / train_prior.sum(), malignant, threshold)
+    rule = Decision.model_validate(decision)
+    test_pred = rule.top(test_probs)
+    report = metrics.classification_report(y_test, test_probs, classes, malignant, 1000, 0, threshold, test_pred)
+    by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by, 1000, test_pred, threshold)
     if by:
         report["by"] = by
-    val_report = metrics.classification_report(y_val, val_probs, classes, malignant, n_boot=200)
-    headline = {k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")}
-    tqdm.write(f"val (calibrated, views {list(views)}): " + json.dumps(headline))
-    return Scored(
-        y_val, y_test, test_logits, test_probs, calibration, policy, report, headline, val_report.get("malignant")
+    val_report = metrics.classification_report(
+        y_val, val_probs, classes, malignant, 200, 0, threshold, rule.top(val_probs), calibration=False
     )
+    headline = {k: val_report[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")}
+    tqdm.write(f"val (calibrated, views {list(views)}, decision {decision['rule']}): " + json.dumps(headline))
+    return Scored(
+        y_val,
+        y_test,
+        test_logits,
+        test_probs,
+        calibration,
+        policy,
+        decision,
+        report,
+        headline,
+        val_report.get("malignant"),
+    )
+
+
+@torch.no_grad()
+def _teacher_scores(
+    recipe: Recipe, samples: list[Sample], run_dir: Path, views: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """How the run's teachers (``run_dir/teachers``) score as one ensemble with the student's views:
+    calibrated and given a decision rule on val exactly like the student, then measured on test; with
+    the out-of-fold figures the run recorded. None for a run without teachers."""
+    paths = sorted((run_dir / TEACHERS).glob("*.pt"))
+    if not paths:
+        return None
+    classes, malignant, spec = recipe.class_ids, [c.malignant for c in recipe.classes], recipe.input_spec
+    val, test = select_split(samples, "val"), select_split(samples, "test")
+    y_val, y_test = encode_labels(val, classes), encode_labels(test, classes)
+    tqdm.write(f"teachers: {len(paths)} models on {len(val)} val and {len(test)} test images")
+    inputs = {
+        name: preprocess([open_rgb(s.file) for s in split], spec) for name, split in (("val", val), ("test", test))
+    }
+    sums = {name: np.zeros((len(x), len(classes))) for name, x in inputs.items()}
+    for path in paths:
+        teacher = build_model(recipe, pretrained=False)
+        teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model = ExportModel(teacher, views).eval()
+        for name, x in inputs.items():
+            for start in range(0, len(x), 32):
+                sums[name][start : start + 32] += model(torch.from_numpy(x[start : start + 32]))[0].numpy()
+    val_logits, test_logits = sums["val"] / len(paths), sums["test"] / len(paths)
+    prior = prior_correction(recipe, samples) if recipe.export.get("prior_correction", True) else np.zeros(len(classes))
+    calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
+    bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
+    val_probs = calibrate(val_logits + bias, calibration["temperature"])
+    test_probs = calibrate(test_logits + bias, calibration["temperature"])
+    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
+    threshold = policy["malignant_threshold"]
+    train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
+    rule = Decision.model_validate(
+        decision_rule(y_val, val_probs, train_prior / train_prior.sum(), malignant, threshold)
+    )
+    keys = (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "macro_auc",
+        "ece",
+        "intervals",
+        "malignant",
+        "calibration",
+    )
+    reports = {}
+    for name, y, probs in (("val", y_val, val_probs), ("test", y_test, test_probs)):
+        report = metrics.classification_report(y, probs, classes, malignant, 1000, 0, threshold, rule.top(probs))
+        reports[name] = {k: report[k] for k in keys if k in report}
+    recorded = _history(run_dir).get("teachers", {})
+    scores: dict[str, Any] = finite(
+        {
+            "models": len(paths),
+            "test_time_views": list(views),
+            "temperature": calibration["temperature"],
+            "decision": rule.rule,
+            "out_of_fold": recorded.get("out_of_fold"),
+            "val": reports["val"],
+            "test": reports["test"],
+        }
+    )
+    return scores
 
 
 def _figures(folder: Path, model_id: str, recipe: Recipe, scored: Scored) -> None:
@@ -221,6 +311,9 @@ def _training_record(recipe: Recipe, run_dir: Path, checkpoint: dict[str, Any]) 
         "machine": history.get("machine"),
         "exported_on": machine_description(),
         "command": history.get("command"),
+        "method": history.get("method", "finetune"),
+        "timings_s": history.get("timings_s"),
+        "view_choice_val": history.get("view_choice_val"),
         "recipe_file": recipe.source,
         "recipe": recipe.to_dict(),
     }
@@ -265,6 +358,7 @@ def _card(
         "parameters": sum(p.numel() for p in model.parameters()),
         "calibration": scored.calibration,
         "risk_policy": scored.policy,
+        "decision": scored.decision,
         "aggregation": recipe.aggregation,
         "metrics": finite({"split": "test", **scored.report}),
         "metrics_val": finite(scored.val_headline | {"malignant": scored.val_malignant}),
@@ -340,6 +434,9 @@ def finalize(
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         training = _training_record(recipe, run_dir, checkpoint)
+        teachers = _teacher_scores(recipe, samples, run_dir, model.views)
+        if teachers is not None:
+            training["teachers"] = teachers
         card = _card(recipe, model_id, model, samples, n_excluded, scored, training, export, onnx_path)
         (staging / "card.json").write_text(card.to_json())
         _install(staging, package_dir)

@@ -14,6 +14,8 @@ from typing import Any
 
 from oncolens.zoo.preprocess import RESIZE_RULES, InputSpec
 
+METHODS = ("finetune", "distill")
+
 
 class RecipeError(ValueError):
     """A recipe file is missing a section or holds a value of the wrong kind."""
@@ -40,6 +42,16 @@ class TrainConfig:
     select_metric: str = "balanced_accuracy"
     seed: int = 0
     threads: int = 0
+    # "finetune": one network, the front frozen, every step through the whole network.
+    # "distill": the frozen front's maps cached for ``cache_views`` views per image; ``folds`` x
+    # ``repeats`` teachers trained by grouped k-fold on train; one student distilled from them.
+    method: str = "finetune"
+    cache_views: int = 8
+    folds: int = 5
+    repeats: int = 1
+    teacher_epochs: int = 0
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,10 @@ def load_recipe(path: Path) -> Recipe:
     overlap = set(map(str, data["dataset"].get("exclude_labels", []))) & {c.id for c in classes}
     if overlap:
         raise RecipeError(f"recipe {path}: label(s) {sorted(overlap)} are both classes and excluded")
+    if train.method not in METHODS:
+        raise RecipeError(f"recipe {path}: method {train.method!r} is not one of {METHODS}")
+    if train.method == "distill" and (train.folds < 2 or train.repeats < 1 or train.cache_views < 1):
+        raise RecipeError(f"recipe {path}: distill needs folds >= 2, repeats >= 1 and cache_views >= 1")
     if train.resize not in RESIZE_RULES:
         raise RecipeError(f"recipe {path}: resize {train.resize!r} is not one of {RESIZE_RULES}")
     return Recipe(

@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oncolens.zoo.preprocess import InputSpec
@@ -133,6 +134,34 @@ class RiskPolicy(_Open):
         return chosen
 
 
+class Decision(_Open):
+    """How the top class is chosen from the calibrated probabilities (which stay as they are).
+
+    ``argmax``: the most probable class. ``offsets``: the class with the largest log p + offset, e.g.
+    logit adjustment (offset -tau * log prior), which trades accuracy for recall of rare classes, or a
+    two-class model's malignant threshold written as offsets so the top class agrees with ``is_malignant``.
+    """
+
+    rule: Literal["argmax", "offsets"] = "argmax"
+    class_offsets: list[float] | None = None
+    objective: str = ""
+    chosen_on: str = "val"
+    reasoning: str = ""
+
+    @model_validator(mode="after")
+    def _offsets_given(self) -> Decision:
+        if self.rule == "offsets" and not self.class_offsets:
+            raise ValueError("rule 'offsets' needs class_offsets")
+        return self
+
+    def top(self, probs: np.ndarray) -> np.ndarray:
+        """[N] index of the chosen class of each row of ``probs`` [N, C]."""
+        if self.rule == "argmax" or not self.class_offsets:
+            return np.asarray(probs.argmax(axis=1))
+        scores = np.log(np.clip(probs, 1e-12, None)) + np.asarray(self.class_offsets)
+        return np.asarray(scores.argmax(axis=1))
+
+
 class Aggregation(_Strict):
     rule: Literal["mean", "max_malignant"] = "mean"
 
@@ -198,6 +227,7 @@ class ModelCard(_Strict):
     calibration: Calibration
     risk_policy: RiskPolicy
     aggregation: Aggregation = Aggregation()
+    decision: Decision = Decision()
     metrics: dict[str, Any]
     metrics_val: dict[str, Any] = Field(default_factory=dict)
     dataset: DatasetInfo
@@ -221,6 +251,9 @@ class ModelCard(_Strict):
             raise ValueError(
                 f"calibration.logit_bias has {len(self.calibration.logit_bias)} values for {len(ids)} classes"
             )
+        offsets = self.decision.class_offsets
+        if offsets is not None and len(offsets) != len(ids):
+            raise ValueError(f"decision.class_offsets has {len(offsets)} values for {len(ids)} classes")
         return self
 
     @property

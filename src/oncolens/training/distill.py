@@ -1,0 +1,422 @@
+"""Teachers by grouped k-fold, one student distilled from them, all on cached front maps.
+
+``method = "distill"`` in a recipe's ``[train]``:
+
+1. The frozen front (stem + ``freeze_blocks`` blocks, ImageNet weights) runs once per image and
+   view (:mod:`oncolens.training.views`): ``cache_views`` augmented views of each train image, the
+   candidate test-time views of each train and val image.
+2. Teachers: the train split is cut into ``folds`` folds by patient/lesion group (``repeats`` times
+   with other cuts); each teacher trains the tail on the other folds for ``teacher_epochs`` and
+   predicts its held-out fold: the pooled out-of-fold predictions measure the recipe on every train
+   image at once, with intervals (the same machinery is ``oncolens cv``).
+3. Student: one network of the served size trained on every train image to match, view by view, the
+   probabilities of the teachers that did *not* see that image (softened by ``distill_temperature``),
+   mixed with the label (``distill_alpha``); selected on val like a fine-tuned model.
+4. Test-time views: of the recipe's candidate sets, the cheapest whose val score is within
+   ``tta_tolerance`` of the best.
+
+The val split stays out of every teacher and every gradient step: it selects the student's epoch and
+test-time views and, in the pipeline, fits the calibration and decision rule. Test is not read here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from oncolens import metrics
+from oncolens.datasets import Sample, drop_labels
+from oncolens.evaluation import finite, subgroup_reports
+from oncolens.inference import calibrate
+from oncolens.training.backbones import Classifier
+from oncolens.training.recipe import Recipe
+from oncolens.training.train import (
+    BEST,
+    SplitData,
+    _freeze,
+    _optimizer,
+    _update_ema,
+    build_model,
+    load_split,
+    lr_at,
+    machine_description,
+    quick_metrics,
+    sampling_weights,
+    set_train_mode,
+)
+from oncolens.training.views import ViewCache, augmented_views, test_time_views, view_logits
+
+TEACHERS = "teachers"
+DEFAULT_CANDIDATES = (("identity", "hflip"),)
+
+
+def grouped_folds(labels: np.ndarray, groups: list[str], k: int, seed: int) -> np.ndarray:
+    """[N] fold index in 0..k-1: a group's images share a fold, and each fold gets its share of each class.
+
+    Groups are taken largest first (ties in a seeded random order) and each goes to the fold where
+    its classes are least represented so far, then the smallest fold.
+    """
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    names = list(members)
+    if len(names) < k:
+        raise ValueError(f"{len(names)} groups cannot make {k} folds")
+    rng = np.random.default_rng(seed)
+    shuffled = [names[i] for i in rng.permutation(len(names))]
+    shuffled.sort(key=lambda g: -len(members[g]))
+    counts = np.zeros((k, num_classes))
+    fold = np.empty(len(labels), dtype=np.int64)
+    for g in shuffled:
+        idx = members[g]
+        cls = np.bincount(labels[idx], minlength=num_classes)
+        cost = counts @ cls * 1000.0 + counts.sum(axis=1)
+        f = int(np.argmin(cost))
+        counts[f] += cls
+        fold[idx] = f
+    return fold
+
+
+@dataclass
+class Pool:
+    """The images one tail is trained on: cached views, labels and balancing strata."""
+
+    views: ViewCache
+    labels: np.ndarray
+    strata: list[str] | None
+    targets: torch.Tensor | None = None  # [N, K, C] teacher probabilities at the distillation temperature
+
+
+def _strata(data: SplitData, recipe: Recipe) -> list[str] | None:
+    key = recipe.train.balance_by
+    return [s.metadata.get(key, "") for s in data.samples] if key else None
+
+
+def _subset(pool: Pool, index: np.ndarray) -> Pool:
+    strata = [pool.strata[i] for i in index] if pool.strata is not None else None
+    targets = pool.targets[torch.from_numpy(index)] if pool.targets is not None else None
+    return Pool(pool.views.subset(index), pool.labels[index], strata, targets)
+
+
+EpochHook = Callable[[int, Classifier], bool]
+
+
+def train_tail(
+    recipe: Recipe, pool: Pool, epochs: int, seed: int, desc: str, on_epoch: EpochHook | None = None
+) -> Classifier:
+    """Train the tail (blocks after ``freeze_blocks``, head) from ImageNet weights on cached views.
+
+    Each step draws a class-balanced batch of images and one cached view of each; with teacher
+    ``targets`` the loss is ``alpha * CE(label) + (1 - alpha) * T^2 * CE(teacher_T, student_T)``.
+    Returns the exponential moving average of the weights; ``on_epoch(epoch, ema)`` returning True stops.
+    """
+    cfg = recipe.train
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    num_classes = len(recipe.classes)
+    model = build_model(recipe)
+    ema = _freeze(model, cfg.freeze_blocks)
+    optimizer = _optimizer(model, cfg)
+    n = pool.views.n_images
+    batch = min(cfg.batch_size, n)
+    steps = max(1, n // batch)
+    total, warmup = steps * epochs, int(cfg.warmup_epochs * steps)
+    weights = sampling_weights(pool.labels, num_classes, cfg.balance_power, pool.strata)
+    labels = torch.from_numpy(pool.labels)
+    temperature, alpha = cfg.distill_temperature, cfg.distill_alpha
+    step = 0
+    for epoch in range(epochs):
+        set_train_mode(model, cfg.freeze_blocks)
+        order = torch.multinomial(weights, steps * batch, replacement=True, generator=gen).view(steps, batch)
+        running = 0.0
+        for i, idx in enumerate(tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)):
+            view = torch.randint(pool.views.n_views, (len(idx),), generator=gen)
+            x = pool.views.maps[idx, view].float().contiguous(memory_format=torch.channels_last)
+            logits = model.tail_logits(x, cfg.freeze_blocks)
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
+            if pool.targets is not None:
+                soft = pool.targets[idx, view]
+                distill = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
+                loss = alpha * loss + (1 - alpha) * temperature**2 * distill
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            step += 1
+            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
+        if on_epoch is not None and on_epoch(epoch, ema):
+            break
+    return ema
+
+
+def candidate_views(recipe: Recipe) -> list[tuple[str, ...]]:
+    """The recipe's candidate test-time view sets (``[export] tta_candidates``, else ``[export] tta``)."""
+    given = recipe.export.get("tta_candidates")
+    if given:
+        return [tuple(str(v) for v in c) for c in given]
+    return [tuple(recipe.export.get("tta", DEFAULT_CANDIDATES[0]))]
+
+
+def union_views(candidates: list[tuple[str, ...]]) -> tuple[str, ...]:
+    seen: list[str] = []
+    for views in candidates:
+        seen += [v for v in views if v not in seen]
+    return tuple(seen)
+
+
+def mean_over(logits: np.ndarray, names: tuple[str, ...], chosen: tuple[str, ...]) -> np.ndarray:
+    """[N, C] mean of the per-view logits [N, V, C] over the ``chosen`` views."""
+    return np.asarray(logits[:, [names.index(v) for v in chosen]].mean(axis=1))
+
+
+@dataclass
+class Teachers:
+    """Out-of-fold logits [R, N, V, C] of the train images and the teachers' mean val logits [N, V, C]."""
+
+    oof: np.ndarray
+    val: np.ndarray
+    folds: np.ndarray  # [R, N]
+    targets: torch.Tensor  # [N, K, C]
+    wall_time_s: float
+
+
+def train_teachers(
+    recipe: Recipe,
+    pool: Pool,
+    groups: list[str],
+    test_views: ViewCache,
+    val_views: ViewCache | None,
+    folder: Path | None,
+) -> Teachers:
+    """``folds`` x ``repeats`` teachers; each saved in ``folder`` (a re-run loads it instead of training)."""
+    cfg = recipe.train
+    k, repeats = cfg.folds, cfg.repeats
+    epochs = cfg.teacher_epochs or cfg.epochs
+    n, c = pool.views.n_images, len(recipe.classes)
+    oof = np.zeros((repeats, n, test_views.n_views, c))
+    targets = torch.zeros((n, pool.views.n_views, c))
+    val_sum = np.zeros((val_views.n_images, val_views.n_views, c)) if val_views is not None else np.zeros(0)
+    folds = np.zeros((repeats, n), dtype=np.int64)
+    t0 = time.time()
+    for r in range(repeats):
+        folds[r] = grouped_folds(pool.labels, groups, k, cfg.seed + r)
+        for f in range(k):
+            held = np.flatnonzero(folds[r] == f)
+            kept = np.flatnonzero(folds[r] != f)
+            path = folder / f"r{r}-f{f}.pt" if folder is not None else None
+            if path is not None and path.is_file():
+                teacher = build_model(recipe, pretrained=False)
+                teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                seed = cfg.seed + 1000 * (r + 1) + f
+                teacher = train_tail(recipe, _subset(pool, kept), epochs, seed, f"teacher {r + 1}.{f + 1}")
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(teacher.state_dict(), path)
+            oof[r, held] = view_logits(teacher, test_views.subset(held), cfg.freeze_blocks)
+            on_views = view_logits(teacher, pool.views.subset(held), cfg.freeze_blocks)
+            targets[torch.from_numpy(held)] += torch.softmax(
+                torch.from_numpy(on_views) / cfg.distill_temperature, -1
+            ).float()
+            if val_views is not None:
+                val_sum += view_logits(teacher, val_views, cfg.freeze_blocks)
+            y, p = pool.labels[held], calibrate(oof[r, held].mean(axis=1), 1.0)
+            tqdm.write(
+                f"teacher {r + 1}.{f + 1}: held-out fold of {len(held)} images: "
+                f"acc {metrics.accuracy(y, p.argmax(1)):.3f} AUROC {metrics.macro_auc(y, p):.3f}"
+            )
+    return Teachers(oof, val_sum / (k * repeats), folds, targets / repeats, time.time() - t0)
+
+
+def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: int = 1000) -> dict[str, Any]:
+    """Metrics of the pooled out-of-fold predictions [R, N, C] (softmax, no calibration): each repeat's
+    report, and for the headline figures the mean over repeats with the first repeat's interval."""
+    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    reports = [
+        metrics.classification_report(y, calibrate(logits, 1.0), classes, malignant, n_boot=n_boot, seed=r)
+        for r, logits in enumerate(oof_logits)
+    ]
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+    out: dict[str, Any] = {"n": len(y), "repeats": len(reports)}
+    for key in keys:
+        out[key] = float(np.mean([rep[key] for rep in reports]))
+        out[f"{key}_by_repeat"] = [rep[key] for rep in reports]
+    out["intervals"] = reports[0]["intervals"]
+    if "malignant" in reports[0]:
+        out["malignant_auc"] = float(np.mean([rep["malignant"]["auc"] for rep in reports]))
+        out["malignant_auc_interval"] = reports[0]["malignant"]["intervals"]["auc"]
+    out["per_class_recall"] = {c: float(np.mean([rep["per_class"][c]["recall"] for rep in reports])) for c in classes}
+    return out
+
+
+def choose_views(
+    recipe: Recipe, y_val: np.ndarray, val_logits: np.ndarray, names: tuple[str, ...]
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The cheapest candidate view set whose val ``select_metric`` is within ``tta_tolerance`` of the best."""
+    candidates = candidate_views(recipe)
+    tolerance = float(recipe.export.get("tta_tolerance", 0.005))
+    num_classes = len(recipe.classes)
+    scores = {
+        "+".join(views): quick_metrics(y_val, mean_over(val_logits, names, views), num_classes)[
+            recipe.train.select_metric
+        ]
+        for views in candidates
+    }
+    best = max(scores.values())
+    ok = [views for views in candidates if scores["+".join(views)] >= best - tolerance]
+    return min(ok, key=len), scores
+
+
+def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
+    """Teachers, then the student; writes ``best.pt`` and ``history.json`` like :func:`train.fit`."""
+    cfg = recipe.train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    samples, _ = drop_labels(samples, recipe.excluded_labels)
+    train, val = load_split(samples, "train", recipe), load_split(samples, "val", recipe)
+    tqdm.write(f"loaded {len(train.labels)} train / {len(val.labels)} val images in {time.time() - t0:.0f}s")
+    front = build_model(recipe)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    candidates = candidate_views(recipe)
+    names = union_views(candidates)
+    t_cache = time.time()
+    pool = Pool(
+        augmented_views(front, train.pixels, recipe, cfg.cache_views, gen), train.labels, _strata(train, recipe)
+    )
+    train_tta = test_time_views(front, train.pixels, recipe, names)
+    val_tta = test_time_views(front, val.pixels, recipe, names)
+    cache_s = time.time() - t_cache
+    tqdm.write(f"cached {pool.views.nbytes() / 2**20:.0f} MiB of front maps in {cache_s:.0f}s")
+
+    groups = [s.group_id for s in train.samples]
+    teachers = train_teachers(recipe, pool, groups, train_tta, val_tta, out_dir / TEACHERS)
+    teacher_oof = oof_report(recipe, train.labels, np.stack([mean_over(o, names, candidates[0]) for o in teachers.oof]))
+    tqdm.write(
+        "teachers out of fold: "
+        + json.dumps({k: teacher_oof[k] for k in ("accuracy", "balanced_accuracy", "macro_auc")})
+    )
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
+    t_student = time.time()
+    num_classes = len(recipe.classes)
+
+    def on_epoch(epoch: int, ema: Classifier) -> bool:
+        val_logits = mean_over(view_logits(ema, val_tta, cfg.freeze_blocks), names, candidates[0])
+        val_metrics = quick_metrics(val.labels, val_logits, num_classes)
+        score = val_metrics[cfg.select_metric]
+        improved = score > best["score"]
+        if improved:
+            best.update(
+                score=score, epoch=epoch, state={k: v.clone() for k, v in ema.state_dict().items()}, val=val_metrics
+            )
+        history.append({"epoch": epoch + 1, "val": val_metrics, "elapsed_s": time.time() - t_student})
+        tqdm.write(
+            f"student epoch {epoch + 1}: val loss {val_metrics['loss']:.3f} acc {val_metrics['accuracy']:.3f} "
+            f"bal-acc {val_metrics['balanced_accuracy']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
+            + (" *best*" if improved else "")
+        )
+        return epoch - int(best["epoch"]) >= cfg.patience
+
+    student_pool = Pool(pool.views, pool.labels, pool.strata, teachers.targets)
+    train_tail(recipe, student_pool, cfg.epochs, cfg.seed, "student", on_epoch)
+    student = build_model(recipe, pretrained=False)
+    student.load_state_dict(best["state"])
+    val_views = view_logits(student, val_tta, cfg.freeze_blocks)
+    chosen, view_scores = choose_views(recipe, val.labels, val_views, names)
+    teacher_val = quick_metrics(val.labels, mean_over(teachers.val, names, chosen), num_classes)
+    tqdm.write(
+        f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"
+    )
+    torch.save({"model": best["state"], "epoch": best["epoch"], "val": best["val"]}, out_dir / BEST)
+    summary = {
+        "command": command,
+        "method": "distill",
+        "recipe": recipe.to_dict(),
+        "best_epoch": int(best["epoch"]) + 1,
+        "best_val": best["val"],
+        "epochs_run": len(history),
+        "wall_time_s": round(time.time() - t0, 1),
+        "timings_s": {
+            "cache": round(cache_s, 1),
+            "teachers": round(teachers.wall_time_s, 1),
+            "student": round(time.time() - t_student, 1),
+        },
+        "cache_mib": round(pool.views.nbytes() / 2**20, 1),
+        "machine": machine_description(),
+        "history": history,
+        "config": recipe.to_dict()["train"],
+        "test_time_views": list(chosen),
+        "view_choice_val": view_scores,
+        "teachers": {
+            "models": cfg.folds * cfg.repeats,
+            "folds": cfg.folds,
+            "repeats": cfg.repeats,
+            "epochs": cfg.teacher_epochs or cfg.epochs,
+            "out_of_fold": teacher_oof,
+            "val_uncalibrated": teacher_val,
+        },
+    }
+    (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cross_validate(recipe: Recipe, samples: list[Sample], folder: Path | None = None) -> dict[str, Any]:
+    """Repeated grouped k-fold cross-validation of the recipe on train + val pooled (test untouched).
+
+    ``folds`` x ``repeats`` models are trained exactly as teachers are; each image is predicted by the
+    model that did not see it, for each repeat. Returns the pooled out-of-fold metrics (mean over
+    repeats, with the bootstrap interval of the first), per candidate test-time view set, and per
+    value of the recipe's ``report_by`` columns.
+    """
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    samples, _ = drop_labels(samples, recipe.excluded_labels)
+    rows = [s for s in samples if s.split in ("train", "val")]
+    data = load_split(rows, "all", recipe)
+    front = build_model(recipe)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    candidates = candidate_views(recipe)
+    names = union_views(candidates)
+    pool = Pool(augmented_views(front, data.pixels, recipe, cfg.cache_views, gen), data.labels, _strata(data, recipe))
+    tta = test_time_views(front, data.pixels, recipe, names)
+    groups = [s.group_id for s in data.samples]
+    teachers = train_teachers(recipe, pool, groups, tta, None, folder)
+    by_views = {
+        "+".join(views): oof_report(recipe, data.labels, np.stack([mean_over(o, names, views) for o in teachers.oof]))
+        for views in candidates
+    }
+    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    first = calibrate(mean_over(teachers.oof[0], names, candidates[0]), 1.0)
+    by = subgroup_reports(data.labels, first, data.samples, classes, malignant, recipe.report_by)
+    result: dict[str, Any] = finite(
+        {
+            "n": len(rows),
+            "folds": cfg.folds,
+            "repeats": cfg.repeats,
+            "recipe": recipe.to_dict(),
+            "out_of_fold": by_views["+".join(candidates[0])],
+            "by_views": by_views,
+            "by": by,
+            "wall_time_s": round(time.time() - t0, 1),
+            "machine": machine_description(),
+        }
+    )
+    return result

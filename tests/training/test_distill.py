@@ -1,0 +1,186 @@
+"""Cached views, grouped folds, teachers and the distilled student, test-time views, decision rules."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from oncolens.cli import app
+
+torch = pytest.importorskip("torch")
+
+from oncolens.datasets import read_manifest, select_split  # noqa: E402
+from oncolens.training.backbones import Classifier, build_backbone  # noqa: E402
+from oncolens.training.distill import TEACHERS, fit_distilled, grouped_folds  # noqa: E402
+from oncolens.training.export import TTA_VIEWS, ExportModel, export_onnx  # noqa: E402
+from oncolens.training.recipe import RecipeError, load_recipe  # noqa: E402
+
+runner = CliRunner()
+
+
+def distill_recipe(tiny_recipe: Path, tmp_path: Path, **train: object) -> Path:
+    """The tiny recipe trained by ``method = "distill"`` (2 folds, 2 cached views, 1 epoch)."""
+    settings = {
+        "method": '"distill"',
+        "cache_views": 2,
+        "folds": 2,
+        "teacher_epochs": 1,
+        "freeze_blocks": 12,
+    } | {k: str(v) for k, v in train.items()}
+    text = tiny_recipe.read_text().replace("freeze_blocks = 3\n", "")
+    lines = "".join(f"{k} = {v}\n" for k, v in settings.items())
+    text = text.replace("[train]\n", "[train]\n" + lines).replace(
+        'tta = ["identity", "hflip"]',
+        'tta = ["identity", "hflip"]\ntta_candidates = [["identity"], ["identity", "hflip"]]',
+    )
+    path = tmp_path / "distill.toml"
+    path.write_text(text)
+    return path
+
+
+def test_grouped_folds_keep_a_group_together_and_spread_every_class() -> None:
+    groups = [f"g{i // 3}" for i in range(60)]  # 20 groups of 3 images; classes hold 7, 7 and 6 groups
+    labels = np.array([int(g[1:]) % 3 for g in groups])
+    folds = grouped_folds(labels, groups, 5, seed=0)
+    for g in set(groups):
+        assert len({folds[i] for i, h in enumerate(groups) if h == g}) == 1, "a group split across folds"
+    assert np.bincount(folds).tolist() == [12] * 5
+    for f in range(5):
+        assert (np.bincount(labels[folds == f], minlength=3) > 0).all(), f"fold {f} lacks a class"
+    assert not np.array_equal(folds, grouped_folds(labels, groups, 5, seed=1)), "another seed, another cut"
+    with pytest.raises(ValueError, match="2 groups cannot make 5 folds"):
+        grouped_folds(np.array([0, 1]), ["a", "b"], 5, seed=0)
+
+
+def test_a_recipe_with_an_unknown_method_or_too_few_folds_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_recipe.read_text().replace("[train]\n", '[train]\nmethod = "boost"\n'))
+    with pytest.raises(RecipeError, match="method 'boost' is not one of"):
+        load_recipe(bad)
+    bad.write_text(tiny_recipe.read_text().replace("[train]\n", '[train]\nmethod = "distill"\nfolds = 1\n'))
+    with pytest.raises(RecipeError, match="distill needs folds >= 2"):
+        load_recipe(bad)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_dataset: Path, tiny_recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A distilled run (2 teachers, 1 student) and its finished package."""
+    from oncolens.training.pipeline import finalize
+
+    work = tmp_path_factory.mktemp("distill")
+    recipe = load_recipe(distill_recipe(tiny_recipe, work))
+    samples = read_manifest(tiny_dataset)
+    fit_distilled(recipe, samples, work / "run", "pytest distill")
+    return work / "run", finalize(recipe, samples, work / "run", work / "zoo" / "tiny", "tiny")
+
+
+def test_a_distilled_run_records_its_teachers_and_chosen_views(distilled: tuple[Path, Path]) -> None:
+    run, package = distilled
+    history = json.loads((run / "history.json").read_text())
+    assert history["method"] == "distill"
+    assert sorted(p.name for p in (run / TEACHERS).glob("*.pt")) == ["r0-f0.pt", "r0-f1.pt"]
+    teachers = history["teachers"]
+    assert teachers["models"] == 2 and teachers["out_of_fold"]["n"] == 15  # every train image predicted once
+    assert history["test_time_views"] in (["identity"], ["identity", "hflip"])
+    assert set(history["view_choice_val"]) == {"identity", "identity+hflip"}
+    assert set(history["timings_s"]) == {"cache", "teachers", "student"}
+
+    card = json.loads((package / "card.json").read_text())
+    assert card["input"]["test_time_views"] == history["test_time_views"]
+    assert card["training"]["method"] == "distill"
+    recorded = card["training"]["teachers"]
+    assert recorded["models"] == 2 and recorded["test"]["n"] == 9 and recorded["val"]["n"] == 6
+    assert 0.0 <= recorded["test"]["macro_auc"] <= 1.0
+    assert recorded["out_of_fold"]["n"] == 15
+    cal = card["metrics"]["calibration"]
+    assert set(cal) >= {"ece", "adaptive_ece", "classwise_ece", "brier", "nll", "intervals", "consistency_p"}
+    assert 0.0 < cal["consistency_p"]["ece"] <= 1.0
+    assert card["decision"]["chosen_on"] == "val"
+
+
+def test_teachers_are_loaded_not_retrained_when_the_run_is_repeated(
+    distilled: tuple[Path, Path], tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    run, _ = distilled
+    before = {p.name: p.stat().st_mtime_ns for p in (run / TEACHERS).glob("*.pt")}
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / TEACHERS).mkdir()
+    for name in before:
+        (again / TEACHERS / name).write_bytes((run / TEACHERS / name).read_bytes())
+    recipe = load_recipe(distill_recipe(tiny_recipe, tmp_path))
+    summary = fit_distilled(recipe, read_manifest(tiny_dataset), again, "pytest again")
+    first = json.loads((run / "history.json").read_text())
+    # the same teachers give the same out-of-fold predictions
+    assert summary["teachers"]["out_of_fold"]["accuracy"] == first["teachers"]["out_of_fold"]["accuracy"]
+    assert {p.name: p.stat().st_mtime_ns for p in (again / TEACHERS).glob("*.pt")} == {
+        name: (again / TEACHERS / name).stat().st_mtime_ns for name in before
+    }
+
+
+def test_cached_tail_logits_match_the_exported_model(tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path) -> None:
+    """Training on cached front maps sees what the exported network computes (fp16 cache rounding only)."""
+    from oncolens.training.train import build_model, load_split
+    from oncolens.training.views import test_time_views, view_logits
+
+    recipe = load_recipe(distill_recipe(tiny_recipe, tmp_path))
+    val = load_split(read_manifest(tiny_dataset), "val", recipe)
+    model = build_model(recipe).eval()
+    cache = test_time_views(model, val.pixels, recipe, ("identity", "hflip", "rot90"))
+    cached = view_logits(model, cache, recipe.train.freeze_blocks).mean(axis=1)
+    from oncolens.training.augment import to_input
+
+    with torch.no_grad():
+        exported = ExportModel(model, ("identity", "hflip", "rot90"))(
+            to_input(torch.from_numpy(val.pixels), recipe.input_spec)
+        )[0]
+    assert np.abs(cached - exported.numpy()).max() < 2e-2
+
+
+def test_all_eight_views_make_a_rotation_invariant_model_that_exports_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ExportModel(Classifier(build_backbone("efficientnet-lite0", pretrained=False), 3), TTA_VIEWS).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, features = model(x)
+        for turned in (torch.rot90(x, 1, (2, 3)), x.flip(3), x.transpose(2, 3)):
+            assert torch.allclose(model(turned)[0], logits, atol=1e-4), "the D4 average ignores orientation"
+    assert model.feature_offset(64) == (0.0, 0.0), "the offsets of the eight views cancel"
+    assert ExportModel(model, ("identity", "rot180")).feature_offset(64) == (0.0, 0.0)
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(model, onnx_path, 64)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits, onnx_features = session.run(["logits", "features"], {"image": x.numpy()})
+    assert np.abs(onnx_logits - logits.numpy()).max() < 1e-4
+    assert np.abs(onnx_features - features.numpy()).max() < 1e-4
+    with pytest.raises(ValueError, match=r"unknown test-time views \['spin'\]"):
+        ExportModel(model, ("identity", "spin"))
+
+
+def test_evaluate_writes_per_image_predictions_that_reproduce_the_metrics(
+    tiny_package: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    out, csv_path = tmp_path / "metrics.json", tmp_path / "pred.csv"
+    args = ["evaluate", "tiny", str(tiny_dataset), "--model-dir", str(tiny_package.parent)]
+    result = runner.invoke(app, [*args, "--json", str(out), "--predictions", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    assert "adaptive_ece" in result.output and "consistency p" in result.output
+    report = json.loads(out.read_text())
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [s for s in select_split(read_manifest(tiny_dataset), "test") if s.label != "rare"]
+    assert [r["file"] for r in rows] == [s.file.relative_to(tiny_dataset).as_posix() for s in test]
+    classes = ["benign_a", "benign_b", "cancer"]
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose([float(r["p_malignant"]) for r in rows], probs[:, 2], atol=1e-6)
+    correct = [r["predicted"] == r["label"] for r in rows]
+    assert np.mean(correct) == pytest.approx(report["accuracy"])
+    assert report["calibration"]["nll"] == pytest.approx(
+        -np.mean([np.log(float(r[f"p_{r['label']}"])) for r in rows]), abs=1e-4
+    )
