@@ -35,7 +35,20 @@ def main() -> None:
             low, high = mal["intervals"]["auc"]
             parts.append(
                 f"malignant-vs-rest AUROC {mal['auc']:.3f} [{low:.3f}, {high:.3f}], "
-                f"sens. {mal['sensitivity']:.3f} / spec. {mal['specificity']:.3f} at P ≥ 0.5"
+                f"sens. {mal['sensitivity']:.3f} / spec. {mal['specificity']:.3f} at P ≥ {mal['threshold']:.2f}"
+            )
+        cal = m.get("calibration")
+        if cal:
+            parts.append(
+                f"equal-mass ECE {ci(cal, 'adaptive_ece')}, Brier {ci(cal, 'brier')}, "
+                f"consistency p {cal['consistency_p']['ece']:.2f}"
+            )
+        teachers = card.get("training", {}).get("teachers")
+        if teachers:
+            t = teachers["test"]
+            parts.append(
+                f"teacher ensemble ({teachers['models']}): bal. acc. {t['balanced_accuracy']:.3f}, "
+                f"AUROC {t['macro_auc']:.3f}"
             )
         for column, groups in m.get("by", {}).items():
             for value, g in groups.items():

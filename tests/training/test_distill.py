@@ -184,3 +184,33 @@ def test_evaluate_writes_per_image_predictions_that_reproduce_the_metrics(
     assert report["calibration"]["nll"] == pytest.approx(
         -np.mean([np.log(float(r[f"p_{r['label']}"])) for r in rows]), abs=1e-4
     )
+
+
+def test_cv_cross_validates_on_train_and_val_without_reading_test(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    recipe = distill_recipe(tiny_recipe, tmp_path)
+    out = tmp_path / "cv.json"
+    args = ["cv", str(tiny_dataset), "--model-id", "tiny", "--recipe", str(recipe), "--repeats", "2"]
+    result = runner.invoke(app, [*args, "--set", "augment.saturation=0.4", "--set", "lr=0.002", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 21  # 15 train + 6 val; the excluded 'rare' row and the 9 test rows are not read
+    oof = report["out_of_fold"]
+    assert oof["repeats"] == 2 and len(oof["balanced_accuracy_by_repeat"]) == 2
+    assert report["recipe"]["augment"]["saturation"] == 0.4 and report["recipe"]["train"]["lr"] == 0.002
+    assert set(report["by_views"]) == {"identity", "identity+hflip"}
+    assert set(report["by"]["site"]) == {"A", "B"}
+    assert "2-fold x 2 out of fold on 21 train+val images" in result.output
+
+    only = runner.invoke(app, [*args[:6], "--only", "site=A"])
+    assert only.exit_code == 0, only.output
+    assert "out of fold on 12 train+val images" in only.output
+    for bad, message in (
+        (["--set", "nonsense"], "expected KEY=VALUE"),
+        (["--set", "colour=3"], "[train] has no key 'colour'"),
+        (["--set", "epochs=many"], "epochs takes a int"),
+        (["--only", "hospital=X"], "expected COLUMN=VALUE with a manifest column"),
+    ):
+        failed = runner.invoke(app, [*args, *bad])
+        assert failed.exit_code == 2 and message in failed.output, failed.output

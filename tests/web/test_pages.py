@@ -56,6 +56,21 @@ def test_the_analyze_page_stores_a_case_and_shows_its_result(app_client: TestCli
     assert case_count(app_client) == before + 1
 
 
+def test_a_distilled_models_page_shows_calibration_at_small_n_and_its_teachers(app_client: TestClient) -> None:
+    import json
+
+    card = json.loads((Path(__file__).parents[2] / "src/oncolens/zoo/thyroid-us/card.json").read_text())
+    page = web_login(app_client, "view@clinic.org").get("/models/thyroid-us").text
+    cal = card["metrics"]["calibration"]
+    for key in ("adaptive_ece", "classwise_ece", "brier", "nll"):
+        assert f"<td>{cal[key]:.3f}</td>" in page, key
+    assert f"{cal['consistency_p']['ece']:.3f}" in page
+    teachers = card["training"]["teachers"]
+    assert f"ensemble of {teachers['models']} teachers" in page
+    assert f"<td>{teachers['test']['macro_auc']:.3f}</td>" in page
+    assert f"called malignant at P(malignant) ≥ {card['risk_policy']['malignant_threshold']:.3f}" in page
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
