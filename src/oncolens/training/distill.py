@@ -45,11 +45,10 @@ from oncolens.training.train import (
     SplitData,
     _freeze,
     _optimizer,
-    _update_ema,
     build_model,
     load_split,
-    lr_at,
     machine_description,
+    optimizer_step,
     quick_metrics,
     sampling_weights,
     set_train_mode,
@@ -139,8 +138,7 @@ def train_tail(
     for epoch in range(epochs):
         set_train_mode(model, cfg.freeze_blocks)
         order = torch.multinomial(weights, steps * batch, replacement=True, generator=gen).view(steps, batch)
-        running = 0.0
-        for i, idx in enumerate(tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)):
+        for idx in tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             view = torch.randint(pool.views.n_views, (len(idx),), generator=gen)
             x = pool.views.maps[idx, view].float().contiguous(memory_format=torch.channels_last)
             logits = model.tail_logits(x, cfg.freeze_blocks)
@@ -149,14 +147,7 @@ def train_tail(
                 soft = pool.targets[idx, view]
                 distill = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
                 loss = alpha * loss + (1 - alpha) * temperature**2 * distill
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            step += 1
-            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
+            step = optimizer_step(model, ema, optimizer, loss, step, total, warmup, cfg)
         if on_epoch is not None and on_epoch(epoch, ema):
             break
     return ema

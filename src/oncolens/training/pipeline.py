@@ -153,6 +153,46 @@ class Scored:
     val_malignant: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class _Fitted:
+    """What is fitted on val: calibration, risk policy and decision rule, and the calibrated probabilities."""
+
+    calibration: dict[str, Any]
+    policy: dict[str, Any]
+    decision: dict[str, Any]
+    rule: Decision
+    val_probs: np.ndarray
+    test_probs: np.ndarray
+
+    @property
+    def threshold(self) -> float:
+        return float(self.policy["malignant_threshold"])
+
+
+def _fit_on_val(
+    recipe: Recipe,
+    samples: list[Sample],
+    y_val: np.ndarray,
+    val_logits: np.ndarray,
+    y_test: np.ndarray,
+    test_logits: np.ndarray,
+) -> _Fitted:
+    """Calibration (prior correction + temperature), risk policy and decision rule, all chosen on val."""
+    classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
+    correct_prior = recipe.export.get("prior_correction", True)
+    prior = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
+    calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
+    bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
+    val_probs = calibrate(val_logits + bias, calibration["temperature"])
+    test_probs = calibrate(test_logits + bias, calibration["temperature"])
+    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
+    train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
+    decision = decision_rule(
+        y_val, val_probs, train_prior / train_prior.sum(), malignant, policy["malignant_threshold"]
+    )
+    return _Fitted(calibration, policy, decision, Decision.model_validate(decision), val_probs, test_probs)
+
+
 def _onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
@@ -183,17 +223,9 @@ def _score(
     tqdm.write(f"ONNX logits on {len(val)} val and {len(test)} test images")
     val_logits = dataset_logits(run, val, spec)
     test_logits = dataset_logits(run, test, spec)
-    correct_prior = recipe.export.get("prior_correction", True)
-    prior = prior_correction(recipe, samples) if correct_prior else np.zeros(len(classes))
-    calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
-    bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
-    val_probs = calibrate(val_logits + bias, calibration["temperature"])
-    test_probs = calibrate(test_logits + bias, calibration["temperature"])
-    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
-    threshold = policy["malignant_threshold"]
-    train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
-    decision = decision_rule(y_val, val_probs, train_prior / train_prior.sum(), malignant, threshold)
-    rule = Decision.model_validate(decision)
+    fitted = _fit_on_val(recipe, samples, y_val, val_logits, y_test, test_logits)
+    calibration, policy, decision, rule = fitted.calibration, fitted.policy, fitted.decision, fitted.rule
+    val_probs, test_probs, threshold = fitted.val_probs, fitted.test_probs, fitted.threshold
     test_pred = rule.top(test_probs)
     report = metrics.classification_report(y_test, test_probs, classes, malignant, 1000, 0, threshold, test_pred)
     by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by, 1000, test_pred, threshold)
@@ -244,17 +276,9 @@ def _teacher_scores(
             for start in range(0, len(x), 32):
                 sums[name][start : start + 32] += model(torch.from_numpy(x[start : start + 32]))[0].numpy()
     val_logits, test_logits = sums["val"] / len(paths), sums["test"] / len(paths)
-    prior = prior_correction(recipe, samples) if recipe.export.get("prior_correction", True) else np.zeros(len(classes))
-    calibration = _calibration(y_val, val_logits, y_test, test_logits, prior)
-    bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
-    val_probs = calibrate(val_logits + bias, calibration["temperature"])
-    test_probs = calibrate(test_logits + bias, calibration["temperature"])
-    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
-    threshold = policy["malignant_threshold"]
-    train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
-    rule = Decision.model_validate(
-        decision_rule(y_val, val_probs, train_prior / train_prior.sum(), malignant, threshold)
-    )
+    fitted = _fit_on_val(recipe, samples, y_val, val_logits, y_test, test_logits)
+    calibration, rule, threshold = fitted.calibration, fitted.rule, fitted.threshold
+    val_probs, test_probs = fitted.val_probs, fitted.test_probs
     keys = (
         "n",
         "accuracy",

@@ -196,6 +196,27 @@ def _update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
                 e_p.copy_(m_p)
 
 
+def optimizer_step(
+    model: Classifier,
+    ema: Classifier,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    step: int,
+    total_steps: int,
+    warmup: int,
+    cfg: TrainConfig,
+) -> int:
+    """One AdamW step at the warmup + cosine learning rate, then the weight EMA; returns the next step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    step += 1
+    _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    return step
+
+
 def _epoch(
     recipe: Recipe,
     model: Classifier,
@@ -220,13 +241,7 @@ def _epoch(
         x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
         logits, _ = model(x.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        step += 1
-        _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step = optimizer_step(model, ema, optimizer, loss, step, total_steps, warmup, cfg)
         running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
     return running, step
