@@ -6,6 +6,7 @@ JSON) and checks the answer field by field against the document's example shape.
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from oncolens.api import create_app
 from oncolens.config import Settings
+from oncolens.zoo import BUILTIN_DIR
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 
@@ -259,12 +261,18 @@ def test_oral_upload_list_get_update_delete(oral: TestClient) -> None:
     assert created.status_code == 200, created.text
     result = created.json()
     assert set(result) >= {"user_id", "result", "confidence", "images"}
-    assert result["result"] in {"CANCER", "NON CANCER"} and 50.0 <= result["confidence"] <= 100.0
     assert len(result["images"]) == 2
     assert oral.get(result["images"][0], headers=doc).content == img1
 
     # stored as an OncoLens case with the patient fields
     case = oral.get(f"/api/v1/cases/{result['id']}", headers=doc).json()
+    # the answer is the model's decision: CANCER from the card's call threshold on P(malignant) (a
+    # screening threshold, below 0.5), the confidence that class's calibrated probability
+    threshold = json.loads((BUILTIN_DIR / "oral-photo" / "card.json").read_text())["risk_policy"]["malignant_threshold"]
+    p_cancer = case["result"]["probabilities"]["cancer"]
+    assert result["result"] == ("CANCER" if p_cancer >= threshold else "NON CANCER")
+    top = "cancer" if result["result"] == "CANCER" else "non_cancer"
+    assert result["confidence"] == pytest.approx(round(case["result"]["probabilities"][top] * 100, 2))
     assert case["model_id"] == "oral-photo" and case["patient"]["name"] == "John Doe"
     assert case["patient"]["age"] == 45 and case["patient"]["email"] == "user@example.com"
     assert case["patient"]["sex"] == "male" and len(case["images"]) == 2
