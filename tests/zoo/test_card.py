@@ -16,6 +16,16 @@ def shipped() -> dict:
     return json.loads((SHIPPED / "card.json").read_text())
 
 
+def with_three_levels(card: dict) -> dict:
+    """The card with a fixed low / borderline / high policy ('high' from 0.5), whatever the package's is."""
+    card["risk_policy"]["levels"] = [
+        {"level": "low", "min": 0.0, "recommendation": "a"},
+        {"level": "borderline", "min": 0.1, "recommendation": "b"},
+        {"level": "high", "min": 0.5, "recommendation": "d"},
+    ]
+    return card
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -42,7 +52,7 @@ def test_a_malformed_card_is_refused_naming_the_field(change: object, named: str
 
 
 def test_a_level_that_could_never_be_returned_is_refused() -> None:
-    card = shipped()
+    card = with_three_levels(shipped())
     levels = card["risk_policy"]["levels"]
     levels.insert(2, {"level": "moderate", "min": levels[2]["min"], "recommendation": "never seen"})
     with pytest.raises(CardError, match=r"thresholds must rise strictly: high starts at 0\.5, not above moderate"):
@@ -50,7 +60,7 @@ def test_a_level_that_could_never_be_returned_is_refused() -> None:
 
 
 def test_a_schema_1_card_is_upgraded_without_its_unreachable_levels() -> None:
-    old = shipped()
+    old = with_three_levels(shipped())
     del old["schema_version"]
     old["risk_policy"]["levels"].insert(2, {"level": "moderate", "min": 0.5, "recommendation": "never seen"})
     upgraded = upgrade_card(old)
