@@ -42,9 +42,9 @@ from oncolens.training.backbones import Classifier
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import (
     BEST,
-    SplitData,
     _freeze,
     _optimizer,
+    balance_strata,
     build_model,
     load_split,
     machine_description,
@@ -95,11 +95,6 @@ class Pool:
     labels: np.ndarray
     strata: list[str] | None
     targets: torch.Tensor | None = None  # [N, K, C] teacher probabilities at the distillation temperature
-
-
-def _strata(data: SplitData, recipe: Recipe) -> list[str] | None:
-    key = recipe.train.balance_by
-    return [s.metadata.get(key, "") for s in data.samples] if key else None
 
 
 def _subset(pool: Pool, index: np.ndarray) -> Pool:
@@ -237,7 +232,9 @@ def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: in
     report, and for the headline figures the mean over repeats with the first repeat's interval."""
     classes, malignant = recipe.class_ids, [c.malignant for c in recipe.classes]
     reports = [
-        metrics.classification_report(y, calibrate(logits, 1.0), classes, malignant, n_boot=n_boot, seed=r)
+        metrics.classification_report(
+            y, calibrate(logits, 1.0), classes, malignant, n_boot=n_boot, seed=r, calibration=False
+        )
         for r, logits in enumerate(oof_logits)
     ]
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
@@ -287,7 +284,9 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     names = union_views(candidates)
     t_cache = time.time()
     pool = Pool(
-        augmented_views(front, train.pixels, recipe, cfg.cache_views, gen), train.labels, _strata(train, recipe)
+        augmented_views(front, train.pixels, recipe, cfg.cache_views, gen),
+        train.labels,
+        balance_strata(train.samples, cfg),
     )
     train_tta = test_time_views(front, train.pixels, recipe, names)
     val_tta = test_time_views(front, val.pixels, recipe, names)
@@ -386,7 +385,11 @@ def cross_validate(recipe: Recipe, samples: list[Sample], folder: Path | None = 
     gen = torch.Generator().manual_seed(cfg.seed)
     candidates = candidate_views(recipe)
     names = union_views(candidates)
-    pool = Pool(augmented_views(front, data.pixels, recipe, cfg.cache_views, gen), data.labels, _strata(data, recipe))
+    pool = Pool(
+        augmented_views(front, data.pixels, recipe, cfg.cache_views, gen),
+        data.labels,
+        balance_strata(data.samples, cfg),
+    )
     tta = test_time_views(front, data.pixels, recipe, names)
     groups = [s.group_id for s in data.samples]
     teachers = train_teachers(recipe, pool, groups, tta, None, folder)

@@ -152,14 +152,18 @@ def _optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def balance_strata(samples: list[Sample], cfg: TrainConfig) -> list[str] | None:
+    """Each sample's ``balance_by`` value (None without one); a column the manifest lacks is an error."""
+    if not cfg.balance_by:
+        return None
+    if any(cfg.balance_by not in s.metadata for s in samples):
+        raise ManifestError(f"balance_by: the manifest has no column {cfg.balance_by!r}")
+    return [s.metadata[cfg.balance_by] for s in samples]
+
+
 def _train_weights(train: SplitData, cfg: TrainConfig, num_classes: int) -> torch.Tensor:
     """Sampling weights of the train images (balanced by class, within ``balance_by`` strata)."""
-    strata = None
-    if cfg.balance_by:
-        if any(cfg.balance_by not in s.metadata for s in train.samples):
-            raise ManifestError(f"balance_by: the manifest has no column {cfg.balance_by!r}")
-        strata = [s.metadata[cfg.balance_by] for s in train.samples]
-    return sampling_weights(train.labels, num_classes, cfg.balance_power, strata)
+    return sampling_weights(train.labels, num_classes, cfg.balance_power, balance_strata(train.samples, cfg))
 
 
 @dataclass
