@@ -227,3 +227,30 @@ def test_evaluate_names_a_missing_or_broken_image(tiny_package: Path, tmp_path: 
     result = runner.invoke(app, ["evaluate", "tiny", str(root), "--model-dir", str(tiny_package.parent)])
     assert result.exit_code == 2
     assert "cannot read image" in result.output and "cancer_" in result.output
+
+
+def test_fine_tuning_chooses_its_test_time_views_on_val(
+    tiny_recipe: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.pipeline import finalize
+    from oncolens.training.recipe import load_recipe
+    from oncolens.training.train import fit
+
+    path = tmp_path / "views.toml"
+    path.write_text(
+        tiny_recipe.read_text().replace(
+            'tta = ["identity", "hflip"]',
+            'tta = ["identity", "hflip"]\ntta_candidates = [["identity", "hflip", "vflip", "rot90"], ["identity"]]\n'
+            "tta_tolerance = 1.0",
+        )
+    )
+    recipe = load_recipe(path)
+    samples = read_manifest(tiny_dataset)
+    summary = fit(recipe, samples, tmp_path / "run", "pytest")
+    # every candidate scored on val; with a tolerance of 1 the cheapest set is always kept
+    assert set(summary["view_choice_val"]) == {"identity+hflip+vflip+rot90", "identity"}
+    assert all(0.0 <= v <= 1.0 for v in summary["view_choice_val"].values())
+    assert summary["test_time_views"] == ["identity"]
+    package = finalize(recipe, samples, tmp_path / "run", tmp_path / "zoo" / "views", "views")
+    card = json.loads((package / "card.json").read_text())
+    assert card["input"]["test_time_views"] == ["identity"]

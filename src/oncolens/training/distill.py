@@ -53,10 +53,18 @@ from oncolens.training.train import (
     sampling_weights,
     set_train_mode,
 )
-from oncolens.training.views import ViewCache, augmented_views, test_time_views, view_logits
+from oncolens.training.views import (
+    ViewCache,
+    augmented_views,
+    candidate_views,
+    choose_views,
+    mean_over,
+    test_time_views,
+    union_views,
+    view_logits,
+)
 
 TEACHERS = "teachers"
-DEFAULT_CANDIDATES = (("identity", "hflip"),)
 
 
 def grouped_folds(labels: np.ndarray, groups: list[str], k: int, seed: int) -> np.ndarray:
@@ -148,26 +156,6 @@ def train_tail(
     return ema
 
 
-def candidate_views(recipe: Recipe) -> list[tuple[str, ...]]:
-    """The recipe's candidate test-time view sets (``[export] tta_candidates``, else ``[export] tta``)."""
-    given = recipe.export.get("tta_candidates")
-    if given:
-        return [tuple(str(v) for v in c) for c in given]
-    return [tuple(recipe.export.get("tta", DEFAULT_CANDIDATES[0]))]
-
-
-def union_views(candidates: list[tuple[str, ...]]) -> tuple[str, ...]:
-    seen: list[str] = []
-    for views in candidates:
-        seen += [v for v in views if v not in seen]
-    return tuple(seen)
-
-
-def mean_over(logits: np.ndarray, names: tuple[str, ...], chosen: tuple[str, ...]) -> np.ndarray:
-    """[N, C] mean of the per-view logits [N, V, C] over the ``chosen`` views."""
-    return np.asarray(logits[:, [names.index(v) for v in chosen]].mean(axis=1))
-
-
 @dataclass
 class Teachers:
     """Out-of-fold logits [R, N, V, C] of the train images and the teachers' mean val logits [N, V, C]."""
@@ -250,24 +238,6 @@ def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: in
     return out
 
 
-def choose_views(
-    recipe: Recipe, y_val: np.ndarray, val_logits: np.ndarray, names: tuple[str, ...]
-) -> tuple[tuple[str, ...], dict[str, float]]:
-    """The cheapest candidate view set whose val ``select_metric`` is within ``tta_tolerance`` of the best."""
-    candidates = candidate_views(recipe)
-    tolerance = float(recipe.export.get("tta_tolerance", 0.005))
-    num_classes = len(recipe.classes)
-    scores = {
-        "+".join(views): quick_metrics(y_val, mean_over(val_logits, names, views), num_classes)[
-            recipe.train.select_metric
-        ]
-        for views in candidates
-    }
-    best = max(scores.values())
-    ok = [views for views in candidates if scores["+".join(views)] >= best - tolerance]
-    return min(ok, key=len), scores
-
-
 def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
     """Teachers, then the student; writes ``best.pt`` and ``history.json`` like :func:`train.fit`."""
     cfg = recipe.train
@@ -328,7 +298,9 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     student = build_model(recipe, pretrained=False)
     student.load_state_dict(best["state"])
     val_views = view_logits(student, val_tta, cfg.freeze_blocks)
-    chosen, view_scores = choose_views(recipe, val.labels, val_views, names)
+    chosen, view_scores = choose_views(
+        recipe, val_views, names, lambda logits: quick_metrics(val.labels, logits, num_classes)[cfg.select_metric]
+    )
     teacher_val = quick_metrics(val.labels, mean_over(teachers.val, names, chosen), num_classes)
     tqdm.write(
         f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"

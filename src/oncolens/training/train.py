@@ -23,6 +23,7 @@ from oncolens.inference import calibrate
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, build_backbone
 from oncolens.training.recipe import Recipe, TrainConfig
+from oncolens.training.views import candidate_views, choose_views, named_view_logits, union_views
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -331,5 +332,21 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
             tqdm.write(f"early stop: no {cfg.select_metric} gain on val for {cfg.patience} epochs")
             break
     summary = _summary(recipe, command, progress)
+    summary.update(_choose_views(recipe, val, out_dir / BEST))
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _choose_views(recipe: Recipe, val: SplitData, best_path: Path) -> dict[str, Any]:
+    """With several ``[export] tta_candidates``: the set the best checkpoint scores best with on val."""
+    candidates = candidate_views(recipe)
+    if len(candidates) < 2 or not best_path.is_file():
+        return {}
+    model = build_model(recipe, pretrained=False)
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    names = union_views(candidates)
+    logits = named_view_logits(model, val.pixels, recipe, names)
+    metric, k = recipe.train.select_metric, len(recipe.classes)
+    chosen, scores = choose_views(recipe, logits, names, lambda z: quick_metrics(val.labels, z, k)[metric])
+    tqdm.write(f"test-time views {list(chosen)} (val {metric}: {scores})")
+    return {"test_time_views": list(chosen), "view_choice_val": scores}

@@ -9,7 +9,7 @@ views drawn from the cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,4 +107,58 @@ def view_logits(model: Classifier, cache: ViewCache, n_frozen: int, batch: int =
         flat = chunk.reshape(n * k, *chunk.shape[2:]).float().contiguous(memory_format=torch.channels_last)
         out.append(model.tail_logits(flat, n_frozen).reshape(n, k, -1))
     logits: np.ndarray = torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, cache.n_views, 0))
+    return logits
+
+
+DEFAULT_CANDIDATES = (("identity", "hflip"),)
+
+
+def candidate_views(recipe: Recipe) -> list[tuple[str, ...]]:
+    """The recipe's candidate test-time view sets (``[export] tta_candidates``, else ``[export] tta``)."""
+    given = recipe.export.get("tta_candidates")
+    if given:
+        return [tuple(str(v) for v in c) for c in given]
+    return [tuple(recipe.export.get("tta", DEFAULT_CANDIDATES[0]))]
+
+
+def union_views(candidates: list[tuple[str, ...]]) -> tuple[str, ...]:
+    seen: list[str] = []
+    for views in candidates:
+        seen += [v for v in views if v not in seen]
+    return tuple(seen)
+
+
+def mean_over(logits: np.ndarray, names: tuple[str, ...], chosen: tuple[str, ...]) -> np.ndarray:
+    """[N, C] mean of the per-view logits [N, V, C] over the ``chosen`` views."""
+    return np.asarray(logits[:, [names.index(v) for v in chosen]].mean(axis=1))
+
+
+def choose_views(
+    recipe: Recipe, val_logits: np.ndarray, names: tuple[str, ...], score: Callable[[np.ndarray], float]
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The cheapest candidate view set whose val ``score`` (of its mean logits [N, C]) is within
+    ``[export] tta_tolerance`` of the best candidate's."""
+    candidates = candidate_views(recipe)
+    tolerance = float(recipe.export.get("tta_tolerance", 0.005))
+    scores = {"+".join(views): score(mean_over(val_logits, names, views)) for views in candidates}
+    best = max(scores.values())
+    ok = [views for views in candidates if scores["+".join(views)] >= best - tolerance]
+    return min(ok, key=len), scores
+
+
+@torch.no_grad()
+def named_view_logits(
+    model: Classifier, pixels: np.ndarray, recipe: Recipe, names: Sequence[str], batch: int = 64
+) -> np.ndarray:
+    """[N, K, C] logits of the named test-time views of each image through the whole network, in
+    eval mode (no cache: for a model whose front was trained too)."""
+    chosen = check_views(names)
+    model.eval()
+    source = torch.from_numpy(pixels)
+    out = []
+    for start in tqdm(range(0, len(pixels), batch), desc="test-time views", unit="batch"):
+        x = to_input(source[start : start + batch], recipe.input_spec)
+        per_view = [model(VIEWS[v][0](x).contiguous(memory_format=torch.channels_last))[0] for v in chosen]
+        out.append(torch.stack(per_view, dim=1).float())
+    logits: np.ndarray = torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(chosen), 0))
     return logits
