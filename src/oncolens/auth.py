@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +31,8 @@ class AuthError(Exception):
     """Authentication failed; the message never says whether the account exists."""
 
     status = 401
+    # True when the failure was already written to the audit trail where it was found
+    audited = False
 
 
 class LoginLocked(AuthError):
@@ -185,23 +188,57 @@ def _reserve_attempt(session: Session, email: str, policy: ThrottlePolicy) -> in
     return failures
 
 
-def authenticate(session: Session, email: str, password: str, policy: ThrottlePolicy) -> User:
-    """The active user with these credentials, or AuthError / LoginLocked (same wording either way).
+def _failed(session: Session, email: str, attempt: int, policy: ThrottlePolicy) -> None:
+    if attempt >= policy.max_failures:
+        table = LoginThrottle.__table__  # type: ignore[attr-defined]
+        until = utcnow() + timedelta(minutes=policy.lock_minutes)
+        session.execute(update(table).where(table.c.email == email).values(failures=0, locked_until=until))
+        session.commit()
 
-    At most ``policy.max_failures`` passwords are checked per account name per lock period, however
-    many attempts arrive at once (see ``_reserve_attempt``).
+
+def throttled(session: Session, email: str, policy: ThrottlePolicy, check: Callable[[], User]) -> User:
+    """Run ``check`` (a password, a second-factor code) as one throttled attempt on the account name.
+
+    The attempt is counted before ``check`` runs (see ``_reserve_attempt``); an AuthError from it
+    leaves it counted (and locks the name at ``max_failures``); only a check that passes clears the count.
     """
     email = email.strip().lower()[:255]
     attempt = _reserve_attempt(session, email, policy)
+    try:
+        user = check()
+    except AuthError:
+        _failed(session, email, attempt, policy)
+        raise
     table = LoginThrottle.__table__  # type: ignore[attr-defined]
-    user = session.exec(select(User).where(User.email == email)).first()
-    valid = verify_password(password, user.hashed_password if user else _DUMMY_HASH)
-    if user is None or not valid or not user.is_active:
-        if attempt >= policy.max_failures:
-            until = utcnow() + timedelta(minutes=policy.lock_minutes)
-            session.execute(update(table).where(table.c.email == email).values(failures=0, locked_until=until))
-            session.commit()
-        raise AuthError("incorrect email or password")
     session.execute(update(table).where(table.c.email == email).values(failures=0))
     session.commit()
     return user
+
+
+def authenticate(
+    session: Session,
+    email: str,
+    password: str,
+    policy: ThrottlePolicy,
+    second_factor: Callable[[User], None] | None = None,
+) -> User:
+    """The active user with these credentials, or AuthError / LoginLocked (same wording either way).
+
+    At most ``policy.max_failures`` passwords are checked per account name per lock period, however
+    many attempts arrive at once (see ``_reserve_attempt``). ``second_factor`` runs after a correct
+    password and raises AuthError for a missing or wrong code: the attempt then stays a failure, so
+    codes are throttled like passwords. An invited account with no password yet never logs in.
+    """
+    email = email.strip().lower()[:255]
+
+    def check() -> User:
+        user = session.exec(select(User).where(User.email == email)).first()
+        usable = user is not None and user.has_password
+        valid = verify_password(password, user.hashed_password if user is not None and usable else _DUMMY_HASH)
+        if user is None or not usable or not valid or not user.is_active:
+            raise AuthError("incorrect email or password")
+        if second_factor is not None:
+            second_factor(user)
+        return user
+
+    return throttled(session, email, policy, check)

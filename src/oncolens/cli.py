@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
+    from sqlmodel import Session
+
     from oncolens.analysis import CaseResult
+    from oncolens.config import Settings
     from oncolens.training.recipe import Recipe
 
 app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
@@ -401,36 +407,185 @@ def db_upgrade() -> None:
     typer.echo(f"database at the newest revision: {url.split('@')[-1]}")
 
 
-@users_app.command("create")
-def users_create(
-    email: Annotated[str, typer.Option(prompt=True, help="Login e-mail.")],
-    password: Annotated[
-        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="At least 10 characters.")
-    ],
-    full_name: Annotated[str, typer.Option(help="Display name.")] = "",
-    admin: Annotated[bool, typer.Option("--admin", help="Make the user an administrator.")] = False,
-    role: Annotated[str, typer.Option(help="clinician or viewer (ignored with --admin).")] = "clinician",
-) -> None:
-    """Create a user (the first administrator is made this way)."""
+NEW_PASSWORD_ENV = "ONCOLENS_NEW_PASSWORD"
+
+
+def _new_password(given: str | None, from_stdin: bool) -> str:
+    """The new password: ``--password``, else the first line of standard input (``--password-stdin``),
+    else ``ONCOLENS_NEW_PASSWORD``, else asked for twice without echo."""
+    if given is not None:
+        return given
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise _fail("--password-stdin: standard input gave no password")
+        return line
+    if os.environ.get(NEW_PASSWORD_ENV):
+        return os.environ[NEW_PASSWORD_ENV]
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+PasswordOption = Annotated[
+    str | None,
+    typer.Option(help=f"At least 10 characters; default --password-stdin, ${NEW_PASSWORD_ENV}, or a prompt."),
+]
+PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
+
+
+@contextmanager
+def _users_session() -> Iterator[Session]:
+    """A session on the configured database (migrated first); domain errors end the command in one line."""
     from sqlmodel import Session
 
     from oncolens.auth import PasswordTooWeak
     from oncolens.config import Settings
     from oncolens.db import make_engine
     from oncolens.errors import DomainError
-    from oncolens.services.users import create_user
 
-    chosen = "admin" if admin else role
     _upgrade_database()
     engine = make_engine(Settings().resolved_database_url)
     try:
-        with Session(engine) as session:
-            user = create_user(session, None, email, password, full_name, chosen)
-            typer.echo(f"created {chosen} {user.email} (id {user.id})")
+        with Session(engine, expire_on_commit=False) as session:
+            yield session
     except (PasswordTooWeak, DomainError) as exc:
         raise _fail(str(exc)) from exc
     finally:
         engine.dispose()
+
+
+@users_app.command("create")
+def users_create(
+    email: Annotated[str, typer.Option(prompt=True, help="Login e-mail.")],
+    password: PasswordOption = None,
+    password_stdin: PasswordStdin = False,
+    full_name: Annotated[str, typer.Option(help="Display name.")] = "",
+    admin: Annotated[bool, typer.Option("--admin", help="Make the user an administrator.")] = False,
+    role: Annotated[str, typer.Option(help="clinician or viewer (ignored with --admin).")] = "clinician",
+) -> None:
+    """Create a user (the first administrator is made this way)."""
+    from oncolens.services.users import create_user
+
+    chosen = "admin" if admin else role
+    secret = _new_password(password, password_stdin)
+    with _users_session() as session:
+        user = create_user(session, None, email, secret, full_name, chosen)
+        typer.echo(f"created {chosen} {user.email} (id {user.id})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every account: id, e-mail, role, state (active, invited, unverified, awaiting approval,
+    deactivated) and whether it signs in with a second factor."""
+    from oncolens.services.accounts import account_state
+    from oncolens.services.users import list_users
+
+    with _users_session() as session:
+        rows = list_users(session)
+    if not rows:
+        typer.echo("no users yet: create the first administrator with `oncolens users create --admin`")
+        return
+    typer.echo(f"{'id':>4}  {'e-mail':<32}{'role':<11}{'state':<19}2FA  name")
+    for u in rows:
+        two = "on" if u.two_factor else "off"
+        typer.echo(f"{u.id:>4}  {u.email:<32}{u.role:<11}{account_state(u):<19}{two:<5}{u.full_name}")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    email: Annotated[str, typer.Argument(help="The account's e-mail.")],
+    password: PasswordOption = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Set an account's password on the server (an admin who forgot theirs); every session of the
+    account ends and its login lock is lifted."""
+    from oncolens.services.users import change_on_command_line
+
+    secret = _new_password(password, password_stdin)
+    with _users_session() as session:
+        user = change_on_command_line(session, email, password=secret)
+    typer.echo(f"password set for {user.email}; its earlier sessions have ended")
+
+
+@users_app.command("deactivate")
+def users_deactivate(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+    """Stop an account from logging in (its sessions end); its cases and audit trail stay."""
+    from oncolens.services.users import change_on_command_line
+
+    with _users_session() as session:
+        user = change_on_command_line(session, email, is_active=False)
+    typer.echo(f"deactivated {user.email}")
+
+
+@users_app.command("activate")
+def users_activate(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+    """Let a deactivated account log in again."""
+    from oncolens.services.users import change_on_command_line
+
+    with _users_session() as session:
+        user = change_on_command_line(session, email, is_active=True)
+    typer.echo(f"activated {user.email}")
+
+
+@users_app.command("approve")
+def users_approve(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+    """Approve a self-signed-up account so it can log in (give it a role on the users page or API)."""
+    from oncolens.services.users import change_on_command_line
+
+    with _users_session() as session:
+        user = change_on_command_line(session, email, approved=True)
+    typer.echo(f"approved {user.email} ({user.role})")
+
+
+@users_app.command("reset-2fa")
+def users_reset_two_factor(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+    """Turn an account's second factor off (a lost phone): it signs in with the password alone until it
+    enrols again; its sessions end."""
+    from oncolens.config import Settings
+    from oncolens.services.accounts import Accounts
+    from oncolens.services.users import find_by_email
+
+    settings = Settings()
+    with _users_session() as session:
+        user = find_by_email(session, email)
+        assert user.id is not None
+        Accounts(session, settings, _server_key(settings)).admin_reset(None, user.id)
+    typer.echo(f"second factor of {user.email} reset")
+
+
+@users_app.command("invite")
+def users_invite(
+    email: Annotated[str, typer.Argument(help="Who to invite.")],
+    role: Annotated[str, typer.Option(help="admin, clinician or viewer.")] = "clinician",
+    full_name: Annotated[str, typer.Option(help="Display name.")] = "",
+    inviter: Annotated[str, typer.Option(help="E-mail of the admin the invitation comes from.")] = "",
+) -> None:
+    """E-mail an invitation (needs the ONCOLENS_SMTP_* settings and ONCOLENS_PUBLIC_URL for the link)."""
+    from oncolens.config import Settings
+    from oncolens.db.models import Role, User
+    from oncolens.services.accounts import Accounts
+    from oncolens.services.audit import Actor
+    from oncolens.services.users import find_by_email
+
+    settings = Settings()
+    if not settings.public_url:
+        raise _fail("set ONCOLENS_PUBLIC_URL (the address users open OncoLens at) so the invitation link works")
+    with _users_session() as session:
+        sender = (
+            find_by_email(session, inviter)
+            if inviter
+            else User(
+                email="command line", full_name="The OncoLens administrator", role=Role.admin.value, hashed_password=""
+            )
+        )
+        accounts = Accounts(session, settings, _server_key(settings))
+        user = accounts.invite(Actor(sender, channel="command line"), email, role, full_name, settings.public_url)
+    typer.echo(f"invitation sent to {user.email} ({role}); the link expires in {settings.invite_hours} hours")
+
+
+def _server_key(settings: Settings) -> str:
+    from oncolens.auth import load_or_create_secret
+
+    return settings.secret_key or load_or_create_secret(settings.data_dir)
 
 
 def format_case(result: CaseResult) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from platformdirs import user_data_dir
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -68,6 +68,38 @@ class Settings(BaseSettings):
         10.0, gt=0, description="How often stored files that no case refers to are looked for and removed."
     )
 
+    smtp_host: str | None = Field(
+        None, description="SMTP server for e-mail (invitations, password reset, sign-up codes)."
+    )
+    smtp_port: int | None = Field(
+        None, gt=0, lt=65536, description="SMTP port; default 465 with SMTP_SSL, 587 with SMTP_STARTTLS, else 25."
+    )
+    smtp_user: str | None = Field(None, description="SMTP login name (none: send without logging in).")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
+    smtp_ssl: bool = Field(False, description="Connect to the SMTP server over TLS from the start (SMTPS).")
+    smtp_from: str | None = Field(
+        None, description="Sender address of OncoLens e-mail, e.g. 'OncoLens <noreply@clinic.org>'."
+    )
+    smtp_timeout_s: float = Field(15.0, gt=0, description="Seconds to wait for the SMTP server.")
+    public_url: str | None = Field(
+        None,
+        description="Address users reach this server at, for links in e-mail (e.g. https://oncolens.clinic.org); "
+        "default the address of the request.",
+    )
+    self_signup: bool = Field(
+        False, description="Let anyone sign up with an e-mail code; an admin must approve the account before use."
+    )
+    require_two_factor: bool = Field(
+        False, description="Every user must enrol a second factor (TOTP) before using any other page or route."
+    )
+    invite_hours: int = Field(72, gt=0, description="How long an invitation link stays valid.")
+    reset_minutes: int = Field(30, gt=0, description="How long a password-reset link stays valid.")
+    signup_code_minutes: int = Field(15, gt=0, description="How long a sign-up code sent by e-mail stays valid.")
+    mail_max_per_hour: int = Field(
+        5, gt=0, description="Most reset or sign-up e-mails per address per hour (and 4x that per client address)."
+    )
+
     web_enabled: bool = Field(True, description="Serve the web app (login, analyze, cases, models, dashboard).")
     clinic_name: str = Field("OncoLens", description="Clinic or site name printed at the top of PDF reports.")
     compat_enabled: bool = Field(True, description="Serve the five replaced apps' routes (see README, Migration).")
@@ -92,6 +124,18 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def mail_configured(self) -> bool:
+        return bool(self.smtp_host)
+
+    @model_validator(mode="after")
+    def _one_tls_mode(self) -> Settings:
+        if self.smtp_ssl and self.smtp_starttls:
+            raise ValueError("set ONCOLENS_SMTP_SSL or ONCOLENS_SMTP_STARTTLS, not both")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError(f"ONCOLENS_PUBLIC_URL must start with http:// or https://, got {self.public_url!r}")
+        return self
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -1,5 +1,5 @@
 """Domain errors: what went wrong, in the words of the domain. The edges map them to their own
-answers once (the API in ``api/errors.py``: 404, 403, 409, 410, 422, 503)."""
+answers once (the API in ``api/errors.py``: 404, 403, 409, 410, 422, 503, 429, 400)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ class Gone(DomainError):
 
 class Unavailable(DomainError):
     """What is needed to answer is not installed or not loaded (a model of a compat app)."""
+
+
+class TooManyRequests(DomainError):
+    """The caller asked for this too often (e-mails per address or client); wait and try again."""
+
+
+class LinkInvalid(DomainError):
+    """An e-mailed link or code is unknown, expired or already used."""

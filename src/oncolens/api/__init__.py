@@ -27,6 +27,7 @@ from oncolens.api.routes import audit, auth, cases, health, models, predict, use
 from oncolens.auth import load_or_create_secret
 from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
+from oncolens.mail import Mailer
 from oncolens.memory import return_large_allocations
 from oncolens.storage import CaseStore
 from oncolens.zoo import Zoo
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.engine = make_engine(settings.resolved_database_url)
     app.state.secret = settings.secret_key or load_or_create_secret(settings.data_dir)
     app.state.store = CaseStore(settings.images_dir)
+    app.state.mailer = Mailer(settings)
     # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.
     app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
     if settings.cors_origins:

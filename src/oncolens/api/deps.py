@@ -14,6 +14,7 @@ from oncolens.api.batching import InferenceBatcher
 from oncolens.auth import AuthError, Forbidden, user_for_token
 from oncolens.config import Settings
 from oncolens.db.models import Role, User
+from oncolens.services.accounts import Accounts, TwoFactorNeeded, needs_enrolment
 from oncolens.services.analysis import Recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
@@ -89,8 +90,26 @@ StoreDep = Annotated[CaseStore, Depends(get_store)]
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token")
 
 
-def current_user(request: Request, session: SessionDep, token: Annotated[str, Depends(oauth2_scheme)]) -> User:
+def enrolling_user(request: Request, session: SessionDep, token: Annotated[str, Depends(oauth2_scheme)]) -> User:
+    """The caller, whether or not they still owe the second factor the server requires (the routes
+    that let them enrol one, read their own account or log out)."""
     return user_for_token(session, token, request.app.state.secret)
+
+
+EnrollingUser = Annotated[User, Depends(enrolling_user)]
+
+
+def enrolled(settings: Settings, user: User) -> User:
+    if needs_enrolment(settings, user):
+        raise TwoFactorNeeded(
+            "this server requires two-factor sign-in: enrol an authenticator app first "
+            "(POST /api/v1/users/me/2fa/setup, then /api/v1/users/me/2fa/enable; on the web: /account)"
+        )
+    return user
+
+
+def current_user(request: Request, user: EnrollingUser) -> User:
+    return enrolled(request.app.state.settings, user)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -111,7 +130,7 @@ def predict_access(request: Request) -> None:
             "'Authorization: Bearer <token>' with a token from POST /api/v1/auth/token"
         )
     with Session(request.app.state.engine) as session:
-        user_for_token(session, token, request.app.state.secret)
+        enrolled(settings, user_for_token(session, token, request.app.state.secret))
 
 
 PredictAccess = Depends(predict_access)
@@ -150,6 +169,19 @@ def get_cases(
 
 
 CasesDep = Annotated[CaseService, Depends(get_cases)]
+
+
+def get_accounts(request: Request, session: SessionDep, settings: SettingsDep) -> Accounts:
+    return Accounts(session, settings, request.app.state.secret, request.app.state.mailer)
+
+
+AccountsDep = Annotated[Accounts, Depends(get_accounts)]
+
+
+def base_url(request: Request) -> str:
+    """Where links in e-mail point: ``ONCOLENS_PUBLIC_URL``, else the address this request came to."""
+    settings: Settings = request.app.state.settings
+    return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
 def recorder(batcher: InferenceBatcher) -> Recorder | None:

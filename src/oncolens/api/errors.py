@@ -11,7 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from oncolens.auth import AuthError, PasswordTooWeak
-from oncolens.errors import Conflict, DomainError, Gone, InvalidInput, NotFound, PermissionDenied, Unavailable
+from oncolens.errors import (
+    Conflict,
+    DomainError,
+    Gone,
+    InvalidInput,
+    LinkInvalid,
+    NotFound,
+    PermissionDenied,
+    TooManyRequests,
+    Unavailable,
+)
 from oncolens.imaging import ImageDecodeError
 from oncolens.zoo import ModelNotFound, PackageError
 
@@ -26,6 +36,8 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     Gone: 410,
     InvalidInput: 422,
     Unavailable: 503,
+    TooManyRequests: 429,
+    LinkInvalid: 400,
 }
 
 

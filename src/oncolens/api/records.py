@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, EmailStr, Field
 
 from oncolens.db.models import AuditEvent, Case, User
+from oncolens.services.accounts import account_state
 from oncolens.services.inputs import CaseReview, PartialUpdate
 from oncolens.views import CasePublic, StatusName, UTCDateTime
 from oncolens.zoo.card import RiskLevel
@@ -22,6 +23,9 @@ class Token(BaseModel):
     expires_in: int = Field(description="Seconds until the token expires.")
 
 
+AccountState = Literal["active", "invited", "unverified", "awaiting approval", "deactivated"]
+
+
 class UserPublic(BaseModel):
     id: int
     email: str
@@ -29,10 +33,88 @@ class UserPublic(BaseModel):
     role: RoleName
     is_active: bool
     created_at: UTCDateTime
+    state: AccountState = Field(
+        description="invited: the invitation is not accepted yet; unverified / awaiting "
+        "approval: a self-sign-up before its e-mail code / an admin's approval."
+    )
+    email_verified: bool = Field(description="The user proved they read this address (invitation, reset or code).")
+    two_factor: bool = Field(description="Sign-in needs a TOTP code (or a recovery code) after the password.")
 
     @classmethod
     def of(cls, user: User) -> UserPublic:
-        return cls.model_validate(user, from_attributes=True)
+        return cls(
+            id=user.id or 0,
+            email=user.email,
+            full_name=user.full_name,
+            role=user.role,
+            is_active=user.is_active,
+            created_at=user.created_at,
+            state=account_state(user),
+            email_verified=user.email_verified_at is not None,
+            two_factor=user.two_factor,
+        )
+
+
+class Message(BaseModel):
+    detail: str
+
+
+class Invitation(BaseModel):
+    email: EmailStr
+    role: RoleName = "clinician"
+    full_name: str = Field("", max_length=255)
+
+
+class InvitationAccept(BaseModel):
+    token: str = Field(min_length=1, max_length=128, description="The token from the invitation link.")
+    password: str = Field(min_length=10, max_length=128)
+    full_name: str | None = Field(None, max_length=255)
+
+
+class ResetRequest(BaseModel):
+    email: EmailStr
+
+
+class ResetConfirm(BaseModel):
+    token: str = Field(min_length=1, max_length=128, description="The token from the reset link.")
+    password: str = Field(min_length=10, max_length=128)
+
+
+class SignUp(BaseModel):
+    email: EmailStr
+    full_name: str = Field("", max_length=255)
+    password: str = Field(min_length=10, max_length=128)
+
+
+class SignUpVerify(BaseModel):
+    email: EmailStr
+    code: str = Field(min_length=1, max_length=32, description="The 6-digit code from the e-mail.")
+
+
+class Code(BaseModel):
+    code: str = Field(min_length=1, max_length=32, description="A 6-digit code from the authenticator app.")
+
+
+class DisableTwoFactor(BaseModel):
+    password: str = Field(min_length=1, max_length=128, description="Your current password.")
+    code: str = Field(min_length=1, max_length=32, description="A code from the app, or a recovery code.")
+
+
+class TwoFactorStatus(BaseModel):
+    enabled: bool
+    pending: bool = Field(description="An enrolment was started and awaits its first code.")
+    required: bool = Field(description="This server requires a second factor for every user.")
+    recovery_codes_left: int
+
+
+class TwoFactorSetup(BaseModel):
+    secret: str = Field(description="Base32 secret, to type into the app if the QR code cannot be scanned.")
+    otpauth_uri: str
+    qr_svg: str = Field(description="The QR code of otpauth_uri as an SVG document.")
+
+
+class RecoveryCodes(BaseModel):
+    recovery_codes: list[str] = Field(description="Single-use codes for when the phone is lost; shown only now.")
 
 
 class UserCreate(BaseModel):

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, String, Text, true
 from sqlmodel import Field, SQLModel
 
 
@@ -47,6 +47,70 @@ class User(SQLModel, table=True):
     # Every access token carries the version it was issued under; bumping it (password change or
     # reset, deactivation) makes all of the user's earlier tokens invalid at once.
     token_version: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    # When the user proved they read this address (an invitation accepted, a reset or sign-up code used).
+    email_verified_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    # False for a self-signed-up account until an admin approves it: it cannot log in before.
+    approved: bool = Field(default=True, sa_column=Column(Boolean, nullable=False, server_default=true()))
+    # The TOTP secret, encrypted (oncolens.totp); set but not enabled while enrolment awaits its first code.
+    totp_secret: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    totp_enabled_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    totp_last_step: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+    @property
+    def has_password(self) -> bool:
+        """False for an invited account whose invitation is not accepted yet."""
+        return bool(self.hashed_password)
+
+    @property
+    def two_factor(self) -> bool:
+        return self.totp_enabled_at is not None
+
+
+class TokenPurpose(StrEnum):
+    invite = "invite"
+    reset = "reset"
+    signup = "signup"
+
+
+class AccountToken(SQLModel, table=True):
+    """A single-use, expiring secret sent by e-mail (invitation link, reset link, sign-up code);
+    only its keyed hash is stored."""
+
+    __tablename__ = "account_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    purpose: str = Field(sa_column=Column(String(16), nullable=False))
+    token_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    expires_at: datetime = Field(sa_column=_when())
+    used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+
+
+class RecoveryCode(SQLModel, table=True):
+    """One of a user's single-use second-factor recovery codes (keyed hash only)."""
+
+    __tablename__ = "recovery_codes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    code_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class RequestThrottle(SQLModel, table=True):
+    """How many e-mails were asked for under a key (an address, a client) in the current hour window."""
+
+    __tablename__ = "request_throttle"
+
+    key: str = Field(sa_column=Column(String(300), primary_key=True))
+    window_start: datetime = Field(sa_column=_when())
+    count: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
 
 
 class RevokedToken(SQLModel, table=True):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -15,7 +18,7 @@ from oncolens.auth import (
     verify_password,
 )
 from oncolens.config import Settings
-from oncolens.db.models import Role, User
+from oncolens.db.models import LoginThrottle, Role, User
 from oncolens.errors import Conflict, InvalidInput, NotFound
 from oncolens.services.audit import Actor, audit, audit_by
 
@@ -109,17 +112,27 @@ def update_me(
     return user
 
 
-def login(session: Session, settings: Settings, email: str, password: str, client: str, channel: str = "") -> User:
-    """Check the password under the login throttle and record the attempt in the audit trail.
+def login(
+    session: Session,
+    settings: Settings,
+    email: str,
+    password: str,
+    client: str,
+    channel: str = "",
+    second_factor: Callable[[User], None] | None = None,
+) -> User:
+    """Check the password (and ``second_factor``, see ``authenticate``) under the login throttle and
+    record the attempt in the audit trail.
 
-    Raises AuthError (after auditing the failure) for a wrong password or a locked account name.
+    Raises AuthError (after auditing the failure) for a wrong password or code, or a locked account name.
     """
     policy = ThrottlePolicy(settings.login_max_failures, settings.login_lock_minutes)
     note = f" ({channel})" if channel else ""
     try:
-        user = authenticate(session, email, password, policy)
+        user = authenticate(session, email, password, policy, second_factor)
     except AuthError as exc:
-        audit(session, None, "login_failed", detail=f"{email.strip().lower()[:200]}: {exc}{note}", client=client)
+        if not exc.audited:  # a wrong second-factor code is audited (2fa_failed) where it is checked
+            audit(session, None, "login_failed", detail=f"{email.strip().lower()[:200]}: {exc}{note}", client=client)
         session.commit()
         raise
     audit(session, user, "login", detail=channel, client=client)
@@ -132,3 +145,40 @@ def logout(session: Session, actor: Actor, token: str, secret: str) -> None:
     revoke_token(session, token, secret)
     audit_by(session, actor, "logout")
     session.commit()
+
+
+def find_by_email(session: Session, email: str) -> User:
+    user = session.exec(select(User).where(User.email == email.strip().lower())).first()
+    if user is None:
+        raise NotFound(f"no user with e-mail {email.strip().lower()}")
+    return user
+
+
+def change_on_command_line(
+    session: Session,
+    email: str,
+    password: str | None = None,
+    is_active: bool | None = None,
+    approved: bool | None = None,
+) -> User:
+    """What the server's operator may do without logging in (``oncolens users``): set a password (the
+    way back for an admin who forgot theirs; it also clears the login lock), (de)activate, approve.
+    Audited with the detail ``command line: ...``; a new password or a deactivation ends every session."""
+    user = find_by_email(session, email)
+    changes = []
+    if password is not None:
+        user.hashed_password = hash_password(password)
+        session.exec(delete(LoginThrottle).where(col(LoginThrottle.email) == user.email))
+        changes.append("password")
+    if is_active is not None:
+        user.is_active = is_active
+        changes.append("is_active")
+    if approved is not None:
+        user.approved = approved
+        changes.append("approved")
+    if password is not None or is_active is False:
+        revoke_all_tokens(user)
+    session.add(user)
+    audit(session, None, "user_update", detail=f"command line: {user.email}: {changes}")
+    session.commit()
+    return user

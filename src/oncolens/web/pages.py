@@ -13,10 +13,8 @@ from urllib.parse import quote, urlencode
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 from sqlmodel import col, select
 
-from oncolens.analysis import DISCLAIMER
 from oncolens.api.deps import CasesDep, SessionDep, SettingsDep, ZooDep, batcher_for, client_of, recorder
 from oncolens.api.errors import BadRequest, status_of
 from oncolens.api.routes.cases import file_response, pdf_response
@@ -25,17 +23,20 @@ from oncolens.auth import AuthError, create_access_token
 from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
 from oncolens.errors import DomainError, InvalidInput, PermissionDenied
 from oncolens.imaging import ImageDecodeError
-from oncolens.services import users
+from oncolens.services.accounts import Accounts, needs_enrolment
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
+from oncolens.web.account_pages import code_page
+from oncolens.web.account_pages import router as account_router
+from oncolens.web.render import render
 from oncolens.web.session import (
     CsrfFailed,
+    MustEnrol,
     NotLoggedIn,
     check_csrf,
-    csrf_token,
     end_session,
-    remember_csrf,
+    start_second_factor,
     start_session,
     web_user,
 )
@@ -43,7 +44,6 @@ from oncolens.zoo import ModelNotFound, Zoo
 from oncolens.zoo.card import RiskLevel
 
 HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
 
 RISK_LEVELS = [level.value for level in RiskLevel]
@@ -53,7 +53,11 @@ PAGE_SIZE = 20
 
 
 def user_dep(request: Request, session: SessionDep) -> User:
-    return web_user(request, session)
+    """The logged-in user; one who owes the second factor the server requires is sent to /account."""
+    user = web_user(request, session)
+    if needs_enrolment(request.app.state.settings, user):
+        raise MustEnrol
+    return user
 
 
 WebUser = Annotated[User, Depends(user_dep)]
@@ -65,13 +69,6 @@ def web_actor(request: Request, user: WebUser) -> Actor:
 
 
 WebActor = Annotated[Actor, Depends(web_actor)]
-
-
-def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    context |= {"csrf": csrf_token(request), "disclaimer": DISCLAIMER}
-    response = templates.TemplateResponse(request, name, context, status_code=status)
-    remember_csrf(request, response)
-    return response
 
 
 def model_groups(zoo: Zoo) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -103,8 +100,8 @@ def safe_next(target: str) -> str:
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, next: str = "/analyze") -> HTMLResponse:
-    return render(request, "login.html", next=safe_next(next), error=None)
+def login_page(request: Request, settings: SettingsDep, next: str = "/analyze") -> HTMLResponse:
+    return render(request, "login.html", next=safe_next(next), error=None, self_signup=settings.self_signup)
 
 
 @router.post("/login", response_model=None)
@@ -119,10 +116,24 @@ def login(
 ) -> Response:
     check_csrf(request, csrf_token)
     target = safe_next(next)
+    accounts = Accounts(session, settings, request.app.state.secret, request.app.state.mailer)
     try:
-        user = users.login(session, settings, email, password, client_of(request), channel="web")
+        user = accounts.password_step(email, password, client_of(request), channel="web")
     except AuthError as exc:
-        return render(request, "login.html", status=exc.status, next=target, error=str(exc), email=email)
+        message = str(exc)
+        return render(
+            request,
+            "login.html",
+            status=exc.status,
+            next=target,
+            error=message[:1].upper() + message[1:] + ".",
+            email=email,
+            self_signup=settings.self_signup,
+        )
+    if user.two_factor:
+        page = code_page(request)
+        start_second_factor(request, page, user, target)
+        return page
     response = RedirectResponse(target, status_code=303)
     start_session(
         request,
@@ -462,6 +473,11 @@ def install_web(app: FastAPI) -> None:
         request, "error.html", status=status, user=None, message=detail
     )
     app.include_router(router)
+    app.include_router(account_router)
+
+    @app.exception_handler(MustEnrol)
+    async def to_account(request: Request, _: MustEnrol) -> RedirectResponse:
+        return RedirectResponse("/account", status_code=303)
 
     @app.exception_handler(NotLoggedIn)
     async def to_login(request: Request, _: NotLoggedIn) -> RedirectResponse:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from datetime import UTC, datetime, timedelta
 
+import jwt
 from fastapi import Request, Response
 from sqlmodel import Session
 
-from oncolens.auth import AuthError, revoke_token, user_for_token
+from oncolens.auth import ALGORITHM, AuthError, revoke_token, user_for_token
 from oncolens.db.models import User
 
 SESSION_COOKIE = "oncolens_session"
@@ -21,6 +23,10 @@ CSRF_COOKIE = "oncolens_csrf"
 
 class NotLoggedIn(Exception):
     """The page needs a logged-in user; the web app answers with a redirect to the login page."""
+
+
+class MustEnrol(Exception):
+    """The server requires a second factor this user has not enrolled; the web app sends them to /account."""
 
 
 class CsrfFailed(Exception):
@@ -76,3 +82,50 @@ def end_session(request: Request, response: Response, session: Session) -> None:
         revoke_token(session, token, request.app.state.secret)
         session.commit()
     response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=request.url.scheme == "https")
+
+
+SECOND_FACTOR_COOKIE = "oncolens_2fa"
+SECOND_FACTOR_MINUTES = 5
+
+
+def start_second_factor(request: Request, response: Response, user: User, next_path: str) -> None:
+    """After a correct password on an account with a second factor: a short-lived, signed cookie that
+    lets this browser send the code (and nothing else)."""
+    now = datetime.now(UTC)
+    claims = {
+        "sub": str(user.id),
+        "purpose": "second-factor",
+        "ver": user.token_version,
+        "next": next_path,
+        "iat": now,
+        "exp": now + timedelta(minutes=SECOND_FACTOR_MINUTES),
+    }
+    token = jwt.encode(claims, request.app.state.secret, algorithm=ALGORITHM)
+    response.set_cookie(
+        SECOND_FACTOR_COOKIE,
+        token,
+        max_age=SECOND_FACTOR_MINUTES * 60,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def second_factor_user(request: Request, session: Session) -> tuple[User, str]:
+    """The user (and the page to go to after) whose password this browser got right a moment ago."""
+    expired = AuthError("the sign-in has expired: enter your e-mail and password again")
+    try:
+        claims = jwt.decode(request.cookies.get(SECOND_FACTOR_COOKIE, ""), request.app.state.secret, [ALGORITHM])
+    except jwt.InvalidTokenError as exc:
+        raise expired from exc
+    sub = claims.get("sub")
+    if claims.get("purpose") != "second-factor" or not isinstance(sub, str) or not sub.isdigit():
+        raise expired
+    user = session.get(User, int(sub))
+    if user is None or not user.is_active or user.token_version != claims.get("ver"):
+        raise expired
+    return user, str(claims.get("next", "/analyze"))
+
+
+def end_second_factor(request: Request, response: Response) -> None:
+    response.delete_cookie(SECOND_FACTOR_COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https")

@@ -1,0 +1,605 @@
+"""Accounts by e-mail and the second factor: invitations, password reset, self-sign-up with an e-mail
+code and admin approval, TOTP enrolment, recovery codes. Every step is audited.
+
+Secrets sent by e-mail (links, codes) are single-use and expiring, and only their keyed hashes are
+stored (``account_tokens``). Answers that could tell whether an address has an account (reset,
+sign-up) are the same either way, and their e-mails leave after the answer (``Outbox``), so the time
+taken does not tell either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
+
+from sqlalchemy import delete, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from oncolens import totp
+from oncolens.auth import AuthError, ThrottlePolicy, hash_password, revoke_all_tokens, throttled, verify_password
+from oncolens.config import Settings
+from oncolens.db.models import AccountToken, LoginThrottle, RecoveryCode, RequestThrottle, Role, TokenPurpose, User
+from oncolens.db.models import utcnow as _now
+from oncolens.errors import Conflict, InvalidInput, LinkInvalid, PermissionDenied, TooManyRequests
+from oncolens.mail import Letter, Mailer, MailFailed
+from oncolens.services import users
+from oncolens.services.audit import Actor, audit, audit_by
+from oncolens.services.users import ROLES, get_user
+
+log = logging.getLogger("oncolens.accounts")
+
+SIGNUP_CODE_ATTEMPTS = 5
+LINK_INVALID = "this link is not valid: it has expired or was already used; ask for a new one"
+CODE_INVALID = "the code is wrong or has expired"
+SIGNUP_OFF = "self sign-up is off on this server: ask an administrator for an invitation"
+
+
+class TwoFactorRequired(AuthError):
+    """The password was right; the account also needs its second-factor code."""
+
+
+class WrongCode(AuthError):
+    """The second-factor code (or recovery code) was wrong or already used (audited as ``2fa_failed``)."""
+
+    audited = True
+
+
+class AccountPending(AuthError):
+    """The password was right but the account cannot be used yet (unverified or unapproved sign-up)."""
+
+    status = 403
+
+
+class TwoFactorNeeded(PermissionDenied):
+    """The server requires a second factor and this user has not enrolled one."""
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass
+class Outbox:
+    """E-mails to send after the answer has gone (so its timing does not depend on the account)."""
+
+    letters: list[Letter] = field(default_factory=list)
+
+    def deliver(self, mailer: Mailer, engine: Engine) -> None:
+        for letter in self.letters:
+            try:
+                mailer.send(letter)
+            except MailFailed as exc:
+                log.error("%s", exc)
+                with Session(engine) as session:
+                    audit(session, None, "mail_failed", detail=f"{letter.subject} to {letter.to}: {exc}")
+                    session.commit()
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What an authenticator app needs: the secret (to type in), its otpauth URI and QR code (SVG)."""
+
+    secret: str
+    uri: str
+    qr_svg: str
+
+
+class Accounts:
+    """The account flows on one database session; ``secret`` is the server key (JWT signing key)."""
+
+    def __init__(self, session: Session, settings: Settings, secret: str, mailer: Mailer | None = None) -> None:
+        self.session = session
+        self.settings = settings
+        self.secret = secret
+        self.mailer = mailer or Mailer(settings)
+
+    # --- tokens sent by e-mail ------------------------------------------------------------------------
+
+    def _hash(self, raw: str, purpose: str) -> str:
+        return hmac.new(
+            f"account-token\x00{purpose}\x00{self.secret}".encode(), raw.encode(), hashlib.sha256
+        ).hexdigest()
+
+    def _issue(self, user: User, purpose: TokenPurpose, lifetime: timedelta, raw: str | None = None) -> str:
+        """A new secret for ``user``; earlier unused ones of the same purpose stop working."""
+        assert user.id is not None
+        self.session.exec(
+            delete(AccountToken).where(
+                col(AccountToken.user_id) == user.id,
+                col(AccountToken.purpose) == purpose.value,
+                col(AccountToken.used_at).is_(None),
+            )
+        )
+        raw = raw or secrets.token_urlsafe(32)
+        self.session.add(
+            AccountToken(
+                user_id=user.id,
+                purpose=purpose.value,
+                token_hash=self._hash(raw, purpose.value),
+                expires_at=_now() + lifetime,
+            )
+        )
+        return raw
+
+    def _redeem(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
+        """The unused, unexpired token ``raw`` of ``purpose`` and its user, now marked used."""
+        found = self.session.exec(
+            select(AccountToken).where(col(AccountToken.token_hash) == self._hash(raw.strip(), purpose.value))
+        ).first()
+        if found is None or found.used_at is not None or _aware(found.expires_at) <= _now():
+            raise LinkInvalid(LINK_INVALID)
+        user = self.session.get(User, found.user_id)
+        if user is None or not user.is_active:
+            raise LinkInvalid(LINK_INVALID)
+        found.used_at = _now()
+        self.session.add(found)
+        return found, user
+
+    def check_link(self, raw: str, purpose: TokenPurpose) -> User:
+        """The user a still-valid link belongs to, without using it (the web page's first view)."""
+        found = self.session.exec(
+            select(AccountToken).where(col(AccountToken.token_hash) == self._hash(raw.strip(), purpose.value))
+        ).first()
+        user = self.session.get(User, found.user_id) if found is not None else None
+        if found is None or found.used_at is not None or _aware(found.expires_at) <= _now() or user is None:
+            raise LinkInvalid(LINK_INVALID)
+        return user
+
+    def _count_request(self, key: str, limit: int) -> None:
+        """Count one e-mail request under ``key``; TooManyRequests beyond ``limit`` in the hour window."""
+        key = key[:300]
+        now = _now()
+        row = self.session.get(RequestThrottle, key)
+        if row is None:
+            row = RequestThrottle(key=key, window_start=now, count=0)
+        elif now - _aware(row.window_start) >= timedelta(hours=1):
+            row.window_start, row.count = now, 0
+        row.count += 1
+        self.session.add(row)
+        self.session.commit()
+        if row.count > limit:
+            wait = timedelta(hours=1) - (now - _aware(row.window_start))
+            minutes = max(1, round(wait.total_seconds() / 60))
+            raise TooManyRequests(
+                f"too many e-mail requests from here or for this address; try again in {minutes} minute(s)"
+            )
+
+    def _throttle(self, kind: str, email: str, client: str) -> None:
+        limit = self.settings.mail_max_per_hour
+        self._count_request(f"{kind}:{email}", limit)
+        if client:
+            self._count_request(f"{kind}-client:{client}", limit * 4)
+
+    def _letter(self, to: str, subject: str, text: str, url: str = "", label: str = "") -> Letter:
+        return Letter(to=to, subject=subject, text=text, action_url=url, action_label=label)
+
+    # --- invitations ----------------------------------------------------------------------------------
+
+    def invite(self, actor: Actor, email: str, role: str, full_name: str, base_url: str) -> User:
+        """Create (or renew) an invitation and send it now; nothing is kept if the e-mail fails."""
+        self.mailer.require()
+        if role not in ROLES:
+            raise InvalidInput(f"unknown role {role!r}; choose {', '.join(ROLES)}")
+        email = email.strip().lower()
+        user = self.session.exec(select(User).where(User.email == email)).first()
+        if user is not None and (user.has_password or not user.is_active):
+            raise Conflict(f"a user with e-mail {email} already exists")
+        if user is None:
+            user = User(email=email, full_name=full_name, hashed_password="", role=role)
+        else:
+            user.role, user.full_name = role, full_name or user.full_name
+        self.session.add(user)
+        self.session.flush()
+        hours = self.settings.invite_hours
+        raw = self._issue(user, TokenPurpose.invite, timedelta(hours=hours))
+        inviter = actor.user.full_name or actor.user.email
+        letter = self._letter(
+            email,
+            "you are invited to OncoLens",
+            f"{inviter} invites you to use OncoLens at {self.settings.clinic_name} as a {role}.\n\n"
+            f"Open the link below to choose your password. It works once and expires in {hours} hours.\n\n"
+            "OncoLens is decision support for cancer screening, not a diagnosis.",
+            f"{base_url}/invite?{urlencode({'token': raw})}",
+            "Accept the invitation",
+        )
+        try:
+            self.mailer.send(letter)
+        except MailFailed:
+            self.session.rollback()
+            raise
+        audit_by(self.session, actor, "invite_sent", detail=f"{email} as {role}")
+        self.session.commit()
+        return user
+
+    def accept_invite(self, raw: str, password: str, full_name: str | None = None, client: str = "") -> User:
+        _, user = self._redeem(raw, TokenPurpose.invite)
+        user.hashed_password = hash_password(password)
+        user.email_verified_at = user.email_verified_at or _now()
+        if full_name:
+            user.full_name = full_name
+        self.session.add(user)
+        audit(self.session, user, "invite_accepted", client=client)
+        self.session.commit()
+        return user
+
+    # --- password reset -------------------------------------------------------------------------------
+
+    def request_reset(self, email: str, client: str, base_url: str) -> Outbox:
+        """The same answer whether or not ``email`` has an account; a link only goes to an active one."""
+        self.mailer.require()
+        email = email.strip().lower()[:255]
+        self._throttle("reset", email, client)
+        outbox = Outbox()
+        user = self.session.exec(select(User).where(User.email == email)).first()
+        if user is None or not user.is_active:
+            audit(
+                self.session, None, "reset_requested", detail=f"{email}: no active account, nothing sent", client=client
+            )
+            self.session.commit()
+            return outbox
+        minutes = self.settings.reset_minutes
+        raw = self._issue(user, TokenPurpose.reset, timedelta(minutes=minutes))
+        outbox.letters.append(
+            self._letter(
+                email,
+                "reset your password",
+                "Someone (hopefully you) asked to reset the password of your OncoLens account.\n\n"
+                f"The link below lets you choose a new one. It works once and expires in {minutes} minutes. "
+                "Choosing a new password signs you out everywhere.\n\n"
+                "If you did not ask for this, ignore this message: your password stays as it is.",
+                f"{base_url}/reset-password?{urlencode({'token': raw})}",
+                "Choose a new password",
+            )
+        )
+        audit(self.session, user, "reset_requested", client=client)
+        self.session.commit()
+        return outbox
+
+    def reset_password(self, raw: str, password: str, client: str = "") -> User:
+        """Set the password from a reset link: every token of the user ends (sessions, other links)."""
+        hashed = hash_password(password)  # a weak password is refused before the link is used up
+        _, user = self._redeem(raw, TokenPurpose.reset)
+        user.hashed_password = hashed
+        user.email_verified_at = user.email_verified_at or _now()
+        revoke_all_tokens(user)
+        self.session.add(user)
+        self.session.exec(
+            update(AccountToken)
+            .where(col(AccountToken.user_id) == user.id, col(AccountToken.used_at).is_(None))
+            .values(used_at=_now())
+        )
+        self.session.exec(delete(LoginThrottle).where(col(LoginThrottle.email) == user.email))
+        audit(self.session, user, "reset_done", client=client)
+        self.session.commit()
+        return user
+
+    # --- self-sign-up ---------------------------------------------------------------------------------
+
+    def signup(self, email: str, full_name: str, password: str, client: str, base_url: str) -> Outbox:
+        """Start a sign-up: a 6-digit code by e-mail. The same answer for an address that has an account
+        (its owner gets a note instead of a code)."""
+        if not self.settings.self_signup:
+            raise PermissionDenied(SIGNUP_OFF)
+        self.mailer.require()
+        email = email.strip().lower()[:255]
+        hashed = hash_password(password)
+        self._throttle("signup", email, client)
+        outbox = Outbox()
+        user = self.session.exec(select(User).where(User.email == email)).first()
+        if user is not None and (user.approved or user.email_verified_at is not None):
+            outbox.letters.append(
+                self._letter(
+                    email,
+                    "you already have an account",
+                    "Someone asked to sign up for OncoLens with this address, which already has an account. "
+                    "If it was you, sign in, or reset your password if you forgot it.",
+                    f"{base_url}/login",
+                    "Sign in",
+                )
+            )
+            audit(self.session, None, "signup_requested", detail=f"{email}: account exists, note sent", client=client)
+            self.session.commit()
+            return outbox
+        if user is None:
+            user = User(email=email, role=Role.viewer.value, approved=False, hashed_password=hashed)
+        user.full_name, user.hashed_password = full_name, hashed
+        self.session.add(user)
+        self.session.flush()
+        minutes = self.settings.signup_code_minutes
+        code = f"{secrets.randbelow(10**6):06d}"
+        self._issue(user, TokenPurpose.signup, timedelta(minutes=minutes), raw=self._signup_raw(email, code))
+        outbox.letters.append(
+            self._letter(
+                email,
+                f"your sign-up code is {code}",
+                f"Your OncoLens sign-up code is {code}. Enter it on the sign-up page within {minutes} minutes.\n\n"
+                "After that an administrator approves the account before you can sign in.",
+                f"{base_url}/signup/verify?{urlencode({'email': email})}",
+                "Enter the code",
+            )
+        )
+        audit(self.session, user, "signup_requested", client=client)
+        self.session.commit()
+        return outbox
+
+    @staticmethod
+    def _signup_raw(email: str, code: str) -> str:
+        return f"{email}\x00{totp.normalise(code)}"
+
+    def verify_signup(self, email: str, code: str, client: str, base_url: str) -> Outbox:
+        """Check the e-mailed code (5 tries per code); the address is then verified and the admins told."""
+        if not self.settings.self_signup:
+            raise PermissionDenied(SIGNUP_OFF)
+        email = email.strip().lower()[:255]
+        user = self.session.exec(select(User).where(User.email == email)).first()
+        pending = (
+            self.session.exec(
+                select(AccountToken).where(
+                    col(AccountToken.user_id) == user.id,
+                    col(AccountToken.purpose) == TokenPurpose.signup.value,
+                    col(AccountToken.used_at).is_(None),
+                )
+            ).first()
+            if user is not None
+            else None
+        )
+        if user is None or pending is None or _aware(pending.expires_at) <= _now():
+            raise LinkInvalid(CODE_INVALID)
+        if not hmac.compare_digest(pending.token_hash, self._hash(self._signup_raw(email, code), "signup")):
+            pending.attempts += 1
+            if pending.attempts >= SIGNUP_CODE_ATTEMPTS:
+                pending.used_at = _now()
+            self.session.add(pending)
+            audit(self.session, user, "signup_code_failed", detail=f"attempt {pending.attempts}", client=client)
+            self.session.commit()
+            raise LinkInvalid(CODE_INVALID)
+        pending.used_at = _now()
+        user.email_verified_at = _now()
+        self.session.add_all([pending, user])
+        audit(self.session, user, "signup_verified", client=client)
+        admins = self.session.exec(select(User).where(User.role == Role.admin.value, col(User.is_active))).all()
+        outbox = Outbox(
+            [
+                self._letter(
+                    admin.email,
+                    "a new account awaits approval",
+                    f"{user.full_name or user.email} <{user.email}> signed up and verified the address. "
+                    "Approve the account (and give it a role) on the users page before it can be used.",
+                    f"{base_url}/admin/users",
+                    "Open the users page",
+                )
+                for admin in admins
+            ]
+        )
+        self.session.commit()
+        return outbox
+
+    def approve(self, actor: Actor, user_id: int, base_url: str) -> Outbox:
+        user = get_user(self.session, user_id)
+        if user.approved:
+            raise Conflict(f"{user.email} is already approved")
+        user.approved = True
+        self.session.add(user)
+        audit_by(self.session, actor, "user_approved", detail=f"{user.email} as {user.role}")
+        self.session.commit()
+        outbox = Outbox()
+        if self.mailer.configured:
+            outbox.letters.append(
+                self._letter(
+                    user.email,
+                    "your account is approved",
+                    f"An administrator approved your OncoLens account at {self.settings.clinic_name} "
+                    f"(role: {user.role}). You can sign in now.",
+                    f"{base_url}/login",
+                    "Sign in",
+                )
+            )
+        return outbox
+
+    # --- signing in ------------------------------------------------------------------------------------
+
+    def login(self, email: str, password: str, client: str, channel: str = "", otp: str | None = None) -> User:
+        """Password, then (if enrolled) the second factor, both under the login throttle; then the
+        account must be usable (verified and approved)."""
+
+        def second_factor(user: User) -> None:
+            if user.two_factor:
+                self.check_second_factor(user, otp, client)
+
+        user = users.login(self.session, self.settings, email, password, client, channel, second_factor)
+        usable(user)
+        return user
+
+    def password_step(self, email: str, password: str, client: str, channel: str) -> User:
+        """The web's first step: the password alone. For an account with a second factor it stays a
+        counted attempt (TwoFactorRequired) until ``code_step`` sees the code, so codes cannot be
+        guessed between correct passwords."""
+
+        def second_factor(user: User) -> None:
+            if user.two_factor:
+                raise TwoFactorRequired("enter the code from your authenticator app")
+
+        try:
+            user = users.login(self.session, self.settings, email, password, client, channel, second_factor)
+        except TwoFactorRequired:
+            found = self.session.exec(select(User).where(User.email == email.strip().lower()[:255])).one()
+            return found
+        usable(user)
+        return user
+
+    def code_step(self, user: User, code: str, client: str, channel: str) -> User:
+        """The web's second step: the code for ``user`` (whose password was right), throttled like a login."""
+        policy = ThrottlePolicy(self.settings.login_max_failures, self.settings.login_lock_minutes)
+
+        def check() -> User:
+            self.check_second_factor(user, code, client)
+            return user
+
+        try:
+            throttled(self.session, user.email, policy, check)
+        except AuthError as exc:
+            if not exc.audited:
+                audit(self.session, None, "login_failed", detail=f"{user.email}: {exc} ({channel})", client=client)
+            self.session.commit()
+            raise
+        audit(self.session, user, "login", detail=f"{channel}, second factor", client=client)
+        self.session.commit()
+        usable(user)
+        return user
+
+    # --- second factor --------------------------------------------------------------------------------
+
+    def begin_enrolment(self, actor: Actor) -> Enrolment:
+        """A new secret, kept (encrypted) but not in force until ``confirm_enrolment`` sees a code of it."""
+        user = actor.user
+        if user.two_factor:
+            raise Conflict("two-factor sign-in is already on for this account; turn it off first to enrol again")
+        secret = totp.new_secret()
+        user.totp_secret = totp.seal(secret, self.secret)
+        self.session.add(user)
+        self.session.commit()
+        uri = totp.provisioning_uri(secret, user.email, self.settings.clinic_name)
+        return Enrolment(secret, uri, totp.qr_svg(uri))
+
+    def confirm_enrolment(self, actor: Actor, code: str) -> list[str]:
+        """Turn the second factor on with a first code from the app; returns the recovery codes (shown once)."""
+        user = actor.user
+        if user.two_factor:
+            raise Conflict("two-factor sign-in is already on for this account")
+        if not user.totp_secret:
+            raise Conflict("start the enrolment first (a new secret and QR code)")
+        step = totp.matching_step(totp.unseal(user.totp_secret, self.secret), code, None)
+        if step is None:
+            audit_by(self.session, actor, "2fa_failed", detail="enrolment code")
+            self.session.commit()
+            raise InvalidInput(
+                "the code does not match: scan the QR code again and enter the 6 digits the app shows now "
+                "(the phone's clock must be right)"
+            )
+        user.totp_enabled_at, user.totp_last_step = _now(), step
+        codes = self._new_recovery_codes(user)
+        self.session.add(user)
+        audit_by(self.session, actor, "2fa_enrolled")
+        self.session.commit()
+        return codes
+
+    def _new_recovery_codes(self, user: User) -> list[str]:
+        self.session.exec(delete(RecoveryCode).where(col(RecoveryCode.user_id) == user.id))
+        made = totp.new_recovery_codes(self.secret)
+        assert user.id is not None
+        self.session.add_all([RecoveryCode(user_id=user.id, code_hash=h) for h in made.hashes])
+        return made.codes
+
+    def regenerate_recovery_codes(self, actor: Actor, code: str) -> list[str]:
+        """New recovery codes (the old ones stop working), for a current code from the app."""
+        self._require_code(actor, code, allow_recovery=False)
+        codes = self._new_recovery_codes(actor.user)
+        audit_by(self.session, actor, "2fa_recovery_codes", detail="new recovery codes made")
+        self.session.commit()
+        return codes
+
+    def disable(self, actor: Actor, password: str, code: str) -> User:
+        if self.settings.require_two_factor:
+            raise Conflict("two-factor sign-in is required on this server; it cannot be turned off")
+        user = actor.user
+        if not user.has_password or not verify_password(password, user.hashed_password):
+            raise AuthError("the current password is wrong")
+        self._require_code(actor, code, allow_recovery=True)
+        self._clear_second_factor(user)
+        audit_by(self.session, actor, "2fa_disabled")
+        self.session.commit()
+        return user
+
+    def admin_reset(self, actor: Actor | None, user_id: int) -> User:
+        """An admin (``actor`` None: the command line) turns a user's second factor off (a lost phone):
+        the user's sessions end; audited as ``2fa_reset``."""
+        user = get_user(self.session, user_id)
+        if not user.two_factor and not user.totp_secret:
+            raise Conflict(f"{user.email} has no second factor to reset")
+        self._clear_second_factor(user)
+        revoke_all_tokens(user)
+        if actor is None:
+            audit(self.session, None, "2fa_reset", detail=f"command line: {user.email}")
+        else:
+            audit_by(self.session, actor, "2fa_reset", detail=user.email)
+        self.session.commit()
+        return user
+
+    def _clear_second_factor(self, user: User) -> None:
+        user.totp_secret = user.totp_enabled_at = user.totp_last_step = None
+        self.session.exec(delete(RecoveryCode).where(col(RecoveryCode.user_id) == user.id))
+        self.session.add(user)
+
+    def _require_code(self, actor: Actor, code: str, allow_recovery: bool) -> None:
+        if not actor.user.two_factor:
+            raise Conflict("two-factor sign-in is not on for this account")
+        try:
+            self.check_second_factor(actor.user, code, actor.client, allow_recovery=allow_recovery)
+        except AuthError as exc:
+            self.session.commit()
+            raise InvalidInput(str(exc)) from exc
+
+    def check_second_factor(self, user: User, code: str | None, client: str = "", allow_recovery: bool = True) -> None:
+        """Accept a current TOTP code (each at most once) or an unused recovery code; else AuthError.
+
+        The caller commits (the login throttle does, whatever the outcome).
+        """
+        if not code or not code.strip():
+            raise TwoFactorRequired(
+                "this account signs in with a second factor: send the 6-digit code from the authenticator "
+                "app (or a recovery code) as the form field 'otp'"
+            )
+        assert user.totp_secret is not None
+        step = totp.matching_step(totp.unseal(user.totp_secret, self.secret), code, user.totp_last_step)
+        if step is not None:
+            user.totp_last_step = step
+            self.session.add(user)
+            return
+        if allow_recovery:
+            digest = totp.keyed_hash(code, self.secret, "recovery")
+            for stored in self.session.exec(
+                select(RecoveryCode).where(col(RecoveryCode.user_id) == user.id, col(RecoveryCode.used_at).is_(None))
+            ):
+                if hmac.compare_digest(stored.code_hash, digest):
+                    stored.used_at = _now()
+                    self.session.add(stored)
+                    left = self.recovery_codes_left(user) - 1
+                    audit(self.session, user, "recovery_code_used", detail=f"{left} left", client=client)
+                    return
+        audit(self.session, user, "2fa_failed", client=client)
+        raise WrongCode("the two-factor code is wrong or was already used")
+
+    def recovery_codes_left(self, user: User) -> int:
+        rows = self.session.exec(
+            select(RecoveryCode.id).where(col(RecoveryCode.user_id) == user.id, col(RecoveryCode.used_at).is_(None))
+        ).all()
+        return len(rows)
+
+
+def account_state(user: User) -> str:
+    """How an admin sees an account: invited, unverified, awaiting approval, deactivated or active."""
+    if not user.is_active:
+        return "deactivated"
+    if not user.has_password:
+        return "invited"
+    if not user.approved:
+        return "awaiting approval" if user.email_verified_at else "unverified"
+    return "active"
+
+
+def usable(user: User) -> None:
+    """AccountPending for a correct password on an account that may not be used yet."""
+    if not user.approved:
+        if user.email_verified_at is None:
+            raise AccountPending("this account's e-mail address is not verified yet: enter the code sent to it")
+        raise AccountPending("this account awaits an administrator's approval")
+
+
+def needs_enrolment(settings: Settings, user: User) -> bool:
+    return settings.require_two_factor and not user.two_factor

@@ -1,0 +1,640 @@
+"""The web pages of accounts: the second sign-in step, forgotten password, invitation, sign-up, your
+account (password, two-factor sign-in) and the admin's users page. Same services as the API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlmodel import Session
+
+from oncolens.api.deps import SessionDep, SettingsDep, base_url, client_of
+from oncolens.auth import AuthError, PasswordTooWeak, create_access_token
+from oncolens.db.models import Role, TokenPurpose, User
+from oncolens.errors import DomainError, InvalidInput, PermissionDenied
+from oncolens.services import users
+from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, Outbox, account_state, needs_enrolment
+from oncolens.services.audit import Actor
+from oncolens.web.render import render
+from oncolens.web.session import (
+    MustEnrol,
+    check_csrf,
+    end_second_factor,
+    second_factor_user,
+    start_session,
+    web_user,
+)
+
+router = APIRouter(include_in_schema=False)
+CODE_FIELD = {
+    "name": "code",
+    "label": "Code",
+    "inputmode": "numeric",
+    "autocomplete": "one-time-code",
+    "required": True,
+}
+NEW_PASSWORD = [
+    {
+        "name": "password",
+        "label": "New password",
+        "type": "password",
+        "autocomplete": "new-password",
+        "required": True,
+        "minlength": 10,
+        "hint": "At least 10 characters.",
+    },
+    {
+        "name": "confirm",
+        "label": "New password again",
+        "type": "password",
+        "autocomplete": "new-password",
+        "required": True,
+        "minlength": 10,
+    },
+]
+
+
+def accounts_dep(request: Request, session: SessionDep, settings: SettingsDep) -> Accounts:
+    return Accounts(session, settings, request.app.state.secret, request.app.state.mailer)
+
+
+AccountsWeb = Annotated[Accounts, Depends(accounts_dep)]
+
+
+def account_user(request: Request, session: SessionDep) -> User:
+    """The logged-in user, even one who still has to enrol the second factor the server requires."""
+    return web_user(request, session)
+
+
+AccountUser = Annotated[User, Depends(account_user)]
+
+
+def form_page(request: Request, title: str, status: int = 200, **context: Any) -> HTMLResponse:
+    defaults: dict[str, Any] = {
+        "intro": "",
+        "error": None,
+        "notice": None,
+        "fields": [],
+        "hidden": {},
+        "links": [],
+        "action": "",
+        "submit": "Send",
+        "user": None,
+    }
+    return render(request, "form.html", status, title=title, **(defaults | context))
+
+
+def _status(exc: Exception) -> int:
+    from oncolens.api.errors import status_of
+
+    if isinstance(exc, AuthError):
+        return exc.status
+    if isinstance(exc, DomainError):
+        return status_of(exc)
+    return 400
+
+
+def _sentence(exc: Exception) -> str:
+    text = str(exc)
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _send_later(background: BackgroundTasks, request: Request, outbox: Outbox) -> None:
+    background.add_task(outbox.deliver, request.app.state.mailer, request.app.state.engine)
+
+
+def _new_passwords(password: str, confirm: str) -> None:
+    if password != confirm:
+        raise PasswordTooWeak("the two passwords differ")
+
+
+# --- the second sign-in step ---------------------------------------------------------------------------
+
+
+def code_page(request: Request, status: int = 200, error: str | None = None) -> HTMLResponse:
+    return form_page(
+        request,
+        "Two-factor sign-in",
+        status,
+        intro="Enter the 6-digit code your authenticator app shows now, or one of your recovery codes.",
+        error=error,
+        fields=[CODE_FIELD | {"label": "Code from the app"}],
+        action="/login/code",
+        submit="Sign in",
+        links=[("/login", "Start again")],
+    )
+
+
+@router.post("/login/code", response_model=None)
+def login_code(
+    request: Request,
+    session: SessionDep,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    code: Annotated[str, Form(max_length=32)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_csrf(request, csrf_token)
+    try:
+        user, target = second_factor_user(request, session)
+        accounts.code_step(user, code, client_of(request), channel="web")
+    except (AuthError, DomainError) as exc:
+        return code_page(request, _status(exc), _sentence(exc))
+    response = RedirectResponse(target, status_code=303)
+    end_second_factor(request, response)
+    token = create_access_token(user, request.app.state.secret, settings.access_token_minutes)
+    start_session(request, response, token, settings.access_token_minutes)
+    return response
+
+
+# --- forgotten password --------------------------------------------------------------------------------
+
+
+def forgot_page(request: Request, status: int = 200, **context: Any) -> HTMLResponse:
+    return form_page(
+        request,
+        "Forgot your password?",
+        status,
+        intro="Enter your e-mail address: if it has an account, a link to choose a new password is sent to it.",
+        fields=[{"name": "email", "label": "E-mail", "type": "email", "autocomplete": "username", "required": True}],
+        action="/forgot-password",
+        submit="Send the link",
+        links=[("/login", "Back to log in")],
+        **context,
+    )
+
+
+@router.get("/forgot-password", response_class=HTMLResponse)
+def forgot_form(request: Request) -> HTMLResponse:
+    return forgot_page(request)
+
+
+@router.post("/forgot-password", response_class=HTMLResponse)
+def forgot(
+    request: Request,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    email: Annotated[str, Form(max_length=255)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    if "@" not in email:
+        return forgot_page(request, 422, error="Enter the e-mail address of your account.")
+    try:
+        outbox = accounts.request_reset(email, client_of(request), base_url(request))
+    except DomainError as exc:
+        return forgot_page(request, _status(exc), error=_sentence(exc))
+    _send_later(background, request, outbox)
+    return form_page(
+        request,
+        "Check your e-mail",
+        notice=f"If an active account has the address {email.strip().lower()}, a link to choose a new password "
+        f"is on its way. It works once and expires in {settings.reset_minutes} minutes.",
+        links=[("/login", "Back to log in")],
+    )
+
+
+def _token_form(
+    request: Request, accounts: Accounts, token: str, purpose: TokenPurpose, status: int = 200, error: str | None = None
+) -> HTMLResponse:
+    invite = purpose is TokenPurpose.invite
+    title = "Accept your invitation" if invite else "Choose a new password"
+    try:
+        user = accounts.check_link(token, purpose)
+    except DomainError as exc:
+        return form_page(
+            request, title, _status(exc), error=_sentence(exc), links=[("/forgot-password", "Ask for a new link")]
+        )
+    fields = ([{"name": "full_name", "label": "Your name", "value": user.full_name}] if invite else []) + NEW_PASSWORD
+    return form_page(
+        request,
+        title,
+        status,
+        intro=f"Account: {user.email}" + (f" (role: {user.role})." if invite else "."),
+        error=error,
+        fields=fields,
+        hidden={"token": token},
+        action="/invite" if invite else "/reset-password",
+        submit="Set the password",
+    )
+
+
+@router.get("/reset-password", response_class=HTMLResponse)
+def reset_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTMLResponse:
+    return _token_form(request, accounts, token, TokenPurpose.reset)
+
+
+@router.post("/reset-password", response_class=HTMLResponse)
+def reset(
+    request: Request,
+    accounts: AccountsWeb,
+    token: Annotated[str, Form(max_length=128)] = "",
+    password: Annotated[str, Form(max_length=128)] = "",
+    confirm: Annotated[str, Form(max_length=128)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        _new_passwords(password, confirm)
+        accounts.reset_password(token, password, client_of(request))
+    except (PasswordTooWeak, DomainError) as exc:
+        return _token_form(request, accounts, token, TokenPurpose.reset, _status(exc), _sentence(exc))
+    return form_page(
+        request,
+        "Password changed",
+        notice="Your password is changed and every earlier session has ended. Log in with the new password.",
+        links=[("/login", "Log in")],
+    )
+
+
+@router.get("/invite", response_class=HTMLResponse)
+def invite_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTMLResponse:
+    return _token_form(request, accounts, token, TokenPurpose.invite)
+
+
+@router.post("/invite", response_class=HTMLResponse)
+def accept_invite(
+    request: Request,
+    accounts: AccountsWeb,
+    token: Annotated[str, Form(max_length=128)] = "",
+    full_name: Annotated[str, Form(max_length=255)] = "",
+    password: Annotated[str, Form(max_length=128)] = "",
+    confirm: Annotated[str, Form(max_length=128)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        _new_passwords(password, confirm)
+        user = accounts.accept_invite(token, password, full_name.strip() or None, client_of(request))
+    except (PasswordTooWeak, DomainError) as exc:
+        return _token_form(request, accounts, token, TokenPurpose.invite, _status(exc), _sentence(exc))
+    return form_page(
+        request,
+        "Welcome to OncoLens",
+        notice=f"Your account {user.email} is ready. Log in with your new password.",
+        links=[("/login", "Log in")],
+    )
+
+
+# --- self-sign-up --------------------------------------------------------------------------------------
+
+
+def signup_page(request: Request, status: int = 200, **context: Any) -> HTMLResponse:
+    return form_page(
+        request,
+        "Create an account",
+        status,
+        intro="A code is sent to your address; after you enter it, an administrator approves the account.",
+        fields=[
+            {"name": "email", "label": "E-mail", "type": "email", "autocomplete": "username", "required": True},
+            {"name": "full_name", "label": "Your name", "autocomplete": "name"},
+            {
+                "name": "password",
+                "label": "Password",
+                "type": "password",
+                "autocomplete": "new-password",
+                "required": True,
+                "minlength": 10,
+                "hint": "At least 10 characters.",
+            },
+        ],
+        action="/signup",
+        submit="Send me a code",
+        links=[("/login", "Back to log in")],
+        **context,
+    )
+
+
+def verify_page(request: Request, email: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return form_page(
+        request,
+        "Enter your sign-up code",
+        status,
+        fields=[
+            {"name": "email", "label": "E-mail", "type": "email", "required": True, "value": email},
+            CODE_FIELD | {"label": "6-digit code from the e-mail"},
+        ],
+        action="/signup/verify",
+        submit="Verify",
+        **context,
+    )
+
+
+@router.get("/signup", response_class=HTMLResponse)
+def signup_form(request: Request, settings: SettingsDep) -> HTMLResponse:
+    if not settings.self_signup:
+        return form_page(request, "Create an account", 403, error=_sentence(PermissionDenied(SIGNUP_OFF)))
+    return signup_page(request)
+
+
+@router.post("/signup", response_class=HTMLResponse)
+def signup(
+    request: Request,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    email: Annotated[str, Form(max_length=255)] = "",
+    full_name: Annotated[str, Form(max_length=255)] = "",
+    password: Annotated[str, Form(max_length=128)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    if "@" not in email:
+        return signup_page(request, 422, error="Enter your e-mail address.")
+    try:
+        outbox = accounts.signup(email, full_name.strip(), password, client_of(request), base_url(request))
+    except (PasswordTooWeak, DomainError) as exc:
+        return signup_page(request, _status(exc), error=_sentence(exc))
+    _send_later(background, request, outbox)
+    return verify_page(
+        request,
+        email.strip().lower(),
+        notice=f"If this address can sign up, a 6-digit code is on its way; it expires in "
+        f"{settings.signup_code_minutes} minutes.",
+    )
+
+
+@router.get("/signup/verify", response_class=HTMLResponse)
+def verify_form(request: Request, email: str = "") -> HTMLResponse:
+    return verify_page(request, email[:255])
+
+
+@router.post("/signup/verify", response_class=HTMLResponse)
+def verify(
+    request: Request,
+    accounts: AccountsWeb,
+    background: BackgroundTasks,
+    email: Annotated[str, Form(max_length=255)] = "",
+    code: Annotated[str, Form(max_length=32)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        outbox = accounts.verify_signup(email, code, client_of(request), base_url(request))
+    except DomainError as exc:
+        return verify_page(request, email, _status(exc), error=_sentence(exc))
+    _send_later(background, request, outbox)
+    return form_page(
+        request,
+        "Address verified",
+        notice="Thank you. An administrator must approve the account before you can log in; you will get an e-mail.",
+        links=[("/login", "Back to log in")],
+    )
+
+
+# --- your account --------------------------------------------------------------------------------------
+
+
+def account_page(
+    request: Request,
+    user: User,
+    accounts: Accounts,
+    status: int = 200,
+    enrolment: Enrolment | None = None,
+    recovery_codes: list[str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    settings = accounts.settings
+    return render(
+        request,
+        "account.html",
+        status,
+        user=user,
+        enrolment=enrolment,
+        recovery_codes=recovery_codes,
+        codes_left=accounts.recovery_codes_left(user),
+        required=settings.require_two_factor,
+        must_enrol=settings.require_two_factor and not user.two_factor,
+        error=context.pop("error", None),
+        notice=context.pop("notice", None),
+        **context,
+    )
+
+
+def _actor(request: Request, user: User) -> Actor:
+    return Actor(user, client_of(request), channel="web")
+
+
+@router.get("/account", response_class=HTMLResponse)
+def account(request: Request, user: AccountUser, accounts: AccountsWeb) -> HTMLResponse:
+    return account_page(request, user, accounts)
+
+
+@router.post("/account/password", response_model=None)
+def change_password(
+    request: Request,
+    user: AccountUser,
+    session: SessionDep,
+    accounts: AccountsWeb,
+    current_password: Annotated[str, Form(max_length=128)] = "",
+    password: Annotated[str, Form(max_length=128)] = "",
+    confirm: Annotated[str, Form(max_length=128)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_csrf(request, csrf_token)
+    try:
+        _new_passwords(password, confirm)
+        users.update_me(session, _actor(request, user), password=password, current_password=current_password)
+    except (PasswordTooWeak, AuthError) as exc:
+        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
+    return RedirectResponse("/login?" + "next=/account", status_code=303)
+
+
+@router.post("/account/2fa/setup", response_class=HTMLResponse)
+def setup_two_factor(
+    request: Request, user: AccountUser, accounts: AccountsWeb, csrf_token: Annotated[str, Form()] = ""
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        made = accounts.begin_enrolment(_actor(request, user))
+    except DomainError as exc:
+        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
+    return account_page(request, user, accounts, enrolment=made)
+
+
+@router.post("/account/2fa/enable", response_class=HTMLResponse)
+def enable_two_factor(
+    request: Request,
+    user: AccountUser,
+    accounts: AccountsWeb,
+    code: Annotated[str, Form(max_length=32)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        codes = accounts.confirm_enrolment(_actor(request, user), code)
+    except DomainError as exc:
+        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
+    return account_page(request, user, accounts, recovery_codes=codes)
+
+
+@router.post("/account/2fa/recovery-codes", response_class=HTMLResponse)
+def regenerate_codes(
+    request: Request,
+    user: AccountUser,
+    accounts: AccountsWeb,
+    code: Annotated[str, Form(max_length=32)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        codes = accounts.regenerate_recovery_codes(_actor(request, user), code)
+    except DomainError as exc:
+        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
+    return account_page(request, user, accounts, recovery_codes=codes)
+
+
+@router.post("/account/2fa/disable", response_class=HTMLResponse)
+def disable_two_factor(
+    request: Request,
+    user: AccountUser,
+    accounts: AccountsWeb,
+    password: Annotated[str, Form(max_length=128)] = "",
+    code: Annotated[str, Form(max_length=32)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    check_csrf(request, csrf_token)
+    try:
+        accounts.disable(_actor(request, user), password, code)
+    except (AuthError, DomainError) as exc:
+        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
+    return account_page(request, user, accounts, notice="Two-factor sign-in is off.")
+
+
+# --- the admin's users page ----------------------------------------------------------------------------
+
+
+def users_page(
+    request: Request, admin: User, session: Session, settings: Any, status: int = 200, **context: Any
+) -> HTMLResponse:
+    rows = [{"user": u, "state": account_state(u)} for u in users.list_users(session)]
+    return render(
+        request,
+        "users.html",
+        status,
+        user=admin,
+        rows=rows,
+        roles=users.ROLES,
+        mail=settings.mail_configured,
+        invite_hours=settings.invite_hours,
+        error=context.pop("error", None),
+        notice=context.pop("notice", None),
+    )
+
+
+def admin_user(request: Request, session: SessionDep) -> User:
+    user = web_user(request, session)
+    if needs_enrolment(request.app.state.settings, user):
+        raise MustEnrol
+    if user.role != Role.admin.value:
+        raise PermissionDenied("The users page is for administrators.")
+    return user
+
+
+AdminWeb = Annotated[User, Depends(admin_user)]
+
+
+@router.get("/admin/users", response_class=HTMLResponse)
+def users_list(request: Request, admin: AdminWeb, session: SessionDep, settings: SettingsDep) -> HTMLResponse:
+    return users_page(request, admin, session, settings)
+
+
+def _admin_action(
+    request: Request, admin: User, session: Session, settings: Any, csrf: str, action: Any, done: str
+) -> HTMLResponse:
+    check_csrf(request, csrf)
+    try:
+        action()
+    except (DomainError, PasswordTooWeak) as exc:
+        return users_page(request, admin, session, settings, _status(exc), error=_sentence(exc))
+    return users_page(request, admin, session, settings, notice=done)
+
+
+@router.post("/admin/users/invite", response_class=HTMLResponse)
+def invite(
+    request: Request,
+    admin: AdminWeb,
+    session: SessionDep,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    email: Annotated[str, Form(max_length=255)] = "",
+    full_name: Annotated[str, Form(max_length=255)] = "",
+    role: Annotated[str, Form(max_length=16)] = "clinician",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    def send() -> None:
+        if "@" not in email:
+            raise InvalidInput("enter the e-mail address to invite")
+        accounts.invite(_actor(request, admin), email, role, full_name.strip(), base_url(request))
+
+    done = f"Invitation sent to {email.strip().lower()}."
+    return _admin_action(request, admin, session, settings, csrf_token, send, done)
+
+
+@router.post("/admin/users/{user_id}/role", response_class=HTMLResponse)
+def set_role(
+    request: Request,
+    user_id: int,
+    admin: AdminWeb,
+    session: SessionDep,
+    settings: SettingsDep,
+    role: Annotated[str, Form(max_length=16)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    def change() -> None:
+        users.update_user(session, _actor(request, admin), user_id, role=role)
+
+    return _admin_action(request, admin, session, settings, csrf_token, change, f"Role set to {role}.")
+
+
+@router.post("/admin/users/{user_id}/active", response_class=HTMLResponse)
+def set_active(
+    request: Request,
+    user_id: int,
+    admin: AdminWeb,
+    session: SessionDep,
+    settings: SettingsDep,
+    active: Annotated[str, Form(max_length=5)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    def change() -> None:
+        users.update_user(session, _actor(request, admin), user_id, is_active=active == "true")
+
+    done = "Account reactivated." if active == "true" else "Account deactivated: its sessions have ended."
+    return _admin_action(request, admin, session, settings, csrf_token, change, done)
+
+
+@router.post("/admin/users/{user_id}/approve", response_class=HTMLResponse)
+def approve(
+    request: Request,
+    user_id: int,
+    admin: AdminWeb,
+    session: SessionDep,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    def change() -> None:
+        _send_later(background, request, accounts.approve(_actor(request, admin), user_id, base_url(request)))
+
+    return _admin_action(request, admin, session, settings, csrf_token, change, "Account approved.")
+
+
+@router.post("/admin/users/{user_id}/reset-2fa", response_class=HTMLResponse)
+def reset_two_factor(
+    request: Request,
+    user_id: int,
+    admin: AdminWeb,
+    session: SessionDep,
+    accounts: AccountsWeb,
+    settings: SettingsDep,
+    csrf_token: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    def change() -> None:
+        accounts.admin_reset(_actor(request, admin), user_id)
+
+    done = "Second factor reset: the user signs in with the password alone (and must enrol again if required)."
+    return _admin_action(request, admin, session, settings, csrf_token, change, done)
