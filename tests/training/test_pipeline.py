@@ -229,9 +229,7 @@ def test_evaluate_names_a_missing_or_broken_image(tiny_package: Path, tmp_path: 
     assert "cannot read image" in result.output and "cancer_" in result.output
 
 
-def test_fine_tuning_chooses_its_test_time_views_on_val(
-    tiny_recipe: Path, tiny_dataset: Path, tmp_path: Path
-) -> None:
+def test_fine_tuning_chooses_its_test_time_views_on_val(tiny_recipe: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     from oncolens.training.pipeline import finalize
     from oncolens.training.recipe import load_recipe
     from oncolens.training.train import fit

@@ -201,3 +201,34 @@ def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dic
     page.context.clear_cookies()
     page.goto(f"{server}/login")
     shot(page, "login")
+
+
+def test_two_factor_enrolment_and_sign_in_in_the_browser(browser: object, server: str) -> None:
+    from oncolens import totp
+
+    page = page_for(browser, server, "vic@clinic.org")
+    page.click("nav >> text=Account")
+    page.click("text=Set up an authenticator app")
+    page.wait_for_selector("[data-testid=qr] svg")
+    assert page.locator("[data-testid=qr] svg").bounding_box()["width"] >= 150  # type: ignore[index]
+    secret = page.locator("[data-testid=totp-secret]").inner_text()
+    shot(page, "account-2fa")
+    # the step after the current one is valid too (clock drift), and is never the one used below
+    import time
+
+    now = time.time()
+    page.fill("#enable_code", totp.code_at(secret, now))
+    page.click("text=Turn on")
+    page.wait_for_selector("[data-testid=recovery-codes]")
+    assert page.locator("[data-testid=recovery-codes] li").count() == 10
+    assert page.csp_violations == [], "the QR code and the page run under the Content-Security-Policy"
+    page.context.clear_cookies()
+    page.goto(f"{server}/cases")
+    page.fill("#email", "vic@clinic.org")
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Two-factor sign-in")
+    page.fill("#code", totp.code_at(secret, now + totp.STEP_S))
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server}/cases")
+    assert "Cases" in page.locator("h1").inner_text()
