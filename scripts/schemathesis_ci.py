@@ -23,8 +23,14 @@ from pathlib import Path
 
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
 # These can end the token Schemathesis is using (logout; a password change or reset of the admin
-# itself revokes the admin's tokens), so they run last, on a token of their own.
-REVOKING = ["POST /api/v1/auth/logout", "PATCH /api/v1/users/me", "PATCH /api/v1/users/{user_id}"]
+# itself revokes the admin's tokens; so does an admin's reset of their own second factor), so they run
+# last, on a token of their own.
+REVOKING = [
+    "POST /api/v1/auth/logout",
+    "PATCH /api/v1/users/me",
+    "PATCH /api/v1/users/{user_id}",
+    "DELETE /api/v1/users/{user_id}/2fa",
+]
 ADMIN, PASSWORD = "admin@example.org", "schemathesis password"
 
 

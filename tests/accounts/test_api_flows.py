@@ -382,3 +382,16 @@ def test_sign_up_is_off_by_default(mail: TestClient) -> None:
     answer = mail.post("/api/v1/auth/signup", json={"email": "z@clinic.org", "password": NEW_PASSWORD})
     assert answer.status_code == 403
     assert answer.json()["detail"] == "self sign-up is off on this server: ask an administrator for an invitation"
+
+
+def test_the_access_log_never_holds_an_e_mailed_token() -> None:
+    import logging
+
+    from oncolens.api.middleware import RedactSecrets
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/reset-password?token=SeCrEt-123_x&next=/a", "1.1", 200), None,
+    )  # fmt: skip
+    assert RedactSecrets().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /reset-password?token=[redacted]&next=/a HTTP/1.1" 200'

@@ -21,7 +21,7 @@ from oncolens.api.compat.skin7 import sweep_uploads
 from oncolens.api.errors import install_error_handlers
 from oncolens.api.metrics import MetricsMiddleware, ServerMetrics
 from oncolens.api.metrics import router as metrics_router
-from oncolens.api.middleware import BodySizeLimit, SecurityHeaders
+from oncolens.api.middleware import BodySizeLimit, SecurityHeaders, redact_access_log
 from oncolens.api.openapi import install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     """Build the app; models are discovered now and (by default) loaded before the first request."""
     settings = settings or Settings()
     return_large_allocations()
+    redact_access_log()
     if zoo is None:
         zoo = Zoo.from_settings(settings)
 

@@ -1,8 +1,11 @@
-"""ASGI middleware every response passes through: request-body size limit and security headers."""
+"""ASGI middleware every response passes through (request-body size limit, security headers) and the
+access-log filter that keeps e-mailed tokens out of the log."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -126,3 +129,24 @@ class BodySizeLimit:
         except BodyTooLarge:
             if not started:
                 await self._refuse(send)
+
+
+_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:token|code)=)[^&\s]*")
+
+
+class RedactSecrets(logging.Filter):
+    """Keeps the single-use tokens of e-mailed links (``?token=...``) out of the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SECRET_QUERY.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+def redact_access_log() -> None:
+    """Install :class:`RedactSecrets` on uvicorn's access logger (once)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSecrets) for f in access.filters):
+        access.addFilter(RedactSecrets())
