@@ -1,4 +1,4 @@
-"""oncolens batch: a folder in, one row per file out, unreadable files reported, resumable."""
+"""oncolens batch: a folder in, one row per image out, failures reported, other files left out, resumable."""
 
 import csv
 import json
@@ -24,6 +24,7 @@ def folder(tmp_path: Path) -> Path:
         pixels[10:20, 10:20, 0] = 250 if i % 2 else 0
         Image.fromarray(pixels).save(root / ("clinic-b" if i >= 3 else ".") / f"img{i}.png")
     (root / "notes.txt").write_text("not an image")
+    (root / "manifest.csv").write_text("file,label\nimg0.png,benign\n")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
     (root / ".DS_Store").write_bytes(b"hidden")
     return root
@@ -39,10 +40,12 @@ def invoke(folder: Path, out: Path, package: Path, *extra: str) -> str:
 def test_csv_rows_errors_and_heatmaps(folder: Path, blob_package: Path, tmp_path: Path) -> None:
     out, maps = tmp_path / "results.csv", tmp_path / "maps"
     output = invoke(folder, out, blob_package, "--heatmaps", str(maps), "--workers", "3", "--batch-size", "2")
-    assert "5 image(s) analysed" in output and "2 unreadable" in output and "images/s" in output
-    assert "skipped notes.txt: the file is not an image" in output
+    assert "5 image(s) analysed" in output and "1 could not be analysed" in output and "images/s" in output
+    # files that are no image by their first bytes are left out and counted apart, not as errors
+    assert "2 not images (skipped)" in output and "not images, left out: manifest.csv, notes.txt" in output
+    assert "not analysed broken.jpg: " in output
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 7
+    assert len(rows) == 6
     by_file = {r["file"]: r for r in rows}
     assert set(by_file) == {
         "img0.png",
@@ -50,7 +53,6 @@ def test_csv_rows_errors_and_heatmaps(folder: Path, blob_package: Path, tmp_path
         "img2.png",
         "clinic-b/img3.png",
         "clinic-b/img4.png",
-        "notes.txt",
         "broken.jpg",
     }
     assert by_file["broken.jpg"]["status"] == "error" and "cannot be read as one" in by_file["broken.jpg"]["error"]
@@ -67,7 +69,7 @@ def test_a_rerun_resumes_after_an_interrupted_write(folder: Path, blob_package: 
     out = tmp_path / "results.jsonl"
     invoke(folder, out, blob_package)
     lines = out.read_text().splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 6
     first = [json.loads(line) for line in lines]
     # as if killed while writing the 4th row: three whole lines and half of one
     out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
@@ -100,4 +102,16 @@ def test_images_of_another_modality_are_reported_not_scored(blob_package: Path, 
     Image.fromarray(pixels).save(root / "colour.png")
     out = tmp_path / "r.csv"
     output = invoke(root, out, blob_package)
-    assert "1 image(s) analysed" in output and "skipped grey.png: this is a greyscale image" in output
+    assert "1 image(s) analysed" in output and "not analysed grey.png: this is a greyscale image" in output
+
+
+def test_models_lists_the_zoo_with_figures_and_licence_flags() -> None:
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line.startswith("id ")}
+    for model_id in ("breast-us", "cervical-herlev", "oral-photo", "skin-ham10000", "skin-isic9", "thyroid-us"):
+        assert model_id in lines
+    assert "skin/dermoscopy" in lines["skin-ham10000"] and lines["skin-ham10000"].endswith("non-commercial")
+    rows = [json.loads(line) for line in runner.invoke(app, ["models", "--json"]).output.splitlines()]
+    ham = next(r for r in rows if r["id"] == "skin-ham10000")
+    assert ham["classes"] == 7 and 0.5 < ham["macro_auc"] <= 1.0 and ham["non_commercial"] is True

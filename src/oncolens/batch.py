@@ -22,7 +22,7 @@ import numpy as np
 
 from oncolens.analysis import PreparedImages, RawImage, case_result, explanation, prepare
 from oncolens.config import Settings
-from oncolens.imaging import ImageDecodeError
+from oncolens.imaging import ImageDecodeError, sniff_format
 from oncolens.zoo.package import ModelPackage
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
@@ -37,6 +37,8 @@ class BatchSummary:
     total: int = 0
     skipped: int = 0
     analysed: int = 0
+    # files whose first bytes are no image format (README.md, manifest.csv): left out, not errors
+    not_images: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -114,6 +116,19 @@ class _Writer:
         return self.handle
 
 
+def looks_like_an_image(path: Path) -> bool:
+    """Whether the file's first bytes are an image format (the decoder's own sniffing; PDF is not).
+
+    A file that cannot be read counts as an image here, so its reading error is reported.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(160)
+    except OSError:
+        return True
+    return sniff_format(head) not in (None, "PDF")
+
+
 def _decode(path: Path, package: ModelPackage, settings: Settings) -> PreparedImages | str:
     """One file through the API's own ``prepare`` (on a worker thread), or the reason it cannot be used.
 
@@ -160,6 +175,8 @@ def run_batch(
     done = _done_rows(out, kind, package)
     todo = [p for p in files if p.relative_to(root).as_posix() not in done]
     summary = BatchSummary(total=len(files), skipped=len(files) - len(todo))
+    summary.not_images = [p.relative_to(root).as_posix() for p in todo if not looks_like_an_image(p)]
+    todo = [p for p in todo if p.relative_to(root).as_posix() not in set(summary.not_images)]
     if started is not None:
         started(len(todo))
     writer = _Writer(out, kind, package)

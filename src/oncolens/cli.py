@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -225,6 +225,72 @@ def evaluate(
         typer.echo(f"\nwrote {json_path}")
 
 
+@app.command("models")
+def models(
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of a table.")] = False,
+) -> None:
+    """The installed models: id, version, modality, classes, headline test figures and licence."""
+    from oncolens.config import Settings
+    from oncolens.zoo import PackageError, Zoo
+
+    zoo = Zoo.from_settings(Settings(), model_dir or [])
+    rows: list[dict[str, Any]] = []
+    for model_id in zoo.ids():
+        try:
+            card = zoo.get(model_id).card
+        except PackageError as exc:
+            rows.append({"id": model_id, "error": str(exc)})
+            continue
+        m = card.metrics
+        licence = card.dataset.license
+        rows.append(
+            {
+                "id": model_id,
+                "version": card.version,
+                "modality": f"{card.organ}/{card.modality}",
+                "classes": len(card.classes),
+                "test_n": m.get("n"),
+                "balanced_accuracy": m.get("balanced_accuracy"),
+                "macro_auc": m.get("macro_auc"),
+                "non_commercial": "non-commercial" in licence.lower() or "nc" in licence.lower().split("-"),
+                "license": licence,
+                "title": card.title,
+            }
+        )
+    if json_out:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        typer.echo("no models installed")
+        return
+    typer.echo(
+        f"{'id':<17}{'version':<9}{'organ/modality':<26}{'cls':>4}{'test n':>8}{'bal-acc':>9}{'AUROC':>7}  licence"
+    )
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['id']:<17}BROKEN: {r['error']}")
+            continue
+
+        def fig(value: object) -> str:
+            return f"{value:.3f}" if isinstance(value, float) else "-"
+
+        text = str(r["license"]).lower()
+        unclear = "not verified" in text or "no licence" in text or not text
+        flag = "non-commercial" if r["non_commercial"] else "licence unverified" if unclear else "see the card"
+        typer.echo(
+            f"{r['id']:<17}{r['version']:<9}{r['modality']:<26}{r['classes']:>4}{r['test_n'] or '-':>8}"
+            f"{fig(r['balanced_accuracy']):>9}{fig(r['macro_auc']):>7}  {flag}"
+        )
+    typer.echo(
+        "\ntest figures are on each dataset's own test split (`oncolens evaluate` re-measures them); "
+        "the licence terms are on each model's page and card"
+    )
+
+
 @app.command("fit-domain")
 def fit_domain(
     model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
@@ -381,10 +447,14 @@ def batch(
     bar.close()
     typer.echo(
         f"{summary.analysed} image(s) analysed in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s); "
-        f"{summary.skipped} already in {out.name}; {len(summary.errors)} unreadable"
+        f"{summary.skipped} already in {out.name}; {len(summary.not_images)} not images (skipped); "
+        f"{len(summary.errors)} could not be analysed"
     )
+    if summary.not_images:
+        shown = ", ".join(summary.not_images[:5]) + (" ..." if len(summary.not_images) > 5 else "")
+        typer.echo(f"  not images, left out: {shown}")
     for name, reason in summary.errors:
-        typer.echo(f"  skipped {name}: {reason}")
+        typer.echo(f"  not analysed {name}: {reason}")
 
 
 def _upgrade_database() -> str:
@@ -506,34 +576,33 @@ def users_set_password(
     typer.echo(f"password set for {user.email}; its earlier sessions have ended")
 
 
-@users_app.command("deactivate")
-def users_deactivate(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
-    """Stop an account from logging in (its sessions end); its cases and audit trail stay."""
+def _change_user(email: str, message: str, is_active: bool | None = None, approved: bool | None = None) -> None:
     from oncolens.services.users import change_on_command_line
 
     with _users_session() as session:
-        user = change_on_command_line(session, email, is_active=False)
-    typer.echo(f"deactivated {user.email}")
+        user = change_on_command_line(session, email, is_active=is_active, approved=approved)
+    typer.echo(message.format(email=user.email, role=user.role))
+
+
+EmailArgument = Annotated[str, typer.Argument(help="The account's e-mail.")]
+
+
+@users_app.command("deactivate")
+def users_deactivate(email: EmailArgument) -> None:
+    """Stop an account from logging in (its sessions end); its cases and audit trail stay."""
+    _change_user(email, "deactivated {email}", is_active=False)
 
 
 @users_app.command("activate")
-def users_activate(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+def users_activate(email: EmailArgument) -> None:
     """Let a deactivated account log in again."""
-    from oncolens.services.users import change_on_command_line
-
-    with _users_session() as session:
-        user = change_on_command_line(session, email, is_active=True)
-    typer.echo(f"activated {user.email}")
+    _change_user(email, "activated {email}", is_active=True)
 
 
 @users_app.command("approve")
-def users_approve(email: Annotated[str, typer.Argument(help="The account's e-mail.")]) -> None:
+def users_approve(email: EmailArgument) -> None:
     """Approve a self-signed-up account so it can log in (give it a role on the users page or API)."""
-    from oncolens.services.users import change_on_command_line
-
-    with _users_session() as session:
-        user = change_on_command_line(session, email, approved=True)
-    typer.echo(f"approved {user.email} ({user.role})")
+    _change_user(email, "approved {email} ({role})", approved=True)
 
 
 @users_app.command("reset-2fa")

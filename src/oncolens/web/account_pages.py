@@ -3,6 +3,7 @@ account (password, two-factor sign-in) and the admin's users page. Same services
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
@@ -12,7 +13,7 @@ from sqlmodel import Session
 from oncolens.api.deps import SessionDep, SettingsDep, base_url, client_of
 from oncolens.auth import AuthError, PasswordTooWeak, create_access_token
 from oncolens.db.models import Role, TokenPurpose, User
-from oncolens.errors import DomainError, InvalidInput, PermissionDenied
+from oncolens.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from oncolens.services import users
 from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, Outbox, account_state, needs_enrolment
 from oncolens.services.audit import Actor
@@ -573,68 +574,38 @@ def invite(
     return _admin_action(request, admin, session, settings, csrf_token, send, done)
 
 
-@router.post("/admin/users/{user_id}/role", response_class=HTMLResponse)
-def set_role(
+@router.post("/admin/users/{user_id}/{action}", response_class=HTMLResponse)
+def user_action(
     request: Request,
     user_id: int,
-    admin: AdminWeb,
-    session: SessionDep,
-    settings: SettingsDep,
-    role: Annotated[str, Form(max_length=16)] = "",
-    csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    def change() -> None:
-        users.update_user(session, _actor(request, admin), user_id, role=role)
-
-    return _admin_action(request, admin, session, settings, csrf_token, change, f"Role set to {role}.")
-
-
-@router.post("/admin/users/{user_id}/active", response_class=HTMLResponse)
-def set_active(
-    request: Request,
-    user_id: int,
-    admin: AdminWeb,
-    session: SessionDep,
-    settings: SettingsDep,
-    active: Annotated[str, Form(max_length=5)] = "",
-    csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    def change() -> None:
-        users.update_user(session, _actor(request, admin), user_id, is_active=active == "true")
-
-    done = "Account reactivated." if active == "true" else "Account deactivated: its sessions have ended."
-    return _admin_action(request, admin, session, settings, csrf_token, change, done)
-
-
-@router.post("/admin/users/{user_id}/approve", response_class=HTMLResponse)
-def approve(
-    request: Request,
-    user_id: int,
+    action: str,
     admin: AdminWeb,
     session: SessionDep,
     accounts: AccountsWeb,
     settings: SettingsDep,
     background: BackgroundTasks,
+    role: Annotated[str, Form(max_length=16)] = "",
+    active: Annotated[str, Form(max_length=5)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    def change() -> None:
-        _send_later(background, request, accounts.approve(_actor(request, admin), user_id, base_url(request)))
-
-    return _admin_action(request, admin, session, settings, csrf_token, change, "Account approved.")
-
-
-@router.post("/admin/users/{user_id}/reset-2fa", response_class=HTMLResponse)
-def reset_two_factor(
-    request: Request,
-    user_id: int,
-    admin: AdminWeb,
-    session: SessionDep,
-    accounts: AccountsWeb,
-    settings: SettingsDep,
-    csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    def change() -> None:
-        accounts.admin_reset(_actor(request, admin), user_id)
-
-    done = "Second factor reset: the user signs in with the password alone (and must enrol again if required)."
+    """One admin action on one account: ``role``, ``active`` (true/false), ``approve``, ``reset-2fa``."""
+    actor = _actor(request, admin)
+    actions: dict[str, tuple[Callable[[], object], str]] = {
+        "role": (lambda: users.update_user(session, actor, user_id, role=role), f"Role set to {role}."),
+        "active": (
+            lambda: users.update_user(session, actor, user_id, is_active=active == "true"),
+            "Account reactivated." if active == "true" else "Account deactivated: its sessions have ended.",
+        ),
+        "approve": (
+            lambda: _send_later(background, request, accounts.approve(actor, user_id, base_url(request))),
+            "Account approved.",
+        ),
+        "reset-2fa": (
+            lambda: accounts.admin_reset(actor, user_id),
+            "Second factor reset: the user signs in with the password alone (and must enrol again if required).",
+        ),
+    }
+    if action not in actions:
+        raise NotFound(f"no user action {action!r}; choose {', '.join(actions)}")
+    change, done = actions[action]
     return _admin_action(request, admin, session, settings, csrf_token, change, done)
