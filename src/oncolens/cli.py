@@ -348,10 +348,36 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Server processes (each loads every model).")] = 1,
 ) -> None:
-    """Run the API server (settings come from ONCOLENS_* environment variables)."""
+    """Run the API server (settings come from ONCOLENS_* environment variables).
+
+    Before any model loads it checks the settings, the data folder, the database and the port, and
+    stops with one line naming what to fix.
+    """
     import uvicorn
 
-    _upgrade_database()
+    from oncolens.startup import (
+        StartupError,
+        check_data_dir,
+        check_database,
+        check_port,
+        count_users,
+        load_settings,
+        startup_lines,
+    )
+    from oncolens.zoo import Zoo
+
+    try:
+        settings = load_settings()
+        check_data_dir(settings.data_dir)
+        check_database(settings.resolved_database_url)
+        check_port(host, port)
+        _upgrade_database()
+        users = count_users(settings.resolved_database_url)
+    except StartupError as exc:
+        raise _fail(str(exc)) from exc
+    for line in startup_lines(settings, Zoo.from_settings(settings).ids(), users):
+        typer.echo(line)
+    typer.echo(f"serving on http://{host}:{port} (web app /, API /api/v1, docs /docs)")
 
     uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers)
 

@@ -1,0 +1,88 @@
+"""``oncolens serve`` refuses to start in one line naming what to fix, before any model loads."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from oncolens.cli import app
+from oncolens.config import Settings
+from oncolens.startup import safe_url, startup_lines
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ONCOLENS_DATA_DIR", str(tmp_path / "data"))
+    for name in ("ONCOLENS_DATABASE_URL", "ONCOLENS_SMTP_SSL", "ONCOLENS_SMTP_STARTTLS"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def refused(*args: str) -> str:
+    result = runner.invoke(app, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, f"one line, got: {result.output!r}"
+    assert "Traceback" not in result.output
+    return result.output.strip()
+
+
+def test_a_database_url_that_is_no_url(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONCOLENS_DATABASE_URL", "oncolens.db")
+    assert refused() == "error: ONCOLENS_DATABASE_URL is not a database URL: oncolens.db"
+
+
+def test_an_unreachable_postgresql_is_named_without_its_password(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("ONCOLENS_DATABASE_URL", f"postgresql+psycopg://clinic:s3cret-pw@127.0.0.1:{port}/oncolens")
+    line = refused()
+    assert line.startswith(
+        f"error: cannot reach the database postgresql+psycopg://clinic:***@127.0.0.1:{port}/oncolens"
+    )
+    assert "(ONCOLENS_DATABASE_URL)" in line and "s3cret-pw" not in line
+
+
+def test_a_data_folder_that_cannot_be_written(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = env / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ONCOLENS_DATA_DIR", str(blocker / "data"))
+    assert (
+        refused() == f"error: the data folder {blocker / 'data'} is not writable (ONCOLENS_DATA_DIR): Not a directory"
+    )
+
+
+def test_a_busy_port(env: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = refused("--port", str(port))
+    assert line == (
+        f"error: port {port} on 127.0.0.1 is already in use (--port): stop the other server or pick another port"
+    )
+
+
+def test_bad_settings_are_named(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONCOLENS_MAX_IMAGE_BYTES", "-1")
+    assert refused() == "error: ONCOLENS_MAX_IMAGE_BYTES: Input should be greater than 0"
+    monkeypatch.delenv("ONCOLENS_MAX_IMAGE_BYTES")
+    monkeypatch.setenv("ONCOLENS_SMTP_SSL", "true")
+    monkeypatch.setenv("ONCOLENS_SMTP_STARTTLS", "true")
+    assert "set ONCOLENS_SMTP_SSL or ONCOLENS_SMTP_STARTTLS, not both" in refused()
+
+
+def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://u:pw@db.clinic.org/oncolens")
+    lines = startup_lines(settings, ["skin-ham10000"], users=0)
+    assert lines[0] == f"data folder: {tmp_path}"
+    assert lines[1] == "database: postgresql+psycopg://u:***@db.clinic.org/oncolens"
+    assert lines[2] == "models: skin-ham10000" and lines[3] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
+    assert "create the first administrator with `oncolens users create --admin" in lines[4]
+    assert len(startup_lines(settings, [], users=2)) == 4
+    assert safe_url("not a url") == "not a url"
