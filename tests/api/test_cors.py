@@ -34,3 +34,22 @@ def test_an_oversized_json_body_is_refused_with_413(tmp_path: Path) -> None:
         )
     assert response.status_code == 413
     assert "the request body is larger than" in response.json()["detail"]
+
+
+def test_no_page_or_docs_page_loads_anything_from_another_host(client: TestClient) -> None:
+    """The API docs and the web pages work offline: every script, style, font and image is ours."""
+    import re
+
+    external = re.compile(r"""(?:src|href|url)\s*[=(]\s*["']?(?:https?:)?//""", re.IGNORECASE)
+    for path in ("/docs", "/redoc", "/login", "/forgot-password"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert not external.search(page.text), f"{path} refers to another host"
+        assert "fonts.googleapis" not in page.text and "cdn.jsdelivr" not in page.text
+    docs = client.get("/docs")
+    assert "/docs-assets/swagger-ui-bundle.js" in docs.text and "/docs-assets/swagger-ui.css" in docs.text
+    assert "/docs-assets/redoc.standalone.js" in client.get("/redoc").text
+    bundle = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 500_000
+    csp = docs.headers["content-security-policy"]
+    assert "http" not in csp, "the docs' policy names no other host"

@@ -232,3 +232,27 @@ def test_two_factor_enrolment_and_sign_in_in_the_browser(browser: object, server
     page.click("button[type=submit]")
     page.wait_for_url(f"{server}/cases")
     assert "Cases" in page.locator("h1").inner_text()
+
+
+def test_the_api_docs_render_their_operations_with_the_network_blocked(browser: object, server: str) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    page = context.new_page()
+    elsewhere: list[str] = []
+
+    def only_this_server(route):  # type: ignore[no-untyped-def]
+        if route.request.url.startswith(server):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_this_server)
+    page.goto(f"{server}/docs")
+    page.wait_for_selector(".opblock")
+    assert page.locator(".opblock").count() >= 30, "Swagger UI lists the operations"
+    assert page.get_by_text("/api/v1/auth/token", exact=True).count() >= 1
+    page.goto(f"{server}/redoc")
+    page.wait_for_selector("text=OncoLens API")
+    page.wait_for_selector("[data-section-id]")
+    assert page.locator("[data-section-id]").count() >= 10, "ReDoc lists the operations"
+    assert elsewhere == [], f"the docs asked for other hosts: {elsewhere}"
+    context.close()

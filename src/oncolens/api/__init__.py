@@ -22,7 +22,7 @@ from oncolens.api.errors import install_error_handlers
 from oncolens.api.metrics import MetricsMiddleware, ServerMetrics
 from oncolens.api.metrics import router as metrics_router
 from oncolens.api.middleware import BodySizeLimit, SecurityHeaders, redact_access_log
-from oncolens.api.openapi import install_openapi
+from oncolens.api.openapi import install_docs, install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import load_or_create_secret
 from oncolens.config import Settings
@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             "diagnosis**: every result must be interpreted by a qualified clinician."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.zoo = zoo
@@ -92,6 +94,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.include_router(metrics_router)
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     routers = (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router)
     if settings.compat_enabled:
         own = {
