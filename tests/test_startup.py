@@ -86,3 +86,41 @@ def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Pat
     assert "create the first administrator with `oncolens users create --admin" in lines[4]
     assert len(startup_lines(settings, [], users=2)) == 4
     assert safe_url("not a url") == "not a url"
+
+
+def test_a_log_file_that_cannot_be_written(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = env / "plain-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ONCOLENS_LOG_FILE", str(blocker / "oncolens.log"))
+    line = refused()
+    assert (
+        line
+        == f"error: cannot write the log file {blocker / 'oncolens.log'} (ONCOLENS_LOG_FILE): {blocker} is not a folder"
+    )
+
+
+def test_the_log_goes_to_a_file_as_json_lines(tmp_path: Path) -> None:
+    import json
+    import logging
+    import logging.config
+
+    from oncolens.logs import log_config
+
+    path = tmp_path / "logs" / "oncolens.log"
+    path.parent.mkdir()
+    settings = Settings(data_dir=tmp_path, log_file=path, log_format="json", log_level="info")
+    logging.config.dictConfig(log_config(settings))
+    try:
+        logging.getLogger("oncolens.api").info("swept %d file(s)", 3)
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/x", "1.1", 200)
+        logging.getLogger("oncolens.api").debug("not at info level")
+    finally:
+        for handler in logging.getLogger("oncolens").handlers:
+            handler.close()
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["message"] for e in entries] == ["swept 3 file(s)", '127.0.0.1:1 - "GET /x HTTP/1.1" 200']
+    assert entries[0]["level"] == "INFO" and entries[0]["logger"] == "oncolens.api"
+    assert entries[0]["time"].endswith("+00:00")
+    text = log_config(Settings(data_dir=tmp_path))
+    assert set(text["handlers"]) == {"console"} and "format" in text["formatters"]["main"]

@@ -239,6 +239,11 @@ GREY_MODEL_MAX_COLOUR = 0.25
 COLOUR_MODEL_MIN_COLOUR = 0.0005
 
 
+def with_article(noun: str) -> str:
+    """``a cytology`` / ``an ultrasound``: the indefinite article by the first letter's sound (vowel)."""
+    return ("an " if noun[:1].lower() in "aeiou" and noun else "a ") + noun
+
+
 def check_modality(image: Image.Image, model: ModelPackage) -> None:
     """Refuse an image that is plainly not the model's kind: a colour photo sent to an ultrasound
     (greyscale-input) model, or a colourless greyscale image sent to a colour-photo model."""
@@ -246,8 +251,9 @@ def check_modality(image: Image.Image, model: ModelPackage) -> None:
     share = coloured_fraction(image)
     if model.input_spec.grayscale and share > GREY_MODEL_MAX_COLOUR:
         raise WrongModality(
-            f"this looks like a colour photograph ({share:.0%} of its pixels are clearly coloured), not a "
-            f"{modality} image; {model.id} reads greyscale {modality} frames - choose the model for this kind of image"
+            f"this looks like a colour photograph ({share:.0%} of its pixels are clearly coloured), not "
+            f"{with_article(modality)} image; {model.id} reads greyscale {modality} frames - choose the model for "
+            "this kind of image"
         )
     if not model.input_spec.grayscale and share < COLOUR_MODEL_MIN_COLOUR:
         raise WrongModality(

@@ -359,6 +359,7 @@ def serve(
         StartupError,
         check_data_dir,
         check_database,
+        check_log_file,
         check_port,
         count_users,
         load_settings,
@@ -369,6 +370,7 @@ def serve(
     try:
         settings = load_settings()
         check_data_dir(settings.data_dir)
+        check_log_file(settings.log_file)
         check_database(settings.resolved_database_url)
         check_port(host, port)
         _upgrade_database()
@@ -379,7 +381,10 @@ def serve(
         typer.echo(line)
     typer.echo(f"serving on http://{host}:{port} (web app /, API /api/v1, docs /docs)")
 
-    uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers)
+    from oncolens.logs import log_config
+
+    config = log_config(settings)
+    uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers, log_config=config)
 
 
 @app.command()

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         5, gt=0, description="Most reset or sign-up e-mails per address per hour (and 4x that per client address)."
     )
 
+    log_file: Path | None = Field(
+        None, description="Also write the server log to this file (reopened after logrotate)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+
     web_enabled: bool = Field(True, description="Serve the web app (login, analyze, cases, models, dashboard).")
     clinic_name: str = Field("OncoLens", description="Clinic or site name printed at the top of PDF reports.")
     compat_enabled: bool = Field(True, description="Serve the five replaced apps' routes (see README, Migration).")

@@ -116,3 +116,18 @@ def count_users(url: str) -> int:
             return int(connection.execute(text("select count(*) from users")).scalar_one())
     finally:
         engine.dispose()
+
+
+def check_log_file(path: Path | None) -> None:
+    """The log file (if one is set) can be appended to; its folder is made if missing."""
+    if path is None:
+        return
+    where = f"cannot write the log file {path} (ONCOLENS_LOG_FILE)"
+    if path.parent.exists() and not path.parent.is_dir():
+        raise StartupError(f"{where}: {path.parent} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{where}: {exc.strerror or exc}") from None

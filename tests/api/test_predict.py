@@ -187,6 +187,7 @@ def test_an_image_of_the_wrong_kind_is_refused_with_what_is_wrong(client: TestCl
     photo_to_ultrasound = client.post("/api/v1/models/thyroid-us/predict", files={"file": ("a.jpg", skin)})
     assert photo_to_ultrasound.status_code == 422
     assert "looks like a colour photograph" in photo_to_ultrasound.json()["detail"]
+    assert "not an ultrasound image" in photo_to_ultrasound.json()["detail"]
     ultrasound_to_skin = client.post("/api/v1/models/skin-ham10000/predict", files={"file": ("b.jpg", thyroid)})
     assert ultrasound_to_skin.status_code == 422
     assert "greyscale image with no colour at all" in ultrasound_to_skin.json()["detail"]
