@@ -68,7 +68,23 @@ def test_a_distilled_models_page_shows_calibration_at_small_n_and_its_teachers(a
     teachers = card["training"]["teachers"]
     assert f"ensemble of {teachers['models']} teachers" in page
     assert f"<td>{teachers['test']['macro_auc']:.3f}</td>" in page
-    assert f"called malignant at P(malignant) ≥ {card['risk_policy']['malignant_threshold']:.3f}" in page
+    assert f"called suspicious at P(suspicious) ≥ {card['risk_policy']['malignant_threshold']:.3f}" in page
+    assert "Suspicious vs not auc" in page and "Malignant vs benign" not in page
+
+
+def test_the_result_leads_with_the_risk_and_uses_the_models_own_words(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    thyroid = Path(__file__).parents[2] / "samples" / "thyroid-us" / "ddti_10_1.jpg"
+    data = {"model_id": "thyroid-us", "patient_ref": "T-1", "csrf_token": browser.cookies["oncolens_csrf"]}
+    page = browser.post("/analyze", data=data, files=[("files", ("nodule.jpg", thyroid.read_bytes(), "image/jpeg"))])
+    assert page.status_code == 200, page.text
+    result = page.text[page.text.index('id="result-title"') :]
+    assert result.index('data-testid="risk-level"') < result.index('data-testid="recommendation"')
+    assert result.index('data-testid="recommendation"') < result.index("Most likely class:")
+    assert "P(suspicious)" in result and "P(malignant)" not in result
+    assert ">suspicious</em>" in result and ">malignant</em>" not in result
+    skin = analyze(browser).text  # type: ignore[attr-defined]
+    assert "P(malignant)" in skin and ">malignant</em>" in skin
 
 
 @pytest.mark.parametrize(

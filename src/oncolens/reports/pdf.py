@@ -166,6 +166,7 @@ def _model(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowable
 
 
 def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowable]:
+    label = card.score_label if card else "P(malignant)"
     r = case.result
     colour = RISK_COLOURS.get(r.risk_level, "#000000")
     combined = (
@@ -194,7 +195,7 @@ def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowabl
         *notices,
         Paragraph(
             f"Risk level: <font color='{colour}'><b>{escape(r.risk_level.upper())}</b></font> &middot; "
-            f"P(malignant) {r.p_malignant:.3f} &middot; most likely: <b>{escape(r.top_class_name)}</b> "
+            f"{escape(label)} {r.p_malignant:.3f} &middot; most likely: <b>{escape(r.top_class_name)}</b> "
             f"({r.confidence:.1%}){combined}",
             s["body"],
         ),
@@ -204,7 +205,7 @@ def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowabl
     ]
 
 
-def _images(images: list[ReportImage], note: str | None, s: Styles) -> list[Flowable]:
+def _images(images: list[ReportImage], note: str | None, s: Styles, label: str = "P(malignant)") -> list[Flowable]:
     story: list[Flowable] = [Paragraph("Images", s["h2"])]
     if note:
         story.append(Paragraph(escape(note), s["small"]))
@@ -218,7 +219,7 @@ def _images(images: list[ReportImage], note: str | None, s: Styles) -> list[Flow
         text = Paragraph(
             f"<b>{index}. {escape(item.filename or 'image')}</b>"
             f"<br/>{escape(res.top_class_name)} ({res.confidence:.1%})"
-            f"<br/>P(malignant) {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}"
+            f"<br/>{escape(label)} {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}"
             + ("<br/><b>out of domain</b>" if res.domain is not None and not res.domain.in_domain else "")
             + "".join(f"<br/>quality: {escape(issue.message)}" for issue in res.quality),
             s["body"],
@@ -292,7 +293,7 @@ def build_case_pdf(
         *_patient(case, s),
         *_model(case, card, s),
         *_result(case, card, s),
-        *_images(images, note, s),
+        *_images(images, note, s, card.score_label if card else "P(malignant)"),
         *_review(case, reviewer, s),
         *_about_model(case, card, s),
         Spacer(1, 8),

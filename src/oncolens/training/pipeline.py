@@ -365,6 +365,8 @@ def _card(
         "modality": recipe.model.get("modality", ""),
         "organ": recipe.model.get("organ", ""),
         "use_for": recipe.model.get("use_for", ""),
+        "score_label": recipe.model.get("score_label", "P(malignant)"),
+        "positive_label": recipe.model.get("positive_label", "malignant"),
         "intended_use": recipe.model.get("intended_use", ""),
         "limitations": recipe.model.get("limitations", []),
         "disclaimer": DISCLAIMER,

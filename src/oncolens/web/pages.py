@@ -261,6 +261,8 @@ def case_view(cases: CaseService, case: Case) -> dict[str, Any]:
         "bars": bars(public.result.probabilities),
         "image_bars": [bars(image.result.probabilities) for image in public.images],
         "model_title": model.card.title if model else case.model_id,
+        "score_label": model.card.score_label if model else "P(malignant)",
+        "positive_label": model.card.positive_label if model else "malignant",
         "heatmaps": model is not None and model.version == case.model_version,
     }
 

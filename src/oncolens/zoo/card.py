@@ -217,6 +217,10 @@ class ModelCard(_Strict):
     modality: str
     organ: str
     use_for: str = ""
+    # How the summed probability of the malignant classes and those classes are named to the user:
+    # "P(suspicious)" / "suspicious" where the classes are a suspicion grade (thyroid TI-RADS), not a diagnosis.
+    score_label: str = Field("P(malignant)", min_length=1, max_length=40)
+    positive_label: str = Field("malignant", min_length=1, max_length=40)
     intended_use: str
     limitations: list[str]
     disclaimer: str
