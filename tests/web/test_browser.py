@@ -78,6 +78,8 @@ def analysed(browser: object, server: str) -> dict[str, str]:
     page.wait_for_selector("[data-testid=bar-chart]")
     page.wait_for_function(LOADED.format("main img"))
     shot(page, "analyze-result")
+    page.wait_for_selector("[data-heat-stack].loading", state="detached")
+    assert page.locator("[data-heat-stack]").count() == 2, "each heat-map replaced its placeholder"
     case_id = page.locator("[data-testid=case-link]").inner_text()
     assert page.csp_violations == [], "the pages run under their Content-Security-Policy"
     return {"case_id": case_id, "text": page.locator("main").inner_text()}
@@ -171,16 +173,20 @@ def test_an_invalid_file_shows_the_error(browser: object, server: str, tmp_path:
     page.set_input_files("#files", str(disguised))
     page.fill("input[name=patient_ref]", "PT-9")
     page.click("[data-analyze-form] button[type=submit]")
-    error = page.locator("[data-testid=error]").inner_text()
+    page.wait_for_selector("[data-submit-error]:not([hidden])")
+    error = page.locator("[data-submit-error]").inner_text()
     assert "not an image OncoLens can read" in error
     assert "Traceback" not in page.content()
     assert page.input_value("input[name=patient_ref]") == "PT-9", "the form keeps what was typed"
+    assert page.eval_on_selector("#files", "i => i.files.length") == 1, "and the chosen file"
+    assert page.locator("[data-analyze-form] button[type=submit]").is_enabled()
     # a thyroid ultrasound frame sent to the dermoscopy model: not this modality
     page.check("input[name=model_id][value=skin-ham10000]")
     thyroid = Path(__file__).parents[2] / "samples" / "thyroid-us" / "ddti_10_1.jpg"
     page.set_input_files("#files", str(thyroid))
     page.click("[data-analyze-form] button[type=submit]")
-    assert "greyscale image with no colour at all" in page.locator("[data-testid=error]").inner_text()
+    page.wait_for_function("() => document.querySelector('[data-submit-error]').textContent.includes('greyscale')")
+    assert "greyscale image with no colour at all" in page.locator("[data-submit-error]").inner_text()
 
 
 def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dict[str, str]) -> None:
