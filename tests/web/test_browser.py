@@ -262,3 +262,40 @@ def test_the_api_docs_render_their_operations_with_the_network_blocked(browser: 
     assert page.locator("[data-section-id]").count() >= 10, "ReDoc lists the operations"
     assert elsewhere == [], f"the docs asked for other hosts: {elsewhere}"
     context.close()
+
+
+PHONE, TABLET = {"width": 390, "height": 844}, {"width": 768, "height": 1024}
+
+
+@pytest.mark.parametrize("viewport", [PHONE, TABLET], ids=["phone-390", "tablet-768"])
+def test_no_page_scrolls_sideways_on_a_phone_or_a_tablet(
+    browser: object, server: str, analysed: dict[str, str], viewport: dict[str, int]
+) -> None:
+    context = browser.new_context(viewport=viewport)  # type: ignore[attr-defined]
+    page = context.new_page()
+    pages = ["/login", "/forgot-password"]
+    for path in pages:
+        page.goto(server + path)
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"], path
+    page.goto(f"{server}/login?next=/analyze")
+    page.fill("#email", "admin@clinic.org")
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server}/analyze")
+    case = analysed["case_id"]
+    logged_in = ["/analyze", "/cases", f"/cases/{case}", "/models", "/models/skin-ham10000", "/models/thyroid-us",
+                 "/admin", "/admin/users", "/account"]  # fmt: skip
+    name = "phone" if viewport is PHONE else "tablet"
+    for path in logged_in:
+        page.goto(server + path)
+        if path.startswith("/cases/"):
+            page.wait_for_selector("[data-heat-stack].loading", state="detached")
+        width = page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= viewport["width"], f"{path} is {width} px wide at {viewport['width']} px"
+        nav = page.locator("header.top").bounding_box()
+        assert nav is not None and nav["x"] + nav["width"] <= viewport["width"] + 1, f"{path}: the header overflows"
+        shots = {"/analyze": "phone-analyze", f"/cases/{case}": "phone-case", "/cases": "phone-cases"}
+        if name == "phone" and path in shots:
+            shot(page, shots[path])
+    assert page.locator("text=Log out").is_visible() and page.locator("nav >> text=Dashboard").is_visible()
+    context.close()
