@@ -245,7 +245,6 @@ def models(
             rows.append({"id": model_id, "error": str(exc)})
             continue
         m = card.metrics
-        licence = card.dataset.license
         rows.append(
             {
                 "id": model_id,
@@ -255,8 +254,9 @@ def models(
                 "test_n": m.get("n"),
                 "balanced_accuracy": m.get("balanced_accuracy"),
                 "macro_auc": m.get("macro_auc"),
-                "non_commercial": "non-commercial" in licence.lower() or "nc" in licence.lower().split("-"),
-                "license": licence,
+                "non_commercial": card.dataset.licence_flag == "non-commercial",
+                "licence_flag": card.dataset.licence_flag,
+                "license": card.dataset.license,
                 "title": card.title,
             }
         )
@@ -278,9 +278,7 @@ def models(
         def fig(value: object) -> str:
             return f"{value:.3f}" if isinstance(value, float) else "-"
 
-        text = str(r["license"]).lower()
-        unclear = "not verified" in text or "no licence" in text or not text
-        flag = "non-commercial" if r["non_commercial"] else "licence unverified" if unclear else "see the card"
+        flag = r["licence_flag"] or "see the card"
         typer.echo(
             f"{r['id']:<17}{r['version']:<9}{r['modality']:<26}{r['classes']:>4}{r['test_n'] or '-':>8}"
             f"{fig(r['balanced_accuracy']):>9}{fig(r['macro_auc']):>7}  {flag}"

@@ -1,5 +1,7 @@
 """The web pages through FastAPI's TestClient (no browser): forms, messages, and the audit of every read."""
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from tests.api.conftest import db_settings
 from tests.api.test_auth_users import PASSWORD, add_user, login
 
 SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"
+CARD = Path(__file__).parents[2] / "src" / "oncolens" / "zoo" / "skin-ham10000" / "card.json"
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,6 @@ def test_the_analyze_page_stores_a_case_and_shows_its_result(app_client: TestCli
 
 
 def test_a_distilled_models_page_shows_calibration_at_small_n_and_its_teachers(app_client: TestClient) -> None:
-    import json
-
     card = json.loads((Path(__file__).parents[2] / "src/oncolens/zoo/thyroid-us/card.json").read_text())
     page = web_login(app_client, "view@clinic.org").get("/models/thyroid-us").text
     cal = card["metrics"]["calibration"]
@@ -188,3 +189,47 @@ def test_every_read_route_writes_exactly_one_audit_event(
     new = events(app_client)[start:]
     assert [(e.action, e.case_id) for e in new] == [(action, ids["case"])], f"{url}: {[e.action for e in new]}"
     assert new[0].actor == "doc@clinic.org"
+
+
+def test_tables_speak_the_clinicians_words_and_a_case_can_be_exported_and_deleted(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    page = analyze(browser, patient_ref="DEL-1")
+    case_id = re.search(r'data-testid="case-link">([0-9a-f]{32})<', page.text).group(1)  # type: ignore[union-attr, attr-defined]
+    listing = browser.get("/cases?patient_ref=DEL-1").text
+    row = listing[listing.index(f"/cases/{case_id}") :]
+    row = row[: row.index("</tr>")]
+    assert "pending review" in row and "pending_review" not in row
+    names = {c["id"]: c["name"] for c in json.loads(CARD.read_text())["classes"]}
+    assert any(f"<td>{name}</td>" in row for name in names.values()), row
+    case_page = browser.get(f"/cases/{case_id}").text
+    assert f'<code title="{case_id}">{case_id[:8]}</code>' in case_page and 'data-testid="fhir"' in case_page
+    fhir = browser.get(f"/cases/{case_id}/fhir.json")
+    assert fhir.headers["content-type"] == "application/fhir+json"
+    assert fhir.json()["resourceType"] == "Bundle" and "attachment" in fhir.headers["content-disposition"]
+    token = browser.cookies["oncolens_csrf"]
+    unconfirmed = browser.post(f"/cases/{case_id}/delete", data={"csrf_token": token})
+    assert unconfirmed.status_code == 400 and "Tick the box to confirm the deletion." in unconfirmed.text
+    viewer = web_login(app_client, "view@clinic.org")
+    refused = viewer.post(
+        f"/cases/{case_id}/delete", data={"csrf_token": viewer.cookies["oncolens_csrf"], "confirm": "yes"}
+    )
+    assert refused.status_code == 403 and "cannot delete cases" in refused.text
+    done = browser.post(
+        f"/cases/{case_id}/delete", data={"csrf_token": token, "confirm": "yes"}, follow_redirects=False
+    )
+    assert done.status_code == 303 and done.headers["location"] == "/cases?deleted=1"
+    assert browser.get(f"/cases/{case_id}").status_code == 404
+    assert "Case deleted." in browser.get("/cases?deleted=1").text
+    models = browser.get("/models").text
+    assert 'data-testid="headline-skin-ham10000"' in models and "non-commercial</span>" in models
+
+
+def test_audit_details_read_as_words_not_python_lists(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    case_id = re.search(r'data-testid="case-link">([0-9a-f]{32})<', analyze(browser).text).group(1)  # type: ignore[union-attr, attr-defined]
+    token = browser.cookies["oncolens_csrf"]
+    browser.post(f"/cases/{case_id}/review", data={"csrf_token": token, "status": "reviewed", "review_notes": "ok"})
+    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
+        details = [e.detail for e in session.exec(select(AuditEvent).where(AuditEvent.case_id == case_id))]
+    review = next(d for d in details if "status reviewed" in d)
+    assert "[" not in review and review.startswith("web: ")

@@ -19,7 +19,7 @@ class Actor:
     channel: str = ""
 
     def detail(self, text: str = "") -> str:
-        """``text`` prefixed with the channel: ``web: ['status'] -> status reviewed``."""
+        """``text`` prefixed with the channel: ``web: status; status reviewed``."""
         if self.channel and text:
             return f"{self.channel}: {text}"
         return self.channel or text

@@ -181,7 +181,13 @@ class CaseService:
             setattr(case, field, value)
         case.reviewed_by, case.reviewed_at = actor.user.id, utcnow()
         case.updated_at = case.reviewed_at
-        audit_by(self.session, actor, "review", case.id, f"{sorted(fields)} -> status {case.status}")
+        audit_by(
+            self.session,
+            actor,
+            "review",
+            case.id,
+            f"{', '.join(sorted(fields))}; status {case.status.replace('_', ' ')}",
+        )
         self.session.add(case)
         self.session.commit()
         return case
@@ -197,7 +203,7 @@ class CaseService:
         for name, value in patient.columns().items():
             setattr(case, name, value)
         case.updated_at = utcnow()
-        audit_by(self.session, actor, "update", case.id, f"patient {sorted(changes)}")
+        audit_by(self.session, actor, "update", case.id, f"patient: {', '.join(sorted(changes))}")
         self.session.add(case)
         self.session.commit()
         return case

@@ -80,7 +80,7 @@ def update_user(
         changes["password"] = "changed"
     if password is not None or is_active is False:
         revoke_all_tokens(user)
-    audit_by(session, actor, "user_update", detail=f"{user.email}: {sorted(changes)}")
+    audit_by(session, actor, "user_update", detail=f"{user.email}: {', '.join(sorted(changes)) or 'nothing'} changed")
     session.add(user)
     session.commit()
     return user
@@ -106,7 +106,9 @@ def update_me(
         user.hashed_password = hash_password(password)
         revoke_all_tokens(user)
         changes.append("password")
-    audit_by(session, actor, "user_update", detail=f"{user.email} (own account): {changes}")
+    audit_by(
+        session, actor, "user_update", detail=f"{user.email} (own account): {', '.join(changes) or 'nothing'} changed"
+    )
     session.add(user)
     session.commit()
     return user
@@ -179,6 +181,6 @@ def change_on_command_line(
     if password is not None or is_active is False:
         revoke_all_tokens(user)
     session.add(user)
-    audit(session, None, "user_update", detail=f"command line: {user.email}: {changes}")
+    audit(session, None, "user_update", detail=f"command line: {user.email}: {', '.join(changes)} changed")
     session.commit()
     return user

@@ -86,6 +86,10 @@ def model_groups(zoo: Zoo) -> list[tuple[str, list[dict[str, Any]]]]:
                 "modality": card.modality,
                 "use_for": card.use_for,
                 "version": card.version,
+                "test_n": card.metrics.get("n"),
+                "balanced_accuracy": card.metrics.get("balanced_accuracy"),
+                "macro_auc": card.metrics.get("macro_auc"),
+                "licence_flag": card.dataset.licence_flag,
             }
         )
     return sorted(groups.items())
@@ -290,6 +294,7 @@ def cases_page(
     date_from: str = "",
     date_to: str = "",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    deleted: Annotated[int, Query(ge=0, le=1)] = 0,
 ) -> HTMLResponse:
     filters = {
         "model_id": model_id,
@@ -327,7 +332,48 @@ def cases_page(
         statuses=STATUSES,
         error=error,
         page_url=lambda n: "/cases?" + urlencode(base | {"page": n}),
+        class_names=class_names(zoo),
+        score_labels={i: zoo.get(i).card.score_label for i in zoo.ids()},
+        deleted=deleted,
     )
+
+
+def class_names(zoo: Zoo) -> dict[str, dict[str, str]]:
+    """Each installed model's class ids and the names the clinician reads."""
+    return {i: {c.id: c.name for c in zoo.get(i).card.classes} for i in zoo.ids()}
+
+
+@router.get("/cases/{case_id}/fhir.json")
+def case_fhir(request: Request, case_id: str, actor: WebActor, cases: CasesDep) -> Response:
+    """The case as a FHIR R4 Bundle, downloaded from the case page (the same as the API's)."""
+    bundle = cases.fhir_bundle(actor, case_id, str(request.base_url))
+    headers = {"Content-Disposition": f'attachment; filename="case-{case_id[:8]}-fhir.json"'}
+    return Response(json.dumps(bundle, indent=2), media_type="application/fhir+json", headers=headers)
+
+
+@router.post("/cases/{case_id}/delete", response_model=None)
+def delete_case(
+    request: Request,
+    case_id: str,
+    actor: WebActor,
+    session: SessionDep,
+    cases: CasesDep,
+    confirm: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_csrf(request, csrf_token)
+    case = cases.find(actor.user, case_id)
+    if confirm != "yes":
+        return case_page_view(
+            request, actor.user, session, cases, case, 400, error="Tick the box to confirm the deletion."
+        )
+    try:
+        cases.delete(actor, case_id)
+    except PermissionDenied:
+        return case_page_view(
+            request, actor.user, session, cases, case, 403, error="Your account (viewer) cannot delete cases."
+        )
+    return RedirectResponse("/cases?deleted=1", status_code=303)
 
 
 @router.get("/cases/{case_id}", response_class=HTMLResponse)

@@ -206,6 +206,16 @@ class DatasetInfo(_Open):
     report_by: list[str] = Field(default_factory=list)
     counts: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def licence_flag(self) -> str:
+        """``non-commercial``, ``licence unverified`` or ``""``: what a user must know before use."""
+        text = self.license.lower()
+        if "non-commercial" in text or "nc" in text.replace("-", " ").split():
+            return "non-commercial"
+        if not text or "not verified" in text or "no licence" in text:
+            return "licence unverified"
+        return ""
+
 
 class ModelCard(_Strict):
     """What a package says about its model; see DESIGN.md, "The model package"."""
