@@ -233,3 +233,15 @@ def test_audit_details_read_as_words_not_python_lists(app_client: TestClient) ->
         details = [e.detail for e in session.exec(select(AuditEvent).where(AuditEvent.case_id == case_id))]
     review = next(d for d in details if "status reviewed" in d)
     assert "[" not in review and review.startswith("web: ")
+
+
+def test_an_error_among_several_images_names_the_image(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    data = {"model_id": "skin-ham10000", "patient_ref": "M-2", "csrf_token": browser.cookies["oncolens_csrf"]}
+    files = [
+        ("files", ("first.jpg", SAMPLE.read_bytes(), "image/jpeg")),
+        ("files", ("second.jpg", b"\xff\xd8\xff\xe0 not really a jpeg", "image/jpeg")),
+    ]
+    page = browser.post("/analyze", data=data, files=files)
+    assert page.status_code in (400, 415, 422)
+    assert "Image 2 (second.jpg): " in page.text

@@ -17,7 +17,7 @@ from oncolens.errors import DomainError, InvalidInput, NotFound, PermissionDenie
 from oncolens.services import users
 from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, Outbox, account_state, needs_enrolment
 from oncolens.services.audit import Actor
-from oncolens.web.render import render
+from oncolens.web.render import render, sentence
 from oncolens.web.session import (
     MustEnrol,
     check_csrf,
@@ -97,8 +97,7 @@ def _status(exc: Exception) -> int:
 
 
 def _sentence(exc: Exception) -> str:
-    text = str(exc)
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+    return sentence(str(exc))
 
 
 def _send_later(background: BackgroundTasks, request: Request, outbox: Outbox) -> None:

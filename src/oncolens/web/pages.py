@@ -29,7 +29,7 @@ from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
 from oncolens.web.account_pages import code_page
 from oncolens.web.account_pages import router as account_router
-from oncolens.web.render import render
+from oncolens.web.render import render, sentence
 from oncolens.web.session import (
     CsrfFailed,
     MustEnrol,
@@ -518,7 +518,7 @@ def install_web(app: FastAPI) -> None:
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.state.html_error = lambda request, status, detail: render(
-        request, "error.html", status=status, user=None, message=detail
+        request, "error.html", status=status, user=None, message=sentence(detail)
     )
     app.include_router(router)
     app.include_router(account_router)

@@ -20,3 +20,9 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
     response = templates.TemplateResponse(request, name, context, status_code=status)
     remember_csrf(request, response)
     return response
+
+
+def sentence(text: str) -> str:
+    """A message as a page shows it: a capital first letter and a full stop."""
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
