@@ -20,8 +20,8 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str
     """Row-normalised colours with raw counts written in each cell."""
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    size = 1.0 + 0.6 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    size = max(3.6, 1.0 + 0.6 * len(classes))  # two classes still leave room for the title and colour bar
+    fig, ax = plt.subplots(figsize=(size + 1.4, size))
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -33,7 +33,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
