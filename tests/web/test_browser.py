@@ -273,7 +273,7 @@ def test_no_page_scrolls_sideways_on_a_phone_or_a_tablet(
 ) -> None:
     context = browser.new_context(viewport=viewport)  # type: ignore[attr-defined]
     page = context.new_page()
-    pages = ["/login", "/forgot-password"]
+    pages = ["/login", "/forgot-password", "/signup", "/reset-password?token=expired", "/invite?token=x", "/docs"]
     for path in pages:
         page.goto(server + path)
         assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"], path

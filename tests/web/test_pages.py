@@ -245,3 +245,13 @@ def test_an_error_among_several_images_names_the_image(app_client: TestClient) -
     page = browser.post("/analyze", data=data, files=files)
     assert page.status_code in (400, 415, 422)
     assert "Image 2 (second.jpg): " in page.text
+
+
+def test_no_logged_in_page_refers_to_another_host(app_client: TestClient) -> None:
+    external = re.compile(r"""(?:src|href|action)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
+    browser = web_login(app_client, "doc@clinic.org")
+    case_id = re.search(r'data-testid="case-link">([0-9a-f]{32})<', analyze(browser).text).group(1)  # type: ignore[union-attr, attr-defined]
+    for path in ("/analyze", "/cases", f"/cases/{case_id}", "/models", "/models/breast-us", "/account"):
+        page = browser.get(path)
+        assert page.status_code == 200, path
+        assert not external.search(page.text), f"{path} refers to another host"
