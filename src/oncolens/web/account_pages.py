@@ -442,65 +442,33 @@ def change_password(
     return RedirectResponse("/login?" + "next=/account", status_code=303)
 
 
-@router.post("/account/2fa/setup", response_class=HTMLResponse)
-def setup_two_factor(
-    request: Request, user: AccountUser, accounts: AccountsWeb, csrf_token: Annotated[str, Form()] = ""
-) -> HTMLResponse:
-    check_csrf(request, csrf_token)
-    try:
-        made = accounts.begin_enrolment(_actor(request, user))
-    except DomainError as exc:
-        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
-    return account_page(request, user, accounts, enrolment=made)
-
-
-@router.post("/account/2fa/enable", response_class=HTMLResponse)
-def enable_two_factor(
+@router.post("/account/2fa/{step}", response_class=HTMLResponse)
+def two_factor_step(
     request: Request,
+    step: str,
     user: AccountUser,
     accounts: AccountsWeb,
     code: Annotated[str, Form(max_length=32)] = "",
-    csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    check_csrf(request, csrf_token)
-    try:
-        codes = accounts.confirm_enrolment(_actor(request, user), code)
-    except DomainError as exc:
-        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
-    return account_page(request, user, accounts, recovery_codes=codes)
-
-
-@router.post("/account/2fa/recovery-codes", response_class=HTMLResponse)
-def regenerate_codes(
-    request: Request,
-    user: AccountUser,
-    accounts: AccountsWeb,
-    code: Annotated[str, Form(max_length=32)] = "",
-    csrf_token: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    check_csrf(request, csrf_token)
-    try:
-        codes = accounts.regenerate_recovery_codes(_actor(request, user), code)
-    except DomainError as exc:
-        return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
-    return account_page(request, user, accounts, recovery_codes=codes)
-
-
-@router.post("/account/2fa/disable", response_class=HTMLResponse)
-def disable_two_factor(
-    request: Request,
-    user: AccountUser,
-    accounts: AccountsWeb,
     password: Annotated[str, Form(max_length=128)] = "",
-    code: Annotated[str, Form(max_length=32)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
+    """``setup`` (a new secret and QR code), ``enable`` (its first code), ``recovery-codes``, ``disable``."""
     check_csrf(request, csrf_token)
+    actor = _actor(request, user)
     try:
-        accounts.disable(_actor(request, user), password, code)
+        if step == "setup":
+            return account_page(request, user, accounts, enrolment=accounts.begin_enrolment(actor))
+        if step == "enable":
+            return account_page(request, user, accounts, recovery_codes=accounts.confirm_enrolment(actor, code))
+        if step == "recovery-codes":
+            codes = accounts.regenerate_recovery_codes(actor, code)
+            return account_page(request, user, accounts, recovery_codes=codes)
+        if step == "disable":
+            accounts.disable(actor, password, code)
+            return account_page(request, user, accounts, notice="Two-factor sign-in is off.")
     except (AuthError, DomainError) as exc:
         return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
-    return account_page(request, user, accounts, notice="Two-factor sign-in is off.")
+    raise NotFound(f"no two-factor step {step!r}; choose setup, enable, recovery-codes or disable")
 
 
 # --- the admin's users page ----------------------------------------------------------------------------
