@@ -10,20 +10,25 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oncolens.cli import app as cli
-from oncolens.zoo.card import RiskPolicy
+from oncolens.zoo.card import Decision, RiskPolicy
 from tests.api.conftest import MODEL, SAMPLES
 
 MALIGNANT = {"akiec", "bcc", "mel"}
 
 
 def check_assessment(result: dict, card: dict) -> None:
+    """The answer follows the card: the decision rule picks the top class, the risk policy the level,
+    and the call threshold ``is_malignant``."""
     probs = result["probabilities"]
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
-    assert result["top_class"] == max(probs, key=probs.__getitem__)
+    ids = [c["id"] for c in card["classes"]]
+    decision = Decision.model_validate(card.get("decision", {}))
+    assert result["top_class"] == ids[int(decision.top(np.array([[probs[c] for c in ids]]))[0])]
     assert result["confidence"] == pytest.approx(probs[result["top_class"]])
     assert result["p_malignant"] == pytest.approx(sum(probs[c] for c in MALIGNANT))
-    assert result["risk_level"] == RiskPolicy.model_validate(card["risk_policy"]).level_for(result["p_malignant"]).level
-    assert result["is_malignant"] == (result["p_malignant"] >= 0.5)
+    policy = RiskPolicy.model_validate(card["risk_policy"])
+    assert result["risk_level"] == policy.level_for(result["p_malignant"]).level
+    assert result["is_malignant"] == (result["p_malignant"] >= policy.malignant_threshold)
 
 
 def test_health_reports_the_loaded_models(client: TestClient) -> None:
