@@ -226,27 +226,40 @@ def reset_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTML
     return _token_form(request, accounts, token, TokenPurpose.reset)
 
 
+def _password_from_link(
+    request: Request, accounts: Accounts, purpose: TokenPurpose, token: str, password: str, confirm: str, name: str
+) -> HTMLResponse:
+    """The form of a reset or invitation link posted: set the password, or show the form again with why not."""
+    try:
+        _new_passwords(password, confirm)
+        if purpose is TokenPurpose.invite:
+            user = accounts.accept_invite(token, password, name.strip() or None, client_of(request))
+        else:
+            user = accounts.reset_password(token, password, client_of(request))
+    except (PasswordTooWeak, DomainError) as exc:
+        return _token_form(request, accounts, token, purpose, _status(exc), _sentence(exc))
+    if purpose is TokenPurpose.invite:
+        title, notice = "Welcome to OncoLens", f"Your account {user.email} is ready. Log in with your new password."
+    else:
+        title = "Password changed"
+        notice = "Your password is changed and every earlier session has ended. Log in with the new password."
+    return form_page(request, title, notice=notice, links=[("/login", "Log in")])
+
+
+PasswordForm = Annotated[str, Form(max_length=128)]
+
+
 @router.post("/reset-password", response_class=HTMLResponse)
 def reset(
     request: Request,
     accounts: AccountsWeb,
-    token: Annotated[str, Form(max_length=128)] = "",
-    password: Annotated[str, Form(max_length=128)] = "",
-    confirm: Annotated[str, Form(max_length=128)] = "",
+    token: PasswordForm = "",
+    password: PasswordForm = "",
+    confirm: PasswordForm = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     check_csrf(request, csrf_token)
-    try:
-        _new_passwords(password, confirm)
-        accounts.reset_password(token, password, client_of(request))
-    except (PasswordTooWeak, DomainError) as exc:
-        return _token_form(request, accounts, token, TokenPurpose.reset, _status(exc), _sentence(exc))
-    return form_page(
-        request,
-        "Password changed",
-        notice="Your password is changed and every earlier session has ended. Log in with the new password.",
-        links=[("/login", "Log in")],
-    )
+    return _password_from_link(request, accounts, TokenPurpose.reset, token, password, confirm, "")
 
 
 @router.get("/invite", response_class=HTMLResponse)
@@ -258,24 +271,14 @@ def invite_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTM
 def accept_invite(
     request: Request,
     accounts: AccountsWeb,
-    token: Annotated[str, Form(max_length=128)] = "",
+    token: PasswordForm = "",
     full_name: Annotated[str, Form(max_length=255)] = "",
-    password: Annotated[str, Form(max_length=128)] = "",
-    confirm: Annotated[str, Form(max_length=128)] = "",
+    password: PasswordForm = "",
+    confirm: PasswordForm = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     check_csrf(request, csrf_token)
-    try:
-        _new_passwords(password, confirm)
-        user = accounts.accept_invite(token, password, full_name.strip() or None, client_of(request))
-    except (PasswordTooWeak, DomainError) as exc:
-        return _token_form(request, accounts, token, TokenPurpose.invite, _status(exc), _sentence(exc))
-    return form_page(
-        request,
-        "Welcome to OncoLens",
-        notice=f"Your account {user.email} is ready. Log in with your new password.",
-        links=[("/login", "Log in")],
-    )
+    return _password_from_link(request, accounts, TokenPurpose.invite, token, password, confirm, full_name)
 
 
 # --- self-sign-up --------------------------------------------------------------------------------------
