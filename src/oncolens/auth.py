@@ -71,6 +71,11 @@ def load_or_create_secret(data_dir: Path) -> str:
     return key
 
 
+def server_secret(secret_key: str | None, data_dir: Path) -> str:
+    """The server's signing key: ``ONCOLENS_SECRET_KEY``, else the one kept in the data folder."""
+    return secret_key or load_or_create_secret(data_dir)
+
+
 def create_access_token(user: User, secret: str, minutes: int, now: datetime | None = None) -> str:
     """A signed JWT for ``user``: subject, role, the user's token version and a unique id (jti)."""
     issued = now or datetime.now(UTC)
@@ -137,7 +142,7 @@ class ThrottlePolicy:
     lock_minutes: int
 
 
-def _aware(moment: datetime) -> datetime:
+def aware(moment: datetime) -> datetime:
     # SQLite returns naive datetimes; everything stored is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -165,11 +170,11 @@ def _reserve_attempt(session: Session, email: str, policy: ThrottlePolicy) -> in
         session.execute(update(table).where(table.c.email == email).values(failures=table.c.failures + 1))
         row = session.execute(select(table.c.failures, table.c.locked_until).where(table.c.email == email)).one()
         failures, locked_until = int(row.failures), row.locked_until
-        if locked_until is not None and _aware(locked_until) > now:
+        if locked_until is not None and aware(locked_until) > now:
             # Locked: this attempt does not count towards the next series.
             session.execute(update(table).where(table.c.email == email).values(failures=0))
             session.commit()
-            raise _locked((_aware(locked_until) - now).total_seconds() / 60)
+            raise _locked((aware(locked_until) - now).total_seconds() / 60)
         if locked_until is not None:  # an expired lock: this attempt starts a new series
             failures = 1
             session.execute(update(table).where(table.c.email == email).values(failures=1, locked_until=None))

@@ -681,9 +681,9 @@ def users_invite(
 
 
 def _server_key(settings: Settings) -> str:
-    from oncolens.auth import load_or_create_secret
+    from oncolens.auth import server_secret
 
-    return settings.secret_key or load_or_create_secret(settings.data_dir)
+    return server_secret(settings.secret_key, settings.data_dir)
 
 
 def format_case(result: CaseResult) -> str:

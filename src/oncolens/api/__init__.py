@@ -24,7 +24,7 @@ from oncolens.api.metrics import router as metrics_router
 from oncolens.api.middleware import BodySizeLimit, SecurityHeaders, redact_access_log
 from oncolens.api.openapi import install_docs, install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
-from oncolens.auth import load_or_create_secret
+from oncolens.auth import server_secret
 from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
 from oncolens.mail import Mailer
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.zoo = zoo
     app.state.batchers = {}
     app.state.engine = make_engine(settings.resolved_database_url)
-    app.state.secret = settings.secret_key or load_or_create_secret(settings.data_dir)
+    app.state.secret = server_secret(settings.secret_key, settings.data_dir)
     app.state.store = CaseStore(settings.images_dir)
     app.state.mailer = Mailer(settings)
     # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.

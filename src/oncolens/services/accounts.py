@@ -14,7 +14,7 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from urllib.parse import urlencode
 
 from sqlalchemy import delete, update
@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from oncolens import totp
-from oncolens.auth import AuthError, ThrottlePolicy, hash_password, revoke_all_tokens, throttled, verify_password
+from oncolens.auth import AuthError, ThrottlePolicy, aware, hash_password, revoke_all_tokens, throttled, verify_password
 from oncolens.config import Settings
 from oncolens.db.models import AccountToken, LoginThrottle, RecoveryCode, RequestThrottle, Role, TokenPurpose, User
 from oncolens.db.models import utcnow as _now
@@ -58,10 +58,6 @@ class AccountPending(AuthError):
 
 class TwoFactorNeeded(PermissionDenied):
     """The server requires a second factor and this user has not enrolled one."""
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -127,29 +123,28 @@ class Accounts:
         )
         return raw
 
-    def _redeem(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
-        """The unused, unexpired token ``raw`` of ``purpose`` and its user, now marked used."""
+    def _valid(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
+        """The unused, unexpired token ``raw`` of ``purpose`` and its active user, else LinkInvalid."""
         found = self.session.exec(
             select(AccountToken).where(col(AccountToken.token_hash) == self._hash(raw.strip(), purpose.value))
         ).first()
-        if found is None or found.used_at is not None or _aware(found.expires_at) <= _now():
+        user = self.session.get(User, found.user_id) if found is not None else None
+        if found is None or found.used_at is not None or aware(found.expires_at) <= _now():
             raise LinkInvalid(LINK_INVALID)
-        user = self.session.get(User, found.user_id)
         if user is None or not user.is_active:
             raise LinkInvalid(LINK_INVALID)
+        return found, user
+
+    def _redeem(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
+        """:meth:`_valid`, and the token is now used."""
+        found, user = self._valid(raw, purpose)
         found.used_at = _now()
         self.session.add(found)
         return found, user
 
     def check_link(self, raw: str, purpose: TokenPurpose) -> User:
         """The user a still-valid link belongs to, without using it (the web page's first view)."""
-        found = self.session.exec(
-            select(AccountToken).where(col(AccountToken.token_hash) == self._hash(raw.strip(), purpose.value))
-        ).first()
-        user = self.session.get(User, found.user_id) if found is not None else None
-        if found is None or found.used_at is not None or _aware(found.expires_at) <= _now() or user is None:
-            raise LinkInvalid(LINK_INVALID)
-        return user
+        return self._valid(raw, purpose)[1]
 
     def _count_request(self, key: str, limit: int) -> None:
         """Count one e-mail request under ``key``; TooManyRequests beyond ``limit`` in the hour window."""
@@ -158,13 +153,13 @@ class Accounts:
         row = self.session.get(RequestThrottle, key)
         if row is None:
             row = RequestThrottle(key=key, window_start=now, count=0)
-        elif now - _aware(row.window_start) >= timedelta(hours=1):
+        elif now - aware(row.window_start) >= timedelta(hours=1):
             row.window_start, row.count = now, 0
         row.count += 1
         self.session.add(row)
         self.session.commit()
         if row.count > limit:
-            wait = timedelta(hours=1) - (now - _aware(row.window_start))
+            wait = timedelta(hours=1) - (now - aware(row.window_start))
             minutes = max(1, round(wait.total_seconds() / 60))
             raise TooManyRequests(
                 f"too many e-mail requests from here or for this address; try again in {minutes} minute(s)"
@@ -349,7 +344,7 @@ class Accounts:
             if user is not None
             else None
         )
-        if user is None or pending is None or _aware(pending.expires_at) <= _now():
+        if user is None or pending is None or aware(pending.expires_at) <= _now():
             raise LinkInvalid(CODE_INVALID)
         if not hmac.compare_digest(pending.token_hash, self._hash(self._signup_raw(email, code), "signup")):
             pending.attempts += 1

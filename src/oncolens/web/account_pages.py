@@ -10,18 +10,19 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import Session
 
-from oncolens.api.deps import SessionDep, SettingsDep, base_url, client_of
+from oncolens.api.deps import AccountsDep, SessionDep, SettingsDep, base_url, client_of, send_later
+from oncolens.api.errors import status_of
 from oncolens.auth import AuthError, PasswordTooWeak, create_access_token
 from oncolens.db.models import Role, TokenPurpose, User
 from oncolens.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from oncolens.services import users
-from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, Outbox, account_state, needs_enrolment
+from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, account_state
 from oncolens.services.audit import Actor
 from oncolens.web.render import render, sentence
 from oncolens.web.session import (
-    MustEnrol,
     check_csrf,
     end_second_factor,
+    enrolled_web_user,
     second_factor_user,
     start_session,
     web_user,
@@ -56,13 +57,6 @@ NEW_PASSWORD = [
 ]
 
 
-def accounts_dep(request: Request, session: SessionDep, settings: SettingsDep) -> Accounts:
-    return Accounts(session, settings, request.app.state.secret, request.app.state.mailer)
-
-
-AccountsWeb = Annotated[Accounts, Depends(accounts_dep)]
-
-
 def account_user(request: Request, session: SessionDep) -> User:
     """The logged-in user, even one who still has to enrol the second factor the server requires."""
     return web_user(request, session)
@@ -87,8 +81,6 @@ def form_page(request: Request, title: str, status: int = 200, **context: Any) -
 
 
 def _status(exc: Exception) -> int:
-    from oncolens.api.errors import status_of
-
     if isinstance(exc, AuthError):
         return exc.status
     if isinstance(exc, DomainError):
@@ -98,10 +90,6 @@ def _status(exc: Exception) -> int:
 
 def _sentence(exc: Exception) -> str:
     return sentence(str(exc))
-
-
-def _send_later(background: BackgroundTasks, request: Request, outbox: Outbox) -> None:
-    background.add_task(outbox.deliver, request.app.state.mailer, request.app.state.engine)
 
 
 def _new_passwords(password: str, confirm: str) -> None:
@@ -130,7 +118,7 @@ def code_page(request: Request, status: int = 200, error: str | None = None) -> 
 def login_code(
     request: Request,
     session: SessionDep,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     settings: SettingsDep,
     code: Annotated[str, Form(max_length=32)] = "",
     csrf_token: Annotated[str, Form()] = "",
@@ -173,7 +161,7 @@ def forgot_form(request: Request) -> HTMLResponse:
 @router.post("/forgot-password", response_class=HTMLResponse)
 def forgot(
     request: Request,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     settings: SettingsDep,
     background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
@@ -186,7 +174,7 @@ def forgot(
         outbox = accounts.request_reset(email, client_of(request), base_url(request))
     except DomainError as exc:
         return forgot_page(request, _status(exc), error=_sentence(exc))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return form_page(
         request,
         "Check your e-mail",
@@ -222,7 +210,7 @@ def _token_form(
 
 
 @router.get("/reset-password", response_class=HTMLResponse)
-def reset_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTMLResponse:
+def reset_form(request: Request, accounts: AccountsDep, token: str = "") -> HTMLResponse:
     return _token_form(request, accounts, token, TokenPurpose.reset)
 
 
@@ -252,7 +240,7 @@ PasswordForm = Annotated[str, Form(max_length=128)]
 @router.post("/reset-password", response_class=HTMLResponse)
 def reset(
     request: Request,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     token: PasswordForm = "",
     password: PasswordForm = "",
     confirm: PasswordForm = "",
@@ -263,14 +251,14 @@ def reset(
 
 
 @router.get("/invite", response_class=HTMLResponse)
-def invite_form(request: Request, accounts: AccountsWeb, token: str = "") -> HTMLResponse:
+def invite_form(request: Request, accounts: AccountsDep, token: str = "") -> HTMLResponse:
     return _token_form(request, accounts, token, TokenPurpose.invite)
 
 
 @router.post("/invite", response_class=HTMLResponse)
 def accept_invite(
     request: Request,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     token: PasswordForm = "",
     full_name: Annotated[str, Form(max_length=255)] = "",
     password: PasswordForm = "",
@@ -335,7 +323,7 @@ def signup_form(request: Request, settings: SettingsDep) -> HTMLResponse:
 @router.post("/signup", response_class=HTMLResponse)
 def signup(
     request: Request,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     settings: SettingsDep,
     background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
@@ -350,7 +338,7 @@ def signup(
         outbox = accounts.signup(email, full_name.strip(), password, client_of(request), base_url(request))
     except (PasswordTooWeak, DomainError) as exc:
         return signup_page(request, _status(exc), error=_sentence(exc))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return verify_page(
         request,
         email.strip().lower(),
@@ -367,7 +355,7 @@ def verify_form(request: Request, email: str = "") -> HTMLResponse:
 @router.post("/signup/verify", response_class=HTMLResponse)
 def verify(
     request: Request,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
     code: Annotated[str, Form(max_length=32)] = "",
@@ -378,7 +366,7 @@ def verify(
         outbox = accounts.verify_signup(email, code, client_of(request), base_url(request))
     except DomainError as exc:
         return verify_page(request, email, _status(exc), error=_sentence(exc))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return form_page(
         request,
         "Address verified",
@@ -421,7 +409,7 @@ def _actor(request: Request, user: User) -> Actor:
 
 
 @router.get("/account", response_class=HTMLResponse)
-def account(request: Request, user: AccountUser, accounts: AccountsWeb) -> HTMLResponse:
+def account(request: Request, user: AccountUser, accounts: AccountsDep) -> HTMLResponse:
     return account_page(request, user, accounts)
 
 
@@ -430,7 +418,7 @@ def change_password(
     request: Request,
     user: AccountUser,
     session: SessionDep,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     current_password: Annotated[str, Form(max_length=128)] = "",
     password: Annotated[str, Form(max_length=128)] = "",
     confirm: Annotated[str, Form(max_length=128)] = "",
@@ -450,7 +438,7 @@ def two_factor_step(
     request: Request,
     step: str,
     user: AccountUser,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     code: Annotated[str, Form(max_length=32)] = "",
     password: Annotated[str, Form(max_length=128)] = "",
     csrf_token: Annotated[str, Form()] = "",
@@ -496,9 +484,7 @@ def users_page(
 
 
 def admin_user(request: Request, session: SessionDep) -> User:
-    user = web_user(request, session)
-    if needs_enrolment(request.app.state.settings, user):
-        raise MustEnrol
+    user = enrolled_web_user(request, session)
     if user.role != Role.admin.value:
         raise PermissionDenied("The users page is for administrators.")
     return user
@@ -528,7 +514,7 @@ def invite(
     request: Request,
     admin: AdminWeb,
     session: SessionDep,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     settings: SettingsDep,
     email: Annotated[str, Form(max_length=255)] = "",
     full_name: Annotated[str, Form(max_length=255)] = "",
@@ -551,7 +537,7 @@ def user_action(
     action: str,
     admin: AdminWeb,
     session: SessionDep,
-    accounts: AccountsWeb,
+    accounts: AccountsDep,
     settings: SettingsDep,
     background: BackgroundTasks,
     role: Annotated[str, Form(max_length=16)] = "",
@@ -567,7 +553,7 @@ def user_action(
             "Account reactivated." if active == "true" else "Account deactivated: its sessions have ended.",
         ),
         "approve": (
-            lambda: _send_later(background, request, accounts.approve(actor, user_id, base_url(request))),
+            lambda: send_later(background, request, accounts.approve(actor, user_id, base_url(request))),
             "Account approved.",
         ),
         "reset-2fa": (

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, select
 
-from oncolens.api.deps import CasesDep, SessionDep, SettingsDep, ZooDep, batcher_for, client_of, recorder
+from oncolens.api.deps import AccountsDep, CasesDep, SessionDep, SettingsDep, ZooDep, batcher_for, client_of, recorder
 from oncolens.api.errors import BadRequest, status_of
 from oncolens.api.routes.cases import file_response, pdf_response
 from oncolens.api.uploads import read_form
@@ -23,7 +23,6 @@ from oncolens.auth import AuthError, create_access_token
 from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
 from oncolens.errors import DomainError, InvalidInput, PermissionDenied
 from oncolens.imaging import ImageDecodeError
-from oncolens.services.accounts import Accounts, needs_enrolment
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
@@ -36,9 +35,9 @@ from oncolens.web.session import (
     NotLoggedIn,
     check_csrf,
     end_session,
+    enrolled_web_user,
     start_second_factor,
     start_session,
-    web_user,
 )
 from oncolens.zoo import ModelNotFound, Zoo
 from oncolens.zoo.card import RiskLevel
@@ -53,11 +52,7 @@ PAGE_SIZE = 20
 
 
 def user_dep(request: Request, session: SessionDep) -> User:
-    """The logged-in user; one who owes the second factor the server requires is sent to /account."""
-    user = web_user(request, session)
-    if needs_enrolment(request.app.state.settings, user):
-        raise MustEnrol
-    return user
+    return enrolled_web_user(request, session)
 
 
 WebUser = Annotated[User, Depends(user_dep)]
@@ -111,7 +106,7 @@ def login_page(request: Request, settings: SettingsDep, next: str = "/analyze") 
 @router.post("/login", response_model=None)
 def login(
     request: Request,
-    session: SessionDep,
+    accounts: AccountsDep,
     settings: SettingsDep,
     email: Annotated[str, Form()] = "",
     password: Annotated[str, Form()] = "",
@@ -120,7 +115,6 @@ def login(
 ) -> Response:
     check_csrf(request, csrf_token)
     target = safe_next(next)
-    accounts = Accounts(session, settings, request.app.state.secret, request.app.state.mailer)
     try:
         user = accounts.password_step(email, password, client_of(request), channel="web")
     except AuthError as exc:

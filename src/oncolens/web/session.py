@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from oncolens.auth import ALGORITHM, AuthError, revoke_token, user_for_token
 from oncolens.db.models import User
+from oncolens.services.accounts import needs_enrolment
 
 SESSION_COOKIE = "oncolens_session"
 CSRF_COOKIE = "oncolens_csrf"
@@ -62,6 +63,14 @@ def web_user(request: Request, session: Session) -> User:
         return user_for_token(session, token, request.app.state.secret)
     except AuthError as exc:
         raise NotLoggedIn from exc
+
+
+def enrolled_web_user(request: Request, session: Session) -> User:
+    """The logged-in user; one who owes the second factor the server requires is sent to /account."""
+    user = web_user(request, session)
+    if needs_enrolment(request.app.state.settings, user):
+        raise MustEnrol
+    return user
 
 
 def start_session(request: Request, response: Response, token: str, minutes: int) -> None:

@@ -8,7 +8,16 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
-from oncolens.api.deps import AccountsDep, BearerToken, EnrollingUser, SessionDep, SettingsDep, base_url, client_of
+from oncolens.api.deps import (
+    AccountsDep,
+    BearerToken,
+    EnrollingUser,
+    SessionDep,
+    SettingsDep,
+    base_url,
+    client_of,
+    send_later,
+)
 from oncolens.api.records import (
     InvitationAccept,
     Message,
@@ -21,7 +30,6 @@ from oncolens.api.records import (
 )
 from oncolens.auth import create_access_token
 from oncolens.services import users
-from oncolens.services.accounts import Outbox
 from oncolens.services.audit import Actor
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -64,10 +72,6 @@ def logout(request: Request, user: EnrollingUser, token: BearerToken, session: S
     return Response(status_code=204)
 
 
-def _send_later(background: BackgroundTasks, request: Request, outbox: Outbox) -> None:
-    background.add_task(outbox.deliver, request.app.state.mailer, request.app.state.engine)
-
-
 @router.post("/password-reset", response_model=Message, status_code=202)
 def request_reset(
     request: Request, body: ResetRequest, accounts: AccountsDep, settings: SettingsDep, background: BackgroundTasks
@@ -75,7 +79,7 @@ def request_reset(
     """E-mail a single-use link to choose a new password. The answer is the same whether or not the
     address has an account; requests are limited per address and per client (429)."""
     outbox = accounts.request_reset(str(body.email), client_of(request), base_url(request))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return Message(detail=RESET_SENT.format(minutes=settings.reset_minutes))
 
 
@@ -99,7 +103,7 @@ def signup(
     """Self-sign-up (only with ``ONCOLENS_SELF_SIGNUP=true``): a code goes to the address; after it,
     an administrator approves the account before it can sign in."""
     outbox = accounts.signup(str(body.email), body.full_name, body.password, client_of(request), base_url(request))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return Message(detail=SIGNUP_SENT.format(minutes=settings.signup_code_minutes))
 
 
@@ -107,5 +111,5 @@ def signup(
 def verify_signup(request: Request, body: SignUpVerify, accounts: AccountsDep, background: BackgroundTasks) -> Message:
     """Check the e-mailed sign-up code (5 tries per code)."""
     outbox = accounts.verify_signup(str(body.email), body.code, client_of(request), base_url(request))
-    _send_later(background, request, outbox)
+    send_later(background, request, outbox)
     return Message(detail="Your address is verified. An administrator must approve the account before you can sign in.")

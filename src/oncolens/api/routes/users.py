@@ -15,6 +15,7 @@ from oncolens.api.deps import (
     UserId,
     base_url,
     client_of,
+    send_later,
 )
 from oncolens.api.records import (
     Code,
@@ -123,7 +124,7 @@ def approve(
 ) -> UserPublic:
     """Approve a self-signed-up account (give it a role first with PATCH); the user is told by e-mail."""
     outbox = accounts.approve(Actor(admin, client_of(request)), user_id, base_url(request))
-    background.add_task(outbox.deliver, request.app.state.mailer, request.app.state.engine)
+    send_later(background, request, outbox)
     return UserPublic.of(users.get_user(accounts.session, user_id))
 
 
