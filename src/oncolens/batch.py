@@ -175,8 +175,9 @@ def run_batch(
     done = _done_rows(out, kind, package)
     todo = [p for p in files if p.relative_to(root).as_posix() not in done]
     summary = BatchSummary(total=len(files), skipped=len(files) - len(todo))
-    summary.not_images = [p.relative_to(root).as_posix() for p in todo if not looks_like_an_image(p)]
-    todo = [p for p in todo if p.relative_to(root).as_posix() not in set(summary.not_images)]
+    is_image = {p: looks_like_an_image(p) for p in todo}
+    summary.not_images = [p.relative_to(root).as_posix() for p in todo if not is_image[p]]
+    todo = [p for p in todo if is_image[p]]
     if started is not None:
         started(len(todo))
     writer = _Writer(out, kind, package)
