@@ -58,22 +58,47 @@ def verify_password(password: str, hashed: str) -> bool:
 
 
 def load_or_create_secret(data_dir: Path) -> str:
-    """The JWT signing key kept in ``data_dir/secret.key`` (created once, readable by the owner only)."""
+    """The JWT signing key kept in ``data_dir/secret.key`` (created once, readable by the owner only).
+
+    Several worker processes may start at once: the key is written to a file of its own and linked
+    into place, so the first one wins and every other reads that one.
+    """
     path = data_dir / "secret.key"
     if path.is_file():
         return path.read_text().strip()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_urlsafe(48)
-    tmp = path.with_suffix(".tmp")
+    tmp = data_dir / f"secret.key.{uuid.uuid4().hex}.tmp"
     tmp.write_text(key)
     tmp.chmod(0o600)
-    tmp.replace(path)
+    try:
+        path.hardlink_to(tmp)  # fails if another process linked its key first
+    except FileExistsError:
+        key = path.read_text().strip()
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 
-def server_secret(secret_key: str | None, data_dir: Path) -> str:
-    """The server's signing key: ``ONCOLENS_SECRET_KEY``, else the one kept in the data folder."""
-    return secret_key or load_or_create_secret(data_dir)
+class SecretKeyRequired(ValueError):
+    """A server on a shared database was started without ``ONCOLENS_SECRET_KEY``."""
+
+
+def server_secret(secret_key: str | None, data_dir: Path, on_sqlite: bool = True) -> str:
+    """The server's signing key: ``ONCOLENS_SECRET_KEY``, else (SQLite only) the one kept in the data folder.
+
+    A server on another database may be one of several replicas: a key file per replica would make
+    each refuse the others' tokens, so it must be given the one key they share.
+    """
+    if secret_key:
+        return secret_key
+    if not on_sqlite:
+        raise SecretKeyRequired(
+            "ONCOLENS_SECRET_KEY must be set when the database is not SQLite: every replica of the server "
+            "signs and checks sessions with it (the same long random value on each, e.g. from "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+        )
+    return load_or_create_secret(data_dir)
 
 
 def create_access_token(user: User, secret: str, minutes: int, now: datetime | None = None) -> str:

@@ -116,32 +116,140 @@ class _Writer:
         return self.handle
 
 
-def looks_like_an_image(path: Path) -> bool:
-    """Whether the file's first bytes are an image format (the decoder's own sniffing; PDF is not).
+def looks_like_an_image(head: bytes) -> bool:
+    """Whether a file's first bytes are an image format (the decoder's own sniffing; PDF is not)."""
+    return sniff_format(head[:160]) not in (None, "PDF")
 
-    A file that cannot be read counts as an image here, so its reading error is reported.
-    """
+
+def _file_looks_like_an_image(path: Path) -> bool:
+    """``looks_like_an_image`` on a file; one that cannot be read counts as an image, so its error is reported."""
     try:
         with path.open("rb") as f:
-            head = f.read(160)
+            return looks_like_an_image(f.read(160))
     except OSError:
         return True
-    return sniff_format(head) not in (None, "PDF")
 
 
-def _decode(path: Path, package: ModelPackage, settings: Settings) -> PreparedImages | str:
-    """One file through the API's own ``prepare`` (on a worker thread), or the reason it cannot be used.
+def decode_bytes(data: bytes, name: str, package: ModelPackage, settings: Settings) -> PreparedImages | str:
+    """One file's bytes through the API's own ``prepare``, or the reason it cannot be used.
 
     Only a display-size copy of the image waits for the heat-map: a batch of large scans stays small.
     """
+    if len(data) > settings.max_image_bytes:
+        return f"larger than the {settings.max_image_bytes:,}-byte limit"
+    try:
+        return prepare([RawImage(data, name)], package, settings)
+    except ImageDecodeError as exc:
+        return str(exc)
+
+
+def _decode(path: Path, package: ModelPackage, settings: Settings) -> PreparedImages | str:
     try:
         if path.stat().st_size > settings.max_image_bytes:
             return f"larger than the {settings.max_image_bytes:,}-byte limit"
-        return prepare([RawImage(path.read_bytes(), path.name)], package, settings)
-    except ImageDecodeError as exc:
-        return str(exc)
+        return decode_bytes(path.read_bytes(), path.name, package, settings)
     except OSError as exc:
         return f"cannot read the file: {exc.strerror or exc}"
+
+
+@dataclass
+class Screened:
+    """One file's row, and its heat-map overlay (PNG) when asked for."""
+
+    row: dict[str, Any]
+    overlay: bytes | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.row["status"] == "error")
+
+
+def screen(
+    package: ModelPackage, items: list[tuple[str, PreparedImages | str]], with_heatmaps: bool = False
+) -> list[Screened]:
+    """The rows of decoded files (name, decoded or the reason it failed), in order: one model call."""
+    good = [item for _, item in items if isinstance(item, PreparedImages)]
+    logits, features = np.zeros((0, len(package.class_ids))), None
+    if good:
+        logits, features = package.run(np.concatenate([d.inputs for d in good]), with_features=True)
+    out, i = [], 0
+    for name, item in items:
+        base: dict[str, Any] = {"file": name, "model_id": package.id, "model_version": package.version}
+        if isinstance(item, str):
+            out.append(Screened(base | {"status": "error", "error": item}))
+            continue
+        image = item.decoded[0]
+        size = (image.width, image.height)
+        image_features = features[i : i + 1] if features is not None else None
+        one = case_result(
+            package, logits[i : i + 1].astype("float64"), [size], features=image_features, stats=item.stats
+        )
+        assessment = one.images[0].assessment
+        domain = assessment.domain
+        row = base | {
+            "status": "ok",
+            "error": "",
+            "top_class": assessment.top_class,
+            "confidence": round(assessment.confidence, 6),
+            "p_malignant": round(assessment.p_malignant, 6),
+            "risk_level": assessment.risk_level.value,
+            "in_domain": "" if domain is None else domain["in_domain"],
+            "ood_score": "" if domain is None else round(domain["score"], 4),
+            "quality": assessment.quality,
+            "probabilities": assessment.probabilities,
+            "heatmap": "",
+        }
+        overlay = None
+        if with_heatmaps and features is not None:
+            overlay = explanation(package, image.image, features[i], original_size=size).overlay_png
+        out.append(Screened(row, overlay))
+        i += 1
+    return out
+
+
+@dataclass
+class Plan:
+    """What a run will do: its output, the files left to screen, and the writer appending rows."""
+
+    kind: str
+    done: set[str]
+    summary: BatchSummary
+
+
+def plan(out: Path, package: ModelPackage, names: list[str]) -> Plan:
+    """Check the output, read which of ``names`` it already holds (resume), start the summary."""
+    kind = FORMATS.get(out.suffix.lower())
+    if kind is None:
+        raise BatchError(f"--out must end in .csv or .jsonl, got {out.name!r}")
+    done = _done_rows(out, kind, package)
+    left = [n for n in names if n not in done]
+    return Plan(kind, done, BatchSummary(total=len(names), skipped=len(names) - len(left)))
+
+
+class Results:
+    """Appends screened rows to the output (heat-maps beside), keeping the summary's counts."""
+
+    def __init__(self, out: Path, kind: str, package: ModelPackage, heatmaps: Path | None, summary: BatchSummary):
+        self.writer, self.heatmaps, self.summary = _Writer(out, kind, package), heatmaps, summary
+
+    def add(self, screened: Screened) -> None:
+        row = screened.row
+        if screened.failed:
+            self.summary.errors.append((row["file"], row["error"]))
+        else:
+            self.summary.analysed += 1
+            if self.heatmaps is not None and screened.overlay is not None:
+                target = self.heatmaps / (row["file"] + ".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(screened.overlay)
+                row["heatmap"] = str(target)
+        self.writer.write(row)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.file.close()
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -160,83 +268,37 @@ def run_batch(
     progress: Callable[[int, int], None] | None = None,
     started: Callable[[int], None] | None = None,
 ) -> BatchSummary:
-    """Analyse every file under ``root`` not yet in ``out``.
+    """Analyse every file under ``root`` not yet in ``out`` (this process: decoding threads, one session).
 
     ``started(n)`` is told how many files are left to do; ``progress(done, errors)`` is called after
     each batch with the files it handled and how many of them could not be read.
     """
     settings = settings or Settings()
-    kind = FORMATS.get(out.suffix.lower())
-    if kind is None:
-        raise BatchError(f"--out must end in .csv or .jsonl, got {out.name!r}")
     if not root.is_dir():
         raise BatchError(f"{root} is not a folder")
     files = find_files(root, [out] + ([heatmaps] if heatmaps else []))
-    done = _done_rows(out, kind, package)
-    todo = [p for p in files if p.relative_to(root).as_posix() not in done]
-    summary = BatchSummary(total=len(files), skipped=len(files) - len(todo))
-    is_image = {p: looks_like_an_image(p) for p in todo}
-    summary.not_images = [p.relative_to(root).as_posix() for p in todo if not is_image[p]]
-    todo = [p for p in todo if is_image[p]]
+    names = {p: p.relative_to(root).as_posix() for p in files}
+    run = plan(out, package, list(names.values()))
+    todo = [p for p in files if names[p] not in run.done]
+    run.summary.not_images = [names[p] for p in todo if not _file_looks_like_an_image(p)]
+    todo = [p for p in todo if names[p] not in run.summary.not_images]
     if started is not None:
         started(len(todo))
-    writer = _Writer(out, kind, package)
+    results = Results(out, run.kind, package, heatmaps, run.summary)
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for chunk in _chunks(todo, batch_size):
                 decoded = list(pool.map(lambda p: _decode(p, package, settings), chunk))
-                good = [d for d in decoded if isinstance(d, PreparedImages)]
-                logits, features = np.zeros((0, len(package.class_ids))), None
-                if good:
-                    inputs = np.concatenate([d.inputs for d in good])
-                    logits, features = package.run(inputs, with_features=True)
-                results = iter(range(len(good)))
-                for path, item in zip(chunk, decoded, strict=True):
-                    rel = path.relative_to(root).as_posix()
-                    base: dict[str, Any] = {"file": rel, "model_id": package.id, "model_version": package.version}
-                    if isinstance(item, str):
-                        summary.errors.append((rel, item))
-                        writer.write(base | {"status": "error", "error": item})
-                        continue
-                    i = next(results)
-                    image = item.decoded[0]
-                    size = (image.width, image.height)
-                    image_features = features[i : i + 1] if features is not None else None
-                    one = case_result(
-                        package,
-                        logits[i : i + 1].astype("float64"),
-                        [size],
-                        features=image_features,
-                        stats=item.stats,
-                    )
-                    assessment = one.images[0].assessment
-                    domain = assessment.domain
-                    row = base | {
-                        "status": "ok",
-                        "error": "",
-                        "top_class": assessment.top_class,
-                        "confidence": round(assessment.confidence, 6),
-                        "p_malignant": round(assessment.p_malignant, 6),
-                        "risk_level": assessment.risk_level.value,
-                        "in_domain": "" if domain is None else domain["in_domain"],
-                        "ood_score": "" if domain is None else round(domain["score"], 4),
-                        "quality": assessment.quality,
-                        "probabilities": assessment.probabilities,
-                        "heatmap": "",
-                    }
-                    if heatmaps is not None and features is not None:
-                        target = heatmaps / (rel + ".png")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        shown = explanation(package, image.image, features[i], original_size=size)
-                        target.write_bytes(shown.overlay_png)
-                        row["heatmap"] = str(target)
-                    writer.write(row)
-                    summary.analysed += 1
-                writer.flush()
+                screened = screen(
+                    package, [(names[p], d) for p, d in zip(chunk, decoded, strict=True)], heatmaps is not None
+                )
+                for one in screened:
+                    results.add(one)
+                results.flush()
                 if progress is not None:
-                    progress(len(chunk), sum(1 for d in decoded if isinstance(d, str)))
+                    progress(len(chunk), sum(1 for one in screened if one.failed))
     finally:
-        writer.file.close()
-        summary.seconds = time.perf_counter() - start
-    return summary
+        results.close()
+        run.summary.seconds = time.perf_counter() - start
+    return run.summary

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -357,8 +359,10 @@ def serve(
         StartupError,
         check_data_dir,
         check_database,
+        check_image_store,
         check_log_file,
         check_port,
+        check_secret_key,
         count_users,
         load_settings,
         startup_lines,
@@ -370,6 +374,8 @@ def serve(
         check_data_dir(settings.data_dir)
         check_log_file(settings.log_file)
         check_database(settings.resolved_database_url)
+        check_secret_key(settings)
+        check_image_store(settings)
         check_port(host, port)
         _upgrade_database()
         users = count_users(settings.resolved_database_url)
@@ -382,7 +388,32 @@ def serve(
     from oncolens.logs import log_config
 
     config = log_config(settings)
-    uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers, log_config=config)
+    with _metrics_folder(workers):
+        uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers, log_config=config)
+
+
+@contextmanager
+def _metrics_folder(workers: int) -> Iterator[None]:
+    """Prometheus multiprocess mode for several workers: a fresh folder where each keeps its values.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` set by the operator is used (emptied first, as the client library
+    asks); else a temporary folder lives as long as the server. It must be set before the workers
+    start, since they read it when they import the client library.
+    """
+    if workers <= 1:
+        yield
+        return
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="oncolens-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @app.command()
@@ -683,7 +714,7 @@ def users_invite(
 def _server_key(settings: Settings) -> str:
     from oncolens.auth import server_secret
 
-    return server_secret(settings.secret_key, settings.data_dir)
+    return server_secret(settings.secret_key, settings.data_dir, settings.on_sqlite)
 
 
 def format_case(result: CaseResult) -> str:

@@ -49,8 +49,21 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; default a SQLite file in the data directory. PostgreSQL: postgresql+psycopg://...",
     )
     secret_key: str | None = Field(
-        None, description="JWT signing key; default a random key kept in <data_dir>/secret.key."
+        None,
+        description="JWT signing key; default a random key kept in <data_dir>/secret.key (SQLite only: "
+        "a server on another database must be given one, the same on every replica).",
     )
+    image_store: str = Field(
+        "file",
+        description="Where case images are kept: 'file' (the data folder's images/) or s3://BUCKET/PREFIX "
+        "(S3-compatible object storage, shared by replicas).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Address of the S3-compatible service (e.g. http://127.0.0.1:8333); default AWS."
+    )
+    s3_access_key_id: str | None = Field(None, description="S3 access key id (none: boto3's usual sources).")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    s3_region: str = Field("us-east-1", description="S3 region name.")
     access_token_minutes: int = Field(60, gt=0, description="Lifetime of an access token.")
     login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
     login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
@@ -128,6 +141,10 @@ class Settings(BaseSettings):
         return -(-images * 4 // 3) + 64 * 1024
 
     @property
+    def on_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
 
@@ -139,6 +156,14 @@ class Settings(BaseSettings):
     def _one_tls_mode(self) -> Settings:
         if self.smtp_ssl and self.smtp_starttls:
             raise ValueError("set ONCOLENS_SMTP_SSL or ONCOLENS_SMTP_STARTTLS, not both")
+        if self.image_store != "file":
+            bucket = self.image_store.removeprefix("s3://").partition("/")[0]
+            if not self.image_store.startswith("s3://") or not bucket:
+                raise ValueError(f"ONCOLENS_IMAGE_STORE must be 'file' or s3://BUCKET/PREFIX, got {self.image_store!r}")
+        if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"ONCOLENS_S3_ENDPOINT_URL must start with http:// or https://, got {self.s3_endpoint_url!r}"
+            )
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError(f"ONCOLENS_PUBLIC_URL must start with http:// or https://, got {self.public_url!r}")
         return self

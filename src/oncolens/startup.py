@@ -76,6 +76,27 @@ def check_database(url: str) -> None:
         engine.dispose()
 
 
+def check_secret_key(settings: Settings) -> None:
+    """A server off SQLite (a replica, perhaps) has the shared ``ONCOLENS_SECRET_KEY``."""
+    from oncolens.auth import SecretKeyRequired, server_secret
+
+    if not settings.on_sqlite:
+        try:
+            server_secret(settings.secret_key, settings.data_dir, on_sqlite=False)
+        except SecretKeyRequired as exc:
+            raise StartupError(str(exc)) from None
+
+
+def check_image_store(settings: Settings) -> None:
+    """The image store answers: the data folder is checked elsewhere; an S3 bucket must exist and let us in."""
+    from oncolens.storage import StoreError, open_store
+
+    try:
+        open_store(settings).check()
+    except StoreError as exc:
+        raise StartupError(f"{exc} (ONCOLENS_IMAGE_STORE, ONCOLENS_S3_*)") from None
+
+
 def check_port(host: str, port: int) -> None:
     """Nothing else listens on ``host:port`` yet."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -94,9 +115,12 @@ def check_port(host: str, port: int) -> None:
 
 def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[str]:
     """What the server says when it starts: where its data is, which models, and how to begin."""
+    from oncolens.storage import open_store
+
     lines = [
         f"data folder: {settings.data_dir}",
         f"database: {safe_url(settings.resolved_database_url)}",
+        f"images: {open_store(settings).describe()}",
         f"models: {', '.join(model_ids) if model_ids else 'none installed'}",
         "e-mail: " + (f"SMTP {settings.smtp_host}" if settings.mail_configured else "off (ONCOLENS_SMTP_HOST not set)"),
     ]

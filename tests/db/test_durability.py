@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from oncolens.db import make_engine, upgrade
 from oncolens.db.models import Case, CaseImage
-from oncolens.storage import CaseStore
+from oncolens.storage import FileStore
 
 SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"
 
@@ -81,7 +81,7 @@ def test_case_is_complete_after_kill_9_following_the_response(tmp_path: Path) ->
         case = session.get(Case, case_id)
         assert case is not None and case.patient_ref == "CRASH"
         images = session.exec(select(CaseImage).where(CaseImage.case_id == case_id)).all()
-        store = CaseStore(tmp_path / "images")
+        store = FileStore(tmp_path / "images")
         assert len(images) == 2
         assert all(store.path(i.stored_name).read_bytes() == SAMPLE.read_bytes() for i in images)
     engine.dispose()
@@ -91,7 +91,7 @@ def test_case_is_complete_after_kill_9_following_the_response(tmp_path: Path) ->
 def test_sweep_removes_only_old_unreferenced_files(tmp_path: Path, age_s: float) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
     upgrade(engine)
-    store = CaseStore(tmp_path / "images")
+    store = FileStore(tmp_path / "images")
     orphan = store.write(b"\xff\xd8\xff partial case", "JPEG")
     old = time.time() - age_s
     os.utime(store.path(orphan), (old, old))

@@ -29,7 +29,7 @@ from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
 from oncolens.mail import Mailer
 from oncolens.memory import return_large_allocations
-from oncolens.storage import CaseStore
+from oncolens.storage import open_store
 from oncolens.zoo import Zoo
 
 API_PREFIX = "/api/v1"
@@ -75,8 +75,8 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.zoo = zoo
     app.state.batchers = {}
     app.state.engine = make_engine(settings.resolved_database_url)
-    app.state.secret = server_secret(settings.secret_key, settings.data_dir)
-    app.state.store = CaseStore(settings.images_dir)
+    app.state.secret = server_secret(settings.secret_key, settings.data_dir, settings.on_sqlite)
+    app.state.store = open_store(settings)
     app.state.mailer = Mailer(settings)
     # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.
     app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")

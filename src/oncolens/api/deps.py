@@ -18,7 +18,7 @@ from oncolens.services.accounts import Accounts, Outbox, TwoFactorNeeded, needs_
 from oncolens.services.analysis import Recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
-from oncolens.storage import CaseStore
+from oncolens.storage import ImageStore
 from oncolens.zoo import ModelPackage, Zoo
 
 
@@ -80,12 +80,12 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(request: Request) -> CaseStore:
-    store: CaseStore = request.app.state.store
+def get_store(request: Request) -> ImageStore:
+    store: ImageStore = request.app.state.store
     return store
 
 
-StoreDep = Annotated[CaseStore, Depends(get_store)]
+StoreDep = Annotated[ImageStore, Depends(get_store)]
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token")
 

@@ -1,18 +1,22 @@
 """Prometheus metrics at ``/metrics``: requests by route and status, inference latency, images by risk.
 
-Each app has its own registry (so several apps in one process, as in tests, do not mix counts).
+Each app has its own registry (so several apps in one process, as in tests, do not mix counts). With
+several worker processes (``oncolens serve --workers N``) the server runs in Prometheus multiprocess
+mode: ``PROMETHEUS_MULTIPROC_DIR`` names a folder where each worker keeps its values, and
+``/metrics`` (whichever worker answers) sums them over every worker.
 Routes are labelled by their template (``/api/v1/cases/{case_id}``), never by the raw path, so
 ids do not explode the label set; paths that match no route are counted as ``unmatched``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 from oncolens.analysis import CaseResult
 
@@ -22,6 +26,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -135,4 +140,7 @@ router = APIRouter(tags=["health"])
 )
 def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics.registry
+    if os.environ.get(MULTIPROCESS_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

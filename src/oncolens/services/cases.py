@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,7 +31,7 @@ from oncolens.imaging import DecodedImage, decode_image
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
 from oncolens.services.audit import Actor, audit_by
 from oncolens.services.inputs import CaseReview, PatientInput, validated
-from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, CaseStore
+from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore
 from oncolens.views import CasePublic
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
@@ -52,11 +51,10 @@ class CaseFilters:
 
 @dataclass(frozen=True)
 class StoredFile:
-    """An image ready to send: a file on disk, or rendered bytes (DICOM/TIFF shown as PNG)."""
+    """An image ready to send: the stored bytes, or rendered ones (DICOM/TIFF shown as PNG)."""
 
     media_type: str
-    path: Path | None = None
-    content: bytes | None = None
+    content: bytes
 
 
 def can_write(user: User) -> bool:
@@ -77,7 +75,7 @@ def visible(query: SelectOfScalar[Case], user: User) -> SelectOfScalar[Case]:
 class CaseService:
     """Cases in one database session and one image store."""
 
-    def __init__(self, session: Session, store: CaseStore, zoo: Zoo, settings: Settings) -> None:
+    def __init__(self, session: Session, store: ImageStore, zoo: Zoo, settings: Settings) -> None:
         self.session, self.store, self.zoo, self.settings = session, store, zoo, settings
 
     # --- reading ---------------------------------------------------------------------------------------
@@ -227,25 +225,25 @@ class CaseService:
             raise NotFound(f"case {case.id} has no image {image_id}")
         return image
 
-    def _file(self, image: CaseImage) -> Path:
-        path = self.store.path(image.stored_name)
-        if not path.is_file():
-            raise Gone(f"the file of image {image.id} is missing from storage")
-        return path
+    def _file(self, image: CaseImage) -> bytes:
+        try:
+            return self.store.read(image.stored_name)
+        except FileNotFoundError:
+            raise Gone(f"the file of image {image.id} is missing from storage") from None
 
-    def _decode(self, path: Path) -> DecodedImage:
-        return decode_image(path.read_bytes(), self.settings.max_image_bytes, self.settings.max_image_pixels)
+    def _decode(self, data: bytes) -> DecodedImage:
+        return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
 
     def open_image(self, actor: Actor, case_id: str, image_id: str, for_browser: bool = False) -> StoredFile:
         """A stored original image (audited ``image_view``); ``for_browser`` renders DICOM/TIFF as PNG."""
         case = self.find(actor.user, case_id)
         image = self._image(case, image_id)
-        path = self._file(image)
+        data = self._file(image)
         if for_browser and image.media_type not in BROWSER_IMAGE_TYPES:
-            shown = display_image(self._decode(path).image)
-            stored = StoredFile("image/png", content=png_bytes(np.asarray(shown)))
+            shown = display_image(self._decode(data).image)
+            stored = StoredFile("image/png", png_bytes(np.asarray(shown)))
         else:
-            stored = StoredFile(image.media_type, path=path)
+            stored = StoredFile(image.media_type, data)
         self._commit_audit(actor, "image_view", case.id, image.id)
         return stored
 

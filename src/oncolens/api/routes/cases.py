@@ -98,8 +98,6 @@ def remove_case(case_id: str, actor: ActorDep, cases: CasesDep) -> Response:
 
 def file_response(stored: StoredFile) -> Response:
     """A stored image as sent: never kept by shared caches."""
-    if stored.path is not None:
-        return FileResponse(stored.path, media_type=stored.media_type, headers=NO_STORE)
     return Response(stored.content, media_type=stored.media_type, headers=NO_STORE)
 
 
