@@ -454,7 +454,9 @@ def predict(
 
 @app.command()
 def batch(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[
+        str, typer.Argument(help="Folder of images (searched recursively), or s3://BUCKET/PREFIX with --engine ray.")
+    ],
     model: Annotated[str, typer.Option("--model", help="Model id, e.g. skin-ham10000.")],
     out: Annotated[Path, typer.Option(help="results.csv or results.jsonl; re-run with the same file to resume.")],
     heatmaps: Annotated[Path | None, typer.Option(help="Folder for each image's heat-map overlay PNG.")] = None,
@@ -462,6 +464,16 @@ def batch(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 16,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="local: this process; ray: a Ray cluster (Ray Data reads, one ONNX session per actor).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (auto, ray://head:10001); default a local one for the run."),
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option(min=1, help="Ray actors, each with one model session (default one per CPU).")
     ] = None,
 ) -> None:
     """Screen every image in a folder with one model: one row per image, unreadable files reported."""
@@ -471,6 +483,10 @@ def batch(
     from oncolens.config import Settings
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
+    if engine not in ("local", "ray"):
+        raise _fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (ray_address or actors):
+        raise _fail("--ray-address and --actors go with --engine ray")
     settings = Settings()
     try:
         package = Zoo.from_settings(settings, model_dir or []).get(model)
@@ -490,17 +506,18 @@ def batch(
         bar.set_postfix(errors=errors)
 
     try:
-        summary = run_batch(
-            package,
-            folder,
-            out,
-            heatmaps,
-            workers,
-            batch_size,
-            settings,
-            progress=progress,
-            started=started,
-        )
+        if engine == "ray":
+            from oncolens.batch_ray import run_batch_ray
+
+            summary = run_batch_ray(
+                package, folder, out, heatmaps, batch_size, settings, ray_address, actors, progress, started
+            )
+        else:
+            if folder.startswith("s3://"):
+                raise BatchError("an s3:// source is read with --engine ray")
+            summary = run_batch(
+                package, Path(folder), out, heatmaps, workers, batch_size, settings, progress=progress, started=started
+            )
     except BatchError as exc:
         bar.close()
         raise _fail(str(exc)) from exc

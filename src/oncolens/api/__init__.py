@@ -29,7 +29,7 @@ from oncolens.config import Settings
 from oncolens.db import make_engine, upgrade
 from oncolens.mail import Mailer
 from oncolens.memory import return_large_allocations
-from oncolens.storage import open_store
+from oncolens.storage import StoreError, open_store
 from oncolens.zoo import Zoo
 
 API_PREFIX = "/api/v1"
@@ -48,7 +48,10 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start = time.perf_counter()
         upgrade(app.state.engine)
-        sweep_stored_files(app)
+        try:
+            sweep_stored_files(app)
+        except StoreError as exc:  # the store is down for now: serve what does not need it, sweep later
+            log.error("the start-up sweep of stored files failed: %s", exc)
         if settings.preload_models:
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
