@@ -125,7 +125,8 @@ def test_an_unreachable_or_refusing_store_is_named(s3: S3Server, bucket: str, tm
     with pytest.raises(StartupError, match=r"no-such-bucket.*the bucket does not exist.*ONCOLENS_IMAGE_STORE"):
         check_image_store(missing)
     wrong = s3_settings(tmp_path, s3, bucket, s3_secret_access_key="not-the-secret")
-    with pytest.raises(StoreError, match=r"access denied \(check ONCOLENS_S3_ACCESS_KEY_ID and ONCOLENS_S3_SECRET_ACCESS_KEY\)$"):
+    refused = r"access denied \(check ONCOLENS_S3_ACCESS_KEY_ID and ONCOLENS_S3_SECRET_ACCESS_KEY\)$"
+    with pytest.raises(StoreError, match=refused):
         open_store(wrong).check()
     down = s3_settings(tmp_path, s3, bucket, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StoreError, match=f"cannot reach the image store s3://{bucket}/cases at http://127.0.0.1"):
