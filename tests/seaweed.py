@@ -74,7 +74,7 @@ def seaweedfs(folder: Path) -> Iterator[S3Server]:
     grpc = {name: free_port() for name in ports}
     args = [
         binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16",
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=32", "-volume.max=300",
         "-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     for name in ports:

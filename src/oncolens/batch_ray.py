@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,8 @@ class Screener:
         for name, data in ray.get(files).items():  # the package, put once in the object store
             (folder / name).write_bytes(data)
         self.package = ModelPackage.load(folder, threads=threads)
+        # decoding (PIL releases the GIL) overlaps on as many threads as the actor has CPUs
+        self.pool = ThreadPoolExecutor(max_workers=threads)
         self.settings = Settings(**limits)  # type: ignore[arg-type]
         self.source = Source(None, base, [])
         self.heatmaps = heatmaps
@@ -118,11 +122,9 @@ class Screener:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [self.source.name(str(p)) for p in batch["path"]]
         images = [looks_like_an_image(bytes(data[:160])) for data in batch["bytes"]]
-        items = [
-            (name, decode_bytes(bytes(data), name, self.package, self.settings))
-            for name, data, image in zip(names, batch["bytes"], images, strict=True)
-            if image
-        ]
+        wanted = [(name, bytes(data)) for name, data, image in zip(names, batch["bytes"], images, strict=True) if image]
+        decoded = self.pool.map(lambda item: decode_bytes(item[1], item[0], self.package, self.settings), wanted)
+        items = [(name, one) for (name, _), one in zip(wanted, decoded, strict=True)]
         screened = iter(screen(self.package, items, self.heatmaps))
         rows, overlays = [], []
         for image in images:
@@ -193,7 +195,7 @@ def run_batch_ray(
                 "limits": {name: getattr(settings, name) for name in LIMITS},
                 "base": found.base,
                 "heatmaps": heatmaps is not None,
-                "threads": max(1, int(per_actor)),
+                "threads": max(1, math.ceil(per_actor)),
             },
             batch_size=batch_size,
             concurrency=count,

@@ -2,7 +2,9 @@
 key and one S3 store (SeaweedFS) behave as one service. Needs ONCOLENS_TEST_DATABASE_URL (CI sets it)."""
 
 import os
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +12,12 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.scale.replicas import ONCOLENS, Replica, fresh_postgres_database, replicas
+from tests.live import free_port
+from tests.scale.replicas import ONCOLENS, Replica, fresh_postgres_database, replicas, stop
 from tests.seaweed import S3Server
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
+DEPLOY = Path(__file__).parents[2] / "deploy"
 MEL = "ISIC_0025316.jpg"
 PASSWORD = "correct horse battery"
 SECRET = "replica-test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -154,3 +158,42 @@ def test_a_replica_off_sqlite_refuses_to_start_without_the_shared_key(env: dict[
     )  # fmt: skip
     assert done.returncode != 0
     assert "ONCOLENS_SECRET_KEY must be set when the database is not SQLite" in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="HAProxy is not installed")
+def test_haproxy_with_the_shipped_configuration_routes_around_a_stopped_replica(
+    pair: list[Replica], tmp_path: Path
+) -> None:
+    """Last in this module: it stops replica b."""
+    a, b = pair
+    port = free_port()
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    config = config.replace("bind 127.0.0.1:8080", f"bind 127.0.0.1:{port}")
+    config = config.replace("127.0.0.1:8001", a.url.removeprefix("http://"))
+    config = config.replace("127.0.0.1:8002", b.url.removeprefix("http://"))
+    (tmp_path / "haproxy.cfg").write_text(config)
+    proxy = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    front = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{front}/api/v1/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        served = {httpx.get(f"{front}/api/v1/models").status_code for _ in range(10)}
+        assert served == {200}
+        # a browser's cookie keeps it on one replica
+        first = httpx.get(f"{front}/api/v1/health")
+        assert first.cookies.get("ONCOLENS_REPLICA") in ("r1", "r2")
+        stop(b)
+        time.sleep(5)  # two failed checks 2 s apart take it out of rotation
+        answers = [httpx.get(f"{front}/api/v1/models").status_code for _ in range(20)]
+        assert answers == [200] * 20  # every request reaches the replica still running
+    finally:
+        proxy.terminate()
+        log = proxy.communicate(timeout=10)[0].decode(errors="replace")
+    assert "replicas/replica2 is DOWN" in log, log[-2000:]
