@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from oncolens.cli import app
 from oncolens.config import Settings
-from oncolens.startup import safe_url, startup_lines
+from oncolens.startup import StartupError, safe_url, startup_lines
 
 runner = CliRunner()
 
@@ -82,9 +82,23 @@ def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Pat
     lines = startup_lines(settings, ["skin-ham10000"], users=0)
     assert lines[0] == f"data folder: {tmp_path}"
     assert lines[1] == "database: postgresql+psycopg://u:***@db.clinic.org/oncolens"
-    assert lines[2] == "models: skin-ham10000" and lines[3] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
-    assert "create the first administrator with `oncolens users create --admin" in lines[4]
-    assert len(startup_lines(settings, [], users=2)) == 4
+    assert lines[2] == f"images: folder {tmp_path / 'images'}"
+    assert lines[3] == "models: skin-ham10000" and lines[4] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
+    assert "create the first administrator with `oncolens users create --admin" in lines[5]
+    assert len(startup_lines(settings, [], users=2)) == 5
+    shared = Settings(data_dir=tmp_path, image_store="s3://cases/oncolens", s3_endpoint_url="http://s3.local:8333")
+    assert startup_lines(shared, [], users=1)[2] == "images: s3://cases/oncolens at http://s3.local:8333"
+
+
+def test_a_server_off_sqlite_needs_the_shared_secret_key(tmp_path: Path) -> None:
+    from oncolens.startup import check_secret_key
+
+    on_postgres = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://u@db/oncolens")
+    with pytest.raises(StartupError, match="ONCOLENS_SECRET_KEY must be set when the database is not SQLite"):
+        check_secret_key(on_postgres)
+    assert not (tmp_path / "secret.key").exists()  # no per-replica key file was made
+    check_secret_key(Settings(data_dir=tmp_path, database_url="postgresql+psycopg://u@db/o", secret_key="k" * 40))
+    check_secret_key(Settings(data_dir=tmp_path))  # SQLite keeps its key file
     assert safe_url("not a url") == "not a url"
 
 
@@ -124,3 +138,15 @@ def test_the_log_goes_to_a_file_as_json_lines(tmp_path: Path) -> None:
     assert entries[0]["time"].endswith("+00:00")
     text = log_config(Settings(data_dir=tmp_path))
     assert set(text["handlers"]) == {"console"} and "format" in text["formatters"]["main"]
+
+
+def test_workers_starting_together_share_one_key_file(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from oncolens.auth import load_or_create_secret
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: load_or_create_secret(tmp_path), range(16)))
+    assert len(keys) == 1 and (tmp_path / "secret.key").read_text() == keys.pop()
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]  # no temporary file left behind
+    assert (tmp_path / "secret.key").stat().st_mode & 0o777 == 0o600

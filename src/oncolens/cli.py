@@ -80,7 +80,9 @@ def train(
         fit(chosen, samples, runs, command)
     from oncolens.training.pipeline import finalize
 
-    package = finalize(chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, command)
+    package = finalize(
+        chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, command, dataset_dir
+    )
     typer.echo(f"wrote model package {package}")
 
 
@@ -181,7 +183,7 @@ def export(
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
     package = finalize(
-        chosen, samples, run_dir, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, _command()
+        chosen, samples, run_dir, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, _command(), dataset_dir
     )
     typer.echo(f"wrote model package {package}")
 
@@ -289,6 +291,41 @@ def models(
         "\ntest figures are on each dataset's own test split (`oncolens evaluate` re-measures them); "
         "the licence terms are on each model's page and card"
     )
+
+
+@app.command()
+def quantize(
+    model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
+    dataset_dir: Annotated[Path, typer.Argument(help="The model's dataset (manifest.csv with train/val/test).")],
+    calibration_images: Annotated[int, typer.Option(min=8, help="Train images that set the int8 ranges.")] = 200,
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+) -> None:
+    """Make a package's int8 copy (calibrated on train images) and gate it against fp32 on val and test.
+
+    The copy ships only if every criterion holds (AUROC, balanced accuracy, ECE, the golden samples'
+    probabilities and heat-maps); the card records both files' figures either way, and the golden
+    samples' expected.json gains the int8 probabilities.
+    """
+    from oncolens.config import Settings
+    from oncolens.datasets import ManifestError
+    from oncolens.training.pipeline import record_sample_expectations
+    from oncolens.training.quantize import add_int8
+    from oncolens.zoo import ModelNotFound, PackageError, Zoo
+
+    try:
+        zoo = Zoo.from_settings(Settings(), model_dir or [])
+        directory = zoo.get(model_id).directory
+        info = add_int8(directory, dataset_dir, SAMPLES_DIR / model_id, calibration_images, log=typer.echo)
+    except (ModelNotFound, PackageError, ManifestError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    for check in info.gate["checks"]:
+        mark = "ok  " if check["passed"] else "FAIL"
+        typer.echo(f"  {mark} {check['criterion']}: {check['value']} (limit {check['limit']})")
+    recorded = record_sample_expectations(directory, SAMPLES_DIR / model_id)
+    verdict = "passed: the int8 file serves" if info.passed else "failed: fp32 serves"
+    typer.echo(f"{model_id} int8 {verdict}; {recorded} golden sample(s) recorded")
 
 
 @app.command("fit-domain")

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, gt=0, description="Most image bytes (summed over its images) one request may upload."
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0 = all cores).")
+    precision: Literal["int8", "fp32"] = Field(
+        "int8",
+        description="Which model file serves: int8 (the quantized copy, where it passed its accuracy gate) or fp32.",
+    )
     batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
     cors_origins: Annotated[list[str], NoDecode] = Field(

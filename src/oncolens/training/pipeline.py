@@ -113,26 +113,33 @@ def _calibration(
     }
 
 
-def record_sample_expectations(package: ModelPackage, samples_dir: Path) -> int:
-    """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``expected.json``."""
+def record_sample_expectations(package_dir: Path, samples_dir: Path) -> int:
+    """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``expected.json``: the fp32
+    file's, and the int8 file's under ``int8`` when the package has one that passed its gate."""
     manifest = samples_dir / "manifest.csv"
     if not manifest.is_file():
         return 0
     with manifest.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    prediction = package.predict([open_rgb(samples_dir / row["file"]) for row in rows])
-    expected = {
-        "model": package.id,
-        "version": package.version,
-        "sha256": package.card.sha256,
-        "images": {
-            row["file"]: {
-                "label": row["label"],
-                "probs": dict(zip(package.class_ids, p.tolist(), strict=True)),
-            }
-            for row, p in zip(rows, prediction.probs, strict=True)
-        },
+    images = [open_rgb(samples_dir / row["file"]) for row in rows]
+    fp32 = ModelPackage.load(package_dir, precision="fp32")
+
+    def probabilities(package: ModelPackage) -> dict[str, dict[str, float]]:
+        probs = package.predict(images).probs
+        classes = package.class_ids
+        return {row["file"]: dict(zip(classes, p.tolist(), strict=True)) for row, p in zip(rows, probs, strict=True)}
+
+    fp32_probs = probabilities(fp32)
+    expected: dict[str, Any] = {
+        "model": fp32.id,
+        "version": fp32.version,
+        "sha256": fp32.card.sha256,
+        "images": {row["file"]: {"label": row["label"], "probs": fp32_probs[row["file"]]} for row in rows},
     }
+    int8 = fp32.card.int8
+    if int8 is not None and int8.passed:
+        served = ModelPackage.load(package_dir, precision="int8")
+        expected["int8"] = {"sha256": int8.sha256, "probs": probabilities(served)}
     (samples_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     return len(rows)
 
@@ -435,11 +442,13 @@ def finalize(
     model_id: str,
     samples_dir: Path | None = None,
     command: str = "",
+    dataset_dir: Path | None = None,
 ) -> Path:
     """Export the best checkpoint of ``run_dir`` as a verified, calibrated, evaluated package.
 
     With ``samples_dir`` (holding ``manifest.csv``), the package's probabilities for those images
-    are recorded in its ``expected.json`` for the golden tests.
+    are recorded in its ``expected.json`` for the golden tests. With ``dataset_dir`` (the dataset
+    folder of ``samples``), the int8 copy is made and gated (``training.quantize``).
     """
     samples, n_excluded = drop_labels(samples, recipe.excluded_labels)
     model, checkpoint = _load_exportable(recipe, run_dir)
@@ -469,8 +478,12 @@ def finalize(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    package = _with_domain(ModelPackage.load(package_dir), samples)
-    n = record_sample_expectations(package, samples_dir) if samples_dir else 0
+    _with_domain(ModelPackage.load(package_dir, precision="fp32"), samples)
+    if dataset_dir is not None:
+        from oncolens.training.quantize import add_int8
+
+        add_int8(package_dir, dataset_dir, samples_dir or package_dir / "no-samples", log=tqdm.write)
+    n = record_sample_expectations(package_dir, samples_dir) if samples_dir else 0
     report = scored.report
     tqdm.write(
         f"{model_id}: test acc {report['accuracy']:.3f} bal-acc {report['balanced_accuracy']:.3f} "

@@ -49,9 +49,10 @@ def discover(directories: Iterable[Path]) -> dict[str, Path]:
 class Zoo:
     """Discovers packages once and loads each on first use (or all at start with ``load_all``)."""
 
-    def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0) -> None:
+    def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0, precision: str = "int8") -> None:
         self.paths = discover(directories)
         self.threads = threads
+        self.precision = precision
         self._loaded: dict[str, ModelPackage] = {}
         self._lock = threading.Lock()
 
@@ -60,7 +61,7 @@ class Zoo:
         """The one way every entry point builds its zoo: the built-in packages, then
         ``ONCOLENS_EXTRA_MODEL_DIR``, then ``extra_dirs`` (a later folder overrides an earlier one)."""
         dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else []) + list(extra_dirs)
-        return cls(dirs, threads=settings.threads)
+        return cls(dirs, threads=settings.threads, precision=settings.precision)
 
     def ids(self) -> list[str]:
         return sorted(self.paths)
@@ -70,7 +71,7 @@ class Zoo:
             raise ModelNotFound(model_id, self.paths)
         with self._lock:
             if model_id not in self._loaded:
-                self._loaded[model_id] = ModelPackage.load(self.paths[model_id], self.threads)
+                self._loaded[model_id] = ModelPackage.load(self.paths[model_id], self.threads, self.precision)
             return self._loaded[model_id]
 
     def loaded_ids(self) -> list[str]:

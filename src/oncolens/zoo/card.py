@@ -196,6 +196,28 @@ class QualityInfo(_Strict):
     min_side: int = Field(ge=1)
 
 
+class Int8Info(_Strict):
+    """The int8 (quantized) copy of the model and the gate it had to pass before it may serve.
+
+    ``gate`` holds both files' figures on val and test, the golden samples' largest probability
+    change and the heat-maps' correlation; ``passed`` is False when any criterion failed, and then
+    no int8 file ships (``file`` and ``sha256`` are empty) and the package serves fp32.
+    """
+
+    passed: bool
+    file: str = ""
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    method: str
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _file_when_passed(self) -> Int8Info:
+        if self.passed and not (self.file and self.sha256):
+            raise ValueError("a passed int8 model needs its file and sha256")
+        return self
+
+
 class DatasetInfo(_Open):
     name: str
     title: str = ""
@@ -251,6 +273,7 @@ class ModelCard(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     domain: DomainInfo | None = None
     quality: QualityInfo | None = None
+    int8: Int8Info | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -23,6 +23,7 @@ from oncolens.zoo.preprocess import InputSpec, preprocess
 
 CARD = "card.json"
 ONNX = "model.onnx"
+PRECISIONS = ("int8", "fp32")
 
 
 class PackageError(RuntimeError):
@@ -49,14 +50,23 @@ class Prediction:
 class ModelPackage:
     """A verified model package with one ONNX Runtime session, created once."""
 
-    def __init__(self, directory: Path, card: ModelCard, session: ort.InferenceSession) -> None:
+    def __init__(
+        self, directory: Path, card: ModelCard, session: ort.InferenceSession, precision: str = "fp32"
+    ) -> None:
         self.directory = directory
         self.card = card
         self.session = session
+        self.precision = precision  # which file serves: "int8" (quantized) or "fp32"
 
     @classmethod
-    def load(cls, directory: Path, threads: int = 0) -> ModelPackage:
-        """Read the card, check the ONNX file's sha256 and shapes, and open the session."""
+    def load(cls, directory: Path, threads: int = 0, precision: str = "int8") -> ModelPackage:
+        """Read the card, check the ONNX file's sha256 and shapes, and open the session.
+
+        ``precision="int8"`` serves the quantized file when the card says it passed its accuracy
+        gate, else the fp32 one; ``"fp32"`` always serves the fp32 file.
+        """
+        if precision not in PRECISIONS:
+            raise PackageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         card_path, onnx_path = directory / CARD, directory / ONNX
         for needed in (card_path, onnx_path):
             if not needed.is_file():
@@ -68,12 +78,17 @@ class ModelPackage:
         actual = sha256_of(onnx_path)
         if card.sha256 != actual:
             raise PackageError(f"{onnx_path} sha256 {actual[:12]}… does not match the card's {card.sha256[:12]}…")
+        serving = "fp32"
+        if precision == "int8" and card.int8 is not None and card.int8.passed:
+            onnx_path, serving = directory / card.int8.file, "int8"
+            if not onnx_path.is_file() or sha256_of(onnx_path) != card.int8.sha256:
+                raise PackageError(f"{onnx_path} is missing or does not match the card's int8 sha256")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        package = cls(directory, card, session)
+        package = cls(directory, card, session, serving)
         package._check_shapes()
         package._load_domain()
         return package

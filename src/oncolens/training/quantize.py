@@ -1,0 +1,242 @@
+"""int8 copies of model packages: static quantization calibrated on train images, and the accuracy gate
+the copy must pass before it may serve.
+
+The quantized file (``model.int8.onnx``) is ONNX Runtime's QDQ format: int8 weights per output
+channel, uint8 activations with ranges calibrated on images of the ``train`` split (never val or
+test, which the gate measures on). The gate compares the two files on ``val`` and ``test``:
+
+- |delta macro AUROC| <= 0.005 and |delta balanced accuracy| <= 0.01 on each split;
+- calibration not worse: int8 ECE <= fp32 ECE + 0.005 on each split;
+- the golden samples (``samples/<model>``): every class probability within ``GOLDEN_TOLERANCE``;
+- the heat-map of the int8 model correlates >= 0.95 (Pearson) with the fp32 one on every golden
+  sample (the top class's map, at the size it is shown on the image).
+
+Both files' figures and every criterion go into the card's ``int8`` section; a copy that fails any
+criterion is deleted and the package serves fp32.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oncolens.datasets import Sample, drop_labels, open_rgb, read_manifest, select_split
+from oncolens.evaluation import evaluate_package
+from oncolens.explain import upsample_cam
+from oncolens.inference import class_activation_map
+from oncolens.zoo.card import Int8Info, read_card
+from oncolens.zoo.package import CARD, ModelPackage, sha256_of
+from oncolens.zoo.preprocess import preprocess
+
+INT8_FILE = "model.int8.onnx"
+MAX_DELTA_AUROC = 0.005
+MAX_DELTA_BALANCED_ACCURACY = 0.01
+MAX_ECE_INCREASE = 0.005
+GOLDEN_TOLERANCE = 0.05  # largest change of any class probability on a golden sample
+MIN_HEATMAP_CORRELATION = 0.95
+METHOD = (
+    "ONNX Runtime static quantization, QDQ format: int8 weights per output channel (symmetric), uint8 "
+    "activations, MinMax ranges calibrated on train images"
+)
+
+
+def calibration_samples(dataset_dir: Path, package: ModelPackage, count: int, seed: int = 0) -> list[Sample]:
+    """``count`` train images spread over the classes (as evenly as each class allows), in a fixed order."""
+    samples, _ = drop_labels(select_split(read_manifest(dataset_dir), "train"), package.card.dataset.excluded_labels)
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.label, []).append(sample)
+    pools = {label: [items[i] for i in rng.permutation(len(items))] for label, items in sorted(by_class.items())}
+    chosen: list[Sample] = []
+    while len(chosen) < min(count, len(samples)):
+        for pool in pools.values():
+            if pool and len(chosen) < count:
+                chosen.append(pool.pop())
+    return chosen
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over preprocessed images, a few at a time."""
+
+    def __init__(self, samples: list[Sample], package: ModelPackage, batch: int = 8) -> None:
+        self.samples, self.package, self.batch, self.position = samples, package, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.samples):
+            return None
+        chunk = self.samples[self.position : self.position + self.batch]
+        self.position += len(chunk)
+        return {"image": preprocess([open_rgb(s.file) for s in chunk], self.package.input_spec)}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize(package: ModelPackage, samples: list[Sample], out: Path) -> None:
+    """Write the int8 QDQ copy of ``package``'s fp32 model to ``out``, calibrated on ``samples``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(package.directory / "model.onnx"), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Reader(samples, package),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+
+def golden_images(package: ModelPackage, samples_dir: Path) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+    """(file, model input [1,3,S,S], original size) of each golden sample of the package."""
+    manifest = samples_dir / "manifest.csv"
+    if not manifest.is_file():
+        return []
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    out = []
+    for row in rows:
+        image = open_rgb(samples_dir / row["file"])
+        out.append((row["file"], preprocess([image], package.input_spec), image.size))
+    return out
+
+
+def compare_golden(
+    fp32: ModelPackage, int8: ModelPackage, golden: list[tuple[str, np.ndarray, tuple[int, int]]]
+) -> dict[str, Any]:
+    """Largest probability change and the heat-maps' correlation on each golden sample."""
+    weight = fp32.head_weight
+    size = fp32.input_spec.size
+    rows = {}
+    for name, inputs, _ in golden:
+        logits_a, features_a = fp32.run(inputs, with_features=True)
+        logits_b, features_b = int8.run(inputs, with_features=True)
+        probs_a = fp32.probabilities(logits_a.astype(np.float64))[0]
+        probs_b = int8.probabilities(logits_b.astype(np.float64))[0]
+        top = int(fp32.card.decision.top(probs_a[None])[0])
+        assert features_a is not None and features_b is not None
+        maps = [
+            upsample_cam(class_activation_map(f[0], weight, top), size, fp32.feature_offset).ravel()
+            for f in (features_a, features_b)
+        ]
+        rows[name] = {
+            "max_abs_probability_change": float(np.abs(probs_a - probs_b).max()),
+            "same_decision": bool(top == int(int8.card.decision.top(probs_b[None])[0])),
+            "heatmap_correlation": float(np.corrcoef(maps[0], maps[1])[0, 1]),
+        }
+    return rows
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece")
+    out = {k: report.get(k) for k in keys}
+    if "malignant" in report:
+        out["malignant_auc"] = report["malignant"].get("auc")
+    return out
+
+
+def gate(
+    fp32: ModelPackage,
+    int8: ModelPackage,
+    dataset_dir: Path,
+    samples_dir: Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Both files' figures on val and test, the golden comparison, and each criterion's verdict."""
+    figures: dict[str, Any] = {}
+    checks: list[dict[str, Any]] = []
+    for split in ("val", "test"):
+        a = _headline(evaluate_package(fp32, dataset_dir, split, n_boot=0))
+        b = _headline(evaluate_package(int8, dataset_dir, split, n_boot=0))
+        figures[split] = {"fp32": a, "int8": b}
+        log(
+            f"{split}: fp32 bal-acc {a['balanced_accuracy']:.4f} AUROC {a['macro_auc']:.4f} ECE {a['ece']:.4f} | "
+            f"int8 {b['balanced_accuracy']:.4f} {b['macro_auc']:.4f} {b['ece']:.4f}"
+        )
+        checks += [
+            _check(f"{split} |delta macro AUROC|", abs(b["macro_auc"] - a["macro_auc"]), MAX_DELTA_AUROC),
+            _check(
+                f"{split} |delta balanced accuracy|",
+                abs(b["balanced_accuracy"] - a["balanced_accuracy"]),
+                MAX_DELTA_BALANCED_ACCURACY,
+            ),
+            _check(f"{split} ECE increase", b["ece"] - a["ece"], MAX_ECE_INCREASE),
+        ]
+    golden = compare_golden(fp32, int8, golden_images(fp32, samples_dir))
+    if golden:
+        worst = max(r["max_abs_probability_change"] for r in golden.values())
+        lowest = min(r["heatmap_correlation"] for r in golden.values())
+        checks += [
+            _check("golden samples: largest probability change", worst, GOLDEN_TOLERANCE),
+            _check("golden samples: lowest heat-map correlation", lowest, MIN_HEATMAP_CORRELATION, at_least=True),
+        ]
+    else:
+        checks.append({"criterion": "golden samples", "value": None, "limit": None, "passed": False})
+    return {"figures": figures, "golden": golden, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def _check(criterion: str, value: float, limit: float, at_least: bool = False) -> dict[str, Any]:
+    passed = value >= limit if at_least else value <= limit
+    return {"criterion": criterion, "value": round(float(value), 6), "limit": limit, "passed": bool(passed)}
+
+
+def add_int8(
+    package_dir: Path,
+    dataset_dir: Path,
+    samples_dir: Path,
+    calibration_images: int = 200,
+    log: Callable[[str], None] = print,
+) -> Int8Info:
+    """Quantize the package in ``package_dir``, gate the copy, and write the verdict into its card.
+
+    A copy that passes stays as ``model.int8.onnx`` (serving picks it by default); one that fails is
+    removed and the card says which criterion it failed.
+    """
+    fp32 = ModelPackage.load(package_dir, precision="fp32")
+    samples = calibration_samples(dataset_dir, fp32, calibration_images)
+    target = package_dir / INT8_FILE
+    target.unlink(missing_ok=True)
+    start = time.perf_counter()
+    quantize(fp32, samples, target)
+    log(f"quantized {fp32.id} on {len(samples)} train images in {time.perf_counter() - start:.0f} s")
+    card_path = package_dir / CARD
+    card = read_card(card_path)
+    calibration = {"split": "train", "images": len(samples), "seed": 0, "per_class": _per_class(samples)}
+    trial = Int8Info(passed=True, file=INT8_FILE, sha256=sha256_of(target), method=METHOD, calibration=calibration)
+    staged = card.model_copy(update={"int8": trial})
+    with tempfile.TemporaryDirectory() as tmp:  # the int8 package, loaded from a copy of the card
+        probe = Path(tmp)
+        for name in ("model.onnx", INT8_FILE):
+            (probe / name).symlink_to((package_dir / name).resolve())
+        if card.domain is not None:
+            (probe / card.domain.file).symlink_to((package_dir / card.domain.file).resolve())
+        (probe / CARD).write_text(staged.to_json())
+        int8 = ModelPackage.load(probe, precision="int8")
+        verdict = gate(fp32, int8, dataset_dir, samples_dir, log)
+    info = trial.model_copy(update={"passed": verdict["passed"], "gate": verdict})
+    if not verdict["passed"]:
+        failed = [c["criterion"] for c in verdict["checks"] if not c["passed"]]
+        log(f"int8 copy of {fp32.id} failed the gate ({'; '.join(failed)}): removed, fp32 serves")
+        target.unlink()
+        info = info.model_copy(update={"file": "", "sha256": ""})
+    card_path.write_text(card.model_copy(update={"int8": info}).to_json())
+    return info
+
+
+def _per_class(samples: list[Sample]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.label] = counts.get(sample.label, 0) + 1
+    return dict(sorted(counts.items()))
