@@ -328,6 +328,42 @@ def quantize(
     typer.echo(f"{model_id} int8 {verdict}; {recorded} golden sample(s) recorded")
 
 
+@app.command("export-edge")
+def export_edge(
+    model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the device files into.")],
+    precision: Annotated[
+        str, typer.Option(help="int8 (where it passed its accuracy gate; else fp32 is written) or fp32.")
+    ] = "int8",
+    model_dir: Annotated[
+        list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
+    ] = None,
+) -> None:
+    """Write a model for a phone or a Raspberry-Pi-class device: the ONNX Runtime mobile format (.ort),
+    the preprocessing and decision spec (oncolens-edge.json), a reference runner and a README."""
+    from oncolens.config import Settings
+    from oncolens.zoo import ModelNotFound, PackageError, Zoo
+    from oncolens.zoo.edge import export_edge as write
+    from oncolens.zoo.package import PRECISIONS, ModelPackage
+
+    if precision not in PRECISIONS:
+        raise _fail(f"--precision must be int8 or fp32, got {precision!r}")
+    zoo = Zoo.from_settings(Settings(), model_dir or [])
+    if model_id not in zoo.paths:
+        raise _fail(str(ModelNotFound(model_id, zoo.paths)))
+    try:
+        package = ModelPackage.load(zoo.paths[model_id], threads=1, precision=precision)
+        done = write(package, out_dir)
+    except (PackageError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    if precision == "int8" and done.precision != "int8":
+        int8 = package.card.int8
+        why = "has no int8 copy" if int8 is None else "failed its int8 accuracy gate (see the card's int8 section)"
+        typer.echo(f"{model_id} {why}: wrote the fp32 model")
+    size = done.model.stat().st_size / 1e6
+    typer.echo(f"wrote {done.model} ({done.precision}, {size:.1f} MB), {done.spec.name}, predict.py, README.md")
+
+
 @app.command("fit-domain")
 def fit_domain(
     model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
