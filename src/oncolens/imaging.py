@@ -69,7 +69,7 @@ def coloured_fraction(image: Image.Image) -> float:
     # resize() reads the full image once and makes only the small copy (thumbnail() would need a copy).
     thumb = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0) if scale < 1 else image
     rgb = np.asarray(thumb.convert("RGB") if thumb.mode != "RGB" else thumb)
-    # In integers, channel by channel (16× faster than float reductions over the colour axis):
+    # In integers, channel by channel (16 times faster than float reductions over the colour axis):
     # saturation (high - low) / high > 0.2  <=>  5 (high - low) > high;  high / 255 > 0.05  <=>  high >= 13.
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     high = np.maximum(np.maximum(red, green), blue).astype(np.int16)

@@ -68,7 +68,7 @@ def calibration_samples(dataset_dir: Path, package: ModelPackage, count: int, se
     return chosen
 
 
-class _Reader:
+class CalibrationReader:
     """onnxruntime.quantization's CalibrationDataReader over preprocessed images, a few at a time."""
 
     def __init__(self, samples: list[Sample], package: ModelPackage, batch: int = 1) -> None:
@@ -96,7 +96,7 @@ def quantize(package: ModelPackage, samples: list[Sample], out: Path) -> None:
         quantize_static(
             str(prepared),
             str(out),
-            _Reader(samples, package),
+            CalibrationReader(samples, package),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=True,
