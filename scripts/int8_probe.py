@@ -2,7 +2,7 @@
 
     python scripts/int8_probe.py MODEL_ID DATASET_DIR [--variants base,head+stem,dw] [--images 400]
 
-Each variant is the recipe of `oncolens quantize` (QDQ, per-channel 7-bit int8 weights, uint8
+Each variant is `oncolens quantize`'s own call (QDQ, per-channel 7-bit int8 weights, uint8
 activations, MinMax ranges from 200 train images) with some nodes left in fp32: ``head`` (the last
 convolution and the linear head), ``stem`` (the first convolution), ``dw`` (every depthwise
 convolution). Printed per variant, on ``--images`` random val images and the golden samples: the
@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from oncolens.datasets import drop_labels, open_rgb, read_manifest, select_split
 from oncolens.metrics import balanced_accuracy
-from oncolens.training.quantize import METHOD, CalibrationReader, calibration_samples, golden_images, staged_int8
+from oncolens.training.quantize import METHOD, calibration_samples, golden_images, quantize, staged_int8
 from oncolens.zoo import ModelPackage, Zoo
 from oncolens.zoo.card import Int8Info
 from oncolens.zoo.preprocess import preprocess
@@ -74,23 +72,10 @@ def main() -> None:
     graph = onnx.load(str(fp32.directory / "model.onnx"))
     classes = len(fp32.class_ids)
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32.directory / "model.onnx"), str(prepared), skip_symbolic_shape=True)
         for variant in args.variants.split(","):
             out = Path(tmp) / f"{variant}.onnx"
             start = time.perf_counter()
-            quantize_static(
-                str(prepared),
-                str(out),
-                CalibrationReader(calibration, fp32),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                reduce_range=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=excluded(graph, variant),
-            )
+            quantize(fp32, calibration, out, keep_fp32=excluded(graph, variant))
             seconds = time.perf_counter() - start
             with staged_int8(fp32.directory, out, Int8Info(passed=False, method=METHOD)) as int8:
                 probs = probabilities(int8, x)

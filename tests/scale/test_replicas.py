@@ -66,6 +66,16 @@ def bearer(response: httpx.Response) -> dict[str, str]:
     return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
+def add_user(replica: Replica, admin: dict[str, str], email: str, role: str, full_name: str) -> None:
+    """An account made by the admin through ``replica``'s API."""
+    made = httpx.post(
+        f"{replica.url}/api/v1/users",
+        json={"email": email, "password": PASSWORD, "role": role, "full_name": full_name},
+        headers=admin,
+    )
+    assert made.status_code == 201, made.text
+
+
 def test_two_replicas_migrated_one_empty_database_together(pair: list[Replica], database: str) -> None:
     engine = create_engine(database)
     with engine.connect() as connection:
@@ -81,12 +91,7 @@ def test_a_case_made_on_one_is_served_reviewed_reported_and_deleted_by_the_other
 ) -> None:
     a, b = pair
     admin_a = bearer(login(a, "admin@clinic.org"))
-    made = httpx.post(
-        f"{a.url}/api/v1/users",
-        json={"email": "ana@clinic.org", "password": PASSWORD, "role": "clinician", "full_name": "Ana"},
-        headers=admin_a,
-    )
-    assert made.status_code == 201, made.text
+    add_user(a, admin_a, "ana@clinic.org", "clinician", "Ana")
     ana_a = bearer(login(a, "ana@clinic.org"))
     files = [("files", (MEL, (SAMPLES / MEL).read_bytes(), "image/jpeg"))]
     created = httpx.post(
@@ -123,12 +128,7 @@ def test_a_case_made_on_one_is_served_reviewed_reported_and_deleted_by_the_other
 def test_the_login_lock_and_token_revocation_hold_across_replicas(pair: list[Replica]) -> None:
     a, b = pair
     admin = bearer(login(a, "admin@clinic.org"))
-    made = httpx.post(
-        f"{b.url}/api/v1/users",
-        json={"email": "ben@clinic.org", "password": PASSWORD, "role": "viewer", "full_name": "Ben"},
-        headers=admin,
-    )
-    assert made.status_code == 201, made.text
+    add_user(b, admin, "ben@clinic.org", "viewer", "Ben")
     # failures on either replica count towards one lock (ONCOLENS_LOGIN_MAX_FAILURES=3)
     assert [login(r, "ben@clinic.org", "wrong password!").status_code for r in (a, b, a)] == [401, 401, 401]
     locked = login(b, "ben@clinic.org")

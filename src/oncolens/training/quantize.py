@@ -26,7 +26,7 @@ import contextlib
 import csv
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,11 @@ class CalibrationReader:
         self.position = 0
 
 
-def quantize(package: ModelPackage, samples: list[Sample], out: Path) -> None:
-    """Write the int8 QDQ copy of ``package``'s fp32 model to ``out``, calibrated on ``samples``."""
+def quantize(package: ModelPackage, samples: list[Sample], out: Path, keep_fp32: Sequence[str] = ()) -> None:
+    """Write the int8 QDQ copy of ``package``'s fp32 model to ``out``, calibrated on ``samples``.
+
+    ``keep_fp32`` names graph nodes left unquantized (`scripts/int8_probe.py` tries such variants).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -103,6 +106,7 @@ def quantize(package: ModelPackage, samples: list[Sample], out: Path) -> None:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(keep_fp32),
         )
 
 
