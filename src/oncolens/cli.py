@@ -81,9 +81,23 @@ def train(
     from oncolens.training.pipeline import finalize
 
     package = finalize(
-        chosen, samples, runs, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, command, dataset_dir
+        chosen,
+        samples,
+        runs,
+        out or ZOO_DIR / model_id,
+        model_id,
+        SAMPLES_DIR / model_id,
+        command,
+        dataset_dir,
+        _expected_file(out),
     )
     typer.echo(f"wrote model package {package}")
+
+
+def _expected_file(out: Path | None) -> Path | None:
+    """Where a new package's golden-sample probabilities go: the shipped samples' expected.json for a
+    package built into the zoo; beside a package built elsewhere (``--out``), to copy with it."""
+    return None if out is None else out.parent / f"{out.name}.samples-expected.json"
 
 
 def _settings(recipe: Recipe, pairs: list[str]) -> Recipe:
@@ -183,7 +197,15 @@ def export(
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
     package = finalize(
-        chosen, samples, run_dir, out or ZOO_DIR / model_id, model_id, SAMPLES_DIR / model_id, _command(), dataset_dir
+        chosen,
+        samples,
+        run_dir,
+        out or ZOO_DIR / model_id,
+        model_id,
+        SAMPLES_DIR / model_id,
+        _command(),
+        dataset_dir,
+        _expected_file(out),
     )
     typer.echo(f"wrote model package {package}")
 

@@ -148,3 +148,16 @@ def test_edge_export_errors_are_clear(blob_package: Path, tmp_path: Path) -> Non
     assert unknown.exit_code == 2 and "no model 'nope'" in unknown.output
     bad = runner.invoke(app, [*base, "blob", str(tmp_path / "x"), "--precision", "fp16"])
     assert bad.exit_code == 2 and "--precision must be int8 or fp32, got 'fp16'" in bad.output
+
+
+def test_a_package_built_outside_the_zoo_leaves_the_shipped_expectations_alone(
+    package: Path, golden: Path, tmp_path: Path
+) -> None:
+    from oncolens.cli import _expected_file
+
+    assert _expected_file(None) is None  # into the zoo: the samples' own expected.json
+    beside = _expected_file(tmp_path / "candidate")
+    assert beside == tmp_path / "candidate.samples-expected.json"
+    assert record_sample_expectations(package, golden, beside) == 3
+    assert not (golden / "expected.json").exists()
+    assert set(json.loads(beside.read_text())["images"]) == {"benign_a_7.png", "benign_b_8.png", "cancer_9.png"}

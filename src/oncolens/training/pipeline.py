@@ -113,9 +113,10 @@ def _calibration(
     }
 
 
-def record_sample_expectations(package_dir: Path, samples_dir: Path) -> int:
-    """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``expected.json``: the fp32
-    file's, and the int8 file's under ``int8`` when the package has one that passed its gate."""
+def record_sample_expectations(package_dir: Path, samples_dir: Path, target: Path | None = None) -> int:
+    """Record the package's probabilities for ``samples_dir/manifest.csv`` in ``target`` (default
+    ``samples_dir/expected.json``, what the golden tests read): the fp32 file's, and the int8 file's
+    under ``int8`` when the package has one that passed its gate."""
     manifest = samples_dir / "manifest.csv"
     if not manifest.is_file():
         return 0
@@ -140,7 +141,7 @@ def record_sample_expectations(package_dir: Path, samples_dir: Path) -> int:
     if int8 is not None and int8.passed:
         served = ModelPackage.load(package_dir, precision="int8")
         expected["int8"] = {"sha256": int8.sha256, "probs": probabilities(served)}
-    (samples_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    (target or samples_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     return len(rows)
 
 
@@ -443,12 +444,15 @@ def finalize(
     samples_dir: Path | None = None,
     command: str = "",
     dataset_dir: Path | None = None,
+    expected_file: Path | None = None,
 ) -> Path:
     """Export the best checkpoint of ``run_dir`` as a verified, calibrated, evaluated package.
 
     With ``samples_dir`` (holding ``manifest.csv``), the package's probabilities for those images
-    are recorded in its ``expected.json`` for the golden tests. With ``dataset_dir`` (the dataset
-    folder of ``samples``), the int8 copy is made and gated (``training.quantize``).
+    are recorded in ``expected_file`` (default the samples' ``expected.json``, which the golden tests
+    read: a package built elsewhere than the zoo passes its own file so the shipped one stays). With
+    ``dataset_dir`` (the dataset folder of ``samples``), the int8 copy is made and gated
+    (``training.quantize``).
     """
     samples, n_excluded = drop_labels(samples, recipe.excluded_labels)
     model, checkpoint = _load_exportable(recipe, run_dir)
@@ -483,7 +487,7 @@ def finalize(
         from oncolens.training.quantize import add_int8
 
         add_int8(package_dir, dataset_dir, samples_dir or package_dir / "no-samples", log=tqdm.write)
-    n = record_sample_expectations(package_dir, samples_dir) if samples_dir else 0
+    n = record_sample_expectations(package_dir, samples_dir, expected_file) if samples_dir else 0
     report = scored.report
     tqdm.write(
         f"{model_id}: test acc {report['accuracy']:.3f} bal-acc {report['balanced_accuracy']:.3f} "
