@@ -37,7 +37,7 @@ from oncolens.evaluation import evaluate_package
 from oncolens.explain import upsample_cam
 from oncolens.inference import class_activation_map
 from oncolens.zoo.card import Int8Info, read_card
-from oncolens.zoo.package import CARD, ModelPackage, sha256_of
+from oncolens.zoo.package import CARD, ONNX, ModelPackage, sha256_of
 from oncolens.zoo.preprocess import preprocess
 
 INT8_FILE = "model.int8.onnx"
@@ -95,7 +95,7 @@ def quantize(package: ModelPackage, samples: list[Sample], out: Path, keep_fp32:
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(package.directory / "model.onnx"), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(package.directory / ONNX), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(out),
@@ -212,7 +212,7 @@ def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info) -> Iterator[
     card = read_card(package_dir / CARD)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp)
-        (probe / "model.onnx").symlink_to((package_dir / "model.onnx").resolve())
+        (probe / ONNX).symlink_to((package_dir / ONNX).resolve())
         (probe / INT8_FILE).symlink_to(int8_file.resolve())
         if card.domain is not None:
             (probe / card.domain.file).symlink_to((package_dir / card.domain.file).resolve())

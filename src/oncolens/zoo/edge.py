@@ -20,7 +20,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from oncolens.zoo.package import ONNX, ModelPackage, PackageError, sha256_of
+from oncolens.zoo.package import ModelPackage, PackageError
 
 SPEC_FILE = "oncolens-edge.json"
 
@@ -103,12 +103,7 @@ def export_edge(package: ModelPackage, out_dir: Path) -> EdgeExport:
     """Write ``<id>.ort``, its operator list and ``oncolens-edge.json`` into ``out_dir``."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    card = package.card
-    source_name = card.int8.file if package.precision == "int8" and card.int8 is not None else ONNX
-    source = package.directory / source_name
-    expected = card.int8.sha256 if source_name != ONNX and card.int8 is not None else card.sha256
-    if sha256_of(source) != expected:
-        raise PackageError(f"{source} does not match the card's sha256")
+    card, source = package.card, package.model_file  # the file that serves, checked when it loaded
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -51,12 +51,18 @@ class ModelPackage:
     """A verified model package with one ONNX Runtime session, created once."""
 
     def __init__(
-        self, directory: Path, card: ModelCard, session: ort.InferenceSession, precision: str = "fp32"
+        self,
+        directory: Path,
+        card: ModelCard,
+        session: ort.InferenceSession,
+        precision: str = "fp32",
+        model_file: Path | None = None,
     ) -> None:
         self.directory = directory
         self.card = card
         self.session = session
         self.precision = precision  # which file serves: "int8" (quantized) or "fp32"
+        self.model_file = model_file or directory / ONNX  # that file, checked against the card at load
 
     @classmethod
     def load(cls, directory: Path, threads: int = 0, precision: str = "int8") -> ModelPackage:
@@ -91,7 +97,7 @@ class ModelPackage:
         # ~20% less CPU under load, left to decoding and to the other workers of `serve --workers N`.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        package = cls(directory, card, session, serving)
+        package = cls(directory, card, session, serving, onnx_path)
         package._check_shapes()
         package._load_domain()
         return package
