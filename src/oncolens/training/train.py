@@ -21,7 +21,7 @@ from oncolens import metrics
 from oncolens.datasets import ManifestError, Sample, drop_labels, encode_labels, load_pixels, select_split
 from oncolens.inference import calibrate
 from oncolens.training.augment import augment, to_input
-from oncolens.training.backbones import Classifier, build_backbone
+from oncolens.training.backbones import Classifier, build_backbone, frozen_front
 from oncolens.training.recipe import Recipe, TrainConfig
 from oncolens.training.views import candidate_views, choose_views, named_view_logits, union_views
 
@@ -244,7 +244,11 @@ def _epoch(
     for i in bar:
         idx = batches[i]
         x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
-        logits, _ = model(x.contiguous(memory_format=torch.channels_last))
+        if cfg.freeze_blocks > 0:  # the frozen front without gradients, at the recipe's precision
+            front = frozen_front(model, x, cfg.freeze_blocks, cfg.front_precision)
+            logits = model.tail_logits(front, cfg.freeze_blocks)
+        else:
+            logits, _ = model(x.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
         step = optimizer_step(model, ema, optimizer, loss, step, total_steps, warmup, cfg)
         running = 0.9 * running + 0.1 * loss.item() if i else loss.item()

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from oncolens.training.augment import augment, to_input
-from oncolens.training.backbones import Classifier
+from oncolens.training.backbones import Classifier, frozen_front
 from oncolens.training.export import VIEWS, check_views
 from oncolens.training.recipe import Recipe
 
@@ -52,7 +52,14 @@ def _front_shape(model: Classifier, recipe: Recipe) -> tuple[int, ...]:
 
 @torch.no_grad()
 def _fill(
-    model: Classifier, recipe: Recipe, n_images: int, n_views: int, make: object, desc: str, batch: int = 32
+    model: Classifier,
+    recipe: Recipe,
+    n_images: int,
+    n_views: int,
+    make: object,
+    desc: str,
+    batch: int = 32,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Run ``make(start, stop, view) -> normalized input`` through the front for every view and batch."""
     model.eval()
@@ -64,7 +71,7 @@ def _fill(
             for start in range(0, n_images, batch):
                 stop = min(n_images, start + batch)
                 x = make(start, stop, view)  # type: ignore[operator]
-                maps[start:stop, view] = model.backbone.front(x.contiguous(memory_format=torch.channels_last), n_frozen)
+                maps[start:stop, view] = frozen_front(model, x, n_frozen, precision)
                 bar.update(stop - start)
     return maps
 
@@ -72,7 +79,11 @@ def _fill(
 def augmented_views(
     model: Classifier, pixels: np.ndarray, recipe: Recipe, n_views: int, gen: torch.Generator
 ) -> ViewCache:
-    """View 0: each image as it is; views 1..K-1: the recipe's random augmentation, drawn from ``gen``."""
+    """View 0: each image as it is; views 1..K-1: the recipe's random augmentation, drawn from ``gen``.
+
+    The front runs at the recipe's ``front_precision`` (these maps only feed training); the test-time
+    views below, which evaluation and model choices read, are always computed in fp32.
+    """
     source = torch.from_numpy(pixels)
     spec = recipe.input_spec
 
@@ -80,7 +91,8 @@ def augmented_views(
         chunk = source[start:stop]
         return to_input(chunk, spec) if view == 0 else augment(chunk, recipe.augment, spec, gen)
 
-    return ViewCache(_fill(model, recipe, len(pixels), n_views, make, f"caching {n_views} train views"))
+    desc, precision = f"caching {n_views} train views", recipe.train.front_precision
+    return ViewCache(_fill(model, recipe, len(pixels), n_views, make, desc, precision=precision))
 
 
 def test_time_views(model: Classifier, pixels: np.ndarray, recipe: Recipe, names: Sequence[str]) -> ViewCache:
