@@ -1,4 +1,4 @@
-"""Batched image augmentation on uint8 tensors: flips, rotation, scale, shift and colour jitter."""
+"""Batched image augmentation on uint8 tensors: flips, rotation, scale, shift, colour jitter and cast."""
 
 from __future__ import annotations
 
@@ -50,4 +50,7 @@ def augment(pixels: torch.Tensor, cfg: AugmentConfig, spec: InputSpec, gen: torc
     x = (x - mean) * uniform(1 - cfg.contrast, 1 + cfg.contrast).view(view) + mean
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
     x = (x - gray) * uniform(1 - cfg.saturation, 1 + cfg.saturation).view(view) + gray
+    if cfg.colour_cast > 0:  # drawn only when asked, so recipes without it keep their random stream
+        gains = torch.rand(n, 3, 1, 1, generator=gen) * 2 * cfg.colour_cast + 1 - cfg.colour_cast
+        x = x * gains
     return _standardize(x.clamp(0.0, 1.0), spec)

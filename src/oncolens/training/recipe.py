@@ -74,6 +74,9 @@ class AugmentConfig:
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
+    # Per-channel gain: R, G and B each scaled by its own factor in [1 - c, 1 + c], a white-balance or
+    # camera-response shift (a cue that can give a photo's source away); 0 leaves colours alone.
+    colour_cast: float = 0.0
 
 
 @dataclass(frozen=True)
