@@ -320,11 +320,18 @@ def quantize(
     model_id: Annotated[str, typer.Argument(help="A model in the zoo, e.g. skin-ham10000.")],
     dataset_dir: Annotated[Path, typer.Argument(help="The model's dataset (manifest.csv with train/val/test).")],
     calibration_images: Annotated[int, typer.Option(min=8, help="Train images that set the int8 ranges.")] = 200,
+    qat_steps: Annotated[
+        int, typer.Option(min=0, help="Steps of quantization-aware tuning towards the fp32 model (0: none).")
+    ] = 0,
+    qat_images: Annotated[int, typer.Option(min=8, help="Train images the quantization-aware tuning uses.")] = 512,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
     ] = None,
 ) -> None:
     """Make a package's int8 copy (calibrated on train images) and gate it against fp32 on val and test.
+
+    ``--qat-steps N`` then tunes the copy's weights, in a fake-quantized copy of its own graph, to
+    answer like the fp32 model on train images (quantization-aware distillation) before the gate.
 
     The copy ships only if every criterion holds (AUROC, balanced accuracy, ECE, the golden samples'
     probabilities and heat-maps); the card records both files' figures either way, and the golden
@@ -333,14 +340,23 @@ def quantize(
     from oncolens.config import Settings
     from oncolens.datasets import ManifestError
     from oncolens.training.pipeline import record_sample_expectations
+    from oncolens.training.qat import QatError
     from oncolens.training.quantize import add_int8
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     try:
         zoo = Zoo.from_settings(Settings(), model_dir or [])
         directory = zoo.get(model_id).directory
-        info = add_int8(directory, dataset_dir, SAMPLES_DIR / model_id, calibration_images, log=typer.echo)
-    except (ModelNotFound, PackageError, ManifestError, OSError) as exc:
+        info = add_int8(
+            directory,
+            dataset_dir,
+            SAMPLES_DIR / model_id,
+            calibration_images,
+            log=typer.echo,
+            qat_steps=qat_steps,
+            qat_images=qat_images,
+        )
+    except (ModelNotFound, PackageError, ManifestError, QatError, OSError) as exc:
         raise _fail(str(exc)) from exc
     for check in info.gate["checks"]:
         mark = "ok  " if check["passed"] else "FAIL"
