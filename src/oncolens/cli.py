@@ -324,6 +324,13 @@ def quantize(
         int, typer.Option(min=0, help="Steps of quantization-aware tuning towards the fp32 model (0: none).")
     ] = 0,
     qat_images: Annotated[int, typer.Option(min=8, help="Train images the quantization-aware tuning uses.")] = 512,
+    qat_export: Annotated[
+        Path | None,
+        typer.Option(help="Write a tuning bundle here (for `python -m oncolens.training.qat` on a GPU) and stop."),
+    ] = None,
+    qat_tuned: Annotated[
+        Path | None, typer.Option(help="Gate the tuned copy of this bundle instead of making one here.")
+    ] = None,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
     ] = None,
@@ -332,6 +339,8 @@ def quantize(
 
     ``--qat-steps N`` then tunes the copy's weights, in a fake-quantized copy of its own graph, to
     answer like the fp32 model on train images (quantization-aware distillation) before the gate.
+    On a GPU elsewhere: ``--qat-export DIR`` writes the bundle, ``python -m oncolens.training.qat DIR
+    --seconds 60`` tunes it there, and ``--qat-tuned DIR`` gates the result here.
 
     The copy ships only if every criterion holds (AUROC, balanced accuracy, ECE, the golden samples'
     probabilities and heat-maps); the card records both files' figures either way, and the golden
@@ -341,12 +350,18 @@ def quantize(
     from oncolens.datasets import ManifestError
     from oncolens.training.pipeline import record_sample_expectations
     from oncolens.training.qat import QatError
-    from oncolens.training.quantize import add_int8
+    from oncolens.training.quantize import QuantizeError, add_int8, export_qat
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
+    if qat_export is not None and (qat_tuned is not None or qat_steps > 0):
+        raise _fail("--qat-export writes a bundle to tune elsewhere: it takes neither --qat-tuned nor --qat-steps")
     try:
         zoo = Zoo.from_settings(Settings(), model_dir or [])
         directory = zoo.get(model_id).directory
+        if qat_export is not None:
+            export_qat(directory, dataset_dir, qat_export, calibration_images, qat_images, log=typer.echo)
+            typer.echo(f"tune it with: python -m oncolens.training.qat {qat_export} --seconds 60")
+            return
         info = add_int8(
             directory,
             dataset_dir,
@@ -355,8 +370,9 @@ def quantize(
             log=typer.echo,
             qat_steps=qat_steps,
             qat_images=qat_images,
+            tuned=qat_tuned,
         )
-    except (ModelNotFound, PackageError, ManifestError, QatError, OSError) as exc:
+    except (ModelNotFound, PackageError, ManifestError, QatError, QuantizeError, OSError) as exc:
         raise _fail(str(exc)) from exc
     for check in info.gate["checks"]:
         mark = "ok  " if check["passed"] else "FAIL"

@@ -1,5 +1,6 @@
 """Quantization-aware tuning of int8 copies: the rebuilt graph is the int8 file, and tuning brings it closer to fp32."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from oncolens.datasets import open_rgb, read_manifest
 from oncolens.training import quantize
-from oncolens.training.qat import QatError, QdqGraph, tune_int8
+from oncolens.training.qat import QatError, QdqGraph, graph_teacher, onnx_teacher, tune_graph, tune_int8
 from oncolens.zoo.card import read_card
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
@@ -104,6 +105,33 @@ def test_tuning_brings_the_int8_file_closer_to_fp32(package: Path, int8_file: Pa
     assert ort.InferenceSession(str(int8_file), providers=["CPUExecutionProvider"]).run(None, {"image": x})
 
 
+def test_the_fp32_file_rebuilt_as_a_graph_is_a_teacher(package: Path, int8_file: Path, tiny_dataset: Path) -> None:
+    x = inputs(package, tiny_dataset)
+    qdq, fp32 = onnx.load(str(int8_file)), onnx.load(str(package / "model.onnx"))
+    graph_logits, graph_features = graph_teacher(fp32, torch.device("cpu"))(x)
+    onnx_logits, onnx_features = onnx_teacher(package / "model.onnx")(x)
+    np.testing.assert_allclose(graph_logits.numpy(), onnx_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(graph_features.numpy(), onnx_features.numpy(), atol=1e-4)
+    # tuned against that teacher, the int8 graph comes closer to fp32 too
+    before = kl_to_fp32(package / "model.onnx", int8_file, x)
+    tuned, result = tune_graph(qdq, fp32, graph_teacher(fp32, torch.device("cpu")), x, 80, batch_size=8, log=lambda _: None)
+    onnx.save(tuned, str(int8_file))
+    assert kl_to_fp32(package / "model.onnx", int8_file, x) < 0.5 * before and result.device == "cpu"
+
+
+def test_every_copy_of_a_shared_weight_starts_from_its_fp32_values(package: Path, int8_file: Path) -> None:
+    """A two-view graph quantizes each view's copy of a weight or bias under its own name ("W", "W0")."""
+    qdq, fp32 = onnx.load(str(int8_file)), onnx.load(str(package / "model.onnx"))
+    originals = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    graph = QdqGraph(qdq, fp32)
+    tensors = [*graph.weights.values(), *graph.biases.values()]
+    twins = [t for t in tensors if t.quantized.removesuffix("_quantized") not in originals]
+    assert twins  # the tiny recipe serves two views
+    for twin in twins:
+        start = graph.params[twin.index].detach().numpy()
+        assert any(o.shape == start.shape and np.array_equal(o, start) for o in originals.values()), twin.quantized
+
+
 def test_add_int8_with_tuning_records_it_in_the_card(
     package: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,3 +160,37 @@ def test_bad_requests_are_refused(int8_file: Path, package: Path) -> None:
     model.graph.node.append(helper.make_node("Sigmoid", [last + "_before"], [last]))
     with pytest.raises(QatError, match="has a Sigmoid node"):
         QdqGraph(model, onnx.load(str(package / "model.onnx")))(torch.from_numpy(x))
+
+
+def test_a_bundle_tuned_elsewhere_is_gated_here(
+    package: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export_qat writes what `python -m oncolens.training.qat` needs; add_int8(tuned=...) gates its result."""
+    from oncolens.training import qat
+
+    bundle = quantize.export_qat(package, tiny_dataset, tmp_path / "bundle", 12, 9, log=lambda _: None)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(
+        [qat.BUNDLE, qat.BUNDLE_INT8, qat.BUNDLE_TEACHER, qat.BUNDLE_PIXELS]
+    )
+    settings = json.loads((bundle / qat.BUNDLE).read_text())
+    assert settings["model"] == "tiny" and settings["qat_images"]["images"] == 9
+    assert settings["calibration"]["images"] == 12 and settings["teacher_fp16_max_abs_logit_change"] < 0.05
+    # the travelling pixels decode to model inputs close to the originals (JPEG quality 95)
+    x = qat.bundle_images(bundle)
+    assert x.shape == (9, 3, 64, 64) and np.isfinite(x).all()
+    # not tuned yet: refused
+    monkeypatch.setattr(quantize, "MIN_HEATMAP_CORRELATION", 1.01)  # the verdict is not what this test is about
+    with pytest.raises(quantize.QuantizeError, match="has not been tuned"):
+        quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
+    qat.main([str(bundle), "--steps", "3", "--device", "cpu"])
+    result = json.loads((bundle / qat.TUNED_RESULT).read_text())
+    assert result["steps"] == 3 and result["hardware"] == "cpu" and result["batch_size"] == 16
+    info = quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
+    assert info.calibration["qat"]["steps"] == 3 and info.calibration["qat"]["images"] == 9
+    assert "fp16" in info.calibration["qat"]["teacher"] and "quantization-aware" in info.method
+    assert read_card(package / "card.json").int8 == info
+    # a bundle of another model file is refused
+    settings["fp32_sha256"] = "0" * 64
+    (bundle / qat.BUNDLE).write_text(json.dumps(settings))
+    with pytest.raises(quantize.QuantizeError, match="another model file"):
+        quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)

@@ -17,13 +17,21 @@ probabilities plus the feature maps' squared error relative to their mean square
 ranges stay as calibrated. The tuned weights are written back into the int8 file as its integers and
 scales; nothing else in the file changes. The fp32 model is the teacher and stays as it is, so the
 accuracy gate (``quantize.gate``) compares the tuned copy with the same fp32 file as before.
+
+A GPU makes the steps cheap (``python -m oncolens.training.qat BUNDLE --device cuda``): ``oncolens
+quantize --qat-export DIR`` writes a bundle (the calibrated int8 file, the fp32 graph with its weights
+stored in fp16 to travel, the chosen train images' model pixels) that this module tunes with nothing
+but numpy, onnx and torch, and ``oncolens quantize --qat-tuned DIR`` gates the tuned copy on the CPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +94,7 @@ def _slice(x: torch.Tensor, args: list[torch.Tensor | None]) -> torch.Tensor:
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         size = x.shape[axis]
         keep = list(range(size))[slice(max(min(start, size), -size - 1), max(min(end, size), -size - 1), step)]
-        x = x.index_select(axis, torch.tensor(keep, dtype=torch.long))
+        x = x.index_select(axis, torch.tensor(keep, dtype=torch.long, device=x.device))
     return x
 
 
@@ -117,12 +125,29 @@ class QdqGraph(torch.nn.Module):
         for node in qdq.graph.node:
             for name in node.input:
                 consumers[name] = node
+
+        # a weight used by several nodes (the views of a multi-view graph) is quantized once per node, each copy
+        # under a new name ("W" and "W0", its bias likewise): such a copy starts from the fp32 tensor of its shape
+        # that its integers reproduce (to 0.1% of the largest value)
+        def original_of(name: str, data: np.ndarray, scale: np.ndarray, axis: int) -> str | None:
+            base = name.removesuffix("_quantized")
+            if base in originals:
+                return base
+            values = self._dequantized(data, scale, axis)
+            errors = {
+                candidate: float(np.max(np.abs(original - values)) / max(float(np.max(np.abs(original))), 1e-12))
+                for candidate, original in originals.items()
+                if original.shape == data.shape
+            }
+            best = min(errors, key=errors.__getitem__, default=None)
+            return best if best is not None and errors[best] <= 1e-3 else None
+
         for node in qdq.graph.node:
             attrs = _attrs(node)
             if node.op_type == "DequantizeLinear" and node.input[0] in inits:
                 data = inits[node.input[0]]
                 scale = inits[node.input[1]]
-                base = node.input[0].removesuffix("_quantized")
+                base = original_of(node.input[0], data, scale, int(attrs.get("axis", 1))) or ""
                 start = originals.get(base)
                 if start is None:  # not in the fp32 file under the same name: start from the integers
                     start = self._dequantized(data, scale, int(attrs.get("axis", 1)))
@@ -159,14 +184,21 @@ class QdqGraph(torch.nn.Module):
         for weight in self.weights.values():
             weight.qmax = self._integer_range(weight)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QdqGraph:
+        """``.to(device)`` moves the constants (a plain dict) along with the parameters."""
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self.constants = {name: fn(value) for name, value in self.constants.items()}
+        return self
+
     def _integer_range(self, weight: _Weight) -> int:
         """ONNX Runtime's symmetric range (64 for 7-bit, 127 for 8-bit): max|w| / scale where the scale was not
         widened for the bias."""
         values = self.params[weight.index].detach()
-        absmax = _per_channel(values, weight.axis).reshape(-1).numpy()
+        absmax = _per_channel(values, weight.axis).reshape(-1).cpu().numpy()
         scale = np.asarray(weight.initial_scale, np.float64).reshape(-1)
         ratios = absmax[scale > 0] / scale[scale > 0]
-        qmax = round(float(ratios.max())) if ratios.size else 0
+        # the median channel: a channel of near-zero weights carries little precision (in fp16 least of all)
+        qmax = round(float(np.median(ratios))) if ratios.size else 0
         if qmax not in (64, 127):
             raise QatError(f"{weight.quantized!r}: weight range ±{qmax} is not int8 7- or 8-bit symmetric")
         return qmax
@@ -288,13 +320,13 @@ class QdqGraph(torch.nn.Module):
             for weight in self.weights.values():
                 scale = self.weight_scale(weight)
                 values = torch.clamp(torch.round(self.params[weight.index] / scale), -weight.qmax, weight.qmax)
-                new[weight.quantized] = values.numpy().astype(np.int8)
-                new[weight.scale] = scale.reshape(-1).numpy().astype(np.float32)
+                new[weight.quantized] = values.cpu().numpy().astype(np.int8)
+                new[weight.scale] = scale.reshape(-1).cpu().numpy().astype(np.float32)
             for bias in self.biases.values():
                 scale = self.bias_scale(bias)
                 values = torch.round(self.params[bias.index] / scale).clamp(-(2**31) + 1, 2**31 - 1)
-                new[bias.quantized] = values.double().numpy().astype(np.int32)
-                new[bias.scale] = scale.numpy().astype(np.float32)
+                new[bias.quantized] = values.double().cpu().numpy().astype(np.int32)
+                new[bias.scale] = scale.cpu().numpy().astype(np.float32)
         out = onnx.ModelProto()
         out.CopyFrom(qdq)
         for index, init in enumerate(out.graph.initializer):
@@ -312,6 +344,103 @@ class QatResult:
     seconds: float
     loss_first: float  # mean of the first tenth of the steps
     loss_last: float  # mean of the last tenth
+    device: str = "cpu"  # where the steps ran (torch device)
+
+
+Teacher = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+
+def onnx_teacher(fp32_file: Path) -> Teacher:
+    """The fp32 file run by ONNX Runtime on the CPU: (logits, features) of a preprocessed batch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(fp32_file), providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = session.run(["logits", "features"], {session.get_inputs()[0].name: batch})
+        return torch.from_numpy(logits), torch.from_numpy(features)
+
+    return run
+
+
+def graph_teacher(fp32: onnx.ModelProto, device: torch.device) -> Teacher:
+    """The fp32 file run as a PyTorch graph on ``device`` (no quantizers in it, so nothing is fake-quantized;
+    no gradients): the teacher on a GPU, where ONNX Runtime's CPU session would be the bottleneck."""
+    graph = QdqGraph(fp32, fp32)
+    graph.requires_grad_(False)
+    graph.to(device)
+
+    def run(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = graph(torch.from_numpy(batch).to(device))
+        return out["logits"], out["features"]
+
+    return run
+
+
+def tune_graph(
+    qdq: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    teacher: Teacher,
+    images: np.ndarray,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 5e-5,
+    feature_weight: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> tuple[onnx.ModelProto, QatResult]:
+    """Tune the QDQ model ``qdq`` towards ``teacher`` on ``images`` ([N,3,S,S], preprocessed): the tuned model.
+
+    Each step takes ``batch_size`` images at random, mirrored at random, and lowers KL(fp32 || int8)
+    of the class probabilities plus ``feature_weight`` x the feature maps' squared error relative to
+    their mean square (Adam, learning rate ``lr`` decayed to 0 on a cosine). The weights start from
+    ``fp32``'s initializers of the same names.
+    """
+    if steps < 1:
+        raise ValueError("quantization-aware tuning needs at least one step")
+    if len(images) == 0:
+        raise ValueError("quantization-aware tuning needs images")
+    where = torch.device(device)
+    graph = QdqGraph(qdq, fp32).to(where)
+    optimiser = torch.optim.Adam(graph.params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + np.cos(np.pi * step / steps)))
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    parts: list[tuple[float, float]] = []
+    tenth = max(1, steps // 10)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = images[rng.choice(len(images), size=min(batch_size, len(images)), replace=False)]
+        flips = rng.random(len(batch)) < 0.5
+        batch = np.where(flips[:, None, None, None], batch[..., ::-1], batch).astype(np.float32)
+        logits_t, features_t = teacher(batch)
+        out = graph(torch.from_numpy(batch).to(where))
+        log_p = F.log_softmax(out["logits"], dim=1)
+        target = F.softmax(logits_t.to(where), dim=1)
+        kl = F.kl_div(log_p, target, reduction="batchmean")
+        t = features_t.to(where)
+        feature_error = F.mse_loss(out["features"], t) / t.pow(2).mean().clamp(min=1e-12)
+        loss = kl + feature_weight * feature_error
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        parts.append((float(kl.detach()), float(feature_error.detach())))
+        if (step + 1) % tenth == 0:
+            kl_mean, feature_mean = np.mean(parts[-tenth:], axis=0)
+            log(f"qat step {step + 1}/{steps}: KL {kl_mean:.5f}, relative feature error {feature_mean:.5f}")
+    result = QatResult(
+        steps=steps,
+        images=len(images),
+        seconds=round(time.perf_counter() - start, 1),
+        loss_first=round(float(np.mean(losses[:tenth])), 6),
+        loss_last=round(float(np.mean(losses[-tenth:])), 6),
+        device=device,
+    )
+    return graph.to(torch.device("cpu")).write_back(qdq), result
 
 
 def tune_int8(
@@ -325,55 +454,139 @@ def tune_int8(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> QatResult:
-    """Tune the int8 file's weights towards the fp32 model's answers on ``images`` ([N,3,S,S], preprocessed).
-
-    Each step takes ``batch_size`` images at random, mirrored at random, and lowers KL(fp32 || int8)
-    of the class probabilities plus ``feature_weight`` x the feature maps' squared error relative to
-    their mean square (Adam, learning rate ``lr`` decayed to 0 on a cosine). The tuned file replaces
-    ``int8_file``.
-    """
-    import onnxruntime as ort
-
-    if steps < 1:
-        raise ValueError("quantization-aware tuning needs at least one step")
-    if len(images) == 0:
-        raise ValueError("quantization-aware tuning needs images")
+    """Tune the int8 file's weights towards the fp32 file's answers on ``images`` (:func:`tune_graph`, on the
+    CPU, with ONNX Runtime running the fp32 file as the teacher). The tuned file replaces ``int8_file``."""
     qdq = onnx.load(str(int8_file))
-    graph = QdqGraph(qdq, onnx.load(str(fp32_file)))
-    teacher = ort.InferenceSession(str(fp32_file), providers=["CPUExecutionProvider"])
-    optimiser = torch.optim.Adam(graph.params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + np.cos(np.pi * step / steps)))
-    rng = np.random.default_rng(seed)
-    losses: list[float] = []
-    parts: list[tuple[float, float]] = []
-    tenth = max(1, steps // 10)
-    start = time.perf_counter()
-    for step in range(steps):
-        batch = images[rng.choice(len(images), size=min(batch_size, len(images)), replace=False)]
-        flips = rng.random(len(batch)) < 0.5
-        batch = np.where(flips[:, None, None, None], batch[..., ::-1], batch).astype(np.float32)
-        logits_t, features_t = teacher.run(["logits", "features"], {graph.input: batch})
-        out = graph(torch.from_numpy(batch))
-        log_p = F.log_softmax(out["logits"], dim=1)
-        target = F.softmax(torch.from_numpy(logits_t), dim=1)
-        kl = F.kl_div(log_p, target, reduction="batchmean")
-        t = torch.from_numpy(features_t)
-        feature_error = F.mse_loss(out["features"], t) / t.pow(2).mean().clamp(min=1e-12)
-        loss = kl + feature_weight * feature_error
-        optimiser.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimiser.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        parts.append((float(kl.detach()), float(feature_error.detach())))
-        if (step + 1) % tenth == 0:
-            kl_mean, feature_mean = np.mean(parts[-tenth:], axis=0)
-            log(f"qat step {step + 1}/{steps}: KL {kl_mean:.5f}, relative feature error {feature_mean:.5f}")
-    onnx.save(graph.write_back(qdq), str(int8_file))
-    return QatResult(
-        steps=steps,
-        images=len(images),
-        seconds=round(time.perf_counter() - start, 1),
-        loss_first=round(float(np.mean(losses[:tenth])), 6),
-        loss_last=round(float(np.mean(losses[-tenth:])), 6),
+    tuned, result = tune_graph(
+        qdq,
+        onnx.load(str(fp32_file)),
+        onnx_teacher(fp32_file),
+        images,
+        steps,
+        batch_size=batch_size,
+        lr=lr,
+        feature_weight=feature_weight,
+        seed=seed,
+        log=log,
     )
+    onnx.save(tuned, str(int8_file))
+    return result
+
+
+BUNDLE = "bundle.json"
+BUNDLE_INT8 = "model.int8.onnx"
+BUNDLE_TEACHER = "teacher.fp16.onnx"
+BUNDLE_PIXELS = "pixels.npz"
+BUNDLE_JPEG_QUALITY = 95
+TUNED = "tuned.int8.onnx"
+TUNED_RESULT = "tuned.json"
+
+
+def fp16_weights(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``fp32`` with every float32 initializer stored as float16 (half the bytes, to travel)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(fp32)
+    for index, init in enumerate(out.graph.initializer):
+        value = numpy_helper.to_array(init)
+        if value.dtype == np.float32:
+            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value.astype(np.float16), init.name))
+    return out
+
+
+def fp32_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of :func:`fp16_weights`: float16 initializers back to float32."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for index, init in enumerate(out.graph.initializer):
+        value = numpy_helper.to_array(init)
+        if value.dtype == np.float16:
+            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
+    return out
+
+
+def bundle_images(bundle: Path) -> np.ndarray:
+    """The bundle's images as model inputs [N,3,S,S]: its JPEG model pixels, decoded, through its table."""
+    from PIL import Image
+
+    with np.load(bundle / BUNDLE_PIXELS) as data:
+        jpeg, ends, table = data["jpeg"].tobytes(), data["ends"], data["table"]
+    starts = [0, *ends[:-1].tolist()]
+    pixels = np.stack(
+        [np.asarray(Image.open(io.BytesIO(jpeg[a:b])).convert("RGB")) for a, b in zip(starts, ends, strict=True)]
+    )
+    out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[..., channel], out=out[:, channel])
+    return out
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def tune_bundle(
+    bundle: Path,
+    device: str,
+    steps: int = 0,
+    seconds: float = 0.0,
+    batch_size: int = 16,
+    log: Callable[[str], None] = print,
+) -> QatResult:
+    """Tune a bundle's int8 file (``TUNED`` and ``TUNED_RESULT`` beside it), the fp16-stored fp32 graph as the
+    teacher on ``device``. ``steps``, or as many as fit in ``seconds`` (timed on 5 trial steps of a copy)."""
+    settings = json.loads((bundle / BUNDLE).read_text())
+    qdq = onnx.load(str(bundle / BUNDLE_INT8))
+    fp32 = fp32_weights(onnx.load(str(bundle / BUNDLE_TEACHER)))
+    images = bundle_images(bundle)
+    where = torch.device(device)
+    teacher = graph_teacher(fp32, where)
+    lr, feature_weight = float(settings["lr"]), float(settings["feature_weight"])
+    if steps < 1:
+        if seconds <= 0:
+            raise ValueError("give the steps or the seconds to tune for")
+        trial = 5
+        tune_graph(qdq, fp32, teacher, images, 2, batch_size, lr, feature_weight, device=device, log=_quiet)  # warm-up
+        _, timing = tune_graph(
+            qdq, fp32, teacher, images, trial, batch_size, lr, feature_weight, device=device, log=_quiet
+        )
+        steps = max(1, int(seconds * trial / max(timing.seconds, 1e-3)))
+        log(f"{bundle.name}: {timing.seconds / trial:.3f} s per step on {device}: {steps} steps")
+    tuned, result = tune_graph(
+        qdq,
+        fp32,
+        teacher,
+        images,
+        steps,
+        batch_size,
+        lr,
+        feature_weight,
+        seed=int(settings["seed"]),
+        device=device,
+        log=log,
+    )
+    onnx.save(tuned, str(bundle / TUNED))
+    name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
+    record = {**asdict(result), "batch_size": batch_size, "lr": lr, "feature_weight": feature_weight, "hardware": name}
+    (bundle / TUNED_RESULT).write_text(json.dumps(record, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Tune int8 bundles written by `oncolens quantize --qat-export`.")
+    parser.add_argument("bundles", nargs="+", type=Path)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=0.0, help="time per bundle, when --steps is not given")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    # exact fp32 arithmetic on a GPU: TF32 would round the fake-quantized products that int8 reproduces
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for bundle in args.bundles:
+        result = tune_bundle(bundle, args.device, args.steps, args.seconds, args.batch_size)
+        loss = f"loss {result.loss_first} -> {result.loss_last}"
+        print(f"{bundle.name}: {result.steps} steps in {result.seconds:.0f} s, {loss}")
+
+
+if __name__ == "__main__":
+    main()

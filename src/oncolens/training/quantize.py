@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from oncolens.datasets import Sample, drop_labels, open_rgb, read_manifest, select_split
 from oncolens.evaluation import evaluate_package
@@ -53,6 +57,12 @@ METHOD = (
     "ONNX Runtime static quantization, QDQ format: int8 weights per output channel (symmetric, 7-bit range), "
     "uint8 activations, MinMax ranges calibrated on train images; the head that writes the logits in fp32"
 )
+
+
+class QuantizeError(ValueError):
+    """A request the int8 step cannot carry out (a bundle of another model, an untuned bundle)."""
+
+
 QAT_METHOD = (
     "; weights then tuned by quantization-aware distillation from the fp32 model on train images "
     "(fake-quantized int8 graph, KL of the probabilities + feature-map error; activation ranges kept)"
@@ -242,6 +252,89 @@ def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info) -> Iterator[
         yield ModelPackage.load(probe, precision="int8")
 
 
+QAT_IMAGE_SEED = 1  # the tuning images are drawn apart from the calibration images (seed 0)
+
+
+def _prepared_copy(
+    fp32: ModelPackage, dataset_dir: Path, target: Path, calibration_images: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Write the calibrated (untuned) int8 copy to ``target``; the calibration record for the card."""
+    samples = calibration_samples(dataset_dir, fp32, calibration_images)
+    start = time.perf_counter()
+    quantize(fp32, samples, target)
+    log(f"quantized {fp32.id} on {len(samples)} train images in {time.perf_counter() - start:.0f} s")
+    return {"split": "train", "images": len(samples), "seed": 0, "per_class": _per_class(samples)}
+
+
+def export_qat(
+    package_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    calibration_images: int = 200,
+    qat_images: int = 512,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a bundle that ``python -m oncolens.training.qat`` tunes on another machine (a GPU): the calibrated
+    int8 copy, the fp32 graph with fp16-stored weights (the teacher), the tuning images' model pixels (JPEG,
+    quality ``qat.BUNDLE_JPEG_QUALITY``, to travel: teacher and student both see the decoded pixels) and their
+    normalisation table. The package is not touched; ``add_int8(..., tuned=out_dir)`` gates the result.
+    """
+    import onnx
+
+    from oncolens.training import qat
+    from oncolens.zoo.preprocess import _normalize_table, model_pixels
+
+    fp32 = ModelPackage.load(package_dir, precision="fp32")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calibration = _prepared_copy(fp32, dataset_dir, out_dir / qat.BUNDLE_INT8, calibration_images, log)
+    chosen = calibration_samples(dataset_dir, fp32, qat_images, seed=QAT_IMAGE_SEED)
+    spec = fp32.input_spec
+    encoded: list[bytes] = []
+    for sample in chosen:
+        pixels = model_pixels(open_rgb(sample.file), spec)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if spec.grayscale else pixels).save(
+            buffer, "JPEG", quality=qat.BUNDLE_JPEG_QUALITY
+        )
+        encoded.append(buffer.getvalue())
+    np.savez(
+        out_dir / qat.BUNDLE_PIXELS,
+        jpeg=np.frombuffer(b"".join(encoded), np.uint8),
+        ends=np.cumsum([len(e) for e in encoded]),
+        table=_normalize_table(tuple(spec.mean), tuple(spec.std)),
+    )
+    teacher = qat.fp16_weights(onnx.load(str(package_dir / ONNX)))
+    onnx.save(teacher, str(out_dir / qat.BUNDLE_TEACHER))
+    # what storing the teacher's weights in fp16 costs, on the tuning images themselves
+    x = qat.bundle_images(out_dir)[:64]
+    exact = qat.onnx_teacher(package_dir / ONNX)(x)[0].numpy()
+    import torch
+
+    rounded = qat.graph_teacher(qat.fp32_weights(teacher), torch.device("cpu"))(x)[0].numpy()
+    settings = {
+        "model": fp32.id,
+        "fp32_sha256": sha256_of(package_dir / ONNX),
+        "calibration": calibration,
+        "qat_images": {
+            "split": "train",
+            "images": len(chosen),
+            "seed": QAT_IMAGE_SEED,
+            "per_class": _per_class(chosen),
+            "pixels": f"model pixels as JPEG, quality {qat.BUNDLE_JPEG_QUALITY}",
+        },
+        "teacher_fp16_max_abs_logit_change": round(float(np.abs(rounded - exact).max()), 6),
+        "lr": 5e-5,
+        "feature_weight": 1.0,
+        "seed": 0,
+    }
+    (out_dir / qat.BUNDLE).write_text(json.dumps(settings, indent=2))
+    log(
+        f"{fp32.id}: bundle of {len(chosen)} images in {out_dir}; fp16 teacher max |delta logit| "
+        f"{settings['teacher_fp16_max_abs_logit_change']}"
+    )
+    return out_dir
+
+
 def add_int8(
     package_dir: Path,
     dataset_dir: Path,
@@ -250,32 +343,47 @@ def add_int8(
     log: Callable[[str], None] = print,
     qat_steps: int = 0,
     qat_images: int = 512,
+    tuned: Path | None = None,
 ) -> Int8Info:
     """Quantize the package in ``package_dir``, gate the copy, and write the verdict into its card.
 
     With ``qat_steps`` > 0 the copy's weights are then tuned towards the fp32 model's answers on
-    ``qat_images`` train images (`training/qat.py`) before the gate. A copy that passes stays as
+    ``qat_images`` train images (`training/qat.py`) before the gate. With ``tuned`` (a bundle from
+    :func:`export_qat`, tuned elsewhere) its tuned copy is gated instead. A copy that passes stays as
     ``model.int8.onnx`` (serving picks it by default); one that fails is removed and the card says
     which criterion it failed.
     """
     fp32 = ModelPackage.load(package_dir, precision="fp32")
-    samples = calibration_samples(dataset_dir, fp32, calibration_images)
     target = package_dir / INT8_FILE
     target.unlink(missing_ok=True)
-    start = time.perf_counter()
-    quantize(fp32, samples, target)
-    log(f"quantized {fp32.id} on {len(samples)} train images in {time.perf_counter() - start:.0f} s")
-    calibration: dict[str, Any] = {
-        "split": "train",
-        "images": len(samples),
-        "seed": 0,
-        "per_class": _per_class(samples),
-    }
     method = METHOD
-    if qat_steps > 0:
+    if tuned is not None:
+        from oncolens.training import qat
+
+        settings = json.loads((tuned / qat.BUNDLE).read_text())
+        if settings["model"] != fp32.id or settings["fp32_sha256"] != sha256_of(package_dir / ONNX):
+            raise QuantizeError(f"the bundle in {tuned} was made from another model file than {fp32.id}'s")
+        if not (tuned / qat.TUNED).is_file():
+            raise QuantizeError(f"the bundle in {tuned} has not been tuned (no {qat.TUNED})")
+        shutil.copyfile(tuned / qat.TUNED, target)
+        result = json.loads((tuned / qat.TUNED_RESULT).read_text())
+        calibration = {
+            **settings["calibration"],
+            "qat": {
+                **result,
+                **settings["qat_images"],
+                "teacher": "fp32 graph, weights stored in fp16 to travel",
+                "teacher_fp16_max_abs_logit_change": settings["teacher_fp16_max_abs_logit_change"],
+            },
+        }
+        log(f"gating the copy tuned for {result['steps']} steps on {result['hardware']}")
+        method = METHOD + QAT_METHOD
+    else:
+        calibration = _prepared_copy(fp32, dataset_dir, target, calibration_images, log)
+    if qat_steps > 0 and tuned is None:
         from oncolens.training.qat import tune_int8
 
-        chosen = calibration_samples(dataset_dir, fp32, qat_images, seed=1)
+        chosen = calibration_samples(dataset_dir, fp32, qat_images, seed=QAT_IMAGE_SEED)
         images = np.concatenate(
             [
                 preprocess([open_rgb(s.file) for s in chosen[i : i + 32]], fp32.input_spec)
@@ -283,18 +391,27 @@ def add_int8(
             ]
         )
         try:
-            result = tune_int8(target, package_dir / ONNX, images, qat_steps, log=log)
+            tuning = tune_int8(target, package_dir / ONNX, images, qat_steps, log=log)
         except BaseException:
             target.unlink(missing_ok=True)  # never leave an ungated copy beside the package
             raise
-        log(f"tuned the int8 copy for {result.steps} steps on {result.images} train images in {result.seconds:.0f} s")
-        calibration["qat"] = {**asdict(result), "split": "train", "seed": 1, "per_class": _per_class(chosen)}
+        log(f"tuned the int8 copy for {tuning.steps} steps on {tuning.images} train images in {tuning.seconds:.0f} s")
+        calibration["qat"] = {
+            **asdict(tuning),
+            "split": "train",
+            "seed": QAT_IMAGE_SEED,
+            "per_class": _per_class(chosen),
+        }
         method = METHOD + QAT_METHOD
     card_path = package_dir / CARD
     card = read_card(card_path)
     trial = Int8Info(passed=True, file=INT8_FILE, sha256=sha256_of(target), method=method, calibration=calibration)
-    with staged_int8(package_dir, target, trial) as int8:
-        verdict = gate(fp32, int8, dataset_dir, samples_dir, log)
+    try:
+        with staged_int8(package_dir, target, trial) as int8:
+            verdict = gate(fp32, int8, dataset_dir, samples_dir, log)
+    except BaseException:
+        target.unlink(missing_ok=True)  # never leave an ungated copy beside the package
+        raise
     info = trial.model_copy(update={"passed": verdict["passed"], "gate": verdict})
     if not verdict["passed"]:
         failed = [c["criterion"] for c in verdict["checks"] if not c["passed"]]
