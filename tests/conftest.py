@@ -117,6 +117,16 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, t
     return finalize(recipe, samples, work / "run", zoo / "tiny", "tiny")
 
 
+@pytest.fixture()
+def package(tiny_package: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny package that a test may change (its card, an int8 copy beside it)."""
+    import shutil
+
+    copy = tmp_path / "zoo" / "tiny"
+    shutil.copytree(tiny_package, copy)
+    return copy
+
+
 def write_package(directory: Path, module: object, classes: list[dict[str, object]], size: int) -> Path:
     """Export a torch module returning (logits, features) as a minimal, valid model package."""
     import base64

@@ -1,7 +1,6 @@
 """Quantization-aware tuning of int8 copies: the rebuilt graph is the int8 file, and tuning brings it closer to fp32."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,6 @@ from oncolens.training.qat import QatError, QdqGraph, graph_teacher, onnx_teache
 from oncolens.zoo.card import read_card
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
-
-
-@pytest.fixture()
-def package(tiny_package: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "zoo" / "tiny"
-    shutil.copytree(tiny_package, copy)
-    return copy
 
 
 @pytest.fixture()
@@ -114,7 +106,9 @@ def test_the_fp32_file_rebuilt_as_a_graph_is_a_teacher(package: Path, int8_file:
     np.testing.assert_allclose(graph_features.numpy(), onnx_features.numpy(), atol=1e-4)
     # tuned against that teacher, the int8 graph comes closer to fp32 too
     before = kl_to_fp32(package / "model.onnx", int8_file, x)
-    tuned, result = tune_graph(qdq, fp32, graph_teacher(fp32, torch.device("cpu")), x, 80, batch_size=8, log=lambda _: None)
+    tuned, result = tune_graph(
+        qdq, fp32, graph_teacher(fp32, torch.device("cpu")), x, 80, batch_size=8, log=lambda _: None
+    )
     onnx.save(tuned, str(int8_file))
     assert kl_to_fp32(package / "model.onnx", int8_file, x) < 0.5 * before and result.device == "cpu"
 

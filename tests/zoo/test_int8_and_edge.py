@@ -23,13 +23,6 @@ runner = CliRunner()
 
 
 @pytest.fixture()
-def package(tiny_package: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "zoo" / "tiny"
-    shutil.copytree(tiny_package, copy)
-    return copy
-
-
-@pytest.fixture()
 def golden(tiny_dataset: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "samples"
     folder.mkdir()

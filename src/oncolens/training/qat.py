@@ -482,26 +482,24 @@ TUNED = "tuned.int8.onnx"
 TUNED_RESULT = "tuned.json"
 
 
-def fp16_weights(fp32: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``fp32`` with every float32 initializer stored as float16 (half the bytes, to travel)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(fp32)
-    for index, init in enumerate(out.graph.initializer):
-        value = numpy_helper.to_array(init)
-        if value.dtype == np.float32:
-            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value.astype(np.float16), init.name))
-    return out
-
-
-def fp32_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The inverse of :func:`fp16_weights`: float16 initializers back to float32."""
+def _cast_initializers(model: onnx.ModelProto, source: type, target: type) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for index, init in enumerate(out.graph.initializer):
         value = numpy_helper.to_array(init)
-        if value.dtype == np.float16:
-            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
+        if value.dtype == source:
+            out.graph.initializer[index].CopyFrom(numpy_helper.from_array(value.astype(target), init.name))
     return out
+
+
+def fp16_weights(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``fp32`` with every float32 initializer stored as float16 (half the bytes, to travel)."""
+    return _cast_initializers(fp32, np.float32, np.float16)
+
+
+def fp32_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of :func:`fp16_weights`: float16 initializers back to float32."""
+    return _cast_initializers(model, np.float16, np.float32)
 
 
 def bundle_images(bundle: Path) -> np.ndarray:
