@@ -387,7 +387,7 @@ def varied(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     (reflected at the border), its contrast scaled and its level moved by up to ``GAIN``: inputs near the
     tuning images, so that the int8 graph learns to follow the fp32 model around them and not only on them."""
     n, _, size, _ = batch.shape
-    flips: np.ndarray = rng.random(n) < 0.5
+    flips = rng.random((n,)) < 0.5
     batch = np.where(flips[:, None, None, None], batch[..., ::-1], batch)
     pad = max(1, round(size * SHIFT))
     padded = np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
