@@ -378,26 +378,6 @@ def graph_teacher(fp32: onnx.ModelProto, device: torch.device) -> Teacher:
     return run
 
 
-SHIFT = 1 / 14  # of the side: 16 px at 224
-GAIN = 0.1  # contrast and brightness, in units of the normalised input
-
-
-def varied(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each image of a preprocessed batch [N,3,S,S] mirrored at random, shifted by up to ``SHIFT`` of its side
-    (reflected at the border), its contrast scaled and its level moved by up to ``GAIN``: inputs near the
-    tuning images, so that the int8 graph learns to follow the fp32 model around them and not only on them."""
-    n, _, size, _ = batch.shape
-    flips = rng.random((n,)) < 0.5
-    batch = np.where(flips[:, None, None, None], batch[..., ::-1], batch)
-    pad = max(1, round(size * SHIFT))
-    padded = np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
-    batch = np.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)])
-    gain = rng.uniform(1 - GAIN, 1 + GAIN, (n, 1, 1, 1))
-    level = rng.uniform(-GAIN, GAIN, (n, 1, 1, 1))
-    return (batch * gain + level).astype(np.float32)
-
-
 def tune_graph(
     qdq: onnx.ModelProto,
     fp32: onnx.ModelProto,
@@ -413,7 +393,7 @@ def tune_graph(
 ) -> tuple[onnx.ModelProto, QatResult]:
     """Tune the QDQ model ``qdq`` towards ``teacher`` on ``images`` ([N,3,S,S], preprocessed): the tuned model.
 
-    Each step takes ``batch_size`` images at random, varied at random (:func:`varied`), and lowers KL(fp32 || int8)
+    Each step takes ``batch_size`` images at random, mirrored at random, and lowers KL(fp32 || int8)
     of the class probabilities plus ``feature_weight`` x the feature maps' squared error relative to
     their mean square (Adam, learning rate ``lr`` decayed to 0 on a cosine). The weights start from
     ``fp32``'s initializers of the same names.
@@ -433,7 +413,8 @@ def tune_graph(
     start = time.perf_counter()
     for step in range(steps):
         batch = images[rng.choice(len(images), size=min(batch_size, len(images)), replace=False)]
-        batch = varied(batch, rng)
+        flips = rng.random(len(batch)) < 0.5
+        batch = np.where(flips[:, None, None, None], batch[..., ::-1], batch).astype(np.float32)
         logits_t, features_t = teacher(batch)
         out = graph(torch.from_numpy(batch).to(where))
         log_p = F.log_softmax(out["logits"], dim=1)

@@ -64,9 +64,8 @@ class QuantizeError(ValueError):
 
 
 QAT_METHOD = (
-    "; weights then tuned by quantization-aware distillation from the fp32 model on train images, randomly "
-    "mirrored, shifted and contrast-varied (fake-quantized int8 graph, KL of the probabilities + feature-map "
-    "error; activation ranges kept)"
+    "; weights then tuned by quantization-aware distillation from the fp32 model on train images "
+    "(fake-quantized int8 graph, KL of the probabilities + feature-map error; activation ranges kept)"
 )
 
 
