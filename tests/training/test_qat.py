@@ -174,6 +174,8 @@ def test_a_bundle_tuned_elsewhere_is_gated_here(
     assert x.shape == (9, 3, 64, 64) and np.isfinite(x).all()
     # not tuned yet: refused
     monkeypatch.setattr(quantize, "MIN_HEATMAP_CORRELATION", 1.01)  # the verdict is not what this test is about
+    with pytest.raises(quantize.QuantizeError, match="either the bundle or the steps"):
+        quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, qat_steps=2, tuned=bundle)
     with pytest.raises(quantize.QuantizeError, match="has not been tuned"):
         quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
     qat.main([str(bundle), "--steps", "3", "--device", "cpu"])

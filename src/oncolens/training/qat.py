@@ -348,6 +348,8 @@ class QatResult:
 
 
 Teacher = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+LR = 5e-5  # Adam, decayed to 0 on a cosine
+FEATURE_WEIGHT = 1.0  # of the feature maps' relative error beside the KL
 
 
 def onnx_teacher(fp32_file: Path) -> Teacher:
@@ -385,8 +387,8 @@ def tune_graph(
     images: np.ndarray,
     steps: int,
     batch_size: int = 16,
-    lr: float = 5e-5,
-    feature_weight: float = 1.0,
+    lr: float = LR,
+    feature_weight: float = FEATURE_WEIGHT,
     seed: int = 0,
     device: str = "cpu",
     log: Callable[[str], None] = print,
@@ -449,26 +451,13 @@ def tune_int8(
     images: np.ndarray,
     steps: int,
     batch_size: int = 16,
-    lr: float = 5e-5,
-    feature_weight: float = 1.0,
-    seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> QatResult:
     """Tune the int8 file's weights towards the fp32 file's answers on ``images`` (:func:`tune_graph`, on the
     CPU, with ONNX Runtime running the fp32 file as the teacher). The tuned file replaces ``int8_file``."""
     qdq = onnx.load(str(int8_file))
-    tuned, result = tune_graph(
-        qdq,
-        onnx.load(str(fp32_file)),
-        onnx_teacher(fp32_file),
-        images,
-        steps,
-        batch_size=batch_size,
-        lr=lr,
-        feature_weight=feature_weight,
-        seed=seed,
-        log=log,
-    )
+    teacher = onnx_teacher(fp32_file)
+    tuned, result = tune_graph(qdq, onnx.load(str(fp32_file)), teacher, images, steps, batch_size, log=log)
     onnx.save(tuned, str(int8_file))
     return result
 
@@ -503,7 +492,11 @@ def fp32_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def bundle_images(bundle: Path) -> np.ndarray:
-    """The bundle's images as model inputs [N,3,S,S]: its JPEG model pixels, decoded, through its table."""
+    """The bundle's images as model inputs [N,3,S,S]: its JPEG model pixels, decoded, through its table.
+
+    The table is ``zoo.preprocess``'s and the look-up is ``preprocess.normalize``'s, repeated here because
+    importing ``oncolens.zoo`` brings in the server's settings, which a bare GPU machine has no packages for.
+    """
     from PIL import Image
 
     with np.load(bundle / BUNDLE_PIXELS) as data:
@@ -532,39 +525,23 @@ def tune_bundle(
 ) -> QatResult:
     """Tune a bundle's int8 file (``TUNED`` and ``TUNED_RESULT`` beside it), the fp16-stored fp32 graph as the
     teacher on ``device``. ``steps``, or as many as fit in ``seconds`` (timed on 5 trial steps of a copy)."""
-    settings = json.loads((bundle / BUNDLE).read_text())
     qdq = onnx.load(str(bundle / BUNDLE_INT8))
     fp32 = fp32_weights(onnx.load(str(bundle / BUNDLE_TEACHER)))
     images = bundle_images(bundle)
     where = torch.device(device)
     teacher = graph_teacher(fp32, where)
-    lr, feature_weight = float(settings["lr"]), float(settings["feature_weight"])
     if steps < 1:
         if seconds <= 0:
             raise ValueError("give the steps or the seconds to tune for")
         trial = 5
-        tune_graph(qdq, fp32, teacher, images, 2, batch_size, lr, feature_weight, device=device, log=_quiet)  # warm-up
-        _, timing = tune_graph(
-            qdq, fp32, teacher, images, trial, batch_size, lr, feature_weight, device=device, log=_quiet
-        )
+        tune_graph(qdq, fp32, teacher, images, 2, batch_size, device=device, log=_quiet)  # warm-up
+        _, timing = tune_graph(qdq, fp32, teacher, images, trial, batch_size, device=device, log=_quiet)
         steps = max(1, int(seconds * trial / max(timing.seconds, 1e-3)))
         log(f"{bundle.name}: {timing.seconds / trial:.3f} s per step on {device}: {steps} steps")
-    tuned, result = tune_graph(
-        qdq,
-        fp32,
-        teacher,
-        images,
-        steps,
-        batch_size,
-        lr,
-        feature_weight,
-        seed=int(settings["seed"]),
-        device=device,
-        log=log,
-    )
+    tuned, result = tune_graph(qdq, fp32, teacher, images, steps, batch_size, device=device, log=log)
     onnx.save(tuned, str(bundle / TUNED))
     name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
-    record = {**asdict(result), "batch_size": batch_size, "lr": lr, "feature_weight": feature_weight, "hardware": name}
+    record = {**asdict(result), "batch_size": batch_size, "lr": LR, "feature_weight": FEATURE_WEIGHT, "hardware": name}
     (bundle / TUNED_RESULT).write_text(json.dumps(record, indent=2))
     return result
 

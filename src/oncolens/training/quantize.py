@@ -280,6 +280,7 @@ def export_qat(
     normalisation table. The package is not touched; ``add_int8(..., tuned=out_dir)`` gates the result.
     """
     import onnx
+    import torch
 
     from oncolens.training import qat
     from oncolens.zoo.preprocess import _normalize_table, model_pixels
@@ -308,8 +309,6 @@ def export_qat(
     # what storing the teacher's weights in fp16 costs, on the tuning images themselves
     x = qat.bundle_images(out_dir)[:64]
     exact = qat.onnx_teacher(package_dir / ONNX)(x)[0].numpy()
-    import torch
-
     rounded = qat.graph_teacher(qat.fp32_weights(teacher), torch.device("cpu"))(x)[0].numpy()
     settings = {
         "model": fp32.id,
@@ -323,9 +322,6 @@ def export_qat(
             "pixels": f"model pixels as JPEG, quality {qat.BUNDLE_JPEG_QUALITY}",
         },
         "teacher_fp16_max_abs_logit_change": round(float(np.abs(rounded - exact).max()), 6),
-        "lr": 5e-5,
-        "feature_weight": 1.0,
-        "seed": 0,
     }
     (out_dir / qat.BUNDLE).write_text(json.dumps(settings, indent=2))
     log(
@@ -333,6 +329,44 @@ def export_qat(
         f"{settings['teacher_fp16_max_abs_logit_change']}"
     )
     return out_dir
+
+
+def _tuned_copy(fp32: ModelPackage, bundle: Path, target: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Copy a bundle's tuned int8 file (:func:`export_qat`, tuned elsewhere) to ``target``; the card's record."""
+    from oncolens.training import qat
+
+    settings = json.loads((bundle / qat.BUNDLE).read_text())
+    if settings["model"] != fp32.id or settings["fp32_sha256"] != sha256_of(fp32.directory / ONNX):
+        raise QuantizeError(f"the bundle in {bundle} was made from another model file than {fp32.id}'s")
+    if not (bundle / qat.TUNED).is_file():
+        raise QuantizeError(f"the bundle in {bundle} has not been tuned (no {qat.TUNED})")
+    shutil.copyfile(bundle / qat.TUNED, target)
+    result = json.loads((bundle / qat.TUNED_RESULT).read_text())
+    log(f"gating the copy tuned for {result['steps']} steps on {result['hardware']}")
+    return {
+        **settings["calibration"],
+        "qat": {
+            **result,
+            **settings["qat_images"],
+            "teacher": "fp32 graph, weights stored in fp16 to travel",
+            "teacher_fp16_max_abs_logit_change": settings["teacher_fp16_max_abs_logit_change"],
+        },
+    }
+
+
+def _tune_here(
+    fp32: ModelPackage, dataset_dir: Path, target: Path, steps: int, images: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Tune the int8 copy at ``target`` on this machine's CPU; the card's record of the tuning."""
+    from oncolens.training.qat import tune_int8
+
+    chosen = calibration_samples(dataset_dir, fp32, images, seed=QAT_IMAGE_SEED)
+    x = np.concatenate(
+        [preprocess([open_rgb(s.file) for s in chosen[i : i + 32]], fp32.input_spec) for i in range(0, len(chosen), 32)]
+    )
+    tuning = tune_int8(target, fp32.directory / ONNX, x, steps, log=log)
+    log(f"tuned the int8 copy for {tuning.steps} steps on {tuning.images} train images in {tuning.seconds:.0f} s")
+    return {**asdict(tuning), "split": "train", "seed": QAT_IMAGE_SEED, "per_class": _per_class(chosen)}
 
 
 def add_int8(
@@ -353,56 +387,22 @@ def add_int8(
     ``model.int8.onnx`` (serving picks it by default); one that fails is removed and the card says
     which criterion it failed.
     """
+    if tuned is not None and qat_steps > 0:
+        raise QuantizeError("a bundle tuned elsewhere is gated as it is: give either the bundle or the steps")
     fp32 = ModelPackage.load(package_dir, precision="fp32")
     target = package_dir / INT8_FILE
     target.unlink(missing_ok=True)
-    method = METHOD
     if tuned is not None:
-        from oncolens.training import qat
-
-        settings = json.loads((tuned / qat.BUNDLE).read_text())
-        if settings["model"] != fp32.id or settings["fp32_sha256"] != sha256_of(package_dir / ONNX):
-            raise QuantizeError(f"the bundle in {tuned} was made from another model file than {fp32.id}'s")
-        if not (tuned / qat.TUNED).is_file():
-            raise QuantizeError(f"the bundle in {tuned} has not been tuned (no {qat.TUNED})")
-        shutil.copyfile(tuned / qat.TUNED, target)
-        result = json.loads((tuned / qat.TUNED_RESULT).read_text())
-        calibration = {
-            **settings["calibration"],
-            "qat": {
-                **result,
-                **settings["qat_images"],
-                "teacher": "fp32 graph, weights stored in fp16 to travel",
-                "teacher_fp16_max_abs_logit_change": settings["teacher_fp16_max_abs_logit_change"],
-            },
-        }
-        log(f"gating the copy tuned for {result['steps']} steps on {result['hardware']}")
-        method = METHOD + QAT_METHOD
+        calibration = _tuned_copy(fp32, tuned, target, log)
     else:
         calibration = _prepared_copy(fp32, dataset_dir, target, calibration_images, log)
-    if qat_steps > 0 and tuned is None:
-        from oncolens.training.qat import tune_int8
-
-        chosen = calibration_samples(dataset_dir, fp32, qat_images, seed=QAT_IMAGE_SEED)
-        images = np.concatenate(
-            [
-                preprocess([open_rgb(s.file) for s in chosen[i : i + 32]], fp32.input_spec)
-                for i in range(0, len(chosen), 32)
-            ]
-        )
-        try:
-            tuning = tune_int8(target, package_dir / ONNX, images, qat_steps, log=log)
-        except BaseException:
-            target.unlink(missing_ok=True)  # never leave an ungated copy beside the package
-            raise
-        log(f"tuned the int8 copy for {tuning.steps} steps on {tuning.images} train images in {tuning.seconds:.0f} s")
-        calibration["qat"] = {
-            **asdict(tuning),
-            "split": "train",
-            "seed": QAT_IMAGE_SEED,
-            "per_class": _per_class(chosen),
-        }
-        method = METHOD + QAT_METHOD
+        if qat_steps > 0:
+            try:
+                calibration["qat"] = _tune_here(fp32, dataset_dir, target, qat_steps, qat_images, log)
+            except BaseException:
+                target.unlink(missing_ok=True)  # never leave an ungated copy beside the package
+                raise
+    method = METHOD + QAT_METHOD if "qat" in calibration else METHOD
     card_path = package_dir / CARD
     card = read_card(card_path)
     trial = Int8Info(passed=True, file=INT8_FILE, sha256=sha256_of(target), method=method, calibration=calibration)
