@@ -181,6 +181,7 @@ def test_a_bundle_tuned_elsewhere_is_gated_here(
     qat.main([str(bundle), "--steps", "3", "--device", "cpu"])
     result = json.loads((bundle / qat.TUNED_RESULT).read_text())
     assert result["steps"] == 3 and result["hardware"] == "cpu" and result["batch_size"] == 16
+    assert result["teacher_runtime"] == "onnxruntime"  # on the CPU ONNX Runtime runs the teacher
     info = quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
     assert info.calibration["qat"]["steps"] == 3 and info.calibration["qat"]["images"] == 9
     assert "fp16" in info.calibration["qat"]["teacher"] and "quantization-aware" in info.method
