@@ -93,12 +93,18 @@ def main() -> None:
                 raise SystemExit("the server did not start")
             time.sleep(0.1)
         ready_s = time.perf_counter() - started
+        # what answers: int8 only where the model's copy passed its gate, whatever --precision asks for
+        listed = {m["id"]: m for m in httpx.get(f"{base}/api/v1/models", timeout=10).json()}
+        serving = listed[args.model]["serving_precision"]
         url = f"{base}/api/v1/models/{args.model}/predict"
         rows = [asyncio.run(run_level(url, images, c, args.requests)) for c in (1, 4, 16)]
     finally:
         server.terminate()
         server.wait(10)
-    setup = f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model, precision {args.precision}"
+    setup = (
+        f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model, "
+        f"precision setting {args.precision}, serving {serving}"
+    )
     print_table(f"HTTP POST /predict ({args.model}, {len(images)} sample images; {setup})", rows)
     print(f"\nserver ready (process start to first 200 on /health): {ready_s:.2f} s")
     save(
@@ -108,6 +114,7 @@ def main() -> None:
             "workers": args.workers,
             "threads": args.threads,
             "precision": args.precision,
+            "serving_precision": serving,
             "levels": rows,
             "server_ready_s": ready_s,
         },

@@ -46,6 +46,8 @@ def test_models_list_and_card(client: TestClient) -> None:
     low, high = skin["test_metrics"]["accuracy"]["ci95"]
     assert low <= skin["test_metrics"]["accuracy"]["value"] <= high
     card = client.get(MODEL).json()
+    # int8 answers only where the card's copy passed its gate (none has: every model serves fp32)
+    assert skin["serving_precision"] == ("int8" if card["int8"]["passed"] else "fp32") == "fp32"
     assert "head" not in card
     assert card["calibration"]["temperature"] > 0
     assert card["metrics"]["split"] == "test"

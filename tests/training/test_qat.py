@@ -178,12 +178,32 @@ def test_a_bundle_tuned_elsewhere_is_gated_here(
         quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, qat_steps=2, tuned=bundle)
     with pytest.raises(quantize.QuantizeError, match="has not been tuned"):
         quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
+    with pytest.raises(QatError, match="nothing to resume"):
+        qat.main([str(bundle), "--steps", "2", "--device", "cpu", "--resume"])
     qat.main([str(bundle), "--steps", "3", "--device", "cpu"])
     result = json.loads((bundle / qat.TUNED_RESULT).read_text())
     assert result["steps"] == 3 and result["hardware"] == "cpu" and result["batch_size"] == 16
     assert result["teacher_runtime"] == "onnxruntime"  # on the CPU ONNX Runtime runs the teacher
+    assert "runs" not in result
+    # resuming starts from the tuned copy itself: rebuilt from its own integers, written back untouched, it is
+    # the same file (where starting from the fp32 values would undo the tuning)
+    first = (bundle / qat.TUNED).read_bytes()
+    tuned_model = onnx.load(str(bundle / qat.TUNED))
+    warm = QdqGraph(tuned_model, qat.without_initializers(onnx.load(str(package / "model.onnx"))))
+    again = {i.name: numpy_helper.to_array(i) for i in warm.write_back(tuned_model).graph.initializer}
+    weights = [i for i in tuned_model.graph.initializer if numpy_helper.to_array(i).dtype == np.int8]
+    assert weights
+    for init in weights:
+        np.testing.assert_array_equal(again[init.name], numpy_helper.to_array(init))
+    cold = QdqGraph(tuned_model, onnx.load(str(package / "model.onnx")))
+    undone = {i.name: numpy_helper.to_array(i) for i in cold.write_back(tuned_model).graph.initializer}
+    assert sum(int((undone[i.name] != numpy_helper.to_array(i)).sum()) for i in weights) > 1000  # measured 64872
+    qat.main([str(bundle), "--steps", "2", "--device", "cpu", "--resume"])
+    result = json.loads((bundle / qat.TUNED_RESULT).read_text())
+    assert result["steps"] == 5 and [r["steps"] for r in result["runs"]] == [3, 2]
+    assert result["loss_first"] == result["runs"][0]["loss_first"] and (bundle / qat.TUNED).read_bytes() != first
     info = quantize.add_int8(package, tiny_dataset, tmp_path / "none", log=lambda _: None, tuned=bundle)
-    assert info.calibration["qat"]["steps"] == 3 and info.calibration["qat"]["images"] == 9
+    assert info.calibration["qat"]["steps"] == 5 and info.calibration["qat"]["images"] == 9
     assert "fp16" in info.calibration["qat"]["teacher"] and "quantization-aware" in info.method
     assert read_card(package / "card.json").int8 == info
     # a bundle of another model file is refused

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -114,6 +114,10 @@ class ModelSummary(BaseModel):
     use_for: str
     classes: list[ClassPublic]
     input_size: int
+    serving_precision: Literal["fp32", "int8"] = Field(
+        description="The file that answers: int8 only where the card says its copy passed the accuracy gate "
+        "and the server's precision setting allows it."
+    )
     test_metrics: dict[str, Any] = Field(description="Headline test metrics with 95% intervals.")
 
 

@@ -516,6 +516,15 @@ def _quiet(_: str) -> None:
     pass
 
 
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with no initializers: given to :class:`QdqGraph` as the fp32 model, every weight of the int8
+    graph starts from its own integers (the graph computes what the int8 file computes: a warm start)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.initializer[:]
+    return out
+
+
 def tune_bundle(
     bundle: Path,
     device: str,
@@ -523,12 +532,30 @@ def tune_bundle(
     seconds: float = 0.0,
     batch_size: int = 16,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> QatResult:
     """Tune a bundle's int8 file (``TUNED`` and ``TUNED_RESULT`` beside it), the fp16-stored fp32 graph as the
     teacher (run by ONNX Runtime on the CPU, as a PyTorch graph on ``device`` elsewhere). ``steps``, or as many
-    as fit in ``seconds`` (timed on 5 trial steps of a copy)."""
-    qdq = onnx.load(str(bundle / BUNDLE_INT8))
+    as fit in ``seconds`` (timed on 5 trial steps of a copy).
+
+    ``resume`` goes on from the bundle's tuned copy instead of the calibrated one: its weights start from the
+    tuned integers (not from the fp32 values), the steps draw other batches (a seed per run), and the record
+    adds up the runs (each run's own record under ``runs``). A run cut off by the end of a session is lost,
+    but finished runs add up: several short runs can stand in for one long one.
+    """
     fp32 = fp32_weights(onnx.load(str(bundle / BUNDLE_TEACHER)))
+    previous: dict[str, Any] = {}
+    start_from = fp32  # each weight starts from the fp32 value of its name
+    if resume:
+        if not (bundle / TUNED).is_file():
+            raise QatError(f"nothing to resume in {bundle}: it has no {TUNED} yet")
+        qdq = onnx.load(str(bundle / TUNED))
+        previous = json.loads((bundle / TUNED_RESULT).read_text())
+        start_from = without_initializers(fp32)  # no fp32 values to start from: each weight from its integers
+    else:
+        qdq = onnx.load(str(bundle / BUNDLE_INT8))
+    # each earlier run's own record: a record of one run is that run, a record of several lists them
+    runs: list[dict[str, Any]] = list(previous.get("runs", [previous])) if previous else []
     images = bundle_images(bundle)
     where = torch.device(device)
     # on the CPU ONNX Runtime runs the teacher faster than the graph rebuilt in PyTorch (no autograd bookkeeping,
@@ -538,15 +565,16 @@ def tune_bundle(
         if seconds <= 0:
             raise ValueError("give the steps or the seconds to tune for")
         trial = 5
-        tune_graph(qdq, fp32, teacher, images, 2, batch_size, device=device, log=_quiet)  # warm-up
-        _, timing = tune_graph(qdq, fp32, teacher, images, trial, batch_size, device=device, log=_quiet)
+        tune_graph(qdq, start_from, teacher, images, 2, batch_size, device=device, log=_quiet)  # warm-up
+        _, timing = tune_graph(qdq, start_from, teacher, images, trial, batch_size, device=device, log=_quiet)
         steps = max(1, int(seconds * trial / max(timing.seconds, 1e-3)))
         log(f"{bundle.name}: {timing.seconds / trial:.3f} s per step on {device}: {steps} steps")
-    tuned, result = tune_graph(qdq, fp32, teacher, images, steps, batch_size, device=device, log=log)
-    onnx.save(tuned, str(bundle / TUNED))
+    tuned, result = tune_graph(
+        qdq, start_from, teacher, images, steps, batch_size, seed=len(runs), device=device, log=log
+    )
     name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
     runtime = "onnxruntime" if where.type == "cpu" else "torch"
-    record = {
+    record: dict[str, Any] = {
         **asdict(result),
         "batch_size": batch_size,
         "lr": LR,
@@ -554,6 +582,15 @@ def tune_bundle(
         "hardware": name,
         "teacher_runtime": runtime,
     }
+    if runs:  # the whole tuning (steps and seconds added up, the first run's first loss), and each run's own
+        runs.append(dict(record))
+        record |= {
+            "steps": sum(r["steps"] for r in runs),
+            "seconds": round(sum(r["seconds"] for r in runs), 1),
+            "loss_first": runs[0]["loss_first"],
+            "runs": runs,
+        }
+    onnx.save(tuned, str(bundle / TUNED))
     (bundle / TUNED_RESULT).write_text(json.dumps(record, indent=2))
     return result
 
@@ -565,12 +602,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=0.0, help="time per bundle, when --steps is not given")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resume", action="store_true", help="go on from the bundle's tuned copy")
     args = parser.parse_args(argv)
     # exact fp32 arithmetic on a GPU: TF32 would round the fake-quantized products that int8 reproduces
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for bundle in args.bundles:
-        result = tune_bundle(bundle, args.device, args.steps, args.seconds, args.batch_size)
+        result = tune_bundle(bundle, args.device, args.steps, args.seconds, args.batch_size, resume=args.resume)
         loss = f"loss {result.loss_first} -> {result.loss_last}"
         print(f"{bundle.name}: {result.steps} steps in {result.seconds:.0f} s, {loss}")
 
