@@ -112,10 +112,13 @@ def _per_channel(values: torch.Tensor, axis: int) -> torch.Tensor:
 class QdqGraph(torch.nn.Module):
     """The int8 QDQ graph as a differentiable PyTorch module (see the module docstring)."""
 
-    def __init__(self, qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
+    def __init__(self, qdq: onnx.ModelProto, fp32: onnx.ModelProto | None) -> None:
+        """``fp32``: the model each weight starts from (its tensor of the same values); ``None`` starts every
+        weight from the int8 file's own integers (the graph then computes what the file computes: a warm start
+        from a tuned copy)."""
         super().__init__()
         inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-        originals = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+        originals = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer} if fp32 is not None else {}
         self.params = torch.nn.ParameterList()
         self.weights: dict[str, _Weight] = {}  # DQ output name -> weight
         self.biases: dict[str, _Bias] = {}
@@ -383,7 +386,7 @@ def graph_teacher(fp32: onnx.ModelProto, device: torch.device) -> Teacher:
 
 def tune_graph(
     qdq: onnx.ModelProto,
-    fp32: onnx.ModelProto,
+    fp32: onnx.ModelProto | None,
     teacher: Teacher,
     images: np.ndarray,
     steps: int,
@@ -399,7 +402,7 @@ def tune_graph(
     Each step takes ``batch_size`` images at random, mirrored at random, and lowers KL(fp32 || int8)
     of the class probabilities plus ``feature_weight`` x the feature maps' squared error relative to
     their mean square (Adam, learning rate ``lr`` decayed to 0 on a cosine). The weights start from
-    ``fp32``'s initializers of the same names.
+    ``fp32``'s initializers of the same names, or from ``qdq``'s own integers where ``fp32`` is None.
     """
     if steps < 1:
         raise ValueError("quantization-aware tuning needs at least one step")
@@ -516,15 +519,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with no initializers: given to :class:`QdqGraph` as the fp32 model, every weight of the int8
-    graph starts from its own integers (the graph computes what the int8 file computes: a warm start)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.initializer[:]
-    return out
-
-
 def tune_bundle(
     bundle: Path,
     device: str,
@@ -545,13 +539,13 @@ def tune_bundle(
     """
     fp32 = fp32_weights(onnx.load(str(bundle / BUNDLE_TEACHER)))
     previous: dict[str, Any] = {}
-    start_from = fp32  # each weight starts from the fp32 value of its name
+    start_from: onnx.ModelProto | None = fp32  # each weight starts from the fp32 value of its name
     if resume:
         if not (bundle / TUNED).is_file():
             raise QatError(f"nothing to resume in {bundle}: it has no {TUNED} yet")
         qdq = onnx.load(str(bundle / TUNED))
         previous = json.loads((bundle / TUNED_RESULT).read_text())
-        start_from = without_initializers(fp32)  # no fp32 values to start from: each weight from its integers
+        start_from = None  # each weight starts from the tuned copy's integers
     else:
         qdq = onnx.load(str(bundle / BUNDLE_INT8))
     # each earlier run's own record: a record of one run is that run, a record of several lists them

@@ -207,15 +207,7 @@ def gate(
             f"{split}: fp32 bal-acc {a['balanced_accuracy']:.4f} AUROC {a['macro_auc']:.4f} ECE {a['ece']:.4f} | "
             f"int8 {b['balanced_accuracy']:.4f} {b['macro_auc']:.4f} {b['ece']:.4f}"
         )
-        checks += [
-            _check(f"{split} |delta macro AUROC|", abs(b["macro_auc"] - a["macro_auc"]), MAX_DELTA_AUROC),
-            _check(
-                f"{split} |delta balanced accuracy|",
-                abs(b["balanced_accuracy"] - a["balanced_accuracy"]),
-                MAX_DELTA_BALANCED_ACCURACY,
-            ),
-            _check(f"{split} ECE increase", b["ece"] - a["ece"], MAX_ECE_INCREASE),
-        ]
+        checks += split_checks(split, a, b)
     golden = compare_golden(fp32, int8, golden_images(fp32, samples_dir))
     if golden:
         worst = max(r["max_abs_probability_change"] for r in golden.values())
@@ -227,6 +219,19 @@ def gate(
     else:
         checks.append({"criterion": "golden samples", "value": None, "limit": None, "passed": False})
     return {"figures": figures, "golden": golden, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def split_checks(split: str, fp32: dict[str, Any], int8: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gate's criteria on one split, from each file's ``macro_auc``, ``balanced_accuracy`` and ``ece``."""
+    return [
+        _check(f"{split} |delta macro AUROC|", abs(int8["macro_auc"] - fp32["macro_auc"]), MAX_DELTA_AUROC),
+        _check(
+            f"{split} |delta balanced accuracy|",
+            abs(int8["balanced_accuracy"] - fp32["balanced_accuracy"]),
+            MAX_DELTA_BALANCED_ACCURACY,
+        ),
+        _check(f"{split} ECE increase", int8["ece"] - fp32["ece"], MAX_ECE_INCREASE),
+    ]
 
 
 def _check(criterion: str, value: float, limit: float, at_least: bool = False) -> dict[str, Any]:
@@ -348,7 +353,7 @@ def _tuned_copy(fp32: ModelPackage, bundle: Path, target: Path, log: Callable[[s
         "qat": {
             **result,
             **settings["qat_images"],
-            "teacher": "fp32 graph, weights stored in fp16 to travel",
+            "teacher": "the fp32 model, its weights stored in fp16 to travel (run by teacher_runtime)",
             "teacher_fp16_max_abs_logit_change": settings["teacher_fp16_max_abs_logit_change"],
         },
     }
