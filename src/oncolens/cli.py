@@ -72,7 +72,7 @@ def train(
         )
     runs = run_dir or Path("runs") / model_id
     command = _command()
-    if chosen.train.method == "distill":
+    if chosen.train.method in ("distill", "soup"):
         from oncolens.training.distill import fit_distilled
 
         fit_distilled(chosen, samples, runs, command)

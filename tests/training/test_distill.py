@@ -12,7 +12,7 @@ from oncolens.cli import app
 
 torch = pytest.importorskip("torch")
 
-from oncolens.datasets import read_manifest, select_split  # noqa: E402
+from oncolens.datasets import drop_labels, read_manifest, select_split  # noqa: E402
 from oncolens.training.backbones import Classifier, build_backbone  # noqa: E402
 from oncolens.training.distill import TEACHERS, fit_distilled, grouped_folds  # noqa: E402
 from oncolens.training.export import TTA_VIEWS, ExportModel, export_onnx  # noqa: E402
@@ -86,7 +86,7 @@ def test_a_distilled_run_records_its_teachers_and_chosen_views(distilled: tuple[
     assert teachers["models"] == 2 and teachers["out_of_fold"]["n"] == 15  # every train image predicted once
     assert history["test_time_views"] in (["identity"], ["identity", "hflip"])
     assert set(history["view_choice_val"]) == {"identity", "identity+hflip"}
-    assert set(history["timings_s"]) == {"cache", "teachers", "student"}
+    assert set(history["timings_s"]) == {"cache", "teachers", "soup", "student"}
 
     card = json.loads((package / "card.json").read_text())
     assert card["input"]["test_time_views"] == history["test_time_views"]
@@ -119,6 +119,80 @@ def test_teachers_are_loaded_not_retrained_when_the_run_is_repeated(
     assert {p.name: p.stat().st_mtime_ns for p in (again / TEACHERS).glob("*.pt")} == {
         name: (again / TEACHERS / name).stat().st_mtime_ns for name in before
     }
+
+
+def test_a_weight_soup_averages_the_teachers_and_measures_batchnorm_again(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.distill import reestimate_batchnorm, weight_soup
+    from oncolens.training.train import build_model, load_split
+    from oncolens.training.views import test_time_views
+
+    recipe = load_recipe(distill_recipe(tiny_recipe, tmp_path))
+    n_frozen = recipe.train.freeze_blocks
+    torch.manual_seed(0)
+    first = build_model(recipe).state_dict()
+    second = {k: v + torch.randn_like(v) if v.dtype.is_floating_point else v.clone() for k, v in first.items()}
+    samples, _ = drop_labels(read_manifest(tiny_dataset), recipe.excluded_labels)
+    pixels = load_split(samples, "train", recipe).pixels[:8]
+    views = test_time_views(build_model(recipe).eval(), pixels, recipe, ("identity", "hflip"))
+
+    soup = weight_soup(recipe, [first, second], views)
+    got = soup.state_dict()
+    name = "head.weight"
+    assert torch.allclose(got[name], (first[name] + second[name]) / 2)
+    front_bn = "backbone._bn0.running_mean"  # the stem's BatchNorm never runs on cached maps: averaged only
+    assert torch.allclose(got[front_bn], (first[front_bn] + second[front_bn]) / 2)
+    assert not soup.training
+
+    # the tail's first BatchNorm now holds the mean of its input over every cached view and image
+    tail_bn = soup.backbone._blocks[n_frozen]._bn0  # type: ignore[index]
+    momentum = tail_bn.momentum
+    seen: list[torch.Tensor] = []
+    hook = tail_bn.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach()))
+    reestimate_batchnorm(soup, views, n_frozen, batch=4)
+    hook.remove()
+    inputs = torch.cat(seen)
+    assert len(seen) == 4  # 2 batches x 2 views
+    assert torch.allclose(tail_bn.running_mean, inputs.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert tail_bn.momentum == momentum is not None and not soup.training  # back to its own momentum
+
+    with pytest.raises(ValueError, match="at least one teacher"):
+        weight_soup(recipe, [], views)
+
+
+def test_a_soup_run_serves_the_teachers_average_without_a_student(
+    distilled: tuple[Path, Path], tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.distill import weight_soup
+    from oncolens.training.pipeline import finalize
+
+    run, _ = distilled
+    distilled_history = json.loads((run / "history.json").read_text())
+    assert distilled_history["soup"]["models"] == 2  # a distilled run measures the soup too
+    assert set(distilled_history["soup"]["val_uncalibrated"]) >= {"balanced_accuracy", "macro_auc", "loss"}
+
+    soup_run = tmp_path / "soup"
+    (soup_run / TEACHERS).mkdir(parents=True)
+    for path in (run / TEACHERS).glob("*.pt"):  # the same teachers, loaded instead of trained
+        (soup_run / TEACHERS / path.name).write_bytes(path.read_bytes())
+    recipe = load_recipe(distill_recipe(tiny_recipe, tmp_path, method='"soup"'))
+    samples = read_manifest(tiny_dataset)
+    summary = fit_distilled(recipe, samples, soup_run, "pytest soup")
+    assert summary["method"] == "soup" and summary["history"] == []
+    assert set(summary["timings_s"]) == {"cache", "teachers", "soup"}
+    assert summary["best_val"] == summary["soup"]["val_uncalibrated"] == distilled_history["soup"]["val_uncalibrated"]
+    served = torch.load(soup_run / "best.pt", weights_only=False)["model"]
+    teachers = [torch.load(p, weights_only=True) for p in sorted((soup_run / TEACHERS).glob("*.pt"))]
+    head = (teachers[0]["head.weight"] + teachers[1]["head.weight"]) / 2
+    assert torch.allclose(served["head.weight"], head)
+
+    package = finalize(recipe, samples, soup_run, tmp_path / "zoo" / "tiny", "tiny")
+    card = json.loads((package / "card.json").read_text())
+    assert card["training"]["method"] == "soup"
+    assert card["training"]["soup"]["models"] == 2
+    assert card["training"]["teachers"]["models"] == 2
+    del weight_soup
 
 
 def test_cached_tail_logits_match_the_exported_model(tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path) -> None:

@@ -12,6 +12,9 @@
 3. Student: one network of the served size trained on every train image to match, view by view, the
    probabilities of the teachers that did *not* see that image (softened by ``distill_temperature``),
    mixed with the label (``distill_alpha``); selected on val like a fine-tuned model.
+   With ``method = "soup"`` there is no student: the served network is the teachers' uniform weight
+   average (:func:`weight_soup`). Either way the run records the soup's val figures, so the two can
+   be compared.
 4. Test-time views: of the recipe's candidate sets, the cheapest whose val score is within
    ``tta_tolerance`` of the best.
 
@@ -42,6 +45,7 @@ from oncolens.training.backbones import Classifier
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import (
     BEST,
+    SplitData,
     _freeze,
     _optimizer,
     balance_strata,
@@ -165,6 +169,7 @@ class Teachers:
     folds: np.ndarray  # [R, N]
     targets: torch.Tensor  # [N, K, C]
     wall_time_s: float
+    states: list[dict[str, torch.Tensor]]  # each teacher's weights, in training order
 
 
 def train_teachers(
@@ -184,6 +189,7 @@ def train_teachers(
     targets = torch.zeros((n, pool.views.n_views, c))
     val_sum = np.zeros((val_views.n_images, val_views.n_views, c)) if val_views is not None else np.zeros(0)
     folds = np.zeros((repeats, n), dtype=np.int64)
+    states: list[dict[str, torch.Tensor]] = []
     t0 = time.time()
     for r in range(repeats):
         folds[r] = grouped_folds(pool.labels, groups, k, cfg.seed + r)
@@ -200,6 +206,7 @@ def train_teachers(
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(teacher.state_dict(), path)
+            states.append(teacher.state_dict())
             oof[r, held] = view_logits(teacher, test_views.subset(held), cfg.freeze_blocks)
             on_views = view_logits(teacher, pool.views.subset(held), cfg.freeze_blocks)
             targets[torch.from_numpy(held)] += torch.softmax(
@@ -212,7 +219,52 @@ def train_teachers(
                 f"teacher {r + 1}.{f + 1}: held-out fold of {len(held)} images: "
                 f"acc {metrics.accuracy(y, p.argmax(1)):.3f} AUROC {metrics.macro_auc(y, p):.3f}"
             )
-    return Teachers(oof, val_sum / (k * repeats), folds, targets / repeats, time.time() - t0)
+    return Teachers(oof, val_sum / (k * repeats), folds, targets / repeats, time.time() - t0, states)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: Classifier, views: ViewCache, n_frozen: int, batch: int = 64) -> None:
+    """Measure the running statistics of the tail's BatchNorm layers afresh on cached views.
+
+    Each layer's statistics become the plain average over every batch of every view (momentum None),
+    then the layers go back to their momentum; the frozen front's layers are not run, so theirs stay.
+    """
+    set_train_mode(model, n_frozen)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.training]
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    for start in range(0, views.n_images, batch):
+        for view in range(views.n_views):
+            x = views.maps[start : start + batch, view].float().contiguous(memory_format=torch.channels_last)
+            model.tail_logits(x, n_frozen)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+
+
+def weight_soup(recipe: Recipe, states: list[dict[str, torch.Tensor]], views: ViewCache) -> Classifier:
+    """One network of the served size from the teachers: the uniform average of their weights.
+
+    Every teacher's tail starts from the same ImageNet weights and trains briefly on most of the same
+    images, so the average of the weights is itself a working network that keeps much of what
+    averaging the teachers' outputs gains (a "model soup", Wortsman et al., ICML 2022). BatchNorm
+    statistics of an average network are not the average of the statistics: they are measured again
+    on ``views`` (the train images' cached views).
+    """
+    if not states:
+        raise ValueError("a weight soup needs at least one teacher")
+    averaged = {
+        name: torch.stack([s[name].float() for s in states]).mean(dim=0).to(first.dtype)
+        if first.dtype.is_floating_point
+        else first.clone()
+        for name, first in states[0].items()
+    }
+    model = build_model(recipe, pretrained=False)
+    model.load_state_dict(averaged)
+    reestimate_batchnorm(model, views, recipe.train.freeze_blocks)
+    return model
 
 
 def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: int = 1000) -> dict[str, Any]:
@@ -238,8 +290,51 @@ def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: in
     return out
 
 
+def _student(
+    recipe: Recipe,
+    pool: Pool,
+    teachers: Teachers,
+    val: SplitData,
+    val_tta: ViewCache,
+    names: tuple[str, ...],
+    candidates: list[tuple[str, ...]],
+    history: list[dict[str, Any]],
+) -> tuple[Classifier, int, dict[str, float]]:
+    """The student trained on every train image towards the teachers' out-of-fold probabilities,
+    its epoch chosen on val; appends one record per epoch to ``history``. Returns it, its epoch
+    (0-based) and its val figures."""
+    cfg = recipe.train
+    num_classes = len(recipe.classes)
+    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
+    t_student = time.time()
+
+    def on_epoch(epoch: int, ema: Classifier) -> bool:
+        val_logits = mean_over(view_logits(ema, val_tta, cfg.freeze_blocks), names, candidates[0])
+        val_metrics = quick_metrics(val.labels, val_logits, num_classes)
+        score = val_metrics[cfg.select_metric]
+        improved = score > best["score"]
+        if improved:
+            best.update(
+                score=score, epoch=epoch, state={k: v.clone() for k, v in ema.state_dict().items()}, val=val_metrics
+            )
+        history.append({"epoch": epoch + 1, "val": val_metrics, "elapsed_s": time.time() - t_student})
+        tqdm.write(
+            f"student epoch {epoch + 1}: val loss {val_metrics['loss']:.3f} acc {val_metrics['accuracy']:.3f} "
+            f"bal-acc {val_metrics['balanced_accuracy']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
+            + (" *best*" if improved else "")
+        )
+        return epoch - int(best["epoch"]) >= cfg.patience
+
+    student_pool = Pool(pool.views, pool.labels, pool.strata, teachers.targets)
+    train_tail(recipe, student_pool, cfg.epochs, cfg.seed, "student", on_epoch)
+    student = build_model(recipe, pretrained=False)
+    student.load_state_dict(best["state"])
+    return student.eval(), int(best["epoch"]), best["val"]
+
+
 def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
-    """Teachers, then the student; writes ``best.pt`` and ``history.json`` like :func:`train.fit`."""
+    """Teachers, then the served network (the student, or with ``method = "soup"`` the teachers' weight
+    soup); writes ``best.pt`` and ``history.json`` like :func:`train.fit`."""
     cfg = recipe.train
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -271,33 +366,22 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
         + json.dumps({k: teacher_oof[k] for k in ("accuracy", "balanced_accuracy", "macro_auc")})
     )
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
-    t_student = time.time()
     num_classes = len(recipe.classes)
-
-    def on_epoch(epoch: int, ema: Classifier) -> bool:
-        val_logits = mean_over(view_logits(ema, val_tta, cfg.freeze_blocks), names, candidates[0])
-        val_metrics = quick_metrics(val.labels, val_logits, num_classes)
-        score = val_metrics[cfg.select_metric]
-        improved = score > best["score"]
-        if improved:
-            best.update(
-                score=score, epoch=epoch, state={k: v.clone() for k, v in ema.state_dict().items()}, val=val_metrics
-            )
-        history.append({"epoch": epoch + 1, "val": val_metrics, "elapsed_s": time.time() - t_student})
-        tqdm.write(
-            f"student epoch {epoch + 1}: val loss {val_metrics['loss']:.3f} acc {val_metrics['accuracy']:.3f} "
-            f"bal-acc {val_metrics['balanced_accuracy']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
-            + (" *best*" if improved else "")
-        )
-        return epoch - int(best["epoch"]) >= cfg.patience
-
-    student_pool = Pool(pool.views, pool.labels, pool.strata, teachers.targets)
-    train_tail(recipe, student_pool, cfg.epochs, cfg.seed, "student", on_epoch)
-    student = build_model(recipe, pretrained=False)
-    student.load_state_dict(best["state"])
-    val_views = view_logits(student, val_tta, cfg.freeze_blocks)
+    t_soup = time.time()
+    soup = weight_soup(recipe, teachers.states, pool.views)
+    soup_val = quick_metrics(
+        val.labels, mean_over(view_logits(soup, val_tta, cfg.freeze_blocks), names, candidates[0]), num_classes
+    )
+    timings = {"cache": round(cache_s, 1), "teachers": round(teachers.wall_time_s, 1)}
+    timings["soup"] = round(time.time() - t_soup, 1)
+    tqdm.write("teachers' weight soup on val: " + json.dumps(soup_val))
+    history: list[dict[str, Any]] = []
+    if cfg.method == "soup":
+        served, epoch, served_val = soup, (cfg.teacher_epochs or cfg.epochs) - 1, soup_val
+    else:
+        served, epoch, served_val = _student(recipe, pool, teachers, val, val_tta, names, candidates, history)
+        timings["student"] = round(history[-1]["elapsed_s"], 1)
+    val_views = view_logits(served, val_tta, cfg.freeze_blocks)
     chosen, view_scores = choose_views(
         recipe, val_views, names, lambda logits: quick_metrics(val.labels, logits, num_classes)[cfg.select_metric]
     )
@@ -305,20 +389,16 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     tqdm.write(
         f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"
     )
-    torch.save({"model": best["state"], "epoch": best["epoch"], "val": best["val"]}, out_dir / BEST)
+    torch.save({"model": served.state_dict(), "epoch": epoch, "val": served_val}, out_dir / BEST)
     summary = {
         "command": command,
-        "method": "distill",
+        "method": cfg.method,
         "recipe": recipe.to_dict(),
-        "best_epoch": int(best["epoch"]) + 1,
-        "best_val": best["val"],
-        "epochs_run": len(history),
+        "best_epoch": epoch + 1,
+        "best_val": served_val,
+        "epochs_run": len(history) if history else epoch + 1,
         "wall_time_s": round(time.time() - t0, 1),
-        "timings_s": {
-            "cache": round(cache_s, 1),
-            "teachers": round(teachers.wall_time_s, 1),
-            "student": round(time.time() - t_student, 1),
-        },
+        "timings_s": timings,
         "cache_mib": round(pool.views.nbytes() / 2**20, 1),
         "machine": machine_description(),
         "history": history,
@@ -333,6 +413,7 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
             "out_of_fold": teacher_oof,
             "val_uncalibrated": teacher_val,
         },
+        "soup": {"models": len(teachers.states), "val_uncalibrated": soup_val},
     }
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -346,6 +346,7 @@ def _training_record(recipe: Recipe, run_dir: Path, checkpoint: dict[str, Any]) 
         "method": history.get("method", "finetune"),
         "timings_s": history.get("timings_s"),
         "view_choice_val": history.get("view_choice_val"),
+        "soup": history.get("soup"),
         "recipe_file": recipe.source,
         "recipe": recipe.to_dict(),
     }

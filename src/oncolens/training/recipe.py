@@ -14,7 +14,7 @@ from typing import Any
 
 from oncolens.zoo.preprocess import RESIZE_RULES, InputSpec
 
-METHODS = ("finetune", "distill")
+METHODS = ("finetune", "distill", "soup")
 FRONT_PRECISIONS = ("fp32", "bf16")
 
 
@@ -46,6 +46,7 @@ class TrainConfig:
     # "finetune": one network, the front frozen, every step through the whole network.
     # "distill": the frozen front's maps cached for ``cache_views`` views per image; ``folds`` x
     # ``repeats`` teachers trained by grouped k-fold on train; one student distilled from them.
+    # "soup": the same teachers; the served network is their uniform weight average (no student).
     method: str = "finetune"
     cache_views: int = 8
     folds: int = 5
@@ -173,8 +174,8 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"recipe {path}: label(s) {sorted(overlap)} are both classes and excluded")
     if train.method not in METHODS:
         raise RecipeError(f"recipe {path}: method {train.method!r} is not one of {METHODS}")
-    if train.method == "distill" and (train.folds < 2 or train.repeats < 1 or train.cache_views < 1):
-        raise RecipeError(f"recipe {path}: distill needs folds >= 2, repeats >= 1 and cache_views >= 1")
+    if train.method != "finetune" and (train.folds < 2 or train.repeats < 1 or train.cache_views < 1):
+        raise RecipeError(f"recipe {path}: {train.method} needs folds >= 2, repeats >= 1 and cache_views >= 1")
     if train.resize not in RESIZE_RULES:
         raise RecipeError(f"recipe {path}: resize {train.resize!r} is not one of {RESIZE_RULES}")
     return Recipe(
