@@ -4,10 +4,11 @@ Starts `oncolens serve` on 127.0.0.1 (a free port), waits for /health, then each
 sample images in a loop for a fixed number of requests. Only loopback traffic.
 
     python benchmarks/bench_http.py [--requests 400] [--model skin-ham10000] [--workers N] [--threads T]
-        [--precision fp32|int8] [--save NAME]
+        [--precision fp32|int8] [--spinning] [--save NAME]
 
 ``--workers`` starts ``oncolens serve --workers N`` (N processes, each with every model);
-``--threads`` sets ``ONCOLENS_THREADS`` (ONNX Runtime threads per model; 0 = all cores).
+``--threads`` sets ``ONCOLENS_THREADS`` (ONNX Runtime threads per model; 0 = all cores);
+``--spinning`` sets ``ONCOLENS_SPINNING=1`` (idle ONNX Runtime threads spin instead of sleeping).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    parser.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin (ONCOLENS_SPINNING)")
     parser.add_argument("--save", default="http", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted((SAMPLES / args.model).glob("*.jpg"))]
@@ -73,6 +75,7 @@ def main() -> None:
         ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"),
         ONCOLENS_THREADS=str(args.threads),
         ONCOLENS_PRECISION=args.precision,
+        ONCOLENS_SPINNING="1" if args.spinning else "0",
     )
     server = subprocess.Popen(
         [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
@@ -102,7 +105,8 @@ def main() -> None:
         server.terminate()
         server.wait(10)
     setup = (
-        f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model, "
+        f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model"
+        f"{', spinning' if args.spinning else ''}, "
         f"precision setting {args.precision}, serving {serving}"
     )
     print_table(f"HTTP POST /predict ({args.model}, {len(images)} sample images; {setup})", rows)
@@ -113,6 +117,7 @@ def main() -> None:
             "model": args.model,
             "workers": args.workers,
             "threads": args.threads,
+            "spinning": args.spinning,
             "precision": args.precision,
             "serving_precision": serving,
             "levels": rows,

@@ -1,12 +1,14 @@
 """Model latency and throughput on ONNX Runtime (fp32 and int8 files), start-up time and memory.
 
-    python benchmarks/bench_model.py [--repeats 200] [--calibration-dir ../shared/datasets]
+    python benchmarks/bench_model.py [--repeats 200] [--calibration-dir ../shared/datasets] [--spinning]
+        [--save NAME]
 
 Each model runs as shipped (its card's fp32 file) and as an int8 copy made here with the same
 recipe as `oncolens quantize`. The int8 copy is calibrated on the model's train images when
 ``--calibration-dir`` holds its dataset, else on its committed sample images: the ranges change the
 answers, not the speed, so the timings hold either way. Whether an int8 copy may serve is decided by
-the accuracy gate (the card's ``int8`` section), not here.
+the accuracy gate (the card's ``int8`` section), not here. ``--spinning`` lets idle ONNX Runtime
+threads spin instead of sleeping (``ONCOLENS_SPINNING``).
 """
 
 from __future__ import annotations
@@ -86,13 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--calibration-dir", type=Path, default=None)
+    parser.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin (ONCOLENS_SPINNING)")
+    parser.add_argument("--save", default="model", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for package in Zoo().load_all():
+        for package in Zoo(spinning=args.spinning).load_all():
             fp32 = timings(package, args.repeats)
             file, info = int8_copy(package, args.calibration_dir, Path(tmp))
-            with staged_int8(package.directory, file, info) as int8:  # timed whatever its gate says
+            with staged_int8(package.directory, file, info, args.spinning) as int8:  # timed whatever its gate says
                 fast = timings(int8, args.repeats)
             source = f"{info.calibration['images']} images ({info.calibration['split']})"
             rows.append(
@@ -107,10 +111,11 @@ def main() -> None:
                     "calibrated on": source,
                 }
             )
-    print_table("Model latency (ONNX Runtime, CPU, all threads): fp32 as shipped and an int8 copy", rows)
+    spin = "threads spinning" if args.spinning else "threads sleeping when idle"
+    print_table(f"Model latency (ONNX Runtime, CPU, all threads, {spin}): fp32 as shipped and an int8 copy", rows)
     process = startup_and_rss()
     print_table("Start-up (import + create_app + load every model) and memory of that process", [process])
-    save("model", {"models": rows, "process": process})
+    save(args.save, {"spinning": args.spinning, "models": rows, "process": process})
 
 
 if __name__ == "__main__":

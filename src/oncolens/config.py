@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, gt=0, description="Most image bytes (summed over its images) one request may upload."
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0 = all cores).")
+    spinning: bool = Field(
+        False,
+        description="ONNX Runtime threads spin while waiting for work: lower latency for one image at a time, "
+        "more CPU burnt under load (see README, Performance).",
+    )
     precision: Literal["int8", "fp32"] = Field(
         "int8",
         description="Which model file serves: int8 (the quantized copy, where it passed its accuracy gate) or fp32.",

@@ -218,3 +218,21 @@ def test_a_package_whose_domain_file_was_changed_does_not_load(tmp_path: Path) -
     (copy / "domain.npz").write_bytes((copy / "domain.npz").read_bytes()[:-10] + b"0123456789")
     with pytest.raises(PackageError, match=r"domain\.npz is missing or does not match the card's sha256"):
         ModelPackage.load(copy)
+
+
+def test_onnx_threads_sleep_when_idle_unless_the_setting_asks_them_to_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oncolens.config import Settings
+
+    key = "session.intra_op.allow_spinning"
+
+    def spinning(zoo: Zoo) -> str:
+        entry: str = zoo.get("breast-us").session.get_session_options().get_session_config_entry(key)
+        return entry
+
+    assert spinning(Zoo()) == "0"
+    monkeypatch.setenv("ONCOLENS_SPINNING", "1")
+    assert Settings().spinning is True
+    assert spinning(Zoo.from_settings(Settings())) == "1"
+    monkeypatch.setenv("ONCOLENS_SPINNING", "maybe")
+    with pytest.raises(ValueError, match="spinning"):
+        Settings()

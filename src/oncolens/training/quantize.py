@@ -240,7 +240,7 @@ def _check(criterion: str, value: float, limit: float, at_least: bool = False) -
 
 
 @contextlib.contextmanager
-def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info) -> Iterator[ModelPackage]:
+def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info, spinning: bool = False) -> Iterator[ModelPackage]:
     """The package in ``package_dir`` served from ``int8_file``, as if its card said ``info`` (gating, timing).
 
     Loaded from a temporary folder of links and a copy of the card; the package itself is not touched.
@@ -254,7 +254,7 @@ def staged_int8(package_dir: Path, int8_file: Path, info: Int8Info) -> Iterator[
             (probe / card.domain.file).symlink_to((package_dir / card.domain.file).resolve())
         staged = info.model_copy(update={"file": INT8_FILE, "sha256": sha256_of(int8_file), "passed": True})
         (probe / CARD).write_text(card.model_copy(update={"int8": staged}).to_json())
-        yield ModelPackage.load(probe, precision="int8")
+        yield ModelPackage.load(probe, precision="int8", spinning=spinning)
 
 
 QAT_IMAGE_SEED = 1  # the tuning images are drawn apart from the calibration images (seed 0)

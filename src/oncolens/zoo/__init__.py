@@ -49,10 +49,17 @@ def discover(directories: Iterable[Path]) -> dict[str, Path]:
 class Zoo:
     """Discovers packages once and loads each on first use (or all at start with ``load_all``)."""
 
-    def __init__(self, directories: Iterable[Path] = (BUILTIN_DIR,), threads: int = 0, precision: str = "int8") -> None:
+    def __init__(
+        self,
+        directories: Iterable[Path] = (BUILTIN_DIR,),
+        threads: int = 0,
+        precision: str = "int8",
+        spinning: bool = False,
+    ) -> None:
         self.paths = discover(directories)
         self.threads = threads
         self.precision = precision
+        self.spinning = spinning
         self._loaded: dict[str, ModelPackage] = {}
         self._lock = threading.Lock()
 
@@ -61,7 +68,7 @@ class Zoo:
         """The one way every entry point builds its zoo: the built-in packages, then
         ``ONCOLENS_EXTRA_MODEL_DIR``, then ``extra_dirs`` (a later folder overrides an earlier one)."""
         dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else []) + list(extra_dirs)
-        return cls(dirs, threads=settings.threads, precision=settings.precision)
+        return cls(dirs, threads=settings.threads, precision=settings.precision, spinning=settings.spinning)
 
     def ids(self) -> list[str]:
         return sorted(self.paths)
@@ -71,7 +78,9 @@ class Zoo:
             raise ModelNotFound(model_id, self.paths)
         with self._lock:
             if model_id not in self._loaded:
-                self._loaded[model_id] = ModelPackage.load(self.paths[model_id], self.threads, self.precision)
+                self._loaded[model_id] = ModelPackage.load(
+                    self.paths[model_id], self.threads, self.precision, self.spinning
+                )
             return self._loaded[model_id]
 
     def loaded_ids(self) -> list[str]:

@@ -65,7 +65,7 @@ class ModelPackage:
         self.model_file = model_file or directory / ONNX  # that file, checked against the card at load
 
     @classmethod
-    def load(cls, directory: Path, threads: int = 0, precision: str = "int8") -> ModelPackage:
+    def load(cls, directory: Path, threads: int = 0, precision: str = "int8", spinning: bool = False) -> ModelPackage:
         """Read the card, check the ONNX file's sha256 and shapes, and open the session.
 
         ``precision="int8"`` serves the quantized file when the card says it passed its accuracy
@@ -93,9 +93,10 @@ class ModelPackage:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ONNX Runtime threads sleep instead of spinning: the same images/s and latency here, and
-        # ~20% less CPU under load, left to decoding and to the other workers of `serve --workers N`.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # By default idle ONNX Runtime threads sleep instead of spinning: ~20% less CPU under load, left
+        # to decoding and to the other workers of `serve --workers N`. Spinning (ONCOLENS_SPINNING)
+        # answers one image at a time sooner on some CPUs (README, Performance).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         package = cls(directory, card, session, serving, onnx_path)
         package._check_shapes()
