@@ -73,6 +73,16 @@ def test_a_distilled_models_page_shows_calibration_at_small_n_and_its_teachers(a
     assert "Suspicious vs not auc" in page and "Malignant vs benign" not in page
 
 
+def test_a_soup_models_page_says_the_teachers_average_serves(app_client: TestClient) -> None:
+    card = json.loads((Path(__file__).parents[2] / "src/oncolens/zoo/oral-photo/card.json").read_text())
+    assert card["training"]["method"] == "soup"
+    page = web_login(app_client, "view@clinic.org").get("/models/oral-photo").text
+    teachers = card["training"]["teachers"]
+    assert f"average of the weights of {teachers['models']} teachers" in page
+    assert "Soup (served), test" in page and "Student (served)" not in page
+    assert f"<td>{card['metrics']['macro_auc']:.3f}</td>" in page
+
+
 def test_the_result_leads_with_the_risk_and_uses_the_models_own_words(app_client: TestClient) -> None:
     browser = web_login(app_client, "doc@clinic.org")
     thyroid = Path(__file__).parents[2] / "samples" / "thyroid-us" / "ddti_10_1.jpg"
