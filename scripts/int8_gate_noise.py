@@ -22,9 +22,9 @@ from oncolens import metrics
 from oncolens.datasets import drop_labels, encode_labels, read_manifest, select_split
 from oncolens.evaluation import dataset_logits
 from oncolens.training.quantize import split_checks
+from oncolens.zoo import BUILTIN_DIR
 from oncolens.zoo.package import ModelPackage
 
-ZOO = Path(__file__).resolve().parents[1] / "src" / "oncolens" / "zoo"
 CRITERIA = ("AUROC", "balanced accuracy", "ECE")  # as named in the gate's criteria (quantize.split_checks)
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     sigmas = [float(s) for s in args.sigmas.split(",")]
     print("model | n val/test | sigma | mean max |dp| | pass AUROC / bal-acc / ECE (both splits) | pass all")
     for model_id in args.models.split(","):
-        package = ModelPackage.load(ZOO / model_id, precision="fp32")
+        package = ModelPackage.load(BUILTIN_DIR / model_id, precision="fp32")
         dataset = args.datasets / package.card.dataset.name
         splits = {}
         for split in ("val", "test"):

@@ -155,7 +155,8 @@ def test_a_weight_soup_averages_the_teachers_and_measures_batchnorm_again(
     inputs = torch.cat(seen)
     assert len(seen) == 4  # 2 batches x 2 views
     assert torch.allclose(tail_bn.running_mean, inputs.mean(dim=(0, 2, 3)), atol=1e-5)
-    assert tail_bn.momentum == momentum is not None and not soup.training  # back to its own momentum
+    assert momentum is not None and tail_bn.momentum == momentum  # back to its own momentum
+    assert not soup.training
 
     with pytest.raises(ValueError, match="at least one teacher"):
         weight_soup(recipe, [], views)
@@ -164,7 +165,6 @@ def test_a_weight_soup_averages_the_teachers_and_measures_batchnorm_again(
 def test_a_soup_run_serves_the_teachers_average_without_a_student(
     distilled: tuple[Path, Path], tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
 ) -> None:
-    from oncolens.training.distill import weight_soup
     from oncolens.training.pipeline import finalize
 
     run, _ = distilled
@@ -192,7 +192,6 @@ def test_a_soup_run_serves_the_teachers_average_without_a_student(
     assert card["training"]["method"] == "soup"
     assert card["training"]["soup"]["models"] == 2
     assert card["training"]["teachers"]["models"] == 2
-    del weight_soup
 
 
 def test_cached_tail_logits_match_the_exported_model(tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path) -> None:

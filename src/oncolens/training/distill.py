@@ -372,8 +372,11 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     soup_val = quick_metrics(
         val.labels, mean_over(view_logits(soup, val_tta, cfg.freeze_blocks), names, candidates[0]), num_classes
     )
-    timings = {"cache": round(cache_s, 1), "teachers": round(teachers.wall_time_s, 1)}
-    timings["soup"] = round(time.time() - t_soup, 1)
+    timings = {
+        "cache": round(cache_s, 1),
+        "teachers": round(teachers.wall_time_s, 1),
+        "soup": round(time.time() - t_soup, 1),
+    }
     tqdm.write("teachers' weight soup on val: " + json.dumps(soup_val))
     history: list[dict[str, Any]] = []
     if cfg.method == "soup":
