@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from oncolens.analysis import CaseResult
     from oncolens.config import Settings
+    from oncolens.datasets import Sample
     from oncolens.training.recipe import Recipe
 
 app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
@@ -78,20 +79,79 @@ def train(
         fit_distilled(chosen, samples, runs, command)
     else:
         fit(chosen, samples, runs, command)
+    package = _package(chosen, samples, runs, model_id, out, command, dataset_dir)
+    typer.echo(f"wrote model package {package}")
+
+
+@app.command("distill-views")
+def distill_views(
+    model_id: Annotated[str, typer.Argument(help="The package to distil (its test-time views are the teacher).")],
+    dataset_dir: Annotated[Path, typer.Argument(help="Its dataset folder (manifest.csv and images).")],
+    version: Annotated[str, typer.Option(help="Version of the package to write, e.g. 1.4.0.")],
+    recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="Teacher package folder (default the installed one).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs over the train split.")] = 3,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (warmup + cosine).")] = 1e-4,
+    temperature: Annotated[float, typer.Option(min=0.1, help="Softening temperature of the KL loss.")] = 2.0,
+    out: Annotated[Path | None, typer.Option(help="Package directory to write (default the built-in zoo).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; re-use it to resume.")] = None,
+) -> None:
+    """Tune a one-view copy of a package's network to answer like its test-time views, then package it.
+
+    The student is compared with the teacher on val and kept only within [export] tta_tolerance
+    (printed and recorded in the card either way); without --out it replaces the installed package
+    only when kept.
+    """
+    from dataclasses import replace
+
+    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.training.export import OnnxWeightsError
+    from oncolens.training.recipe import RecipeError, resolve_recipe
+    from oncolens.training.view_distill import ViewDistillConfig, check_parity, classifier_from_onnx, teacher_package
+    from oncolens.training.view_distill import distill_views as run_distillation
+
+    source = teacher or ZOO_DIR / model_id
+    try:
+        chosen = resolve_recipe(recipe, model_id)
+        chosen = replace(chosen, model={**chosen.model, "version": version})
+        samples = read_manifest(dataset_dir)
+        onnx_path, views, info = teacher_package(source)
+        if len(views) < 2:
+            raise _fail(f"{source} answers with one view already: there is nothing to distil")
+        student = classifier_from_onnx(chosen, onnx_path)
+        check_parity(student, views, onnx_path, chosen.input_spec.size)
+    except (RecipeError, ManifestError, OnnxWeightsError, OSError, KeyError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    runs = run_dir or Path("runs") / f"{model_id}-views"
+    command = _command()
+    config = ViewDistillConfig(epochs, lr, temperature)
+    with tempfile.TemporaryDirectory() as held:  # the teacher file, safe from the package being replaced
+        teacher_file = Path(held) / onnx_path.name
+        shutil.copyfile(onnx_path, teacher_file)
+        summary = run_distillation(chosen, samples, teacher_file, views, student, runs, command, config, info)
+    kept = summary["view_distillation"]["kept"]
+    if out is None and not kept:
+        typer.echo(f"the student did not reach the teacher on val: {source} stays; checkpoints in {runs}")
+        return
+    package = _package(chosen, samples, runs, model_id, out, command, dataset_dir)
+    typer.echo(f"wrote model package {package} ({'kept' if kept else 'not kept'} by the val comparison)")
+
+
+def _package(
+    recipe: Recipe,
+    samples: list[Sample],
+    run_dir: Path,
+    model_id: str,
+    out: Path | None,
+    command: str,
+    dataset_dir: Path,
+) -> Path:
+    """Package a finished run into ``out`` (default the built-in zoo), with the golden samples' file."""
     from oncolens.training.pipeline import finalize
 
-    package = finalize(
-        chosen,
-        samples,
-        runs,
-        out or ZOO_DIR / model_id,
-        model_id,
-        SAMPLES_DIR / model_id,
-        command,
-        dataset_dir,
-        _expected_file(out),
-    )
-    typer.echo(f"wrote model package {package}")
+    target = out or ZOO_DIR / model_id
+    samples_dir = SAMPLES_DIR / model_id
+    return finalize(recipe, samples, run_dir, target, model_id, samples_dir, command, dataset_dir, _expected_file(out))
 
 
 def _expected_file(out: Path | None) -> Path | None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from oncolens.training.backbones import Classifier
@@ -143,3 +145,75 @@ def max_logit_difference(model: ExportModel, onnx_logits: np.ndarray, inputs: np
     """Largest |logit| difference between PyTorch and ONNX Runtime on the same inputs [N,3,H,W]."""
     torch_logits = model.eval()(torch.from_numpy(inputs))[0].numpy()
     return float(np.abs(torch_logits - onnx_logits).max())
+
+
+class OnnxWeightsError(ValueError):
+    """An ONNX file whose weights do not fit the network they are loaded into."""
+
+
+def _conv_bn_pairs(model: Classifier, size: int) -> list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]]:
+    """Every convolution of the backbone with the BatchNorm that follows it, in the order they run."""
+    order: list[torch.nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+        for m in model.backbone.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.BatchNorm2d)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pairs = []
+    for conv, norm in zip(order[0::2], order[1::2], strict=False):
+        if not isinstance(conv, torch.nn.Conv2d) or not isinstance(norm, torch.nn.BatchNorm2d):
+            break
+        pairs.append((conv, norm))
+    if 2 * len(pairs) != len(order):
+        raise OnnxWeightsError("the backbone does not run each convolution followed by its BatchNorm")
+    return pairs
+
+
+def load_onnx_weights(model: Classifier, onnx_path: Path, size: int) -> Classifier:
+    """``model`` (the package's network, freshly built) with the weights of its exported ONNX file.
+
+    The export folded each BatchNorm into its convolution; here the folded weight goes back into the
+    convolution and the folded bias into a BatchNorm left at mean 0, variance 1 - eps and scale 1,
+    so in eval mode the network computes what the file computes (to float rounding). Its BatchNorm
+    statistics are not the trained ones: train it only in eval mode (weights move, statistics stay).
+    """
+    graph = onnx.load(str(onnx_path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # the export shares the views' weights through Constant and Identity nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            weights[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    folded: list[tuple[np.ndarray, np.ndarray]] = []
+    for node in graph.node:  # every view's convolutions in the order they run
+        if node.op_type == "Conv":
+            if len(node.input) < 3 or node.input[1] not in weights or node.input[2] not in weights:
+                raise OnnxWeightsError(f"{onnx_path}: convolution {node.name} has no stored weight and bias")
+            folded.append((weights[node.input[1]], weights[node.input[2]]))
+    pairs = _conv_bn_pairs(model, size)
+    if not folded or len(folded) % len(pairs):
+        raise OnnxWeightsError(
+            f"{onnx_path} has {len(folded)} convolutions, not a multiple of the network's {len(pairs)}"
+        )
+    folded = folded[: len(pairs)]  # the first view's; the others run the same weights
+    with torch.no_grad():
+        for (conv, norm), (weight, bias) in zip(pairs, folded, strict=True):
+            if tuple(conv.weight.shape) != weight.shape:
+                raise OnnxWeightsError(f"{onnx_path}: weight {weight.shape} where the network has {conv.weight.shape}")
+            conv.weight.copy_(torch.from_numpy(np.array(weight)))
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(torch.from_numpy(np.array(bias)))
+            norm.reset_running_stats()  # mean 0, variance 1
+            norm.running_var.fill_(1.0 - norm.eps)  # type: ignore[union-attr]
+        for name in ("head.weight", "head.bias"):
+            if name not in weights:
+                raise OnnxWeightsError(f"{onnx_path} has no {name}")
+        model.head.weight.copy_(torch.from_numpy(np.array(weights["head.weight"])))
+        model.head.bias.copy_(torch.from_numpy(np.array(weights["head.bias"])))
+    return model.eval()

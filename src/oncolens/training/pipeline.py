@@ -347,6 +347,7 @@ def _training_record(recipe: Recipe, run_dir: Path, checkpoint: dict[str, Any]) 
         "timings_s": history.get("timings_s"),
         "view_choice_val": history.get("view_choice_val"),
         "soup": history.get("soup"),
+        "view_distillation": history.get("view_distillation"),
         "recipe_file": recipe.source,
         "recipe": recipe.to_dict(),
     }
@@ -474,7 +475,7 @@ def finalize(
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         training = _training_record(recipe, run_dir, checkpoint)
-        teachers = _teacher_scores(recipe, samples, run_dir, model.views)
+        teachers = _teacher_scores(recipe, samples, run_dir, model.views) or _history(run_dir).get("teachers_scored")
         if teachers is not None:
             training["teachers"] = teachers
         card = _card(recipe, model_id, model, samples, n_excluded, scored, training, export, onnx_path)

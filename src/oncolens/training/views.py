@@ -125,11 +125,20 @@ def view_logits(model: Classifier, cache: ViewCache, n_frozen: int, batch: int =
 DEFAULT_CANDIDATES = (("identity", "hflip"),)
 
 
+SINGLE = ("identity",)
+
+
 def candidate_views(recipe: Recipe) -> list[tuple[str, ...]]:
-    """The recipe's candidate test-time view sets (``[export] tta_candidates``, else ``[export] tta``)."""
+    """The recipe's candidate test-time view sets (``[export] tta_candidates``, else ``[export] tta``).
+
+    Where the recipe lists candidates, the image alone (one backbone pass) is always one of them:
+    the cheapest answer is measured, never assumed to lose (skin-ham10000 1.3.0's candidates lacked
+    it, and on val its one view scored above the four flips it served).
+    """
     given = recipe.export.get("tta_candidates")
     if given:
-        return [tuple(str(v) for v in c) for c in given]
+        listed = [tuple(str(v) for v in c) for c in given]
+        return listed if SINGLE in listed else [SINGLE, *listed]
     return [tuple(recipe.export.get("tta", DEFAULT_CANDIDATES[0]))]
 
 
