@@ -2,8 +2,8 @@
 
 Used by ``oncolens fit-domain`` (packages already shipped get it without retraining) and by the
 training pipeline. The distance model is fitted on the model's own train split, the other-domain detector on its own
-train split against the other datasets' train splits; the thresholds are chosen on its own val
-split; test splits are scored once, for the card.
+train split against the other datasets' train and val splits; the thresholds are chosen on its own
+val split (and its train images out of fold); test splits are scored once, for the card.
 """
 
 from __future__ import annotations
@@ -149,11 +149,12 @@ class DomainFit:
 
 
 def _other_train(package: ModelPackage, others: list[Path], per_dataset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features of up to ``per_dataset`` train images of each other dataset (those the modality
-    check lets through: the ones the model would otherwise answer for), and which dataset each is from."""
+    """Pooled features of up to ``per_dataset`` train and val images of each other dataset (those the
+    modality check lets through: the ones the model would otherwise answer for), and which dataset each
+    is from. Their test splits stay unseen, to measure the detector on."""
     blocks, sources = [], []
     for index, path in enumerate(others):
-        files = _files(_split(path, "train"))
+        files = _files(_split(path, "train") + _split(path, "val"))
         step = max(1, len(files) // per_dataset)
         features = extract(package, files[::step][:per_dataset], check=True).features
         blocks.append(features)
@@ -166,7 +167,7 @@ def _other_train(package: ModelPackage, others: list[Path], per_dataset: int) ->
 
 def _method(dims: int, others: list[Path], detector: bool) -> str:
     known = (
-        f" and a linear detector of {len(others)} known other domains (train images of "
+        f" and a linear detector of {len(others)} known other domains (train and val images of "
         + ", ".join(p.name for p in others)
         + ")"
         if detector
@@ -208,7 +209,7 @@ def fit_domain(
     others: list[Path],
     natural: Path | None = None,
     pass_rate: float = DEFAULT_PASS_RATE,
-    per_other: int = 600,
+    per_other: int = 2000,
     log: Any = print,
 ) -> DomainFit:
     """Fit on the train splits (own, and up to ``per_other`` images of each other dataset), choose the
@@ -227,7 +228,7 @@ def fit_domain(
     other_train, sources = _other_train(package, others, per_other)
     model = _fit_model(train.features, labels, other_train, sources, dims)
     if model.other is not None:
-        log(f"  other-domain detector on {len(train.features)} own and {len(other_train)} other train images")
+        log(f"  other-domain detector: {len(train.features)} own, {len(other_train)} other train + val images")
     # Thresholds from val and from out-of-fold scores of the train images (each scored by a model fitted
     # without it): several hundred in-domain scores instead of val's few dozen.
     oof_distance, oof_other = _out_of_fold(train.features, labels, other_train, sources, dims)

@@ -92,7 +92,13 @@ def test_outputs_have_the_card_shapes_and_classes(package: ModelPackage) -> None
 def test_card_records_how_it_was_made_and_what_it_may_be_used_for(package: ModelPackage) -> None:
     card = package.card
     training = card.training
-    assert training["command"].startswith("oncolens train")
+    if training["method"] == "view_distill":  # a one-view copy tuned against a trained package
+        assert training["command"].startswith(f"oncolens distill-views {package.id} ")
+        teacher = training["view_distillation"]["teacher"]
+        assert teacher["command"].startswith("oncolens train"), "the teacher's network was trained by the recipe"
+        assert len(teacher["onnx_sha256"]) == 64 and training["view_distillation"]["kept"] is True
+    else:
+        assert training["command"].startswith("oncolens train")
     assert training["seed"] == 0 and training["wall_time_s"] > 0 and training["machine"]
     recipe = ROOT / training["recipe_file"]
     assert recipe.is_file(), "the recipe that rebuilds the package is in the repository"
