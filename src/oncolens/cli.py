@@ -120,7 +120,7 @@ def distill_views(
             raise _fail(f"{source} answers with one view already: there is nothing to distil")
         student = classifier_from_onnx(chosen, onnx_path)
         check_parity(student, views, onnx_path, chosen.input_spec.size)
-    except (RecipeError, ManifestError, OnnxWeightsError, OSError, KeyError, ValueError) as exc:
+    except (RecipeError, ManifestError, OnnxWeightsError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     runs = run_dir or Path("runs") / f"{model_id}-views"
     command = _command()

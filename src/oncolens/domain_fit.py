@@ -148,7 +148,7 @@ class DomainFit:
     card_section: dict[str, Any]
 
 
-def _other_train(package: ModelPackage, others: list[Path], per_dataset: int) -> tuple[np.ndarray, np.ndarray]:
+def _other_images(package: ModelPackage, others: list[Path], per_dataset: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of up to ``per_dataset`` train and val images of each other dataset (those the
     modality check lets through: the ones the model would otherwise answer for), and which dataset each
     is from. Their test splits stay unseen, to measure the detector on."""
@@ -225,7 +225,7 @@ def fit_domain(
     if len(val.features) < 5:
         raise DomainFitError(f"{len(val.features)} val images are too few to choose a threshold (need at least 5)")
     dims = min(DEFAULT_DIMS, max(1, len(train.features) // 3))
-    other_train, sources = _other_train(package, others, per_other)
+    other_train, sources = _other_images(package, others, per_other)
     model = _fit_model(train.features, labels, other_train, sources, dims)
     if model.other is not None:
         log(f"  other-domain detector: {len(train.features)} own, {len(other_train)} other train + val images")

@@ -168,7 +168,7 @@ def _train_weights(train: SplitData, cfg: TrainConfig, num_classes: int) -> torc
 
 
 @dataclass
-class _Progress:
+class Progress:
     """What a run carries from epoch to epoch (and across a resume)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -178,18 +178,54 @@ class _Progress:
     elapsed_before: float = 0.0
 
 
-def _resume(
+def resume(
     last_path: Path, model: Classifier, ema: Classifier, optimizer: torch.optim.Optimizer, gen: torch.Generator
-) -> _Progress:
+) -> Progress:
     if not last_path.exists():
-        return _Progress()
+        return Progress()
     state = torch.load(last_path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     tqdm.write(f"resuming from {last_path} at epoch {state['epoch'] + 2}")
-    return _Progress(state["history"], state["epoch"] + 1, state["best_score"], state["best_epoch"], state["elapsed_s"])
+    return Progress(state["history"], state["epoch"] + 1, state["best_score"], state["best_epoch"], state["elapsed_s"])
+
+
+def keep_if_best(
+    progress: Progress, epoch: int, val_metrics: dict[str, float], metric: str, ema: Classifier, best_path: Path
+) -> bool:
+    """If ``epoch`` beats the best val ``metric`` so far: record it and save the EMA weights as ``best.pt``."""
+    improved = val_metrics[metric] > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch = val_metrics[metric], epoch
+        torch.save({"model": ema.state_dict(), "epoch": epoch, "val": val_metrics}, best_path)
+    return improved
+
+
+def save_last(
+    path: Path,
+    model: Classifier,
+    ema: Classifier,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    progress: Progress,
+    epoch: int,
+    elapsed: float,
+) -> None:
+    """Everything ``resume`` needs to go on after ``epoch``."""
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": gen.get_state(),
+        "history": progress.history,
+        "epoch": epoch,
+        "best_score": progress.best_score,
+        "best_epoch": progress.best_epoch,
+        "elapsed_s": elapsed,
+    }
+    torch.save(state, path)
 
 
 def _update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
@@ -256,7 +292,7 @@ def _epoch(
     return running, step
 
 
-def _summary(recipe: Recipe, command: str, progress: _Progress) -> dict[str, Any]:
+def _summary(recipe: Recipe, command: str, progress: Progress) -> dict[str, Any]:
     history, best = progress.history, progress.best_epoch
     return {
         "command": command,
@@ -296,7 +332,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
     weights = _train_weights(train, cfg, num_classes)
     pixels, labels = torch.from_numpy(train.pixels), torch.from_numpy(train.labels)
     last_path = out_dir / LAST
-    progress = _resume(last_path, model, ema, optimizer, gen)
+    progress = resume(last_path, model, ema, optimizer, gen)
 
     t_train = time.time()
     step = progress.start_epoch * steps_per_epoch
@@ -308,11 +344,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
             recipe, model, ema, optimizer, batches, pixels, labels, gen, step, total_steps, warmup, desc
         )
         val_metrics = quick_metrics(val.labels, predict_logits(ema, val, recipe), num_classes)
-        score = val_metrics[cfg.select_metric]
-        improved = score > progress.best_score
-        if improved:
-            progress.best_score, progress.best_epoch = score, epoch
-            torch.save({"model": ema.state_dict(), "epoch": epoch, "val": val_metrics}, out_dir / BEST)
+        improved = keep_if_best(progress, epoch, val_metrics, cfg.select_metric, ema, out_dir / BEST)
         elapsed = progress.elapsed_before + time.time() - t_train
         progress.history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
         tqdm.write(
@@ -320,18 +352,7 @@ def fit(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> d
             f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} "
             f"F1 {val_metrics['macro_f1']:.3f} AUROC {val_metrics['macro_auc']:.3f}" + (" *best*" if improved else "")
         )
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": gen.get_state(),
-            "history": progress.history,
-            "epoch": epoch,
-            "best_score": progress.best_score,
-            "best_epoch": progress.best_epoch,
-            "elapsed_s": elapsed,
-        }
-        torch.save(state, last_path)
+        save_last(last_path, model, ema, optimizer, gen, progress, epoch, elapsed)
         if epoch - progress.best_epoch >= cfg.patience:
             tqdm.write(f"early stop: no {cfg.select_metric} gain on val for {cfg.patience} epochs")
             break

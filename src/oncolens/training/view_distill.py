@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -47,7 +45,8 @@ from tqdm import tqdm
 from oncolens.datasets import Sample, drop_labels
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, frozen_front
-from oncolens.training.export import ExportModel, OnnxWeightsError, load_onnx_weights
+from oncolens.training.export import ExportModel, OnnxWeightsError, load_onnx_weights, max_logit_difference
+from oncolens.training.qat import Teacher, onnx_teacher
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import (
     BEST,
@@ -58,14 +57,18 @@ from oncolens.training.train import (
     _optimizer,
     _train_weights,
     build_model,
+    keep_if_best,
     load_split,
     machine_description,
     optimizer_step,
     predict_logits,
     quick_metrics,
+    resume,
+    save_last,
 )
 from oncolens.training.views import SINGLE, candidate_views
-from oncolens.zoo.package import ONNX, sha256_of
+from oncolens.zoo.card import parse_card
+from oncolens.zoo.package import CARD, ONNX, sha256_of
 
 
 def classifier_from_onnx(recipe: Recipe, onnx_path: Path) -> Classifier:
@@ -76,31 +79,18 @@ def classifier_from_onnx(recipe: Recipe, onnx_path: Path) -> Classifier:
 def check_parity(model: Classifier, views: tuple[str, ...], onnx_path: Path, size: int, limit: float = 1e-3) -> float:
     """Max |logit| difference between ``model`` with ``views`` and the ONNX file on 4 seeded random
     images; an error above ``limit`` (the rebuilt network would not be the package's)."""
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        mine = ExportModel(model, views).eval()(x)[0]
-    diff = float((mine - OnnxTeacher(onnx_path)(x)).abs().max())
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
+    diff = max_logit_difference(ExportModel(model, views), onnx_teacher(onnx_path)(x)[0].numpy(), x)
     if not diff < limit:
         raise OnnxWeightsError(f"{onnx_path}: the rebuilt network's logits differ by {diff:.2e} (limit {limit})")
     return diff
 
 
-class OnnxTeacher:
-    """A package's ONNX file (all its test-time views) as the teacher: standardized images -> logits."""
-
-    def __init__(self, onnx_path: Path) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        image = x.contiguous().numpy().astype(np.float32, copy=False)
-        return torch.from_numpy(np.asarray(self.session.run(["logits"], {"image": image})[0]))
-
-    def split_logits(self, data: SplitData, recipe: Recipe, batch: int = 32) -> np.ndarray:
-        pixels = torch.from_numpy(data.pixels)
-        out = [self(to_input(pixels[s : s + batch], recipe.input_spec)) for s in range(0, len(pixels), batch)]
-        return torch.cat(out).numpy().astype(np.float64)
+def _teacher_logits(teacher: Teacher, data: SplitData, recipe: Recipe, batch: int = 32) -> np.ndarray:
+    """[N, C] logits of the teacher file on a split's decoded pixels (as ``predict_logits`` scores the student)."""
+    pixels = torch.from_numpy(data.pixels)
+    chunks = [to_input(pixels[s : s + batch], recipe.input_spec).numpy() for s in range(0, len(pixels), batch)]
+    return np.concatenate([teacher(x)[0].numpy() for x in chunks]).astype(np.float64)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,20 +116,6 @@ class ViewDistillConfig:
     temperature: float = 2.0
 
 
-def _resume(
-    path: Path, student: Classifier, ema: Classifier, optimizer: torch.optim.Optimizer, gen: torch.Generator
-) -> dict[str, Any]:
-    if not path.is_file():
-        return {"history": [], "epoch": -1, "best_score": -math.inf, "best_epoch": -1, "elapsed_s": 0.0}
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    student.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    tqdm.write(f"resuming view distillation from {path} at epoch {state['epoch'] + 2}")
-    return state
-
-
 def distill_views(
     recipe: Recipe,
     samples: list[Sample],
@@ -163,8 +139,8 @@ def distill_views(
     samples, _ = drop_labels(samples, recipe.excluded_labels)
     t0 = time.time()
     train, val = load_split(samples, "train", recipe), load_split(samples, "val", recipe)
-    teacher = OnnxTeacher(teacher_onnx)
-    teacher_val = teacher.split_logits(val, recipe)
+    teacher = onnx_teacher(teacher_onnx)
+    teacher_val = _teacher_logits(teacher, val, recipe)
     k, metric = len(recipe.classes), cfg.select_metric
     teacher_score = quick_metrics(val.labels, teacher_val, k)
     tqdm.write(
@@ -177,20 +153,16 @@ def distill_views(
     total_steps, warmup = steps_per_epoch * config.epochs, steps_per_epoch // 10
     weights = _train_weights(train, cfg, k)
     pixels = torch.from_numpy(train.pixels)
-    state = _resume(run_dir / LAST, student, ema, optimizer, gen)
-    history: list[dict[str, Any]] = state["history"]
-    best_score, best_epoch, elapsed_before = state["best_score"], state["best_epoch"], state["elapsed_s"]
-    if not history:  # the untuned network with one view is the first candidate for the best
+    progress = resume(run_dir / LAST, student, ema, optimizer, gen)
+    if not progress.history:  # the untuned network with one view is the first candidate for the best
         start_logits = predict_logits(ema, val, recipe).astype(np.float64)
-        start_val = quick_metrics(val.labels, start_logits, k)
-        start_val["kl_to_teacher"] = _mean_kl(teacher_val, start_logits)
-        history.append({"epoch": 0, "val": start_val, "elapsed_s": 0.0})
-        best_score = start_val[metric]
-        torch.save({"model": ema.state_dict(), "epoch": -1, "val": start_val}, run_dir / BEST)
+        start_val = quick_metrics(val.labels, start_logits, k) | {"kl_to_teacher": _mean_kl(teacher_val, start_logits)}
+        progress.history.append({"epoch": 0, "val": start_val, "elapsed_s": 0.0})
+        keep_if_best(progress, -1, start_val, metric, ema, run_dir / BEST)
         tqdm.write(f"student before tuning, one view, on val: {json.dumps(start_val)}")
     t_train = time.time()
-    step = (state["epoch"] + 1) * steps_per_epoch
-    for epoch in range(state["epoch"] + 1, config.epochs):
+    step = progress.start_epoch * steps_per_epoch
+    for epoch in range(progress.start_epoch, config.epochs):
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
         running = 0.0
         student.eval()  # BatchNorm keeps its statistics, no dropout: only the weights move
@@ -199,39 +171,23 @@ def distill_views(
         )
         for i, idx in enumerate(bar):
             x = augment(pixels[idx], recipe.augment, recipe.input_spec, gen)
-            target = teacher(x)
+            target = teacher(x.contiguous().numpy())[0]
             front = frozen_front(student, x, cfg.freeze_blocks, cfg.front_precision)
             loss = distill_loss(student.tail_logits(front, cfg.freeze_blocks), target, config.temperature)
             step = optimizer_step(student, ema, optimizer, loss, step, total_steps, warmup, cfg)
             running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
         val_logits = predict_logits(ema, val, recipe).astype(np.float64)
-        val_metrics = quick_metrics(val.labels, val_logits, k)
-        val_metrics["kl_to_teacher"] = _mean_kl(teacher_val, val_logits)
-        improved = val_metrics[metric] > best_score
-        if improved:
-            best_score, best_epoch = val_metrics[metric], epoch
-            torch.save({"model": ema.state_dict(), "epoch": epoch, "val": val_metrics}, run_dir / BEST)
-        elapsed = elapsed_before + time.time() - t_train
-        history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
+        val_metrics = quick_metrics(val.labels, val_logits, k) | {"kl_to_teacher": _mean_kl(teacher_val, val_logits)}
+        improved = keep_if_best(progress, epoch, val_metrics, metric, ema, run_dir / BEST)
+        elapsed = progress.elapsed_before + time.time() - t_train
+        progress.history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
         tqdm.write(
             f"epoch {epoch + 1}: distill loss {running:.4f} | val {json.dumps(val_metrics)}"
             + (" *best*" if improved else "")
         )
-        torch.save(
-            {
-                "model": student.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(),
-                "history": history,
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "elapsed_s": elapsed,
-            },
-            run_dir / LAST,
-        )
+        save_last(run_dir / LAST, student, ema, optimizer, gen, progress, epoch, elapsed)
+    history, best_epoch = progress.history, progress.best_epoch
     summary = _choice(recipe, val, run_dir / BEST, teacher_views, teacher_score[metric])
     summary.update(
         {
@@ -289,13 +245,14 @@ def _choice(
 
 def teacher_package(package_dir: Path) -> tuple[Path, tuple[str, ...], dict[str, Any]]:
     """A package's ONNX file, test-time views and identity (id, version, command) as a teacher."""
-    card = json.loads((package_dir / "card.json").read_text())
+    path = package_dir / CARD
+    card = parse_card(json.loads(path.read_text()), str(path))
     info = {
-        "package": card["id"],
-        "version": card["version"],
-        "command": card.get("training", {}).get("command"),
-        "view_choice_val": card.get("training", {}).get("view_choice_val"),
+        "package": card.id,
+        "version": card.version,
+        "command": card.training.get("command"),
+        "view_choice_val": card.training.get("view_choice_val"),
     }
-    if card.get("training", {}).get("teachers"):  # the ensemble its network was distilled from
-        info["ensemble"] = card["training"]["teachers"]
-    return package_dir / ONNX, tuple(card["input"]["test_time_views"]), info
+    if card.training.get("teachers"):  # the ensemble its network was distilled from
+        info["ensemble"] = card.training["teachers"]
+    return package_dir / ONNX, tuple(card.input.test_time_views), info
