@@ -33,10 +33,23 @@ def _fmt(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and core count (Linux /proc/cpuinfo; sessions run on different machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    extras = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    described = f"{names[0] if names else platform.processor()}, {len(names)} cores"
+    return described + (f" ({', '.join(extras)})" if extras else "")
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"machine": f"{platform.machine()} {platform.processor()}".strip(), **data}
+    data = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "cpu": cpu_model(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"\nsaved {path}")
     return path

@@ -9,6 +9,9 @@ sample images in a loop for a fixed number of requests. Only loopback traffic.
 ``--workers`` starts ``oncolens serve --workers N`` (N processes, each with every model);
 ``--threads`` sets ``ONCOLENS_THREADS`` (ONNX Runtime threads per model; 0 = all cores);
 ``--spinning`` sets ``ONCOLENS_SPINNING=1`` (idle ONNX Runtime threads spin instead of sleeping).
+
+Each level also reports the CPU time the server (all its processes) and this client spent per
+image (Linux: from /proc): on a 2-core machine the client shares the cores it measures.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -42,19 +46,42 @@ async def client_loop(client: httpx.AsyncClient, url: str, images: list[bytes], 
         out.append(time.perf_counter() - start)
 
 
-async def run_level(url: str, images: list[bytes], clients: int, total: int) -> dict[str, object]:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its child processes (the workers); 0 without /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for p in [pid, *map(int, children)]:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        return 0.0
+    return total
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def run_level(url: str, images: list[bytes], clients: int, total: int, server_pid: int) -> dict[str, object]:
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         await client_loop(client, url, images, 4, [])  # warm-up
+        server_cpu, client_cpu = process_cpu_s(server_pid), own_cpu_s()
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client, url, images, total // clients, latencies) for _ in range(clients)))
         elapsed = time.perf_counter() - start
+        server_cpu, client_cpu = process_cpu_s(server_pid) - server_cpu, own_cpu_s() - client_cpu
     return {
         "clients": clients,
         "requests": len(latencies),
         "img/s": len(latencies) / elapsed,
         **percentiles_ms(latencies),
+        "server_cpu_ms/img": 1000 * server_cpu / len(latencies),
+        "client_cpu_ms/img": 1000 * client_cpu / len(latencies),
     }
 
 
@@ -100,7 +127,7 @@ def main() -> None:
         listed = {m["id"]: m for m in httpx.get(f"{base}/api/v1/models", timeout=10).json()}
         serving = listed[args.model]["serving_precision"]
         url = f"{base}/api/v1/models/{args.model}/predict"
-        rows = [asyncio.run(run_level(url, images, c, args.requests)) for c in (1, 4, 16)]
+        rows = [asyncio.run(run_level(url, images, c, args.requests, server.pid)) for c in (1, 4, 16)]
     finally:
         server.terminate()
         server.wait(10)

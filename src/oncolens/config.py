@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         "int8",
         description="Which model file serves: int8 (the quantized copy, where it passed its accuracy gate) or fp32.",
     )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Worker threads that decode and prepare uploaded images at once (0 = the cores less one, "
+        "at least one, leaving a core to the event loop); more only adds contention (see README, Performance).",
+    )
     batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
     cors_origins: Annotated[list[str], NoDecode] = Field(

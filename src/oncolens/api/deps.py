@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import BackgroundTasks, Depends, Path, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
@@ -21,13 +22,17 @@ from oncolens.services.cases import CaseService
 from oncolens.storage import ImageStore
 from oncolens.zoo import ModelPackage, Zoo
 
+# Dependencies that only look something up are ``async def``: FastAPI runs a plain ``def`` dependency on
+# a worker thread, and each such hop cost the predict path CPU and latency under load (README,
+# Performance). Those that touch the database or files stay plain ``def`` or hand that part to a thread.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_zoo(request: Request) -> Zoo:
+async def get_zoo(request: Request) -> Zoo:
     zoo: Zoo = request.app.state.zoo
     return zoo
 
@@ -42,8 +47,10 @@ UserId = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 ZooDep = Annotated[Zoo, Depends(get_zoo)]
 
 
-def get_model(model_id: str, zoo: ZooDep) -> ModelPackage:
-    return zoo.get(model_id)
+async def get_model(model_id: str, zoo: ZooDep) -> ModelPackage:
+    """A loaded package straight from the zoo; the first use of one loads it on a worker thread."""
+    loaded = zoo.loaded(model_id)
+    return loaded if loaded is not None else await anyio.to_thread.run_sync(zoo.get, model_id)
 
 
 ModelDep = Annotated[ModelPackage, Depends(get_model)]
@@ -80,7 +87,7 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(request: Request) -> ImageStore:
+async def get_store(request: Request) -> ImageStore:
     store: ImageStore = request.app.state.store
     return store
 
@@ -116,9 +123,10 @@ CurrentUser = Annotated[User, Depends(current_user)]
 BearerToken = Annotated[str, Depends(oauth2_scheme)]
 
 
-def predict_access(request: Request) -> None:
+async def predict_access(request: Request) -> None:
     """With ``ONCOLENS_REQUIRE_AUTH_FOR_PREDICT`` on, the open predict and compat routes need a login:
-    a Bearer token, or the web app's session cookie. Off by default, as in the apps replaced."""
+    a Bearer token, or the web app's session cookie (checked against the database on a worker thread).
+    Off by default, as in the apps replaced."""
     settings: Settings = request.app.state.settings
     if not settings.require_auth_for_predict:
         return
@@ -129,6 +137,10 @@ def predict_access(request: Request) -> None:
             "this server requires a login for predictions (ONCOLENS_REQUIRE_AUTH_FOR_PREDICT): send "
             "'Authorization: Bearer <token>' with a token from POST /api/v1/auth/token"
         )
+    await anyio.to_thread.run_sync(_check_login, request, settings, token)
+
+
+def _check_login(request: Request, settings: Settings, token: str) -> None:
     with Session(request.app.state.engine) as session:
         enrolled(settings, user_for_token(session, token, request.app.state.secret))
 

@@ -6,18 +6,18 @@ import json
 from collections.abc import Sequence
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from oncolens.analysis import PreparedImages, RawImage, name_image, prepare
+from oncolens.analysis import PreparedImages, RawImage, name_image
 from oncolens.api.deps import ModelDep, SettingsDep
 from oncolens.api.errors import BadRequest
 from oncolens.api.middleware import BodyTooLarge
 from oncolens.api.schemas import PredictJSON
 from oncolens.config import Settings
 from oncolens.imaging import ImageDecodeError, decode_base64
+from oncolens.services.analysis import prepare_off_loop
 
 HOW_TO_SEND = (
     "send the image as multipart form field 'file' (or several 'files'), "
@@ -109,7 +109,7 @@ RawImagesDep = Annotated[list[RawImage], Depends(read_images)]
 
 async def prepare_images(raw: RawImagesDep, model: ModelDep, settings: SettingsDep) -> PreparedImages:
     """Decode and preprocess on a worker thread, keeping the event loop free."""
-    return await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    return await prepare_off_loop(raw, model, settings)
 
 
 ImagesDep = Annotated[PreparedImages, Depends(prepare_images)]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,6 +58,38 @@ def check_count(raw: list[RawImage], settings: Settings) -> None:
         raise ImageTooLarge(f"{len(raw)} images sent; at most {settings.max_images_per_request} per request")
 
 
+_decode_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, anyio.CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def decode_threads(settings: Settings) -> int:
+    """How many uploads are decoded at once: ``ONCOLENS_DECODE_THREADS``, or one fewer than the usable
+    cores (at least one), leaving a core to the event loop."""
+    if settings.decode_threads:
+        return settings.decode_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def _decode_limiter(threads: int) -> anyio.CapacityLimiter:
+    """The running event loop's limit on decoding threads (one limiter per loop: tests run several)."""
+    loop = asyncio.get_running_loop()
+    entry = _decode_limiters.get(loop)
+    if entry is None or entry[0] != threads:
+        entry = (threads, anyio.CapacityLimiter(threads))
+        _decode_limiters[loop] = entry
+    return entry[1]
+
+
+async def prepare_off_loop(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
+    """``prepare`` on a worker thread, so the event loop stays free, with at most ``decode_threads``
+    decoding at once: under 16 concurrent requests, a thread per request only fought the event loop
+    and ONNX Runtime for the cores and the GIL (README, Performance)."""
+    limiter = _decode_limiter(decode_threads(settings))
+    return await anyio.to_thread.run_sync(prepare, raw, model, settings, limiter=limiter)
+
+
 async def run_prepared(
     model: ModelPackage, runner: Runner, prepared: PreparedImages, record: Recorder | None = None
 ) -> Analysed:
@@ -81,7 +116,7 @@ async def analyse(
 ) -> Analysed:
     """Decode and check the images (on a worker thread), run the model, build the case result."""
     check_count(raw, settings)
-    prepared = await anyio.to_thread.run_sync(prepare, raw, model, settings)
+    prepared = await prepare_off_loop(raw, model, settings)
     return await run_prepared(model, runner, prepared, record)
 
 

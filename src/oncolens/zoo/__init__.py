@@ -83,6 +83,10 @@ class Zoo:
                 )
             return self._loaded[model_id]
 
+    def loaded(self, model_id: str) -> ModelPackage | None:
+        """The package if it is already loaded (no lock, no file read: safe on an event loop), else None."""
+        return self._loaded.get(model_id)
+
     def loaded_ids(self) -> list[str]:
         return sorted(self._loaded)
 
