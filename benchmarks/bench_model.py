@@ -32,17 +32,30 @@ SAMPLES = Path(__file__).parents[1] / "samples"
 
 
 def startup_and_rss() -> dict[str, float]:
-    """Fresh process: import the app, build it and load every model; report time and peak RSS."""
+    """Fresh process: import the app, build it and load every model; report time and RSS. Then run
+    every model on batches of 1 to BATCH_MAX images (as a busy server would) and report the RSS again:
+    ONNX Runtime keeps the working memory of the largest batch it has run."""
     # ru_maxrss survives fork/exec on Linux, so read the new process's own VmRSS/VmHWM instead.
     code = (
-        "import time; t=time.perf_counter();"
+        "import time; import numpy as np; t=time.perf_counter();"
         "from oncolens.api import create_app;"
-        "app=create_app(); app.state.zoo.load_all(); elapsed=time.perf_counter()-t;"
+        "app=create_app(); models=app.state.zoo.load_all(); elapsed=time.perf_counter()-t;"
         "status=dict(l.split(':',1) for l in open('/proc/self/status'));"
-        "print(elapsed, status['VmRSS'].split()[0], status['VmHWM'].split()[0])"
+        "print(elapsed, status['VmRSS'].split()[0], status['VmHWM'].split()[0]);"
+        "top=app.state.settings.batch_max;"
+        "[m.run(np.zeros((b, 3, m.input_spec.size, m.input_spec.size), np.float32), with_features=True)"
+        " for b in range(1, top + 1) for m in models];"
+        "status=dict(l.split(':',1) for l in open('/proc/self/status'));"
+        "print(top, status['VmRSS'].split()[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return {"startup_s": float(out[0]), "rss_mb": float(out[1]) / 1024, "peak_rss_mb": float(out[2]) / 1024}
+    return {
+        "startup_s": float(out[0]),
+        "rss_mb": float(out[1]) / 1024,
+        "peak_rss_mb": float(out[2]) / 1024,
+        "batch_max": int(out[3]),
+        "rss_after_batches_mb": float(out[4]) / 1024,
+    }
 
 
 def timings(package: ModelPackage, repeats: int) -> dict[str, float]:
@@ -114,7 +127,11 @@ def main() -> None:
     spin = "threads spinning" if args.spinning else "threads sleeping when idle"
     print_table(f"Model latency (ONNX Runtime, CPU, all threads, {spin}): fp32 as shipped and an int8 copy", rows)
     process = startup_and_rss()
-    print_table("Start-up (import + create_app + load every model) and memory of that process", [process])
+    print_table(
+        "Start-up (import + create_app + load every model), memory of that process, and its memory after "
+        "every model ran batches of 1 to batch_max images",
+        [process],
+    )
     save(args.save, {"spinning": args.spinning, "models": rows, "process": process})
 
 
