@@ -83,9 +83,18 @@ def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Pat
     assert lines[0] == f"data folder: {tmp_path}"
     assert lines[1] == "database: postgresql+psycopg://u:***@db.clinic.org/oncolens"
     assert lines[2] == f"images: folder {tmp_path / 'images'}"
-    assert lines[3] == "models: skin-ham10000" and lines[4] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
-    assert "create the first administrator with `oncolens users create --admin" in lines[5]
-    assert len(startup_lines(settings, [], users=2)) == 5
+    assert lines[3] == "models: skin-ham10000" and lines[5] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
+    assert lines[4] == (
+        f"inference: all ONNX Runtime thread(s) per model, {settings.resolved_decode_threads} decoding thread(s), "
+        "batches of up to 16 images, precision setting int8"
+    )
+    assert "create the first administrator with `oncolens users create --admin" in lines[6]
+    assert len(startup_lines(settings, [], users=2)) == 6
+    tuned = Settings(data_dir=tmp_path, threads=1, decode_threads=3, batch_max=8, precision="fp32")
+    assert startup_lines(tuned, [], users=1)[4] == (
+        "inference: 1 ONNX Runtime thread(s) per model, 3 decoding thread(s), batches of up to 8 images, "
+        "precision setting fp32"
+    )
     shared = Settings(data_dir=tmp_path, image_store="s3://cases/oncolens", s3_endpoint_url="http://s3.local:8333")
     assert startup_lines(shared, [], users=1)[2] == "images: s3://cases/oncolens at http://s3.local:8333"
 

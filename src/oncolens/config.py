@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -147,6 +148,15 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'oncolens.db'}"
+
+    @property
+    def resolved_decode_threads(self) -> int:
+        """How many uploads are decoded at once: ``decode_threads``, or one fewer than the usable cores
+        (at least one), leaving a core to the event loop."""
+        if self.decode_threads:
+            return self.decode_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores - 1)
 
     @property
     def max_body_bytes(self) -> int:

@@ -8,6 +8,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
+import oncolens.config as config
 import oncolens.services.analysis as analysis
 from oncolens.analysis import PreparedImages, RawImage
 from oncolens.api import create_app
@@ -21,8 +22,8 @@ SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316
 def test_decode_threads_leave_a_core_to_the_event_loop_unless_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cores: int, setting: int, expected: int
 ) -> None:
-    monkeypatch.setattr(analysis.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
-    assert analysis.decode_threads(Settings(data_dir=tmp_path, decode_threads=setting)) == expected
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    assert Settings(data_dir=tmp_path, decode_threads=setting).resolved_decode_threads == expected
 
 
 def test_prepare_off_loop_decodes_at_most_decode_threads_at_once_and_never_on_the_loop(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -63,15 +62,6 @@ _decode_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int
 )
 
 
-def decode_threads(settings: Settings) -> int:
-    """How many uploads are decoded at once: ``ONCOLENS_DECODE_THREADS``, or one fewer than the usable
-    cores (at least one), leaving a core to the event loop."""
-    if settings.decode_threads:
-        return settings.decode_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 def _decode_limiter(threads: int) -> anyio.CapacityLimiter:
     """The running event loop's limit on decoding threads (one limiter per loop: tests run several)."""
     loop = asyncio.get_running_loop()
@@ -83,10 +73,10 @@ def _decode_limiter(threads: int) -> anyio.CapacityLimiter:
 
 
 async def prepare_off_loop(raw: list[RawImage], model: ModelPackage, settings: Settings) -> PreparedImages:
-    """``prepare`` on a worker thread, so the event loop stays free, with at most ``decode_threads``
-    decoding at once: under 16 concurrent requests, a thread per request only fought the event loop
-    and ONNX Runtime for the cores and the GIL (README, Performance)."""
-    limiter = _decode_limiter(decode_threads(settings))
+    """``prepare`` on a worker thread, so the event loop stays free, with at most
+    ``settings.resolved_decode_threads`` decoding at once: under 16 concurrent requests, a thread per
+    request only fought the event loop and ONNX Runtime for the cores and the GIL (README, Performance)."""
+    limiter = _decode_limiter(settings.resolved_decode_threads)
     return await anyio.to_thread.run_sync(prepare, raw, model, settings, limiter=limiter)
 
 
