@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from oncolens.api.batching import InferenceBatcher
+from oncolens.services.analysis import DirectRunner
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
 
 
@@ -21,13 +22,13 @@ def test_a_request_of_more_images_than_batch_max_runs_in_slices_with_the_same_an
     images = np.random.default_rng(0).normal(size=(5, 3, 224, 224)).astype(np.float32)
     whole_logits, whole_features = package.run(images, with_features=True)
     sizes: list[int] = []
-    original = package.run
+    original = package.session.run
 
-    def recording(inputs: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        sizes.append(len(inputs))
-        return original(inputs, with_features=with_features)
+    def recording(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sizes.append(len(feeds["image"]))
+        return original(names, feeds)
 
-    monkeypatch.setattr(package, "run", recording)
+    monkeypatch.setattr(package.session, "run", recording)
 
     async def through_the_batcher() -> tuple[np.ndarray, np.ndarray]:
         with ThreadPoolExecutor(1) as executor:
@@ -58,3 +59,20 @@ def test_every_session_takes_its_working_memory_from_the_one_shared_arena(packag
         package.run(second)
     np.testing.assert_array_equal(package.run(first)[0], before[0])
     np.testing.assert_array_equal(other.run(second)[0], before[1])
+
+
+def test_the_cli_path_slices_a_case_by_batch_max_too(package: ModelPackage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DirectRunner`` (``oncolens predict``) passes the same limit to ``ModelPackage.run``."""
+    images = np.random.default_rng(2).normal(size=(3, 3, 224, 224)).astype(np.float32)
+    whole = package.run(images)[0]
+    sizes: list[int] = []
+    original = package.session.run
+
+    def recording(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sizes.append(len(feeds["image"]))
+        return original(names, feeds)
+
+    monkeypatch.setattr(package.session, "run", recording)
+    logits, _ = asyncio.run(DirectRunner(package, max_batch=2).run(images))
+    assert sizes == [2, 1]
+    np.testing.assert_allclose(logits, whole, atol=1e-4)

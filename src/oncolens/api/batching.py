@@ -104,14 +104,6 @@ class InferenceBatcher:
                 start = end
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The model on ``batch`` in slices of at most ``max_batch`` images: one request of many images
-        (up to MAX_IMAGES_PER_REQUEST) never makes ONNX Runtime's working memory larger than
-        ``max_batch`` images need."""
-        parts = []
-        for start in range(0, len(batch), self.max_batch):
-            logits, features = self.package.run(batch[start : start + self.max_batch], with_features=True)
-            assert features is not None
-            parts.append((logits, features))
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        logits, features = self.package.run(batch, with_features=True, max_batch=self.max_batch)
+        assert features is not None
+        return logits, features

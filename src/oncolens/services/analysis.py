@@ -28,11 +28,11 @@ class Runner(Protocol):
 class DirectRunner:
     """The package's own session, called on the current thread (CLI, tests)."""
 
-    def __init__(self, model: ModelPackage) -> None:
-        self.model = model
+    def __init__(self, model: ModelPackage, max_batch: int | None = None) -> None:
+        self.model, self.max_batch = model, max_batch
 
     async def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.model.run(inputs, with_features=True)
+        logits, features = self.model.run(inputs, with_features=True, max_batch=self.max_batch)
         assert features is not None  # asked for with_features
         return logits, features
 
@@ -114,4 +114,4 @@ def analyse_now(model: ModelPackage, raw: list[RawImage], settings: Settings) ->
     """``analyse`` for a caller without an event loop (the CLI): the package's session, this thread."""
     check_count(raw, settings)
     prepared = prepare(raw, model, settings)
-    return anyio.run(run_prepared, model, DirectRunner(model), prepared)
+    return anyio.run(run_prepared, model, DirectRunner(model, settings.batch_max), prepared)

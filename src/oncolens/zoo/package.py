@@ -212,10 +212,25 @@ class ModelPackage:
         raw = base64.b64decode(head.weight_f32_b64)
         return np.frombuffer(raw, dtype="<f4").reshape(head.weight_shape).astype(np.float32)
 
-    def run(self, batch: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """[N, 3, S, S] preprocessed float32 -> logits [N, C] (and features [N, K, h, w])."""
+    def run(
+        self, batch: np.ndarray, with_features: bool = False, max_batch: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """[N, 3, S, S] preprocessed float32 -> logits [N, C] (and features [N, K, h, w]).
+
+        With ``max_batch`` the session runs on slices of at most that many images: a request of many
+        images never makes ONNX Runtime's working memory (kept in the shared arena) larger than
+        ``max_batch`` images need.
+        """
         names = ["logits", "features"] if with_features else ["logits"]
-        outputs = self.session.run(names, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        step = max_batch or len(batch) or 1
+        parts = [
+            self.session.run(names, {"image": np.ascontiguousarray(batch[start : start + step], dtype=np.float32)})
+            for start in range(0, max(len(batch), 1), step)
+        ]
+        if len(parts) == 1:
+            outputs = parts[0]
+        else:
+            outputs = [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
         return outputs[0], (outputs[1] if with_features else None)
 
     def predict(self, images: list[Image.Image], batch_size: int = 32) -> Prediction:
