@@ -16,11 +16,8 @@ def package() -> ModelPackage:
     return ModelPackage.load(BUILTIN_DIR / "skin-ham10000", threads=1)
 
 
-def test_a_request_of_more_images_than_batch_max_runs_in_slices_with_the_same_answers(
-    package: ModelPackage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    images = np.random.default_rng(0).normal(size=(5, 3, 224, 224)).astype(np.float32)
-    whole_logits, whole_features = package.run(images, with_features=True)
+def session_batch_sizes(package: ModelPackage, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of images of each ONNX session run from here on (the session still runs)."""
     sizes: list[int] = []
     original = package.session.run
 
@@ -29,6 +26,15 @@ def test_a_request_of_more_images_than_batch_max_runs_in_slices_with_the_same_an
         return original(names, feeds)
 
     monkeypatch.setattr(package.session, "run", recording)
+    return sizes
+
+
+def test_a_request_of_more_images_than_batch_max_runs_in_slices_with_the_same_answers(
+    package: ModelPackage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = np.random.default_rng(0).normal(size=(5, 3, 224, 224)).astype(np.float32)
+    whole_logits, whole_features = package.run(images, with_features=True)
+    sizes = session_batch_sizes(package, monkeypatch)
 
     async def through_the_batcher() -> tuple[np.ndarray, np.ndarray]:
         with ThreadPoolExecutor(1) as executor:
@@ -65,14 +71,7 @@ def test_the_cli_path_slices_a_case_by_batch_max_too(package: ModelPackage, monk
     """``DirectRunner`` (``oncolens predict``) passes the same limit to ``ModelPackage.run``."""
     images = np.random.default_rng(2).normal(size=(3, 3, 224, 224)).astype(np.float32)
     whole = package.run(images)[0]
-    sizes: list[int] = []
-    original = package.session.run
-
-    def recording(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        sizes.append(len(feeds["image"]))
-        return original(names, feeds)
-
-    monkeypatch.setattr(package.session, "run", recording)
+    sizes = session_batch_sizes(package, monkeypatch)
     logits, _ = asyncio.run(DirectRunner(package, max_batch=2).run(images))
     assert sizes == [2, 1]
     np.testing.assert_allclose(logits, whole, atol=1e-4)
