@@ -22,6 +22,7 @@ import numpy as np
 
 from oncolens.analysis import PreparedImages, RawImage, case_result, explanation, prepare
 from oncolens.config import Settings
+from oncolens.cpu import single_threaded_blas
 from oncolens.imaging import ImageDecodeError, sniff_format
 from oncolens.zoo.package import ModelPackage
 
@@ -274,6 +275,7 @@ def run_batch(
     each batch with the files it handled and how many of them could not be read.
     """
     settings = settings or Settings()
+    single_threaded_blas()
     if not root.is_dir():
         raise BatchError(f"{root} is not a folder")
     files = find_files(root, [out] + ([heatmaps] if heatmaps else []))

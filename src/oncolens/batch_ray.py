@@ -36,6 +36,7 @@ from oncolens.batch import (
     screen,
 )
 from oncolens.config import Settings
+from oncolens.cpu import single_threaded_blas
 from oncolens.storage import parse_s3_url
 from oncolens.zoo.package import ModelPackage
 
@@ -113,6 +114,7 @@ class Screener:
         for name, data in ray.get(files).items():  # the package, put once in the object store
             (folder / name).write_bytes(data)
         self.package = ModelPackage.load(folder, threads=threads)
+        single_threaded_blas()
         # decoding (PIL releases the GIL) overlaps on as many threads as the actor has CPUs
         self.pool = ThreadPoolExecutor(max_workers=threads)
         self.settings = Settings(**limits)  # type: ignore[arg-type]

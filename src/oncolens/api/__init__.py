@@ -26,6 +26,7 @@ from oncolens.api.openapi import install_docs, install_openapi
 from oncolens.api.routes import audit, auth, cases, health, models, predict, users
 from oncolens.auth import server_secret
 from oncolens.config import Settings
+from oncolens.cpu import single_threaded_blas
 from oncolens.db import make_engine, upgrade
 from oncolens.mail import Mailer
 from oncolens.memory import return_large_allocations
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     """Build the app; models are discovered now and (by default) loaded before the first request."""
     settings = settings or Settings()
     return_large_allocations()
+    single_threaded_blas()
     redact_access_log()
     if zoo is None:
         zoo = Zoo.from_settings(settings)
