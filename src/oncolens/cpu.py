@@ -4,8 +4,9 @@ The server's NumPy work is small: the out-of-domain distance (a [classes, 1280] 
 per image), the heat-maps, calibration. NumPy's OpenBLAS still starts a thread per core for each
 product, and those threads spin for the same cores ONNX Runtime's are using. On a 2-core AMD EPYC
 (AVX2) that made the out-of-domain distance 11% of the server's samples under 16 clients, and one
-BLAS thread took the server from 60 to 91-95 images/s (README, Performance). One thread costs
-nothing measurable at these sizes (0.1 ms per image either way).
+BLAS thread took the server from 60-67 to 80-98 images/s (README, Performance). On an idle machine
+one thread is a little slower at these sizes (the out-of-domain score of one image: 0.16 against
+0.12 ms), which is nothing against what the spinning threads took under load.
 """
 
 from __future__ import annotations
