@@ -72,6 +72,9 @@ def test_bad_settings_are_named(env: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("ONCOLENS_MAX_IMAGE_BYTES", "-1")
     assert refused() == "error: ONCOLENS_MAX_IMAGE_BYTES: Input should be greater than 0"
     monkeypatch.delenv("ONCOLENS_MAX_IMAGE_BYTES")
+    monkeypatch.setenv("ONCOLENS_RELEASE_MEMORY_IDLE_S", "-5")
+    assert refused() == "error: ONCOLENS_RELEASE_MEMORY_IDLE_S: Input should be greater than or equal to 0"
+    monkeypatch.delenv("ONCOLENS_RELEASE_MEMORY_IDLE_S")
     monkeypatch.setenv("ONCOLENS_SMTP_SSL", "true")
     monkeypatch.setenv("ONCOLENS_SMTP_STARTTLS", "true")
     assert "set ONCOLENS_SMTP_SSL or ONCOLENS_SMTP_STARTTLS, not both" in refused()

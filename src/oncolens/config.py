@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     )
     batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
+    release_memory_idle_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds without a model run after which the server gives the working memory that "
+        "batches of several images grew back to the system (0 = keep it; see README, Performance).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins, comma separated."
     )

@@ -1,12 +1,16 @@
-"""The server's batcher: large requests run in slices of BATCH_MAX images, sessions share one arena."""
+"""The server's batcher: large requests run in slices of BATCH_MAX images, sessions share one arena,
+and an idle server gives the arena's unused memory back."""
 
 import asyncio
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from oncolens.api.batching import InferenceBatcher
+from oncolens.api.batching import IdleRelease, InferenceBatcher
+from oncolens.api.metrics import ServerMetrics
 from oncolens.services.analysis import DirectRunner
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
 
@@ -75,3 +79,102 @@ def test_the_cli_path_slices_a_case_by_batch_max_too(package: ModelPackage, monk
     logits, _ = asyncio.run(DirectRunner(package, max_batch=2).run(images))
     assert sizes == [2, 1]
     np.testing.assert_allclose(logits, whole, atol=1e-4)
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_releasing_memory_unmaps_what_a_large_batch_grew_and_changes_no_answer(package: ModelPackage) -> None:
+    images = np.random.default_rng(3).normal(size=(16, 3, 224, 224)).astype(np.float32)
+    first, _ = package.run(images[:2], with_features=True)
+    package.run(images, with_features=True)  # the shared arena grows to what 16 images need
+    grown = resident_mb()
+    package.release_memory()
+    released = resident_mb()
+    assert grown - released > 50, (grown, released)
+    again, _ = package.run(images[:2], with_features=True)
+    np.testing.assert_array_equal(again, first)
+
+
+class Releases:
+    """Counts ``release_memory`` calls on a package (the release still runs)."""
+
+    def __init__(self, package: ModelPackage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = package.release_memory
+
+        def counting() -> None:
+            self.count += 1
+            original()
+
+        monkeypatch.setattr(package, "release_memory", counting)
+
+
+def test_the_idle_server_releases_memory_once_after_a_batch_of_several_images(
+    package: ModelPackage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    releases = Releases(package, monkeypatch)
+    one, three = (np.random.default_rng(4).normal(size=(n, 3, 224, 224)).astype(np.float32) for n in (1, 3))
+    metrics = ServerMetrics()
+
+    async def scenario() -> list[int]:
+        counts = []
+        with ThreadPoolExecutor(1) as executor:
+            release = IdleRelease(idle_s=0.4)
+            batcher = InferenceBatcher(package, executor, max_batch=16, wait_ms=0, metrics=metrics, release=release)
+            try:
+                await batcher.run(one)
+                await asyncio.sleep(0.8)
+                counts.append(releases.count)  # one image at a time never grows the arena: nothing to release
+                await batcher.run(three)
+                counts.append(releases.count)  # busy: not yet
+                for _ in range(8):  # traffic every 0.1 s keeps it from falling due
+                    await asyncio.sleep(0.1)
+                    await batcher.run(one)
+                counts.append(releases.count)
+                await asyncio.sleep(1.0)
+                counts.append(releases.count)  # idle for 0.4 s: released once, and only once
+                logits, _ = await batcher.run(one)
+                assert logits.shape == (1, len(package.class_ids))
+            finally:
+                await batcher.stop()
+        return counts
+
+    assert asyncio.run(scenario()) == [0, 0, 0, 1]
+    assert metrics.memory_releases._value.get() == 1
+
+
+def test_a_failed_release_is_logged_and_the_batcher_serves_on(
+    package: ModelPackage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing() -> None:
+        raise RuntimeError("arena says no")
+
+    monkeypatch.setattr(package, "release_memory", failing)
+    three = np.random.default_rng(5).normal(size=(3, 3, 224, 224)).astype(np.float32)
+
+    async def scenario() -> np.ndarray:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = InferenceBatcher(package, executor, max_batch=16, wait_ms=0, release=IdleRelease(idle_s=0.05))
+            try:
+                await batcher.run(three)
+                await asyncio.sleep(0.3)
+                logits, _ = await batcher.run(three)
+                return logits
+            finally:
+                await batcher.stop()
+
+    logits = asyncio.run(scenario())
+    assert logits.shape == (3, len(package.class_ids))
+    assert "releasing ONNX Runtime's unused memory failed" in caplog.text
+    assert "arena says no" in caplog.text
+
+
+def test_a_release_idle_time_of_zero_never_releases(package: ModelPackage) -> None:
+    release = IdleRelease(idle_s=0)
+    release.ran(16)
+    assert release.due_in() is None
+    assert release.release_if_idle(package) is False

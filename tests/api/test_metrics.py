@@ -1,5 +1,6 @@
 """Prometheus /metrics: counts follow the requests that were made, by route template, model and risk."""
 
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -46,3 +47,21 @@ def test_metrics_count_requests_inference_and_images_by_risk(tmp_path: Path) -> 
         key = ("oncolens_images_analysed_total", (("model", "skin-ham10000"), ("risk_level", level)))
         assert found[key] == count
     assert sum(v for (name, _), v in found.items() if name == "oncolens_images_analysed_total") == 3
+
+
+def test_an_idle_server_gives_back_the_memory_a_case_of_several_images_grew(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, preload_models=False, release_memory_idle_s=0.3)
+    images = sorted(SAMPLES.glob("*.jpg"))[:3]
+    released = "oncolens_memory_releases_total", ()
+    with TestClient(create_app(settings)) as client:
+        one = {"file": (images[0].name, images[0].read_bytes(), "image/jpeg")}
+        assert client.post("/api/v1/models/skin-ham10000/predict", files=one).status_code == 200
+        time.sleep(0.8)
+        after_one = samples_of(client.get("/metrics").text)[released]
+        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+        first = client.post("/api/v1/models/skin-ham10000/predict", files=files).json()
+        time.sleep(0.8)
+        after_three = samples_of(client.get("/metrics").text)[released]
+        again = client.post("/api/v1/models/skin-ham10000/predict", files=files).json()
+    assert (after_one, after_three) == (0, 1)
+    assert [i["probabilities"] for i in again["images"]] == [i["probabilities"] for i in first["images"]]

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from oncolens import __version__
+from oncolens.api.batching import IdleRelease
 from oncolens.api.compat import include_compat
 from oncolens.api.compat.skin7 import sweep_uploads
 from oncolens.api.errors import install_error_handlers
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.mailer = Mailer(settings)
     # One thread runs the ONNX sessions; ONNX Runtime spreads each batch over the cores itself.
     app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+    app.state.idle_release = IdleRelease(settings.release_memory_idle_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

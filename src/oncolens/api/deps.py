@@ -67,7 +67,12 @@ def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
     if key not in batchers:
         settings: Settings = request.app.state.settings
         batchers[key] = InferenceBatcher(
-            model, request.app.state.executor, settings.batch_max, settings.batch_wait_ms, request.app.state.metrics
+            model,
+            request.app.state.executor,
+            settings.batch_max,
+            settings.batch_wait_ms,
+            request.app.state.metrics,
+            request.app.state.idle_release,
         )
     return batchers[key]
 

@@ -72,6 +72,12 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.memory_releases = Counter(
+            "oncolens_memory_releases",
+            "Times the idle server gave ONNX Runtime's unused working memory back to the system.",
+            registry=self.registry,
+        )
+
     def record_case(self, result: CaseResult, inference_s: float) -> None:
         self.inference_seconds.labels(result.model_id).observe(inference_s)
         for image in result.images:

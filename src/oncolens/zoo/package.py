@@ -233,6 +233,19 @@ class ModelPackage:
             outputs = [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
         return outputs[0], (outputs[1] if with_features else None)
 
+    def release_memory(self) -> None:
+        """Give the shared arena's unused working memory back to the system.
+
+        The arena keeps every region the largest batch so far needed. One blank image runs with
+        ONNX Runtime's arena shrinkage, which unmaps each region no tensor is using once the run ends:
+        after batches of 16 on all six models, 570 MB resident became 290 MB (README, Performance).
+        The next larger batch maps its regions again (a few milliseconds).
+        """
+        size = self.input_spec.size
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.session.run(["logits"], {"image": np.zeros((1, 3, size, size), dtype=np.float32)}, options)
+
     def predict(self, images: list[Image.Image], batch_size: int = 32) -> Prediction:
         """Decoded RGB images -> calibrated prediction for each (batched through the session)."""
         chunks = [
