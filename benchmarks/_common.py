@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,3 +63,46 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"\nsaved {path}")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:PORT
+    ready_s: float  # process start to the first 200 on /api/v1/health
+
+
+@contextmanager
+def live_server(env: dict[str, str] | None = None, workers: int = 1) -> Iterator[LiveServer]:
+    """`oncolens serve` on 127.0.0.1 at a free port, a fresh data folder, the settings in ``env``;
+    stopped on leaving. Loopback only."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="oncolens-bench-") as data:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            env={**os.environ, "ONCOLENS_DATA_DIR": data, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            started = time.perf_counter()
+            while True:
+                try:
+                    if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - started > 60 or server.poll() is not None:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.1)
+            yield LiveServer(server, base, time.perf_counter() - started)
+        finally:
+            server.terminate()
+            server.wait(10)

@@ -20,22 +20,13 @@ import argparse
 import asyncio
 import os
 import resource
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from _common import percentiles_ms, print_table, save
+from _common import live_server, percentiles_ms, print_table, save
 
 SAMPLES = Path(__file__).parents[1] / "samples"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def client_loop(client: httpx.AsyncClient, url: str, images: list[bytes], n: int, out: list[float]) -> None:
@@ -96,41 +87,18 @@ def main() -> None:
     parser.add_argument("--save", default="http", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted((SAMPLES / args.model).glob("*.jpg"))]
-    port = free_port()
-    env = dict(
-        os.environ,
-        ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"),
-        ONCOLENS_THREADS=str(args.threads),
-        ONCOLENS_PRECISION=args.precision,
-        ONCOLENS_SPINNING="1" if args.spinning else "0",
-    )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        started = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > 60 or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.1)
-        ready_s = time.perf_counter() - started
+    env = {
+        "ONCOLENS_THREADS": str(args.threads),
+        "ONCOLENS_PRECISION": args.precision,
+        "ONCOLENS_SPINNING": "1" if args.spinning else "0",
+    }
+    with live_server(env, workers=args.workers) as server:
         # what answers: int8 only where the model's copy passed its gate, whatever --precision asks for
-        listed = {m["id"]: m for m in httpx.get(f"{base}/api/v1/models", timeout=10).json()}
+        listed = {m["id"]: m for m in httpx.get(f"{server.base}/api/v1/models", timeout=10).json()}
         serving = listed[args.model]["serving_precision"]
-        url = f"{base}/api/v1/models/{args.model}/predict"
-        rows = [asyncio.run(run_level(url, images, c, args.requests, server.pid)) for c in (1, 4, 16)]
-    finally:
-        server.terminate()
-        server.wait(10)
+        url = f"{server.base}/api/v1/models/{args.model}/predict"
+        rows = [asyncio.run(run_level(url, images, c, args.requests, server.process.pid)) for c in (1, 4, 16)]
+        ready_s = server.ready_s
     setup = (
         f"{args.workers} worker(s), {args.threads or 'all'} thread(s) per model"
         f"{', spinning' if args.spinning else ''}, "

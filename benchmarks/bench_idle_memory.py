@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import print_table, save
+from _common import live_server, print_table, save
 
 SAMPLES = Path(__file__).parents[1] / "samples"
 MODELS = ("skin-ham10000", "skin-isic9", "breast-us", "thyroid-us", "cervical-herlev", "oral-photo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:
@@ -75,40 +65,18 @@ def one_image_ms(base: str, model: str) -> float:
 
 
 def run_server(idle_s: float, requests: int, watch_s: float) -> dict[str, Any]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        ONCOLENS_DATA_DIR=str(Path("/tmp") / f"oncolens-bench-{port}"),
-        ONCOLENS_RELEASE_MEMORY_IDLE_S=str(idle_s),
-    )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        started = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > 60 or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.1)
-        loaded = rss_mb(server.pid)
+    with live_server({"ONCOLENS_RELEASE_MEMORY_IDLE_S": str(idle_s)}) as server:
+        pid, base = server.process.pid, server.base
+        loaded = rss_mb(pid)
         start = time.perf_counter()
         asyncio.run(burst(base, requests))
         burst_s = time.perf_counter() - start
-        after = rss_mb(server.pid)
+        after = rss_mb(pid)
         idle_start, trace = time.perf_counter(), []
         while time.perf_counter() - idle_start < watch_s:
             time.sleep(0.25)
-            trace.append((round(time.perf_counter() - idle_start, 2), round(rss_mb(server.pid), 1)))
-        idle = rss_mb(server.pid)
+            trace.append((round(time.perf_counter() - idle_start, 2), round(rss_mb(pid), 1)))
+        idle = rss_mb(pid)
         first = {model: one_image_ms(base, model) for model in ("skin-ham10000", "cervical-herlev")}
         warm = {model: sorted(one_image_ms(base, model) for _ in range(9))[4] for model in first}
         return {
@@ -122,9 +90,6 @@ def run_server(idle_s: float, requests: int, watch_s: float) -> dict[str, Any]:
             "warm_request_p50_ms": warm,
             "idle_trace": trace,
         }
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def main() -> None:

@@ -17,24 +17,14 @@ import base64
 import io
 import math
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from _common import print_table, save
+from _common import live_server, print_table, save
 from PIL import Image
 
 from oncolens.config import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def solid_png(pixels: int, colour: tuple[int, int, int] = (200, 120, 90)) -> bytes:
@@ -77,58 +67,35 @@ def main() -> None:
     small = solid_png(per_request // many)
     fill = per_request // per_image
     rows: list[dict[str, object]] = []
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="oncolens-worst-") as data:
-        env = dict(os.environ, ONCOLENS_DATA_DIR=data)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "oncolens.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(timeout=300) as client:
-                deadline = time.time() + 60
-                while True:
-                    try:
-                        if client.get(f"{base}/api/v1/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.time() > deadline or server.poll() is not None:
-                        raise SystemExit("the server did not start")
-                    time.sleep(0.2)
-                model = f"{base}/api/v1/models/skin-ham10000"
-                warm = solid_png(600 * 600)
-                client.post(f"{model}/analyze", files={"file": ("w.png", warm, "image/png")})
+    with live_server() as server, httpx.Client(timeout=300) as client:
+        base = server.base
+        model = f"{base}/api/v1/models/skin-ham10000"
+        warm = solid_png(600 * 600)
+        client.post(f"{model}/analyze", files={"file": ("w.png", warm, "image/png")})
 
-                def images(count: int, data: bytes) -> dict[str, object]:
-                    return {"files": [("files", (f"{i}.png", data, "image/png")) for i in range(count)]}
+        def images(count: int, data: bytes) -> dict[str, object]:
+            return {"files": [("files", (f"{i}.png", data, "image/png")) for i in range(count)]}
 
-                side = math.isqrt(per_request // many)
-                body = b'{"image": "' + base64.b64encode(os.urandom(limits.max_request_bytes)) + b'"}'
-                cases = [
-                    (f"predict {fill} x {at_limit_side}^2 px", images(fill, at_limit), f"{model}/predict"),
-                    (f"predict {many} x {side}^2 px", images(many, small), f"{model}/predict"),
-                    (f"explain 1 x {at_limit_side}^2 px", images(1, at_limit), f"{model}/explain"),
-                    (f"analyze+heatmap 1 x {at_limit_side}^2 px", images(1, at_limit), f"{model}/analyze?heatmap=true"),
-                    (
-                        f"predict {fill + 1} x {at_limit_side}^2 px (over: 413)",
-                        images(fill + 1, at_limit),
-                        f"{model}/predict",
-                    ),
-                    (
-                        "JSON, 64 MB of base64 (413)",
-                        {"content": body, "headers": {"content-type": "application/json"}},
-                        f"{model}/predict",
-                    ),
-                ]
-                for name, send, url in cases:
-                    rows.append(measure(client, server.pid, name, send, url))
-        finally:
-            server.terminate()
-            server.wait(10)
+        side = math.isqrt(per_request // many)
+        body = b'{"image": "' + base64.b64encode(os.urandom(limits.max_request_bytes)) + b'"}'
+        cases = [
+            (f"predict {fill} x {at_limit_side}^2 px", images(fill, at_limit), f"{model}/predict"),
+            (f"predict {many} x {side}^2 px", images(many, small), f"{model}/predict"),
+            (f"explain 1 x {at_limit_side}^2 px", images(1, at_limit), f"{model}/explain"),
+            (f"analyze+heatmap 1 x {at_limit_side}^2 px", images(1, at_limit), f"{model}/analyze?heatmap=true"),
+            (
+                f"predict {fill + 1} x {at_limit_side}^2 px (over: 413)",
+                images(fill + 1, at_limit),
+                f"{model}/predict",
+            ),
+            (
+                "JSON, 64 MB of base64 (413)",
+                {"content": body, "headers": {"content-type": "application/json"}},
+                f"{model}/predict",
+            ),
+        ]
+        for name, send, url in cases:
+            rows.append(measure(client, server.process.pid, name, send, url))
     print_table("Worst allowed requests (one at a time, solid-colour PNGs)", rows)
     sizes = {
         "max_image_pixels": per_image,
