@@ -53,7 +53,12 @@ class Settings(BaseSettings):
         description="Worker threads that decode and prepare uploaded images at once (0 = the cores less one, "
         "at least one, leaving a core to the event loop); more only adds contention (see README, Performance).",
     )
-    batch_max: int = Field(16, gt=0, description="Most images the server batches into one model call.")
+    batch_max: int = Field(
+        16,
+        gt=0,
+        description="Most backbone passes (images x the model's test-time views) in one model call: "
+        "16 images of a one-view model, 4 of a model with four views.",
+    )
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
     release_memory_idle_s: float = Field(
         10.0,

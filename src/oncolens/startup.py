@@ -123,8 +123,8 @@ def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[
         f"images: {open_store(settings).describe()}",
         f"models: {', '.join(model_ids) if model_ids else 'none installed'}",
         f"inference: {settings.threads or 'all'} ONNX Runtime thread(s) per model, "
-        f"{settings.resolved_decode_threads} decoding thread(s), batches of up to {settings.batch_max} images, "
-        f"precision setting {settings.precision}",
+        f"{settings.resolved_decode_threads} decoding thread(s), "
+        f"batches of up to {settings.batch_max} backbone passes, precision setting {settings.precision}",
         "e-mail: " + (f"SMTP {settings.smtp_host}" if settings.mail_configured else "off (ONCOLENS_SMTP_HOST not set)"),
     ]
     if users == 0:

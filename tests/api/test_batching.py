@@ -5,15 +5,21 @@ import asyncio
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from oncolens.api import create_app
 from oncolens.api.batching import IdleRelease, InferenceBatcher
 from oncolens.api.metrics import ServerMetrics
+from oncolens.config import Settings
 from oncolens.memory import return_large_allocations
 from oncolens.services.analysis import DirectRunner
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
+
+SAMPLES = Path(__file__).parents[2] / "samples"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +32,9 @@ def session_batch_sizes(package: ModelPackage, monkeypatch: pytest.MonkeyPatch) 
     sizes: list[int] = []
     original = package.session.run
 
-    def recording(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def recording(names: list[str], feeds: dict[str, np.ndarray], *options: object) -> list[np.ndarray]:
         sizes.append(len(feeds["image"]))
-        return original(names, feeds)
+        return original(names, feeds, *options)
 
     monkeypatch.setattr(package.session, "run", recording)
     return sizes
@@ -80,6 +86,25 @@ def test_the_cli_path_slices_a_case_by_batch_max_too(package: ModelPackage, monk
     logits, _ = asyncio.run(DirectRunner(package, max_batch=2).run(images))
     assert sizes == [2, 1]
     np.testing.assert_allclose(logits, whole, atol=1e-4)
+
+
+def test_batch_max_counts_backbone_passes_so_a_four_view_model_runs_fewer_images_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(Settings(data_dir=tmp_path, preload_models=False, batch_max=8))
+    with TestClient(app) as client:
+        models = {name: app.state.zoo.get(name) for name in ("cervical-herlev", "skin-ham10000")}
+        assert [len(m.card.input.test_time_views) for m in models.values()] == [4, 1]
+        assert [m.images_per_run(8) for m in models.values()] == [2, 8]
+        assert models["cervical-herlev"].images_per_run(3) == 1  # never less than one image
+        sizes = {name: session_batch_sizes(model, monkeypatch) for name, model in models.items()}
+        for name in models:
+            image = sorted((SAMPLES / name).glob("*.jpg"))[0]
+            files = [("files", (f"{i}.jpg", image.read_bytes(), "image/jpeg")) for i in range(5)]
+            response = client.post(f"/api/v1/models/{name}/predict", files=files)
+            assert response.status_code == 200 and len(response.json()["images"]) == 5
+    # cervical-herlev: 2 images x 4 flips = 8 passes a run; skin-ham10000: all 5 in one run
+    assert sizes == {"cervical-herlev": [2, 2, 1], "skin-ham10000": [5]}
 
 
 def resident_mb() -> float:

@@ -69,7 +69,7 @@ def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
         batchers[key] = InferenceBatcher(
             model,
             request.app.state.executor,
-            settings.batch_max,
+            model.images_per_run(settings.batch_max),
             settings.batch_wait_ms,
             request.app.state.metrics,
             request.app.state.idle_release,

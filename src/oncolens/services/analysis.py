@@ -130,5 +130,5 @@ def analyse_now(model: ModelPackage, raw: list[RawImage], settings: Settings) ->
     # No event loop here: starting one (anyio.run) cost about 8 ms per call, most of it Python's
     # signal module formatting the repr of the loop's SIGINT handler, prepared images included.
     start = time.perf_counter()
-    logits, features = DirectRunner(model, settings.batch_max).run_now(prepared.inputs)
+    logits, features = DirectRunner(model, model.images_per_run(settings.batch_max)).run_now(prepared.inputs)
     return _analysed(model, prepared, logits, features, time.perf_counter() - start, None)

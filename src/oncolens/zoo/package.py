@@ -233,6 +233,16 @@ class ModelPackage:
             outputs = [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
         return outputs[0], (outputs[1] if with_features else None)
 
+    def images_per_run(self, batch_max: int) -> int:
+        """How many images one session run may take when it may make ``batch_max`` backbone passes.
+
+        Each image runs once per test-time view inside the graph, so ONNX Runtime's working memory
+        (the shared arena, which keeps what the largest run needed) grows with images x views: 16
+        images of cervical-herlev's four flips needed as much as 64 one-view images. Past a few images
+        a run gains no speed (cervical-herlev answered as many images per second in runs of 4 as of 16).
+        """
+        return max(1, batch_max // len(self.card.input.test_time_views))
+
     def release_memory(self) -> None:
         """Give the shared arena's unused working memory back to the system.
 
