@@ -71,7 +71,6 @@ class ServerMetrics:
             ["model", "code"],
             registry=self.registry,
         )
-
         self.memory_releases = Counter(
             "oncolens_memory_releases",
             "Times the idle server gave ONNX Runtime's unused working memory back to the system.",
