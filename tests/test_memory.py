@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from oncolens.memory import return_large_allocations, trim_heaps
+from oncolens.memory import resident_bytes, return_large_allocations, trim_heaps
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
 
@@ -30,7 +30,7 @@ def test_freed_small_blocks_stay_resident_until_the_heaps_are_trimmed() -> None:
     before, freed, trimmed, released = run_fresh(
         RESIDENT
         + """
-    from oncolens.memory import return_large_allocations, trim_heaps
+    from oncolens.memory import resident_bytes, return_large_allocations, trim_heaps
     return_large_allocations()
     blocks = [bytearray(64 * 1024) for _ in range(3000)]  # 190 MB of blocks under the 1 MiB threshold
     kept = blocks[::50]  # a few stay alive, spread over the heap: it cannot just shrink from the top
@@ -48,3 +48,12 @@ def test_freed_small_blocks_stay_resident_until_the_heaps_are_trimmed() -> None:
 def test_the_settings_take_on_this_system() -> None:
     assert return_large_allocations() is True
     assert trim_heaps() in (True, False)  # callable: True only when something was free to release
+
+
+def test_resident_bytes_follow_an_allocation() -> None:
+    before = resident_bytes()
+    block = bytearray(64 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    after = resident_bytes()
+    assert before is not None and after is not None
+    assert after - before > 60 * 2**20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_MMAP_THRESHOLD = -3
@@ -48,3 +49,12 @@ def trim_heaps() -> bool:
         return libc is not None and bool(libc.malloc_trim(0))
     except AttributeError:  # not glibc
         return False
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (RSS) in bytes; None where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

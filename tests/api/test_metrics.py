@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from oncolens.api import create_app
 from oncolens.config import Settings
+from oncolens.memory import resident_bytes
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
 
@@ -65,3 +66,11 @@ def test_an_idle_server_gives_back_the_memory_a_case_of_several_images_grew(tmp_
         again = client.post("/api/v1/models/skin-ham10000/predict", files=files).json()
     assert (after_one, after_three) == (0, 1)
     assert [i["probabilities"] for i in again["images"]] == [i["probabilities"] for i in first["images"]]
+
+
+def test_metrics_give_the_servers_resident_memory(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(data_dir=tmp_path, preload_models=False))) as client:
+        scraped = samples_of(client.get("/metrics").text)[("oncolens_resident_memory_bytes", ())]
+        now = resident_bytes()
+    assert now is not None and scraped > 30 * 2**20
+    assert abs(scraped - now) < 64 * 2**20  # read at the scrape (the app runs in this process)

@@ -20,7 +20,7 @@ from oncolens.api.batching import IdleRelease
 from oncolens.api.compat import include_compat
 from oncolens.api.compat.skin7 import sweep_uploads
 from oncolens.api.errors import install_error_handlers
-from oncolens.api.metrics import MetricsMiddleware, ServerMetrics
+from oncolens.api.metrics import MetricsMiddleware, ServerMetrics, forget_this_process
 from oncolens.api.metrics import router as metrics_router
 from oncolens.api.middleware import BodySizeLimit, SecurityHeaders, redact_access_log
 from oncolens.api.openapi import install_docs, install_openapi
@@ -36,6 +36,7 @@ from oncolens.zoo import Zoo
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger("oncolens.api")
+MEMORY_GAUGE_EVERY_S = 15.0  # how often the resident-memory gauge is read
 
 
 def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> FastAPI:
@@ -59,8 +60,11 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
         sweeper = asyncio.create_task(periodic_sweep(app, settings.orphan_sweep_minutes * 60))
+        memory_gauge = asyncio.create_task(periodic_memory_gauge(app.state.metrics, MEMORY_GAUGE_EVERY_S))
         yield
         sweeper.cancel()
+        memory_gauge.cancel()
+        forget_this_process()
         for batcher in app.state.batchers.values():
             await batcher.stop()
         app.state.executor.shutdown(wait=False)
@@ -129,6 +133,13 @@ def sweep_stored_files(app: FastAPI) -> None:
     expired = sweep_uploads(settings.data_dir, settings.compat_upload_keep_minutes)
     if removed or expired:
         log.info("swept %d orphaned case file(s) and %d expired compat upload(s)", removed, expired)
+
+
+async def periodic_memory_gauge(metrics: ServerMetrics, every_s: float) -> None:
+    """Keep the resident-memory gauge fresh (under several workers, each keeps its own series)."""
+    while True:
+        metrics.record_memory()
+        await asyncio.sleep(every_s)
 
 
 async def periodic_sweep(app: FastAPI, every_s: float) -> None:

@@ -16,9 +16,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from oncolens.analysis import CaseResult
+from oncolens.memory import resident_bytes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,6 +86,19 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.resident_memory = Gauge(
+            "oncolens_resident_memory_bytes",
+            "Resident memory (RSS) of the server process, as of its last scrape or of 15 s ago at most; "
+            "under --workers N one series per worker (label pid): sum them for the server.",
+            multiprocess_mode="liveall",
+            registry=self.registry,
+        )
+
+    def record_memory(self) -> None:
+        rss = resident_bytes()
+        if rss is not None:
+            self.resident_memory.set(rss)
+
     def record_case(self, result: CaseResult, inference_s: float) -> None:
         self.inference_seconds.labels(result.model_id).observe(inference_s)
         for image in result.images:
@@ -115,6 +137,12 @@ class MetricsMiddleware:
             self.metrics.request_seconds.labels(template).observe(time.perf_counter() - start)
 
 
+def forget_this_process() -> None:
+    """On a worker's shutdown in multiprocess mode: drop its live gauges (its resident memory)."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's path with each path parameter's value put back as ``{name}``."""
     if scope.get("route") is None:
@@ -144,6 +172,7 @@ router = APIRouter(tags=["health"])
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "The metrics."}},
 )
 def metrics(request: Request) -> Response:
+    request.app.state.metrics.record_memory()
     registry: CollectorRegistry = request.app.state.metrics.registry
     if os.environ.get(MULTIPROCESS_ENV):
         registry = CollectorRegistry()
