@@ -54,10 +54,10 @@ class Settings(BaseSettings):
         "at least one, leaving a core to the event loop); more only adds contention (see README, Performance).",
     )
     batch_max: int = Field(
-        16,
+        8,
         gt=0,
         description="Most backbone passes (images x the model's test-time views) in one model call: "
-        "16 images of a one-view model, 4 of a model with four views.",
+        "8 images of a one-view model, 2 of a model with four views (see README, Performance).",
     )
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill, in milliseconds.")
     release_memory_idle_s: float = Field(

@@ -1,4 +1,4 @@
-"""The server's batcher: large requests run in slices of BATCH_MAX images, sessions share one arena,
+"""The server's batcher: large requests run in slices of BATCH_MAX backbone passes, sessions share one arena,
 and an idle server gives the arena's unused memory back."""
 
 import asyncio
