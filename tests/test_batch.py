@@ -3,6 +3,7 @@
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oncolens.cli import app
+from oncolens.zoo import ModelPackage
 
 runner = CliRunner()
 
@@ -115,3 +117,30 @@ def test_models_lists_the_zoo_with_figures_and_licence_flags() -> None:
     rows = [json.loads(line) for line in runner.invoke(app, ["models", "--json"]).output.splitlines()]
     ham = next(r for r in rows if r["id"] == "skin-ham10000")
     assert ham["classes"] == 7 and 0.5 < ham["macro_auc"] <= 1.0 and ham["non_commercial"] is True
+
+
+def test_the_model_runs_a_batch_in_slices_of_batch_max_passes(
+    folder: Path, blob_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--batch-size`` images are decoded and written together; BATCH_MAX bounds each session run."""
+    sizes: list[int] = []
+    original = ModelPackage.run
+
+    def recording(self: ModelPackage, *args: Any, **kwargs: Any) -> Any:
+        session_run = self.session.run
+
+        def counted(names: list[str], feeds: dict[str, np.ndarray], *rest: Any) -> Any:
+            sizes.append(len(feeds["image"]))
+            return session_run(names, feeds, *rest)
+
+        monkeypatch.setattr(self.session, "run", counted)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(self.session, "run", session_run)
+
+    monkeypatch.setattr(ModelPackage, "run", recording)
+    monkeypatch.setenv("ONCOLENS_BATCH_MAX", "2")
+    invoke(folder, tmp_path / "results.csv", blob_package, "--batch-size", "5")
+    # six files: a step of 5 (the broken one and 4 images: runs of 2 and 2), then a step of 1 image
+    assert sizes == [2, 2, 1]

@@ -166,13 +166,18 @@ class Screened:
 
 
 def screen(
-    package: ModelPackage, items: list[tuple[str, PreparedImages | str]], with_heatmaps: bool = False
+    package: ModelPackage,
+    items: list[tuple[str, PreparedImages | str]],
+    with_heatmaps: bool = False,
+    max_batch: int | None = None,
 ) -> list[Screened]:
-    """The rows of decoded files (name, decoded or the reason it failed), in order: one model call."""
+    """The rows of decoded files (name, decoded or the reason it failed), in order: one model call,
+    in session runs of at most ``max_batch`` images."""
     good = [item for _, item in items if isinstance(item, PreparedImages)]
     logits, features = np.zeros((0, len(package.class_ids))), None
     if good:
-        logits, features = package.run(np.concatenate([d.inputs for d in good]), with_features=True)
+        inputs = np.concatenate([d.inputs for d in good])
+        logits, features = package.run(inputs, with_features=True, max_batch=max_batch)
     out, i = [], 0
     for name, item in items:
         base: dict[str, Any] = {"file": name, "model_id": package.id, "model_version": package.version}
@@ -293,7 +298,10 @@ def run_batch(
             for chunk in _chunks(todo, batch_size):
                 decoded = list(pool.map(lambda p: _decode(p, package, settings), chunk))
                 screened = screen(
-                    package, [(names[p], d) for p, d in zip(chunk, decoded, strict=True)], heatmaps is not None
+                    package,
+                    [(names[p], d) for p, d in zip(chunk, decoded, strict=True)],
+                    heatmaps is not None,
+                    package.images_per_run(settings.batch_max),
                 )
                 for one in screened:
                     results.add(one)

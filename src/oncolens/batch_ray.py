@@ -40,8 +40,16 @@ from oncolens.cpu import single_threaded_blas
 from oncolens.storage import parse_s3_url
 from oncolens.zoo.package import ModelPackage
 
-# The settings a decode needs (no secret travels to the cluster).
-LIMITS = ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_request_pixels", "max_request_bytes")
+# The settings the actors take from the driver (no secret travels to the cluster): the decoder's
+# limits and the most backbone passes in one model run.
+LIMITS = (
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_images_per_request",
+    "max_request_pixels",
+    "max_request_bytes",
+    "batch_max",
+)
 # CPUs a read task reserves: reading is I/O, and the actors must leave room for it.
 READ_CPUS = 0.25
 
@@ -127,7 +135,8 @@ class Screener:
         wanted = [(name, bytes(data)) for name, data, image in zip(names, batch["bytes"], images, strict=True) if image]
         decoded = self.pool.map(lambda item: decode_bytes(item[1], item[0], self.package, self.settings), wanted)
         items = [(name, one) for (name, _), one in zip(wanted, decoded, strict=True)]
-        screened = iter(screen(self.package, items, self.heatmaps))
+        max_batch = self.package.images_per_run(self.settings.batch_max)
+        screened = iter(screen(self.package, items, self.heatmaps, max_batch))
         rows, overlays = [], []
         for image in images:
             one = next(screened) if image else None

@@ -648,7 +648,14 @@ def batch(
     out: Annotated[Path, typer.Option(help="results.csv or results.jsonl; re-run with the same file to resume.")],
     heatmaps: Annotated[Path | None, typer.Option(help="Folder for each image's heat-map overlay PNG.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images.")] = 2,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 16,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Images decoded and written together; the model runs them in slices of at most "
+            "ONCOLENS_BATCH_MAX backbone passes.",
+        ),
+    ] = 16,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
     ] = None,
