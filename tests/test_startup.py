@@ -89,14 +89,16 @@ def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Pat
     assert lines[3] == "models: skin-ham10000" and lines[5] == "e-mail: off (ONCOLENS_SMTP_HOST not set)"
     assert lines[4] == (
         f"inference: all ONNX Runtime thread(s) per model, {settings.resolved_decode_threads} decoding thread(s), "
-        "batches of up to 8 backbone passes, precision setting int8"
+        "batches of up to 8 backbone passes, precision setting int8, unused model memory released after 10 s idle"
     )
     assert "create the first administrator with `oncolens users create --admin" in lines[6]
     assert len(startup_lines(settings, [], users=2)) == 6
-    tuned = Settings(data_dir=tmp_path, threads=1, decode_threads=3, batch_max=4, precision="fp32")
+    tuned = Settings(
+        data_dir=tmp_path, threads=1, decode_threads=3, batch_max=4, precision="fp32", release_memory_idle_s=0
+    )
     assert startup_lines(tuned, [], users=1)[4] == (
         "inference: 1 ONNX Runtime thread(s) per model, 3 decoding thread(s), batches of up to 4 backbone passes, "
-        "precision setting fp32"
+        "precision setting fp32, unused model memory kept (ONCOLENS_RELEASE_MEMORY_IDLE_S=0)"
     )
     shared = Settings(data_dir=tmp_path, image_store="s3://cases/oncolens", s3_endpoint_url="http://s3.local:8333")
     assert startup_lines(shared, [], users=1)[2] == "images: s3://cases/oncolens at http://s3.local:8333"

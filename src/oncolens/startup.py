@@ -124,7 +124,12 @@ def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[
         f"models: {', '.join(model_ids) if model_ids else 'none installed'}",
         f"inference: {settings.threads or 'all'} ONNX Runtime thread(s) per model, "
         f"{settings.resolved_decode_threads} decoding thread(s), "
-        f"batches of up to {settings.batch_max} backbone passes, precision setting {settings.precision}",
+        f"batches of up to {settings.batch_max} backbone passes, precision setting {settings.precision}, "
+        + (
+            f"unused model memory released after {settings.release_memory_idle_s:g} s idle"
+            if settings.release_memory_idle_s
+            else "unused model memory kept (ONCOLENS_RELEASE_MEMORY_IDLE_S=0)"
+        ),
         "e-mail: " + (f"SMTP {settings.smtp_host}" if settings.mail_configured else "off (ONCOLENS_SMTP_HOST not set)"),
     ]
     if users == 0:
