@@ -106,3 +106,11 @@ def live_server(env: dict[str, str] | None = None, workers: int = 1) -> Iterator
         finally:
             server.terminate()
             server.wait(10)
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory field of process ``pid`` from /proc (VmRSS, VmHWM, ...), in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found")

@@ -20,17 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import live_server, print_table, save
+from _common import live_server, print_table, rss_mb, save
 
 SAMPLES = Path(__file__).parents[1] / "samples"
 MODELS = ("skin-ham10000", "skin-isic9", "breast-us", "thyroid-us", "cervical-herlev", "oral-photo")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def releases(base: str) -> int:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import live_server, print_table, save
+from _common import live_server, print_table, rss_mb, save
 from PIL import Image
 
 from oncolens.config import Settings
@@ -32,13 +32,6 @@ def solid_png(pixels: int, colour: tuple[int, int, int] = (200, 120, 90)) -> byt
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), colour).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def rss_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found")
 
 
 def measure(client: httpx.Client, pid: int, name: str, send: dict[str, object], url: str) -> dict[str, object]:

@@ -18,19 +18,12 @@ def run_fresh(code: str) -> list[float]:
     return [float(word) for word in done.stdout.split()]
 
 
-RESIDENT = """
-    import os
-    def resident_mb():
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-"""
-
-
 def test_freed_small_blocks_stay_resident_until_the_heaps_are_trimmed() -> None:
     before, freed, trimmed, released = run_fresh(
-        RESIDENT
-        + """
+        """
     from oncolens.memory import resident_bytes, return_large_allocations, trim_heaps
+    def resident_mb():
+        return resident_bytes() / 2**20
     return_large_allocations()
     blocks = [bytearray(64 * 1024) for _ in range(3000)]  # 190 MB of blocks under the 1 MiB threshold
     kept = blocks[::50]  # a few stay alive, spread over the heap: it cannot just shrink from the top

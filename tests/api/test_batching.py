@@ -2,7 +2,6 @@
 and an idle server gives the arena's unused memory back."""
 
 import asyncio
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ from oncolens.api import create_app
 from oncolens.api.batching import IdleRelease, InferenceBatcher
 from oncolens.api.metrics import ServerMetrics
 from oncolens.config import Settings
-from oncolens.memory import return_large_allocations
+from oncolens.memory import resident_bytes, return_large_allocations
 from oncolens.services.analysis import DirectRunner
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
 
@@ -108,8 +107,9 @@ def test_batch_max_counts_backbone_passes_so_a_four_view_model_runs_fewer_images
 
 
 def resident_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = resident_bytes()
+    assert rss is not None
+    return rss / 2**20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")

@@ -85,7 +85,6 @@ class ServerMetrics:
             "Times the idle server gave ONNX Runtime's unused working memory back to the system.",
             registry=self.registry,
         )
-
         self.resident_memory = Gauge(
             "oncolens_resident_memory_bytes",
             "Resident memory (RSS) of the server process, as of its last scrape or of 15 s ago at most; "
