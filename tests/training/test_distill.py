@@ -14,7 +14,15 @@ torch = pytest.importorskip("torch")
 
 from oncolens.datasets import drop_labels, read_manifest, select_split  # noqa: E402
 from oncolens.training.backbones import Classifier, build_backbone  # noqa: E402
-from oncolens.training.distill import TEACHERS, fit_distilled, grouped_folds  # noqa: E402
+from oncolens.training.distill import (  # noqa: E402
+    TEACHERS,
+    agreement,
+    blend,
+    ensemble_probabilities,
+    fit_distilled,
+    grouped_folds,
+    teacher_models,
+)
 from oncolens.training.export import TTA_VIEWS, ExportModel, export_onnx  # noqa: E402
 from oncolens.training.recipe import RecipeError, load_recipe  # noqa: E402
 
@@ -65,6 +73,74 @@ def test_a_recipe_with_an_unknown_method_or_too_few_folds_is_refused(tiny_recipe
         load_recipe(bad)
 
 
+def test_blend_mixes_the_chosen_share_of_a_batch_with_a_partner() -> None:
+    import torch
+
+    x = torch.arange(64, dtype=torch.float32).view(16, 1, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    mixed, partner, weight, blended = blend(x, 0.5, gen)
+    assert 0 < int(blended.sum()) < 16
+    for i in range(16):
+        if blended[i]:
+            assert 0.0 < float(weight[i]) < 1.0 and int(partner[i]) != i
+            expected = weight[i] * x[i] + (1 - weight[i]) * x[partner[i]]
+            assert torch.allclose(mixed[i], expected)
+        else:
+            assert float(weight[i]) == 1.0 and torch.equal(mixed[i], x[i]), "an unblended row must stay as it was"
+    none, _, w0, b0 = blend(x, 0.0, gen)
+    assert not bool(b0.any()) and torch.equal(none, x) and bool((w0 == 1).all())
+    _, _, _, every = blend(x, 1.0, gen)
+    assert int(every.sum()) >= 14  # all but the rows a random permutation leaves in place
+
+
+def test_agreement_measures_how_far_a_student_is_from_its_teachers() -> None:
+    teachers = np.array([[2.0, 0.0], [0.0, 1.0]])
+    assert agreement(teachers, teachers) == {"kl": 0.0, "same_top_class": 1.0}
+    flipped = agreement(teachers, -teachers)
+    p = np.exp([2.0, 0.0]) / np.exp([2.0, 0.0]).sum()
+    q = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+    expected = ((p * np.log(p / p[::-1])).sum() + (q * np.log(q / q[::-1])).sum()) / 2
+    assert flipped["same_top_class"] == 0.0
+    assert flipped["kl"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_recipe_with_a_distill_mix_outside_0_to_1_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"distill_mix is a share of the batch, from 0 to 1, not 1\.5"):
+        load_recipe(distill_recipe(tiny_recipe, tmp_path, distill_mix=1.5))
+
+
+def test_a_blended_student_learns_from_every_teacher_and_is_measured_on_real_maps(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from oncolens.training import distill
+
+    measured: list[int] = []
+    original = distill.reestimate_batchnorm
+
+    def recording(model: Classifier, views: object, n_frozen: int, batch: int = 64) -> None:
+        measured.append(views.n_images)  # type: ignore[attr-defined]
+        original(model, views, n_frozen, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distill, "reestimate_batchnorm", recording)
+    recipe = load_recipe(distill_recipe(tiny_recipe, tmp_path, distill_mix=0.5))
+    assert recipe.train.distill_mix == 0.5
+    summary = fit_distilled(recipe, read_manifest(tiny_dataset), tmp_path / "run", "pytest blended")
+    # the soup's BatchNorm once, then the student's after every epoch, on the 15 train images' real maps
+    assert measured == [15] * (1 + len(summary["history"]))
+    assert summary["config"]["distill_mix"] == 0.5
+    assert summary["history"] and "student" in summary["timings_s"]
+    states = [torch.load(p, weights_only=True) for p in sorted((tmp_path / "run" / TEACHERS).glob("*.pt"))]
+    teachers = teacher_models(recipe, states)
+    assert len(teachers) == 2 and not any(p.requires_grad for t in teachers for p in t.parameters())
+    maps = torch.randn(3, *teachers[0].backbone.front(torch.zeros(1, 3, 64, 64), 12).shape[1:])
+    probs = ensemble_probabilities(teachers, maps, 12, 2.0)
+    each = [torch.softmax(t.tail_logits(maps, 12) / 2.0, dim=1) for t in teachers]
+    assert torch.allclose(probs, (each[0] + each[1]) / 2, atol=1e-6)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def distilled(tiny_dataset: Path, tiny_recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A distilled run (2 teachers, 1 student) and its finished package."""
@@ -87,6 +163,9 @@ def test_a_distilled_run_records_its_teachers_and_chosen_views(distilled: tuple[
     assert history["test_time_views"] in (["identity"], ["identity", "hflip"])
     assert set(history["view_choice_val"]) == {"identity", "identity+hflip"}
     assert set(history["timings_s"]) == {"cache", "teachers", "soup", "student"}
+    closeness = teachers["served_on_val"]
+    assert closeness["kl"] >= 0.0 and 0.0 <= closeness["same_top_class"] <= 1.0
+    assert all(set(epoch["val_to_teachers"]) == {"kl", "same_top_class"} for epoch in history["history"])
 
     card = json.loads((package / "card.json").read_text())
     assert card["input"]["test_time_views"] == history["test_time_views"]
@@ -95,6 +174,7 @@ def test_a_distilled_run_records_its_teachers_and_chosen_views(distilled: tuple[
     assert recorded["models"] == 2 and recorded["test"]["n"] == 9 and recorded["val"]["n"] == 6
     assert 0.0 <= recorded["test"]["macro_auc"] <= 1.0
     assert recorded["out_of_fold"]["n"] == 15
+    assert recorded["served_on_val"] == closeness
     cal = card["metrics"]["calibration"]
     assert set(cal) >= {"ece", "adaptive_ece", "classwise_ece", "brier", "nll", "intervals", "consistency_p"}
     assert 0.0 < cal["consistency_p"]["ece"] <= 1.0

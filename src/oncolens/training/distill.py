@@ -11,7 +11,10 @@
    image at once, with intervals (the same machinery is ``oncolens cv``).
 3. Student: one network of the served size trained on every train image to match, view by view, the
    probabilities of the teachers that did *not* see that image (softened by ``distill_temperature``),
-   mixed with the label (``distill_alpha``); selected on val like a fine-tuned model.
+   mixed with the label (``distill_alpha``); selected on val like a fine-tuned model. With
+   ``distill_mix`` a share of each batch is a blend of two images' maps whose target is the average
+   of *every* teacher on that blend (:func:`blend`): one held-out teacher per image is a noisy
+   stand-in for the ensemble, and the blend is an input none of them was trained on.
    With ``method = "soup"`` there is no student: the served network is the teachers' uniform weight
    average (:func:`weight_soup`). Either way the run records the soup's val figures, so the two can
    be compared.
@@ -24,11 +27,13 @@ test-time views and, in the pipeline, fits the calibration and decision rule. Te
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +123,47 @@ def _subset(pool: Pool, index: np.ndarray) -> Pool:
 EpochHook = Callable[[int, Classifier], bool]
 
 
+def blend(
+    x: torch.Tensor, share: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blend a ``share`` of the batch's maps with another image's: ``w * x[i] + (1 - w) * x[partner[i]]``.
+
+    Returns the maps, each row's partner, its weight ``w`` (1.0 for rows left as they are; drawn
+    uniformly in (0, 1) otherwise) and a mask of the blended rows.
+    """
+    n = len(x)
+    partner = torch.randperm(n, generator=gen)
+    blended = (torch.rand(n, generator=gen) < share) & (partner != torch.arange(n))
+    weight = torch.where(blended, torch.rand(n, generator=gen), torch.ones(n))
+    w = weight.view(-1, 1, 1, 1).to(x.dtype)
+    return w * x + (1 - w) * x[partner], partner, weight, blended
+
+
+@torch.no_grad()
+def ensemble_probabilities(
+    teachers: list[Classifier], x: torch.Tensor, n_frozen: int, temperature: float
+) -> torch.Tensor:
+    """[B, C] the teachers' softened probabilities on front maps ``x``, averaged."""
+    probs = [torch.softmax(t.tail_logits(x, n_frozen) / temperature, dim=1) for t in teachers]
+    return torch.stack(probs).mean(dim=0)
+
+
 def train_tail(
-    recipe: Recipe, pool: Pool, epochs: int, seed: int, desc: str, on_epoch: EpochHook | None = None
+    recipe: Recipe,
+    pool: Pool,
+    epochs: int,
+    seed: int,
+    desc: str,
+    on_epoch: EpochHook | None = None,
+    ensemble: list[Classifier] | None = None,
 ) -> Classifier:
     """Train the tail (blocks after ``freeze_blocks``, head) from ImageNet weights on cached views.
 
     Each step draws a class-balanced batch of images and one cached view of each; with teacher
     ``targets`` the loss is ``alpha * CE(label) + (1 - alpha) * T^2 * CE(teacher_T, student_T)``.
+    With an ``ensemble`` (the teachers, in eval mode) and the recipe's ``distill_mix`` > 0, that share
+    of each batch is blended with a partner image (:func:`blend`): its label term weighs both labels
+    by the blend and its target is the ensemble's probabilities on the blend.
     Returns the exponential moving average of the weights; ``on_epoch(epoch, ema)`` returning True stops.
     """
     cfg = recipe.train
@@ -147,11 +186,22 @@ def train_tail(
         order = torch.multinomial(weights, steps * batch, replacement=True, generator=gen).view(steps, batch)
         for idx in tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             view = torch.randint(pool.views.n_views, (len(idx),), generator=gen)
-            x = pool.views.maps[idx, view].float().contiguous(memory_format=torch.channels_last)
+            x = pool.views.maps[idx, view].float()
+            mixing = ensemble is not None and cfg.distill_mix > 0
+            if mixing:
+                x, partner, weight, blended = blend(x, cfg.distill_mix, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
             logits = model.tail_logits(x, cfg.freeze_blocks)
-            loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
+            if mixing:
+                ce = partial(F.cross_entropy, logits, reduction="none", label_smoothing=cfg.label_smoothing)
+                loss = (weight * ce(labels[idx]) + (1 - weight) * ce(labels[idx][partner])).mean()
+            else:
+                loss = F.cross_entropy(logits, labels[idx], label_smoothing=cfg.label_smoothing)
             if pool.targets is not None:
                 soft = pool.targets[idx, view]
+                if mixing and ensemble is not None and bool(blended.any()):
+                    soft = soft.clone()
+                    soft[blended] = ensemble_probabilities(ensemble, x[blended], cfg.freeze_blocks, temperature)
                 distill = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
                 loss = alpha * loss + (1 - alpha) * temperature**2 * distill
             step = optimizer_step(model, ema, optimizer, loss, step, total, warmup, cfg)
@@ -244,6 +294,17 @@ def reestimate_batchnorm(model: Classifier, views: ViewCache, n_frozen: int, bat
     model.eval()
 
 
+def teacher_models(recipe: Recipe, states: list[dict[str, torch.Tensor]]) -> list[Classifier]:
+    """The teachers as networks in eval mode, without gradients (targets for a blended batch)."""
+    models = []
+    for state in states:
+        model = build_model(recipe, pretrained=False)
+        model.load_state_dict(state)
+        model.requires_grad_(False)
+        models.append(model.eval())
+    return models
+
+
 def weight_soup(recipe: Recipe, states: list[dict[str, torch.Tensor]], views: ViewCache) -> Classifier:
     """One network of the served size from the teachers: the uniform average of their weights.
 
@@ -290,6 +351,15 @@ def oof_report(recipe: Recipe, y: np.ndarray, oof_logits: np.ndarray, n_boot: in
     return out
 
 
+def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> dict[str, float]:
+    """How close a student's answers are to its teachers' on the same images ([N, C] logits each):
+    the mean KL divergence of the student's probabilities from the teachers' (softmax at T = 1) and
+    the share of images where both put the same class first."""
+    teacher, student = calibrate(teacher_logits, 1.0), calibrate(student_logits, 1.0)
+    kl = (teacher * (np.log(teacher + 1e-12) - np.log(student + 1e-12))).sum(axis=1)
+    return {"kl": float(kl.mean()), "same_top_class": float((teacher.argmax(1) == student.argmax(1)).mean())}
+
+
 def _student(
     recipe: Recipe,
     pool: Pool,
@@ -307,26 +377,36 @@ def _student(
     num_classes = len(recipe.classes)
     best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
     t_student = time.time()
+    ensemble = teacher_models(recipe, teachers.states) if cfg.distill_mix > 0 else None
+    teacher_val = mean_over(teachers.val, names, candidates[0])
 
     def on_epoch(epoch: int, ema: Classifier) -> bool:
+        if ensemble is not None:
+            # Blended maps are narrower than real ones, so the running BatchNorm statistics the
+            # steps left are measured again on the real cached views (on a copy: training goes on).
+            ema = copy.deepcopy(ema)
+            reestimate_batchnorm(ema, pool.views, cfg.freeze_blocks)
         val_logits = mean_over(view_logits(ema, val_tta, cfg.freeze_blocks), names, candidates[0])
         val_metrics = quick_metrics(val.labels, val_logits, num_classes)
+        closeness = agreement(teacher_val, val_logits)
         score = val_metrics[cfg.select_metric]
         improved = score > best["score"]
         if improved:
             best.update(
                 score=score, epoch=epoch, state={k: v.clone() for k, v in ema.state_dict().items()}, val=val_metrics
             )
-        history.append({"epoch": epoch + 1, "val": val_metrics, "elapsed_s": time.time() - t_student})
+        history.append(
+            {"epoch": epoch + 1, "val": val_metrics, "val_to_teachers": closeness, "elapsed_s": time.time() - t_student}
+        )
         tqdm.write(
             f"student epoch {epoch + 1}: val loss {val_metrics['loss']:.3f} acc {val_metrics['accuracy']:.3f} "
-            f"bal-acc {val_metrics['balanced_accuracy']:.3f} AUROC {val_metrics['macro_auc']:.3f}"
-            + (" *best*" if improved else "")
+            f"bal-acc {val_metrics['balanced_accuracy']:.3f} AUROC {val_metrics['macro_auc']:.3f} "
+            f"KL to teachers {closeness['kl']:.4f}" + (" *best*" if improved else "")
         )
         return epoch - int(best["epoch"]) >= cfg.patience
 
     student_pool = Pool(pool.views, pool.labels, pool.strata, teachers.targets)
-    train_tail(recipe, student_pool, cfg.epochs, cfg.seed, "student", on_epoch)
+    train_tail(recipe, student_pool, cfg.epochs, cfg.seed, "student", on_epoch, ensemble)
     student = build_model(recipe, pretrained=False)
     student.load_state_dict(best["state"])
     return student.eval(), int(best["epoch"]), best["val"]
@@ -389,6 +469,7 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
         recipe, val_views, names, lambda logits: quick_metrics(val.labels, logits, num_classes)[cfg.select_metric]
     )
     teacher_val = quick_metrics(val.labels, mean_over(teachers.val, names, chosen), num_classes)
+    to_teachers = agreement(mean_over(teachers.val, names, chosen), mean_over(val_views, names, chosen))
     tqdm.write(
         f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"
     )
@@ -415,6 +496,7 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
             "epochs": cfg.teacher_epochs or cfg.epochs,
             "out_of_fold": teacher_oof,
             "val_uncalibrated": teacher_val,
+            "served_on_val": to_teachers,
         },
         "soup": {"models": len(teachers.states), "val_uncalibrated": soup_val},
     }

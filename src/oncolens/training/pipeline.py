@@ -310,6 +310,7 @@ def _teacher_scores(
             "temperature": calibration["temperature"],
             "decision": rule.rule,
             "out_of_fold": recorded.get("out_of_fold"),
+            "served_on_val": recorded.get("served_on_val"),
             "val": reports["val"],
             "test": reports["test"],
         }

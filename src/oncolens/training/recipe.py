@@ -54,6 +54,12 @@ class TrainConfig:
     teacher_epochs: int = 0
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # The share of each student batch whose input is a blend of two train images' cached maps
+    # (weights drawn uniformly), whose target is the averaged probabilities of *all* the teachers,
+    # computed on that blend during the step: no teacher was trained on it, so the student learns the
+    # ensemble's function rather than one held-out teacher per image. The rest of the batch keeps the
+    # out-of-fold targets; 0 (the default) distils from those alone.
+    distill_mix: float = 0.0
     # The frozen front (stem + ``freeze_blocks`` blocks, no gradients) computed under bfloat16
     # autocast: on a CPU with AVX512-BF16 about 2x faster than fp32 for that part; the trainable
     # tail, every evaluation and the exported model stay fp32 (see training/train.py:front_autocast).
@@ -62,6 +68,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.front_precision not in FRONT_PRECISIONS:
             raise RecipeError(f"front_precision {self.front_precision!r} is not one of {FRONT_PRECISIONS}")
+        if not 0.0 <= self.distill_mix <= 1.0:
+            raise RecipeError(f"distill_mix is a share of the batch, from 0 to 1, not {self.distill_mix}")
 
 
 @dataclass(frozen=True)
