@@ -74,6 +74,9 @@ from oncolens.training.views import (
 )
 
 TEACHERS = "teachers"
+# A blended student's BatchNorm statistics are measured on this many real cached views per train
+# image (thousands of maps for the smallest set; every view would cost a pass as long as an epoch).
+BATCHNORM_VIEWS = 2
 
 
 def grouped_folds(labels: np.ndarray, groups: list[str], k: int, seed: int) -> np.ndarray:
@@ -378,6 +381,7 @@ def _student(
     best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
     t_student = time.time()
     ensemble = teacher_models(recipe, teachers.states) if cfg.distill_mix > 0 else None
+    bn_views = ViewCache(pool.views.maps[:, :BATCHNORM_VIEWS], pool.views.names)
     teacher_val = mean_over(teachers.val, names, candidates[0])
 
     def on_epoch(epoch: int, ema: Classifier) -> bool:
@@ -385,7 +389,7 @@ def _student(
             # Blended maps are narrower than real ones, so the running BatchNorm statistics the
             # steps left are measured again on the real cached views (on a copy: training goes on).
             ema = copy.deepcopy(ema)
-            reestimate_batchnorm(ema, pool.views, cfg.freeze_blocks)
+            reestimate_batchnorm(ema, bn_views, cfg.freeze_blocks)
         val_logits = mean_over(view_logits(ema, val_tta, cfg.freeze_blocks), names, candidates[0])
         val_metrics = quick_metrics(val.labels, val_logits, num_classes)
         closeness = agreement(teacher_val, val_logits)
