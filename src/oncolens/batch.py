@@ -292,6 +292,7 @@ def run_batch(
     if started is not None:
         started(len(todo))
     results = Results(out, run.kind, package, heatmaps, run.summary)
+    max_batch = package.images_per_run(settings.batch_max)
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -301,7 +302,7 @@ def run_batch(
                     package,
                     [(names[p], d) for p, d in zip(chunk, decoded, strict=True)],
                     heatmaps is not None,
-                    package.images_per_run(settings.batch_max),
+                    max_batch,
                 )
                 for one in screened:
                     results.add(one)

@@ -128,6 +128,7 @@ class Screener:
         self.settings = Settings(**limits)  # type: ignore[arg-type]
         self.source = Source(None, base, [])
         self.heatmaps = heatmaps
+        self.max_batch = self.package.images_per_run(self.settings.batch_max)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [self.source.name(str(p)) for p in batch["path"]]
@@ -135,8 +136,7 @@ class Screener:
         wanted = [(name, bytes(data)) for name, data, image in zip(names, batch["bytes"], images, strict=True) if image]
         decoded = self.pool.map(lambda item: decode_bytes(item[1], item[0], self.package, self.settings), wanted)
         items = [(name, one) for (name, _), one in zip(wanted, decoded, strict=True)]
-        max_batch = self.package.images_per_run(self.settings.batch_max)
-        screened = iter(screen(self.package, items, self.heatmaps, max_batch))
+        screened = iter(screen(self.package, items, self.heatmaps, self.max_batch))
         rows, overlays = [], []
         for image in images:
             one = next(screened) if image else None

@@ -57,6 +57,7 @@ from oncolens.training.train import (
     build_model,
     load_split,
     machine_description,
+    mean_kl,
     optimizer_step,
     quick_metrics,
     sampling_weights,
@@ -183,6 +184,7 @@ def train_tail(
     weights = sampling_weights(pool.labels, num_classes, cfg.balance_power, pool.strata)
     labels = torch.from_numpy(pool.labels)
     temperature, alpha = cfg.distill_temperature, cfg.distill_alpha
+    mixing = ensemble is not None and cfg.distill_mix > 0
     step = 0
     for epoch in range(epochs):
         set_train_mode(model, cfg.freeze_blocks)
@@ -190,7 +192,6 @@ def train_tail(
         for idx in tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             view = torch.randint(pool.views.n_views, (len(idx),), generator=gen)
             x = pool.views.maps[idx, view].float()
-            mixing = ensemble is not None and cfg.distill_mix > 0
             if mixing:
                 x, partner, weight, blended = blend(x, cfg.distill_mix, gen)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -358,9 +359,8 @@ def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> dict[st
     """How close a student's answers are to its teachers' on the same images ([N, C] logits each):
     the mean KL divergence of the student's probabilities from the teachers' (softmax at T = 1) and
     the share of images where both put the same class first."""
-    teacher, student = calibrate(teacher_logits, 1.0), calibrate(student_logits, 1.0)
-    kl = (teacher * (np.log(teacher + 1e-12) - np.log(student + 1e-12))).sum(axis=1)
-    return {"kl": float(kl.mean()), "same_top_class": float((teacher.argmax(1) == student.argmax(1)).mean())}
+    same = (np.asarray(teacher_logits).argmax(1) == np.asarray(student_logits).argmax(1)).mean()
+    return {"kl": mean_kl(teacher_logits, student_logits), "same_top_class": float(same)}
 
 
 def _student(
@@ -472,8 +472,9 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     chosen, view_scores = choose_views(
         recipe, val_views, names, lambda logits: quick_metrics(val.labels, logits, num_classes)[cfg.select_metric]
     )
-    teacher_val = quick_metrics(val.labels, mean_over(teachers.val, names, chosen), num_classes)
-    to_teachers = agreement(mean_over(teachers.val, names, chosen), mean_over(val_views, names, chosen))
+    teachers_on_val = mean_over(teachers.val, names, chosen)
+    teacher_val = quick_metrics(val.labels, teachers_on_val, num_classes)
+    to_teachers = agreement(teachers_on_val, mean_over(val_views, names, chosen))
     tqdm.write(
         f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"
     )

@@ -78,6 +78,14 @@ def predict_logits(model: torch.nn.Module, data: SplitData, recipe: Recipe, batc
     return logits
 
 
+def mean_kl(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Mean KL(teacher || student) of the softmax probabilities (T = 1) of [N, C] logits."""
+    student = torch.from_numpy(np.asarray(student_logits, dtype=np.float64))
+    teacher = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float64))
+    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="batchmean")
+    return float(kl)
+
+
 def quick_metrics(y: np.ndarray, logits: np.ndarray, num_classes: int) -> dict[str, float]:
     probs = calibrate(logits, 1.0)
     pred = probs.argmax(axis=1)

@@ -60,6 +60,7 @@ from oncolens.training.train import (
     keep_if_best,
     load_split,
     machine_description,
+    mean_kl,
     optimizer_step,
     predict_logits,
     quick_metrics,
@@ -101,10 +102,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
         * t
         * t
     )
-
-
-def _mean_kl(teacher: np.ndarray, student: np.ndarray) -> float:
-    return float(distill_loss(torch.from_numpy(student), torch.from_numpy(teacher), 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +153,7 @@ def distill_views(
     progress = resume(run_dir / LAST, student, ema, optimizer, gen)
     if not progress.history:  # the untuned network with one view is the first candidate for the best
         start_logits = predict_logits(ema, val, recipe).astype(np.float64)
-        start_val = quick_metrics(val.labels, start_logits, k) | {"kl_to_teacher": _mean_kl(teacher_val, start_logits)}
+        start_val = quick_metrics(val.labels, start_logits, k) | {"kl_to_teacher": mean_kl(teacher_val, start_logits)}
         progress.history.append({"epoch": 0, "val": start_val, "elapsed_s": 0.0})
         keep_if_best(progress, -1, start_val, metric, ema, run_dir / BEST)
         tqdm.write(f"student before tuning, one view, on val: {json.dumps(start_val)}")
@@ -178,7 +175,7 @@ def distill_views(
             running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
         val_logits = predict_logits(ema, val, recipe).astype(np.float64)
-        val_metrics = quick_metrics(val.labels, val_logits, k) | {"kl_to_teacher": _mean_kl(teacher_val, val_logits)}
+        val_metrics = quick_metrics(val.labels, val_logits, k) | {"kl_to_teacher": mean_kl(teacher_val, val_logits)}
         improved = keep_if_best(progress, epoch, val_metrics, metric, ema, run_dir / BEST)
         elapsed = progress.elapsed_before + time.time() - t_train
         progress.history.append({"epoch": epoch + 1, "train_loss": running, "val": val_metrics, "elapsed_s": elapsed})
