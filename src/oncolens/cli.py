@@ -54,6 +54,18 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; re-use it to resume.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value: KEY=VALUE ([train]) or augment.KEY=VALUE; repeatable."),
+    ] = None,
+    val_only: Annotated[
+        bool,
+        typer.Option(
+            "--val-only",
+            help="Stop after training: the run's val figures are in RUN_DIR/history.json, test is not read and "
+            "no package is written (package it later with `oncolens export RUN_DIR`).",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune, calibrate on val, evaluate on test and write a model package."""
     from oncolens.datasets import ManifestError, drop_labels, read_manifest
@@ -61,7 +73,7 @@ def train(
     from oncolens.training.train import fit
 
     try:
-        chosen = resolve_recipe(recipe, model_id).with_overrides(
+        chosen = _settings(resolve_recipe(recipe, model_id), set_ or []).with_overrides(
             backbone=backbone, image_size=image_size, epochs=epochs, seed=seed, batch_size=batch_size
         )
         samples, n_excluded = drop_labels(read_manifest(dataset_dir), chosen.excluded_labels)
@@ -79,6 +91,11 @@ def train(
         fit_distilled(chosen, samples, runs, command)
     else:
         fit(chosen, samples, runs, command)
+    if val_only:
+        best = json.loads((runs / "history.json").read_text()).get("best_val") or {}
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
+        typer.echo(f"trained {runs} (val: {figures}); test not read, no package written")
+        return
     package = _package(chosen, samples, runs, model_id, out, command, dataset_dir)
     typer.echo(f"wrote model package {package}")
 
@@ -245,6 +262,10 @@ def export(
     model_id: Annotated[str, typer.Option("--model-id")],
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="The recipe overrides the run was trained with (train --set); repeatable."),
+    ] = None,
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""
     from oncolens.datasets import ManifestError, read_manifest
@@ -252,7 +273,7 @@ def export(
     from oncolens.training.recipe import RecipeError, resolve_recipe
 
     try:
-        chosen = resolve_recipe(recipe, model_id)
+        chosen = _settings(resolve_recipe(recipe, model_id), set_ or [])
         samples = read_manifest(dataset_dir)
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc

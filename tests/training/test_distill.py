@@ -367,3 +367,36 @@ def test_cv_cross_validates_on_train_and_val_without_reading_test(
     ):
         failed = runner.invoke(app, [*args, *bad])
         assert failed.exit_code == 2 and message in failed.output, failed.output
+
+
+def test_train_val_only_stops_before_test_and_export_packages_the_run_later(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    recipe = distill_recipe(tiny_recipe, tmp_path)
+    blind = shutil.copytree(tiny_dataset, tmp_path / "no-test-images")
+    with (blind / "manifest.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "test":
+                (blind / row["file"]).unlink()  # reading any test image would fail the run
+    run, package = tmp_path / "run", tmp_path / "zoo" / "tiny"
+    common = ["--model-id", "tiny", "--recipe", str(recipe)]
+    sets = ["--set", "epochs=2", "--set", "patience=2"]
+    args = ["train", str(blind), *common, "--run-dir", str(run), "--out", str(package), *sets, "--val-only"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "test not read, no package written" in result.output
+    assert not package.exists() and (run / "best.pt").is_file()
+    history = json.loads((run / "history.json").read_text())
+    assert history["config"]["epochs"] == 2 and history["config"]["patience"] == 2
+    assert len(history["history"]) == 2, "the student ran the two epochs --set gave it"
+
+    bad = runner.invoke(app, ["train", str(blind), *common, "--set", "epoch=2", "--val-only"])
+    assert bad.exit_code == 2 and "[train] has no key 'epoch'" in bad.output
+
+    exported = runner.invoke(app, ["export", str(run), str(tiny_dataset), *common, *sets, "--out", str(package)])
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((package / "card.json").read_text())
+    assert card["training"]["recipe"]["train"]["epochs"] == 2 and card["metrics"]["n"] == 9
+    assert card["training"]["command"] == history["command"]
