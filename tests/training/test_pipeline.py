@@ -252,3 +252,19 @@ def test_fine_tuning_chooses_its_test_time_views_on_val(tiny_recipe: Path, tiny_
     package = finalize(recipe, samples, tmp_path / "run", tmp_path / "zoo" / "views", "views")
     card = json.loads((package / "card.json").read_text())
     assert card["input"]["test_time_views"] == ["identity"]
+
+
+def test_train_val_only_on_a_fine_tuned_recipe_prints_the_val_figures_and_writes_no_package(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    run, package = tmp_path / "run", tmp_path / "zoo" / "tiny"
+    args = ["train", str(tiny_dataset), "--model-id", "tiny", "--recipe", str(tiny_recipe)]
+    result = runner.invoke(
+        app, [*args, "--run-dir", str(run), "--out", str(package), "--set", "lr=0.0002", "--val-only"]
+    )
+    assert result.exit_code == 0, result.output
+    history = json.loads((run / "history.json").read_text())
+    assert history["config"]["lr"] == 0.0002
+    accuracy = history["best_val"]["accuracy"]
+    assert f"accuracy {accuracy:.4f}" in result.output and "test not read, no package written" in result.output
+    assert (run / "best.pt").is_file() and not package.exists()
