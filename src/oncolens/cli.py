@@ -33,6 +33,13 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 SAMPLES_DIR = Path("samples")
 
 
+# ``--set KEY=VALUE`` (train, cv, export): a recipe value replaced for this run (see ``_settings``).
+RecipeSettings = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value: KEY=VALUE (train section) or augment.KEY=VALUE; repeatable."),
+]
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
@@ -54,10 +61,7 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; re-use it to resume.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe value: KEY=VALUE ([train]) or augment.KEY=VALUE; repeatable."),
-    ] = None,
+    set_: RecipeSettings = None,
     val_only: Annotated[
         bool,
         typer.Option(
@@ -115,9 +119,9 @@ def distill_views(
 ) -> None:
     """Tune a one-view copy of a package's network to answer like its test-time views, then package it.
 
-    The student is compared with the teacher on val and kept only within [export] tta_tolerance
-    (printed and recorded in the card either way); without --out it replaces the installed package
-    only when kept.
+    The student is compared with the teacher on val and kept only within the recipe's export
+    tta_tolerance (printed and recorded in the card either way); without --out it replaces the
+    installed package only when kept.
     """
     from dataclasses import replace
 
@@ -201,6 +205,22 @@ def _settings(recipe: Recipe, pairs: list[str]) -> Recipe:
     return recipe
 
 
+def _differs_from_run(recipe: Recipe, run_dir: Path) -> list[str]:
+    """The ``[train]`` and ``[augment]`` values (as ``--set`` takes them) with which the run in
+    ``run_dir`` was trained, as its ``history.json`` records them, where ``recipe`` has others."""
+    try:
+        recorded = json.loads((run_dir / "history.json").read_text()).get("recipe") or {}
+    except (OSError, ValueError):
+        return []
+    given = json.loads(json.dumps(recipe.to_dict()))
+    return [
+        f"{'augment.' if section == 'augment' else ''}{key}={value}"
+        for section in ("train", "augment")
+        for key, value in (recorded.get(section) or {}).items()
+        if key in given[section] and given[section][key] != value
+    ]
+
+
 @app.command()
 def cv(
     dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv and the images.")],
@@ -208,10 +228,7 @@ def cv(
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     folds: Annotated[int | None, typer.Option(help="Folds (default the recipe's).")] = None,
     repeats: Annotated[int | None, typer.Option(help="Repeats with other fold cuts (default the recipe's).")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe value: KEY=VALUE ([train]) or augment.KEY=VALUE; repeatable."),
-    ] = None,
+    set_: RecipeSettings = None,
     only: Annotated[
         str | None, typer.Option(help="Train and score only the rows whose metadata COLUMN=VALUE, e.g. a source.")
     ] = None,
@@ -262,10 +279,7 @@ def export(
     model_id: Annotated[str, typer.Option("--model-id")],
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="The recipe overrides the run was trained with (train --set); repeatable."),
-    ] = None,
+    set_: RecipeSettings = None,
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""
     from oncolens.datasets import ManifestError, read_manifest
@@ -277,6 +291,14 @@ def export(
         samples = read_manifest(dataset_dir)
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
+    if not (run_dir / "best.pt").is_file():
+        raise _fail(f"{run_dir} holds no best.pt: not a finished training run")
+    differences = _differs_from_run(chosen, run_dir)
+    if differences:
+        raise _fail(
+            f"{run_dir} was trained with {', '.join(differences)}; the recipe given says otherwise: "
+            "export with the run's values (--set KEY=VALUE, as given to train)"
+        )
     package = finalize(
         chosen,
         samples,

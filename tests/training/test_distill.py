@@ -395,6 +395,12 @@ def test_train_val_only_stops_before_test_and_export_packages_the_run_later(
     bad = runner.invoke(app, ["train", str(blind), *common, "--set", "epoch=2", "--val-only"])
     assert bad.exit_code == 2 and "[train] has no key 'epoch'" in bad.output
 
+    forgot = runner.invoke(app, ["export", str(run), str(tiny_dataset), *common, "--out", str(package)])
+    assert forgot.exit_code == 2 and "was trained with epochs=2, patience=2" in forgot.output, forgot.output
+    assert not package.exists()
+    nothing = runner.invoke(app, ["export", str(tmp_path / "no-run"), str(tiny_dataset), *common])
+    assert nothing.exit_code == 2 and "holds no best.pt: not a finished training run" in nothing.output
+
     exported = runner.invoke(app, ["export", str(run), str(tiny_dataset), *common, *sets, "--out", str(package)])
     assert exported.exit_code == 0, exported.output
     card = json.loads((package / "card.json").read_text())
