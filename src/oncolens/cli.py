@@ -92,11 +92,11 @@ def train(
     if chosen.train.method in ("distill", "soup"):
         from oncolens.training.distill import fit_distilled
 
-        fit_distilled(chosen, samples, runs, command)
+        summary = fit_distilled(chosen, samples, runs, command)
     else:
-        fit(chosen, samples, runs, command)
+        summary = fit(chosen, samples, runs, command)
     if val_only:
-        best = json.loads((runs / "history.json").read_text()).get("best_val") or {}
+        best = summary.get("best_val") or {}
         figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
         typer.echo(f"trained {runs} (val: {figures}); test not read, no package written")
         return
@@ -205,22 +205,6 @@ def _settings(recipe: Recipe, pairs: list[str]) -> Recipe:
     return recipe
 
 
-def _differs_from_run(recipe: Recipe, run_dir: Path) -> list[str]:
-    """The ``[train]`` and ``[augment]`` values (as ``--set`` takes them) with which the run in
-    ``run_dir`` was trained, as its ``history.json`` records them, where ``recipe`` has others."""
-    try:
-        recorded = json.loads((run_dir / "history.json").read_text()).get("recipe") or {}
-    except (OSError, ValueError):
-        return []
-    given = json.loads(json.dumps(recipe.to_dict()))
-    return [
-        f"{'augment.' if section == 'augment' else ''}{key}={value}"
-        for section in ("train", "augment")
-        for key, value in (recorded.get(section) or {}).items()
-        if key in given[section] and given[section][key] != value
-    ]
-
-
 @app.command()
 def cv(
     dataset_dir: Annotated[Path, typer.Argument(help="Folder with manifest.csv and the images.")],
@@ -283,7 +267,7 @@ def export(
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""
     from oncolens.datasets import ManifestError, read_manifest
-    from oncolens.training.pipeline import finalize
+    from oncolens.training.pipeline import RunError, finalize
     from oncolens.training.recipe import RecipeError, resolve_recipe
 
     try:
@@ -291,25 +275,20 @@ def export(
         samples = read_manifest(dataset_dir)
     except (RecipeError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
-    if not (run_dir / "best.pt").is_file():
-        raise _fail(f"{run_dir} holds no best.pt: not a finished training run")
-    differences = _differs_from_run(chosen, run_dir)
-    if differences:
-        raise _fail(
-            f"{run_dir} was trained with {', '.join(differences)}; the recipe given says otherwise: "
-            "export with the run's values (--set KEY=VALUE, as given to train)"
+    try:
+        package = finalize(
+            chosen,
+            samples,
+            run_dir,
+            out or ZOO_DIR / model_id,
+            model_id,
+            SAMPLES_DIR / model_id,
+            _command(),
+            dataset_dir,
+            _expected_file(out),
         )
-    package = finalize(
-        chosen,
-        samples,
-        run_dir,
-        out or ZOO_DIR / model_id,
-        model_id,
-        SAMPLES_DIR / model_id,
-        _command(),
-        dataset_dir,
-        _expected_file(out),
-    )
+    except RunError as exc:
+        raise _fail(str(exc)) from exc
     typer.echo(f"wrote model package {package}")
 
 

@@ -47,6 +47,29 @@ def _history(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class RunError(ValueError):
+    """A run folder that cannot be packaged with the recipe given."""
+
+
+def check_run(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse a folder without a finished run, and a run whose ``history.json`` records other
+    ``[train]`` or ``[augment]`` values than ``recipe`` has (named as ``--set`` takes them)."""
+    if not (run_dir / BEST).is_file():
+        raise RunError(f"{run_dir} holds no {BEST}: not a finished training run")
+    recorded, given = _history(run_dir).get("recipe") or {}, recipe.to_dict()
+    differences = [
+        f"{'augment.' if section == 'augment' else ''}{key}={value}"
+        for section in ("train", "augment")
+        for key, value in (recorded.get(section) or {}).items()
+        if key in given[section] and given[section][key] != value
+    ]
+    if differences:
+        raise RunError(
+            f"{run_dir} was trained with {', '.join(differences)}; the recipe given says otherwise: "
+            "export with the run's values (--set KEY=VALUE, as given to train)"
+        )
+
+
 def _views(recipe: Recipe, run_dir: Path) -> tuple[str, ...]:
     """The test-time views the run chose on val, else the recipe's ``[export] tta``."""
     chosen = _history(run_dir).get("test_time_views") or recipe.export.get("tta", ["identity"])
@@ -457,6 +480,7 @@ def finalize(
     ``dataset_dir`` (the dataset folder of ``samples``), the int8 copy is made and gated
     (``training.quantize``).
     """
+    check_run(recipe, run_dir)
     samples, n_excluded = drop_labels(samples, recipe.excluded_labels)
     model, checkpoint = _load_exportable(recipe, run_dir)
     parent = package_dir.parent if package_dir.parent.exists() else None
