@@ -45,8 +45,8 @@ def figures(card: dict[str, Any]) -> dict[str, float]:
 
 def read_card(directory: Path) -> dict[str, Any]:
     path = directory / "card.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {directory} holds no card.json: not a model package")
+    if not path.is_file() or not (directory / "model.onnx").is_file():
+        raise SystemExit(f"error: {directory} holds no card.json and model.onnx: not a model package")
     card: dict[str, Any] = json.loads(path.read_text())
     return card
 

@@ -43,7 +43,13 @@ def test_an_identical_rebuild_passes_and_a_different_one_is_shown_by_how_much(tm
 def test_a_folder_that_is_no_package_or_another_model_is_refused_with_a_message(tmp_path: Path) -> None:
     empty = run(tmp_path)
     assert empty.returncode != 0
-    assert f"{tmp_path} holds no card.json: not a model package" in empty.stderr
+    assert f"{tmp_path} holds no card.json and model.onnx: not a model package" in empty.stderr
+    no_network = tmp_path / "breast-us"
+    no_network.mkdir()
+    shutil.copy(BUILTIN_DIR / "breast-us" / "card.json", no_network)
+    half = run(no_network)
+    assert half.returncode != 0 and "Traceback" not in half.stderr
+    assert f"{no_network} holds no card.json and model.onnx: not a model package" in half.stderr
 
     other = run(BUILTIN_DIR / "breast-us", "--against", BUILTIN_DIR / "thyroid-us")
     assert other.returncode != 0
