@@ -51,9 +51,12 @@ def read_card(directory: Path) -> dict[str, Any]:
     return card
 
 
-def compare(rebuilt: Path, shipped: Path) -> tuple[bool, list[str]]:
-    """Whether the two ONNX files are identical, and the lines of the report."""
-    new, old = read_card(rebuilt), read_card(shipped)
+def compare(rebuilt: Path, shipped: Path | None = None) -> tuple[bool, list[str]]:
+    """Whether the two ONNX files are identical, and the lines of the report. ``shipped`` defaults
+    to the installed package of the rebuilt one's id."""
+    new = read_card(rebuilt)
+    shipped = shipped or BUILTIN_DIR / new["id"]
+    old = read_card(shipped)
     if new["id"] != old["id"]:
         raise SystemExit(f"error: {rebuilt} is {new['id']!r}, {shipped} is {old['id']!r}: not the same model")
     new_sha, old_sha = sha256_of(rebuilt / "model.onnx"), sha256_of(shipped / "model.onnx")
@@ -81,8 +84,7 @@ def main() -> int:
     parser.add_argument("rebuilt", type=Path, help="the package folder the card's command wrote")
     parser.add_argument("--against", type=Path, help="the package to compare with (default: the installed one)")
     args = parser.parse_args()
-    shipped = args.against or BUILTIN_DIR / read_card(args.rebuilt)["id"]
-    same, lines = compare(args.rebuilt, shipped)
+    same, lines = compare(args.rebuilt, args.against)
     print("\n".join(lines))
     return 0 if same else 1
 
