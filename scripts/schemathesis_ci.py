@@ -95,7 +95,10 @@ def main() -> None:
         }
         oncolens = [sys.executable, "-m", "oncolens.cli"]
         subprocess.run(
-            [*oncolens, "users", "create", "--email", ADMIN, "--admin", "--password", PASSWORD], env=env, check=True
+            [*oncolens, "users", "create", "--email", ADMIN, "--admin", "--password-stdin"],
+            env=env,
+            check=True,
+            input=f"{PASSWORD}\n".encode(),
         )
         port = free_port()
         url = f"http://127.0.0.1:{port}"

@@ -13,10 +13,9 @@ from typing import Any
 import jwt
 from pwdlib import PasswordHash
 from sqlalchemy import delete, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
+from oncolens.db import insert_if_missing
 from oncolens.db.models import LoginThrottle, RevokedToken, User, utcnow
 from oncolens.errors import PermissionDenied
 
@@ -187,11 +186,9 @@ def _reserve_attempt(session: Session, email: str, policy: ThrottlePolicy) -> in
     numbered up to ``max_failures`` have their password checked; the rest are refused as locked.
     """
     table = LoginThrottle.__table__  # type: ignore[attr-defined]
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     now = utcnow()
     try:
-        session.execute(insert(table).values(email=email, failures=0, locked_until=None).on_conflict_do_nothing())
+        insert_if_missing(session, table, email=email, failures=0, locked_until=None)
         session.execute(update(table).where(table.c.email == email).values(failures=table.c.failures + 1))
         row = session.execute(select(table.c.failures, table.c.locked_until).where(table.c.email == email)).one()
         failures, locked_until = int(row.failures), row.locked_until

@@ -773,11 +773,18 @@ def db_upgrade() -> None:
 NEW_PASSWORD_ENV = "ONCOLENS_NEW_PASSWORD"
 
 
+PASSWORD_IN_ARGV = (
+    "--password is refused: a password on the command line is visible to every user of this machine in "
+    "the process list and stays in the shell history. Use --password-stdin "
+    f"(printf '%s\\n' \"$PW\" | oncolens users ... --password-stdin), ${NEW_PASSWORD_ENV}, or the prompt"
+)
+
+
 def _new_password(given: str | None, from_stdin: bool) -> str:
-    """The new password: ``--password``, else the first line of standard input (``--password-stdin``),
-    else ``ONCOLENS_NEW_PASSWORD``, else asked for twice without echo."""
+    """The new password: the first line of standard input (``--password-stdin``), else
+    ``ONCOLENS_NEW_PASSWORD``, else asked for twice without echo. ``--password`` is refused, saying why."""
     if given is not None:
-        return given
+        raise _fail(PASSWORD_IN_ARGV)
     if from_stdin:
         line = sys.stdin.readline().rstrip("\r\n")
         if not line:
@@ -790,7 +797,7 @@ def _new_password(given: str | None, from_stdin: bool) -> str:
 
 PasswordOption = Annotated[
     str | None,
-    typer.Option(help=f"At least 10 characters; default --password-stdin, ${NEW_PASSWORD_ENV}, or a prompt."),
+    typer.Option(hidden=True, help="Refused (visible in the process list): use --password-stdin."),
 ]
 PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
 
@@ -923,14 +930,15 @@ def users_invite(
 ) -> None:
     """E-mail an invitation (needs the ONCOLENS_SMTP_* settings and ONCOLENS_PUBLIC_URL for the link)."""
     from oncolens.config import Settings
+    from oncolens.db import make_engine
     from oncolens.db.models import Role, User
+    from oncolens.mail import Mailer
+    from oncolens.services import mailqueue
     from oncolens.services.accounts import Accounts
     from oncolens.services.audit import Actor
     from oncolens.services.users import find_by_email
 
     settings = Settings()
-    if not settings.public_url:
-        raise _fail("set ONCOLENS_PUBLIC_URL (the address users open OncoLens at) so the invitation link works")
     with _users_session() as session:
         sender = (
             find_by_email(session, inviter)
@@ -940,8 +948,15 @@ def users_invite(
             )
         )
         accounts = Accounts(session, settings, _server_key(settings))
-        user = accounts.invite(Actor(sender, channel="command line"), email, role, full_name, settings.public_url)
-    typer.echo(f"invitation sent to {user.email} ({role}); the link expires in {settings.invite_hours} hours")
+        user = accounts.invite(Actor(sender, channel="command line"), email, role, full_name)
+    sent = mailqueue.drain(make_engine(settings.resolved_database_url), Mailer(settings))
+    if sent:
+        typer.echo(f"invitation sent to {user.email} ({role}); the link expires in {settings.invite_hours} hours")
+    else:
+        typer.echo(
+            f"invitation to {user.email} ({role}) made; the mail server did not take it yet, so the running "
+            "server sends it (it retries for about an hour; a failure is in the audit trail as mail_failed)"
+        )
 
 
 def _server_key(settings: Settings) -> str:

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="S3 access key id (none: boto3's usual sources).")
     s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
     s3_region: str = Field("us-east-1", description="S3 region name.")
+    s3_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds to wait for the S3 service to connect or answer; one retry, so a store that "
+        "hangs costs a request at most about twice this before it gets 503.",
+    )
+    min_free_mb: int = Field(
+        200,
+        ge=0,
+        description="Free space (MB) the data folder must keep: below it new cases are refused (507) while "
+        "reads, logins and reviews go on; 0 turns the check off.",
+    )
     access_token_minutes: int = Field(60, gt=0, description="Lifetime of an access token.")
     login_max_failures: int = Field(5, gt=0, description="Failed logins before an account name is locked.")
     login_lock_minutes: int = Field(15, gt=0, description="How long a locked account name stays locked.")
@@ -121,11 +133,21 @@ class Settings(BaseSettings):
     smtp_from: str | None = Field(
         None, description="Sender address of OncoLens e-mail, e.g. 'OncoLens <noreply@clinic.org>'."
     )
-    smtp_timeout_s: float = Field(15.0, gt=0, description="Seconds to wait for the SMTP server.")
+    smtp_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to wait for the SMTP server (connecting, then each answer)."
+    )
     public_url: str | None = Field(
         None,
-        description="Address users reach this server at, for links in e-mail (e.g. https://oncolens.clinic.org); "
-        "default the address of the request.",
+        description="Address users reach this server at (e.g. https://oncolens.clinic.org): the one origin of "
+        "links in e-mail and of absolute URLs (FHIR). Without it the e-mail features answer 409 naming this "
+        "setting and FHIR gives relative URLs: links are never built from the address a request names.",
+    )
+    mail_poll_s: float = Field(
+        2.0,
+        gt=0,
+        le=10,
+        description="How often the server sends the e-mail queued by requests (seconds, at most 10); the "
+        "sending never happens inside a request.",
     )
     self_signup: bool = Field(
         False, description="Let anyone sign up with an e-mail code; an admin must approve the account before use."

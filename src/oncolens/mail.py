@@ -9,9 +9,10 @@ sent: every feature that needs e-mail says so (:class:`MailNotConfigured`) and t
 from __future__ import annotations
 
 import html
+import json
 import smtplib
 import ssl
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, make_msgid
 
@@ -24,11 +25,18 @@ NOT_CONFIGURED = (
 )
 
 
-class MailNotConfigured(Conflict):
-    """An e-mail feature was asked for on a server with no SMTP settings."""
+NO_PUBLIC_URL = (
+    "e-mail with links needs ONCOLENS_PUBLIC_URL, the address users reach this server at "
+    "(e.g. https://oncolens.clinic.org): links are never built from the address a request names"
+)
 
-    def __init__(self) -> None:
-        super().__init__(NOT_CONFIGURED)
+
+class MailNotConfigured(Conflict):
+    """An e-mail feature was asked for on a server with no SMTP settings, or without the public
+    address its links must point to (``ONCOLENS_PUBLIC_URL``)."""
+
+    def __init__(self, detail: str = NOT_CONFIGURED) -> None:
+        super().__init__(detail)
 
 
 class MailFailed(Unavailable):
@@ -45,6 +53,13 @@ class Letter:
     action_url: str = ""
     action_label: str = ""
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Letter:
+        return cls(**json.loads(text))
+
 
 class Mailer:
     """Sends :class:`Letter`s through the configured SMTP server (a new connection per message)."""
@@ -54,11 +69,20 @@ class Mailer:
 
     @property
     def configured(self) -> bool:
-        return self.settings.mail_configured
+        """SMTP is set up and so is the public address that links point to."""
+        return self.settings.mail_configured and bool(self.settings.public_url)
 
     def require(self) -> None:
-        if not self.configured:
+        if not self.settings.mail_configured:
             raise MailNotConfigured
+        if not self.settings.public_url:
+            raise MailNotConfigured(NO_PUBLIC_URL)
+
+    @property
+    def link_base(self) -> str:
+        """``ONCOLENS_PUBLIC_URL`` without its trailing slash: the one origin of every link in e-mail."""
+        self.require()
+        return str(self.settings.public_url).rstrip("/")
 
     @property
     def sender(self) -> str:
@@ -80,7 +104,8 @@ class Mailer:
 
     def send(self, letter: Letter) -> None:
         """Deliver ``letter``; MailNotConfigured without SMTP settings, MailFailed when delivery fails."""
-        self.require()
+        if not self.settings.mail_configured:
+            raise MailNotConfigured
         s = self.settings
         host = str(s.smtp_host)
         port = s.smtp_port or (465 if s.smtp_ssl else 587 if s.smtp_starttls else 25)

@@ -130,7 +130,7 @@ def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[
             if settings.release_memory_idle_s
             else "unused model memory kept (ONCOLENS_RELEASE_MEMORY_IDLE_S=0)"
         ),
-        "e-mail: " + (f"SMTP {settings.smtp_host}" if settings.mail_configured else "off (ONCOLENS_SMTP_HOST not set)"),
+        "e-mail: " + _mail_line(settings),
     ]
     if users == 0:
         lines.append(
@@ -163,3 +163,12 @@ def check_log_file(path: Path | None) -> None:
             pass
     except OSError as exc:
         raise StartupError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _mail_line(settings: Settings) -> str:
+    if not settings.mail_configured:
+        return "off (ONCOLENS_SMTP_HOST not set)"
+    if not settings.public_url:
+        return f"SMTP {settings.smtp_host}, but off: links need ONCOLENS_PUBLIC_URL (never built from a request)"
+    every = f"{settings.mail_poll_s:g}"
+    return f"SMTP {settings.smtp_host}, links to {settings.public_url}, queued mail sent every {every} s"

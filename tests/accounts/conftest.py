@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from oncolens import totp
 from oncolens.api import create_app
 from oncolens.auth import hash_password
 from oncolens.db.models import User
+from oncolens.services import mailqueue
 from tests.api.conftest import db_settings
 
 PASSWORD = "correct horse battery"
@@ -29,21 +31,27 @@ class Inbox:
     """Every message the SMTP server accepted, parsed."""
 
     def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
+        self.received: list[EmailMessage] = []
+
+    def all(self) -> list[EmailMessage]:
+        """Every message, once the servers' mail queues are sent (``settle_all``)."""
+        settle_all()
+        return list(self.received)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         message["X-Envelope-To"] = ", ".join(envelope.rcpt_tos)
-        self.messages.append(message)
+        self.received.append(message)
         return "250 Message accepted for delivery"
 
     def to(self, address: str) -> list[EmailMessage]:
-        return [m for m in self.messages if address in m["X-Envelope-To"]]
+        """The messages to ``address`` once the servers' mail queues are sent (``settle_all``)."""
+        return [m for m in self.all() if address in m["X-Envelope-To"]]
 
     def last_to(self, address: str) -> EmailMessage:
         found = self.to(address)
-        assert found, f"no e-mail to {address}; got {[m['X-Envelope-To'] for m in self.messages]}"
+        assert found, f"no e-mail to {address}; got {[m['X-Envelope-To'] for m in self.received]}"
         return found[-1]
 
 
@@ -57,6 +65,23 @@ def html_of(message: EmailMessage) -> str:
     part = message.get_body(preferencelist=("html",))
     assert part is not None
     return str(part.get_content())
+
+
+# The engines of the apps made by make_client: their servers send e-mail from a queue, a moment after
+# the request that queued it (services.mailqueue); the inbox waits for those queues to empty.
+_ENGINES: list[Engine] = []
+
+
+def settle_all(timeout_s: float = 10.0) -> None:
+    """Wait until the mail queue of every app made here is empty (sent, or given up after failures)."""
+    deadline = time.monotonic() + timeout_s
+    for engine in list(_ENGINES):
+        try:
+            while mailqueue.waiting(engine) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except Exception:  # the app's database is gone (its test module dropped it)
+            _ENGINES.remove(engine)
+    time.sleep(0.05)  # the SMTP server's handler has returned before the sender deletes the row
 
 
 def link_in(message: EmailMessage, path: str) -> str:
@@ -120,9 +145,12 @@ def make_client(
         preload_models=False,
         clinic_name="Riverside Clinic",
         public_url="https://oncolens.clinic.org",
+        mail_poll_s=0.05,
         **((mail if smtp_port else {}) | overrides),
     )
-    return TestClient(create_app(settings))
+    app = create_app(settings)
+    _ENGINES.append(app.state.engine)
+    return TestClient(app)
 
 
 class Clock:

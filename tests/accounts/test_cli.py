@@ -53,14 +53,18 @@ def test_the_first_admin_and_a_forgotten_password_without_e_mail(
     assert before.token_version == 1
     code, out = users("set-password", "ghost@clinic.org")
     assert code == 2 and "no user with e-mail ghost@clinic.org" in out
-    code, out = users("set-password", "boss@clinic.org", "--password", "short")
+    code, out = users("set-password", "boss@clinic.org", "--password-stdin", stdin="short\n")
     assert code == 2 and "at least 10 characters" in out
+    # A password in argv shows in the process list (finding 18): refused, pointing to the safe ways.
+    code, out = users("set-password", "boss@clinic.org", "--password", "a long passphrase")
+    assert code == 2 and "--password is refused" in out and "--password-stdin" in out
+    assert rows(data_dir)["boss@clinic.org"].token_version == 1, "nothing changed"
     code, out = users("set-password", "boss@clinic.org", "--password-stdin", stdin="\n")
     assert code == 2 and "standard input gave no password" in out
 
 
 def test_deactivate_activate_and_reset_a_second_factor(data_dir: Path) -> None:
-    users("create", "--email", "doc@clinic.org", "--password", "a long password")
+    users("create", "--email", "doc@clinic.org", "--password-stdin", stdin="a long password\n")
     code, out = users("deactivate", "doc@clinic.org")
     assert code == 0 and rows(data_dir)["doc@clinic.org"].is_active is False
     assert "deactivated" in users("list")[1]
@@ -87,12 +91,12 @@ def test_invite_on_the_command_line_sends_the_e_mail(
 ) -> None:
     inbox, port = smtp
     code, out = users("invite", "new@clinic.org")
-    assert code == 2 and "set ONCOLENS_PUBLIC_URL" in out
-    monkeypatch.setenv("ONCOLENS_PUBLIC_URL", "https://oncolens.clinic.org")
-    code, out = users("invite", "new@clinic.org")
     assert code == 2 and "e-mail is not set up on this server" in out
     monkeypatch.setenv("ONCOLENS_SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("ONCOLENS_SMTP_PORT", str(port))
+    code, out = users("invite", "new@clinic.org")
+    assert code == 2 and "needs ONCOLENS_PUBLIC_URL" in out
+    monkeypatch.setenv("ONCOLENS_PUBLIC_URL", "https://oncolens.clinic.org")
     code, out = users("invite", "new@clinic.org", "--role", "viewer")
     assert code == 0 and "invitation sent to new@clinic.org (viewer)" in out
     message = inbox.last_to("new@clinic.org")

@@ -37,12 +37,12 @@ def test_case_is_complete_after_kill_9_following_the_response(tmp_path: Path) ->
             "create",
             "--email",
             "doc@clinic.org",
-            "--password",
-            "correct horse battery",
+            "--password-stdin",
         ],
         env=env,
         check=True,
         capture_output=True,
+        input=b"correct horse battery\n",
     )
     port = free_port()
     server = subprocess.Popen(

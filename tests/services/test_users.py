@@ -15,15 +15,17 @@ def test_cli_users_create_writes_the_same_audit_event_as_the_api(
 ) -> None:
     monkeypatch.setenv("ONCOLENS_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("ONCOLENS_DATABASE_URL", raising=False)
-    args = ["users", "create", "--email", "Chief@Clinic.org", "--password", "a long password", "--admin"]
-    result = CliRunner().invoke(app, args)
+    args = ["users", "create", "--email", "Chief@Clinic.org", "--password-stdin", "--admin"]
+    result = CliRunner().invoke(app, args, input="a long password\n")
     assert result.exit_code == 0, result.output
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, args, input="a long password\n")
     assert again.exit_code == 2 and "a user with e-mail chief@clinic.org already exists" in again.output
-    weak = CliRunner().invoke(app, ["users", "create", "--email", "x@y.org", "--password", "short", "--role", "viewer"])
+    weak = CliRunner().invoke(
+        app, ["users", "create", "--email", "x@y.org", "--password-stdin", "--role", "viewer"], input="short\n"
+    )
     assert weak.exit_code == 2 and "at least 10 characters" in weak.output
     role = CliRunner().invoke(
-        app, ["users", "create", "--email", "x@y.org", "--password", "a long password", "--role", "boss"]
+        app, ["users", "create", "--email", "x@y.org", "--password-stdin", "--role", "boss"], input="a long password\n"
     )
     assert role.exit_code == 2 and "unknown role 'boss'" in role.output
     engine = create_engine(f"sqlite:///{tmp_path / 'oncolens.db'}")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import anyio
-from fastapi import BackgroundTasks, Depends, Path, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
@@ -15,7 +15,7 @@ from oncolens.api.batching import InferenceBatcher
 from oncolens.auth import AuthError, Forbidden, user_for_token
 from oncolens.config import Settings
 from oncolens.db.models import Role, User
-from oncolens.services.accounts import Accounts, Outbox, TwoFactorNeeded, needs_enrolment
+from oncolens.services.accounts import Accounts, TwoFactorNeeded, needs_enrolment
 from oncolens.services.analysis import Recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
@@ -195,15 +195,11 @@ def get_accounts(request: Request, session: SessionDep, settings: SettingsDep) -
 AccountsDep = Annotated[Accounts, Depends(get_accounts)]
 
 
-def send_later(background: BackgroundTasks, request: Request, outbox: Outbox) -> None:
-    """Deliver ``outbox``'s e-mails after the answer has gone (its timing then tells nothing)."""
-    background.add_task(outbox.deliver, request.app.state.mailer, request.app.state.engine)
-
-
-def base_url(request: Request) -> str:
-    """Where links in e-mail point: ``ONCOLENS_PUBLIC_URL``, else the address this request came to."""
+def public_base(request: Request) -> str:
+    """The origin of absolute URLs in answers (FHIR): ``ONCOLENS_PUBLIC_URL``, else none (relative
+    URLs); never the address the request names (its Host header is the client's to choose)."""
     settings: Settings = request.app.state.settings
-    return (settings.public_url or str(request.base_url)).rstrip("/")
+    return (settings.public_url or "").rstrip("/")
 
 
 def recorder(batcher: InferenceBatcher) -> Recorder | None:

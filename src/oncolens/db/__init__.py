@@ -8,15 +8,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Table, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+def insert_if_missing(session: Session, table: Table, **values: Any) -> None:
+    """INSERT ``values`` into ``table`` unless a row with the same key exists (ON CONFLICT DO NOTHING):
+    parallel requests that both find no row never fail on the key (SQLite and PostgreSQL)."""
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(table).values(**values).on_conflict_do_nothing())
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite files get WAL journaling, foreign keys and a busy timeout."""
+    """An engine for ``url``; SQLite files get WAL journaling, foreign keys and a busy timeout.
+
+    SQL parameters are never put into error messages (``hide_parameters``): a failed statement's
+    traceback in the log must not carry password hashes or patient fields.
+    """
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:" and not path.startswith("file:"):

@@ -88,6 +88,25 @@ class AccountToken(SQLModel, table=True):
     expires_at: datetime = Field(sa_column=_when())
     used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    # A sign-up code's pending credentials (JSON: password hash, name), set on the account only when
+    # the code is used, so that a second sign-up for the same pending address cannot replace them.
+    payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class MailQueue(SQLModel, table=True):
+    """One e-mail waiting to be sent by the server's drainer (``services.mailqueue``)."""
+
+    __tablename__ = "mail_queue"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
+    # Set while one drainer sends it; a drainer that died leaves it to another once this passes.
+    claimed_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    recipient: str = Field(sa_column=Column(String(255), nullable=False))
+    letter: str = Field(sa_column=Column(Text, nullable=False))  # JSON of mail.Letter
+    last_error: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
 
 
 class RecoveryCode(SQLModel, table=True):

@@ -2,35 +2,42 @@
 code and admin approval, TOTP enrolment, recovery codes. Every step is audited.
 
 Secrets sent by e-mail (links, codes) are single-use and expiring, and only their keyed hashes are
-stored (``account_tokens``). Answers that could tell whether an address has an account (reset,
-sign-up) are the same either way, and their e-mails leave after the answer (``Outbox``), so the time
-taken does not tell either.
+stored (``account_tokens``); each is used up by one conditional UPDATE that only one of several
+parallel requests can win. Answers that could tell whether an address has an account (reset,
+sign-up) are the same either way, and their e-mails go to a queue that the server sends from later
+(``services.mailqueue``), so the time taken does not tell either. Links point only at
+``ONCOLENS_PUBLIC_URL``, never at the address a request names. Every password or second-factor
+check, whichever route it comes through, counts towards the account name's login lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlencode
 
-from sqlalchemy import delete, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import case, delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from oncolens import totp
 from oncolens.auth import AuthError, ThrottlePolicy, aware, hash_password, revoke_all_tokens, throttled, verify_password
 from oncolens.config import Settings
+from oncolens.db import insert_if_missing
 from oncolens.db.models import AccountToken, LoginThrottle, RecoveryCode, RequestThrottle, Role, TokenPurpose, User
 from oncolens.db.models import utcnow as _now
 from oncolens.errors import Conflict, InvalidInput, LinkInvalid, PermissionDenied, TooManyRequests
-from oncolens.mail import Letter, Mailer, MailFailed
-from oncolens.services import users
+from oncolens.mail import Letter, Mailer
+from oncolens.services import mailqueue, users
 from oncolens.services.audit import Actor, audit, audit_by
-from oncolens.services.users import ROLES, get_user
+from oncolens.services.users import ROLES, end_links, get_user, person_name, valid_email
 
 log = logging.getLogger("oncolens.accounts")
 
@@ -38,6 +45,7 @@ SIGNUP_CODE_ATTEMPTS = 5
 LINK_INVALID = "this link is not valid: it has expired or was already used; ask for a new one"
 CODE_INVALID = "the code is wrong or has expired"
 SIGNUP_OFF = "self sign-up is off on this server: ask an administrator for an invitation"
+WRONG_PASSWORD_OR_CODE = "the password or the code is wrong"
 
 
 class TwoFactorRequired(AuthError):
@@ -60,23 +68,6 @@ class TwoFactorNeeded(PermissionDenied):
     """The server requires a second factor and this user has not enrolled one."""
 
 
-@dataclass
-class Outbox:
-    """E-mails to send after the answer has gone (so its timing does not depend on the account)."""
-
-    letters: list[Letter] = field(default_factory=list)
-
-    def deliver(self, mailer: Mailer, engine: Engine) -> None:
-        for letter in self.letters:
-            try:
-                mailer.send(letter)
-            except MailFailed as exc:
-                log.error("%s", exc)
-                with Session(engine) as session:
-                    audit(session, None, "mail_failed", detail=f"{letter.subject} to {letter.to}: {exc}")
-                    session.commit()
-
-
 @dataclass(frozen=True)
 class Enrolment:
     """What an authenticator app needs: the secret (to type in), its otpauth URI and QR code (SVG)."""
@@ -95,6 +86,19 @@ class Accounts:
         self.secret = secret
         self.mailer = mailer or Mailer(settings)
 
+    @property
+    def policy(self) -> ThrottlePolicy:
+        return ThrottlePolicy(self.settings.login_max_failures, self.settings.login_lock_minutes)
+
+    def _counted(self, user: User, check: Callable[[], None]) -> None:
+        """Run a password or second-factor ``check`` for ``user`` as one attempt under the login lock."""
+
+        def run() -> User:
+            check()
+            return user
+
+        throttled(self.session, user.email, self.policy, run)
+
     # --- tokens sent by e-mail ------------------------------------------------------------------------
 
     def _hash(self, raw: str, purpose: str) -> str:
@@ -102,16 +106,25 @@ class Accounts:
             f"account-token\x00{purpose}\x00{self.secret}".encode(), raw.encode(), hashlib.sha256
         ).hexdigest()
 
-    def _issue(self, user: User, purpose: TokenPurpose, lifetime: timedelta, raw: str | None = None) -> str:
-        """A new secret for ``user``; earlier unused ones of the same purpose stop working."""
+    def _issue(
+        self,
+        user: User,
+        purpose: TokenPurpose,
+        lifetime: timedelta,
+        raw: str | None = None,
+        payload: str | None = None,
+        replace: bool = True,
+    ) -> str:
+        """A new secret for ``user``; with ``replace``, earlier unused ones of the same purpose stop working."""
         assert user.id is not None
-        self.session.exec(
-            delete(AccountToken).where(
-                col(AccountToken.user_id) == user.id,
-                col(AccountToken.purpose) == purpose.value,
-                col(AccountToken.used_at).is_(None),
+        if replace:
+            self.session.exec(
+                delete(AccountToken).where(
+                    col(AccountToken.user_id) == user.id,
+                    col(AccountToken.purpose) == purpose.value,
+                    col(AccountToken.used_at).is_(None),
+                )
             )
-        )
         raw = raw or secrets.token_urlsafe(32)
         self.session.add(
             AccountToken(
@@ -119,6 +132,7 @@ class Accounts:
                 purpose=purpose.value,
                 token_hash=self._hash(raw, purpose.value),
                 expires_at=_now() + lifetime,
+                payload=payload,
             )
         )
         return raw
@@ -135,11 +149,23 @@ class Accounts:
             raise LinkInvalid(LINK_INVALID)
         return found, user
 
+    def _use(self, token: AccountToken) -> None:
+        """Mark ``token`` used, in one conditional UPDATE: of parallel requests with one token, one wins;
+        the others get LinkInvalid (the caller commits)."""
+        won = self.session.exec(
+            update(AccountToken)
+            .where(col(AccountToken.id) == token.id, col(AccountToken.used_at).is_(None))
+            .values(used_at=_now())
+        )
+        if won.rowcount != 1:
+            self.session.rollback()
+            raise LinkInvalid(LINK_INVALID)
+        set_committed_value(token, "used_at", _now())
+
     def _redeem(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
-        """:meth:`_valid`, and the token is now used."""
+        """:meth:`_valid`, and the token is now used (by this request only)."""
         found, user = self._valid(raw, purpose)
-        found.used_at = _now()
-        self.session.add(found)
+        self._use(found)
         return found, user
 
     def check_link(self, raw: str, purpose: TokenPurpose) -> User:
@@ -147,19 +173,29 @@ class Accounts:
         return self._valid(raw, purpose)[1]
 
     def _count_request(self, key: str, limit: int) -> None:
-        """Count one e-mail request under ``key``; TooManyRequests beyond ``limit`` in the hour window."""
+        """Count one e-mail request under ``key``; TooManyRequests beyond ``limit`` in the hour window.
+
+        One UPDATE ... RETURNING counts and reads back (after an insert that does nothing when the row
+        exists), so parallel requests each get their own number and the limit holds exactly.
+        """
         key = key[:300]
         now = _now()
-        row = self.session.get(RequestThrottle, key)
-        if row is None:
-            row = RequestThrottle(key=key, window_start=now, count=0)
-        elif now - aware(row.window_start) >= timedelta(hours=1):
-            row.window_start, row.count = now, 0
-        row.count += 1
-        self.session.add(row)
+        table = RequestThrottle.__table__  # type: ignore[attr-defined]
+        insert_if_missing(self.session, table, key=key, window_start=now, count=0)
+        stale = table.c.window_start <= now - timedelta(hours=1)
+        row = self.session.execute(
+            update(table)
+            .where(table.c.key == key)
+            .values(
+                count=case((stale, 1), else_=table.c.count + 1),
+                window_start=case((stale, now), else_=table.c.window_start),
+            )
+            .returning(table.c.count, table.c.window_start)
+        ).one()
         self.session.commit()
-        if row.count > limit:
-            wait = timedelta(hours=1) - (now - aware(row.window_start))
+        count, window_start = int(row[0]), row[1]
+        if count > limit:
+            wait = timedelta(hours=1) - (now - aware(window_start))
             minutes = max(1, round(wait.total_seconds() / 60))
             raise TooManyRequests(
                 f"too many e-mail requests from here or for this address; try again in {minutes} minute(s)"
@@ -171,53 +207,54 @@ class Accounts:
         if client:
             self._count_request(f"{kind}-client:{client}", limit * 4)
 
-    def _letter(self, to: str, subject: str, text: str, url: str = "", label: str = "") -> Letter:
-        return Letter(to=to, subject=subject, text=text, action_url=url, action_label=label)
+    def _send(self, to: str, subject: str, text: str, path: str = "", label: str = "") -> None:
+        """Queue a letter (sent with the caller's commit); ``path`` becomes a link under the public URL."""
+        url = f"{self.mailer.link_base}{path}" if path else ""
+        mailqueue.enqueue(self.session, Letter(to=to, subject=subject, text=text, action_url=url, action_label=label))
 
     # --- invitations ----------------------------------------------------------------------------------
 
-    def invite(self, actor: Actor, email: str, role: str, full_name: str, base_url: str) -> User:
-        """Create (or renew) an invitation and send it now; nothing is kept if the e-mail fails."""
+    def invite(self, actor: Actor, email: str, role: str, full_name: str) -> User:
+        """Create (or renew) an invitation; its e-mail is queued with the commit."""
         self.mailer.require()
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; choose {', '.join(ROLES)}")
-        email = email.strip().lower()
+        email, full_name = valid_email(email), person_name(full_name)
         user = self.session.exec(select(User).where(User.email == email)).first()
         if user is not None and (user.has_password or not user.is_active):
             raise Conflict(f"a user with e-mail {email} already exists")
         if user is None:
             user = User(email=email, full_name=full_name, hashed_password="", role=role)
-        else:
+        else:  # an earlier invitation, or a sign-up that was never verified: the invitation replaces it
             user.role, user.full_name = role, full_name or user.full_name
+            user.approved = True
+            end_links(self.session, user)  # a pending sign-up's codes (and the passwords they carry) end
         self.session.add(user)
         self.session.flush()
         hours = self.settings.invite_hours
         raw = self._issue(user, TokenPurpose.invite, timedelta(hours=hours))
         inviter = actor.user.full_name or actor.user.email
-        letter = self._letter(
+        self._send(
             email,
             "you are invited to OncoLens",
             f"{inviter} invites you to use OncoLens at {self.settings.clinic_name} as a {role}.\n\n"
             f"Open the link below to choose your password. It works once and expires in {hours} hours.\n\n"
             "OncoLens is decision support for cancer screening, not a diagnosis.",
-            f"{base_url}/invite?{urlencode({'token': raw})}",
+            f"/invite?{urlencode({'token': raw})}",
             "Accept the invitation",
         )
-        try:
-            self.mailer.send(letter)
-        except MailFailed:
-            self.session.rollback()
-            raise
         audit_by(self.session, actor, "invite_sent", detail=f"{email} as {role}")
         self.session.commit()
         return user
 
     def accept_invite(self, raw: str, password: str, full_name: str | None = None, client: str = "") -> User:
+        hashed = hash_password(password)  # a weak password is refused before the link is used up
+        name = person_name(full_name or "")
         _, user = self._redeem(raw, TokenPurpose.invite)
-        user.hashed_password = hash_password(password)
+        user.hashed_password = hashed
         user.email_verified_at = user.email_verified_at or _now()
-        if full_name:
-            user.full_name = full_name
+        if name:
+            user.full_name = name
         self.session.add(user)
         audit(self.session, user, "invite_accepted", client=client)
         self.session.commit()
@@ -225,36 +262,33 @@ class Accounts:
 
     # --- password reset -------------------------------------------------------------------------------
 
-    def request_reset(self, email: str, client: str, base_url: str) -> Outbox:
-        """The same answer whether or not ``email`` has an account; a link only goes to an active one."""
+    def request_reset(self, email: str, client: str) -> None:
+        """The same answer, and the same work, whether or not ``email`` has an account; a link is
+        queued only for an active one."""
         self.mailer.require()
-        email = email.strip().lower()[:255]
+        email = valid_email(email)
         self._throttle("reset", email, client)
-        outbox = Outbox()
         user = self.session.exec(select(User).where(User.email == email)).first()
         if user is None or not user.is_active:
             audit(
                 self.session, None, "reset_requested", detail=f"{email}: no active account, nothing sent", client=client
             )
             self.session.commit()
-            return outbox
+            return
         minutes = self.settings.reset_minutes
         raw = self._issue(user, TokenPurpose.reset, timedelta(minutes=minutes))
-        outbox.letters.append(
-            self._letter(
-                email,
-                "reset your password",
-                "Someone (hopefully you) asked to reset the password of your OncoLens account.\n\n"
-                f"The link below lets you choose a new one. It works once and expires in {minutes} minutes. "
-                "Choosing a new password signs you out everywhere.\n\n"
-                "If you did not ask for this, ignore this message: your password stays as it is.",
-                f"{base_url}/reset-password?{urlencode({'token': raw})}",
-                "Choose a new password",
-            )
+        self._send(
+            email,
+            "reset your password",
+            "Someone (hopefully you) asked to reset the password of your OncoLens account.\n\n"
+            f"The link below lets you choose a new one. It works once and expires in {minutes} minutes. "
+            "Choosing a new password signs you out everywhere.\n\n"
+            "If you did not ask for this, ignore this message: your password stays as it is.",
+            f"/reset-password?{urlencode({'token': raw})}",
+            "Choose a new password",
         )
         audit(self.session, user, "reset_requested", client=client)
         self.session.commit()
-        return outbox
 
     def reset_password(self, raw: str, password: str, client: str = "") -> User:
         """Set the password from a reset link: every token of the user ends (sessions, other links)."""
@@ -264,11 +298,7 @@ class Accounts:
         user.email_verified_at = user.email_verified_at or _now()
         revoke_all_tokens(user)
         self.session.add(user)
-        self.session.exec(
-            update(AccountToken)
-            .where(col(AccountToken.user_id) == user.id, col(AccountToken.used_at).is_(None))
-            .values(used_at=_now())
-        )
+        end_links(self.session, user)
         self.session.exec(delete(LoginThrottle).where(col(LoginThrottle.email) == user.email))
         audit(self.session, user, "reset_done", client=client)
         self.session.commit()
@@ -276,126 +306,157 @@ class Accounts:
 
     # --- self-sign-up ---------------------------------------------------------------------------------
 
-    def signup(self, email: str, full_name: str, password: str, client: str, base_url: str) -> Outbox:
+    def signup(self, email: str, full_name: str, password: str, client: str) -> None:
         """Start a sign-up: a 6-digit code by e-mail. The same answer for an address that has an account
-        (its owner gets a note instead of a code)."""
+        (its owner gets a note instead of a code).
+
+        The password and name wait with the code (``AccountToken.payload``) and reach the account only
+        when that code is entered: another sign-up for the same pending address neither replaces them
+        nor ends the first code.
+        """
         if not self.settings.self_signup:
             raise PermissionDenied(SIGNUP_OFF)
         self.mailer.require()
-        email = email.strip().lower()[:255]
+        email, full_name = valid_email(email), person_name(full_name)
         hashed = hash_password(password)
         self._throttle("signup", email, client)
-        outbox = Outbox()
-        user = self.session.exec(select(User).where(User.email == email)).first()
-        if user is not None and (user.approved or user.email_verified_at is not None):
-            outbox.letters.append(
-                self._letter(
-                    email,
-                    "you already have an account",
-                    "Someone asked to sign up for OncoLens with this address, which already has an account. "
-                    "If it was you, sign in, or reset your password if you forgot it.",
-                    f"{base_url}/login",
-                    "Sign in",
-                )
+        user = self._pending_user(email)
+        if user is None:
+            self._send(
+                email,
+                "you already have an account",
+                "Someone asked to sign up for OncoLens with this address, which already has an account. "
+                "If it was you, sign in, or reset your password if you forgot it.",
+                "/login",
+                "Sign in",
             )
             audit(self.session, None, "signup_requested", detail=f"{email}: account exists, note sent", client=client)
             self.session.commit()
-            return outbox
-        if user is None:
-            user = User(email=email, role=Role.viewer.value, approved=False, hashed_password=hashed)
-        user.full_name, user.hashed_password = full_name, hashed
-        self.session.add(user)
-        self.session.flush()
+            return
         minutes = self.settings.signup_code_minutes
         code = f"{secrets.randbelow(10**6):06d}"
-        self._issue(user, TokenPurpose.signup, timedelta(minutes=minutes), raw=self._signup_raw(email, code))
-        outbox.letters.append(
-            self._letter(
-                email,
-                f"your sign-up code is {code}",
-                f"Your OncoLens sign-up code is {code}. Enter it on the sign-up page within {minutes} minutes.\n\n"
-                "After that an administrator approves the account before you can sign in.",
-                f"{base_url}/signup/verify?{urlencode({'email': email})}",
-                "Enter the code",
-            )
+        payload = json.dumps({"password": hashed, "full_name": full_name})
+        raw = self._signup_raw(email, code)
+        self._issue(user, TokenPurpose.signup, timedelta(minutes=minutes), raw=raw, payload=payload, replace=False)
+        self._send(
+            email,
+            f"your sign-up code is {code}",
+            f"Your OncoLens sign-up code is {code}. Enter it on the sign-up page within {minutes} minutes.\n\n"
+            "After that an administrator approves the account before you can sign in.",
+            f"/signup/verify?{urlencode({'email': email})}",
+            "Enter the code",
         )
         audit(self.session, user, "signup_requested", client=client)
         self.session.commit()
-        return outbox
+
+    def _pending_user(self, email: str) -> User | None:
+        """The not yet verified account of ``email`` (made now if there is none); None when the
+        address already has an account (approved, verified or invited). Parallel sign-ups for one new
+        address make one account."""
+        for _ in range(2):
+            user = self.session.exec(select(User).where(User.email == email)).first()
+            if user is not None:
+                pending = not user.approved and user.email_verified_at is None
+                return user if pending else None
+            try:
+                with self.session.begin_nested():
+                    user = User(email=email, role=Role.viewer.value, approved=False, hashed_password="")
+                    self.session.add(user)
+                return user
+            except IntegrityError:  # another request made it meanwhile: read it
+                continue
+        raise Conflict(f"the account of {email} is being changed by another request; try again")
 
     @staticmethod
     def _signup_raw(email: str, code: str) -> str:
         return f"{email}\x00{totp.normalise(code)}"
 
-    def verify_signup(self, email: str, code: str, client: str, base_url: str) -> Outbox:
-        """Check the e-mailed code (5 tries per code); the address is then verified and the admins told."""
+    def verify_signup(self, email: str, code: str, client: str) -> None:
+        """Check the e-mailed code (5 tries per code, counted before the code is compared, so parallel
+        guesses cannot exceed them); the address is then verified and the admins told."""
         if not self.settings.self_signup:
             raise PermissionDenied(SIGNUP_OFF)
         email = email.strip().lower()[:255]
         user = self.session.exec(select(User).where(User.email == email)).first()
-        pending = (
-            self.session.exec(
-                select(AccountToken).where(
-                    col(AccountToken.user_id) == user.id,
-                    col(AccountToken.purpose) == TokenPurpose.signup.value,
-                    col(AccountToken.used_at).is_(None),
-                )
-            ).first()
-            if user is not None
-            else None
-        )
-        if user is None or pending is None or aware(pending.expires_at) <= _now():
+        if user is None:
             raise LinkInvalid(CODE_INVALID)
-        if not hmac.compare_digest(pending.token_hash, self._hash(self._signup_raw(email, code), "signup")):
-            pending.attempts += 1
-            if pending.attempts >= SIGNUP_CODE_ATTEMPTS:
-                pending.used_at = _now()
-            self.session.add(pending)
-            audit(self.session, user, "signup_code_failed", detail=f"attempt {pending.attempts}", client=client)
+        table = AccountToken.__table__  # type: ignore[attr-defined]
+        live = self.session.execute(
+            update(table)
+            .where(
+                table.c.user_id == user.id,
+                table.c.purpose == TokenPurpose.signup.value,
+                table.c.used_at.is_(None),
+                table.c.expires_at > _now(),
+                table.c.attempts < SIGNUP_CODE_ATTEMPTS,
+            )
+            .values(attempts=table.c.attempts + 1)
+            .returning(table.c.id, table.c.token_hash, table.c.attempts, table.c.payload)
+        ).all()
+        self.session.commit()
+        if not live:
+            raise LinkInvalid(CODE_INVALID)
+        digest = self._hash(self._signup_raw(email, code), TokenPurpose.signup.value)
+        match = next((row for row in live if hmac.compare_digest(row.token_hash, digest)), None)
+        if match is None:
+            attempt = max(int(row.attempts) for row in live)
+            audit(self.session, user, "signup_code_failed", detail=f"attempt {attempt}", client=client)
             self.session.commit()
             raise LinkInvalid(CODE_INVALID)
-        pending.used_at = _now()
+        won = self.session.execute(
+            update(table).where(table.c.id == match.id, table.c.used_at.is_(None)).values(used_at=_now())
+        )
+        if won.rowcount != 1:  # type: ignore[attr-defined]
+            self.session.rollback()
+            raise LinkInvalid(CODE_INVALID)
+        pending = json.loads(match.payload) if match.payload else {}
+        if pending.get("password"):
+            user.hashed_password = pending["password"]
+        user.full_name = pending.get("full_name", user.full_name)
         user.email_verified_at = _now()
-        self.session.add_all([pending, user])
+        self.session.add(user)
+        self.session.execute(  # the other codes of this sign-up (and their passwords) are void now
+            update(table)
+            .where(table.c.user_id == user.id, table.c.purpose == TokenPurpose.signup.value, table.c.used_at.is_(None))
+            .values(used_at=_now())
+        )
         audit(self.session, user, "signup_verified", client=client)
         admins = self.session.exec(select(User).where(User.role == Role.admin.value, col(User.is_active))).all()
-        outbox = Outbox(
-            [
-                self._letter(
-                    admin.email,
-                    "a new account awaits approval",
-                    f"{user.full_name or user.email} <{user.email}> signed up and verified the address. "
-                    "Approve the account (and give it a role) on the users page before it can be used.",
-                    f"{base_url}/admin/users",
-                    "Open the users page",
-                )
-                for admin in admins
-            ]
-        )
+        for admin in admins:
+            self._send(
+                admin.email,
+                "a new account awaits approval",
+                f"The address {user.email} signed up (name given: \u201c{user.full_name or 'none'}\u201d) and "
+                "verified the address. Check who it is, then approve the account (and give it a role) on the "
+                "users page before it can be used.",
+                "/admin/users",
+                "Open the users page",
+            )
         self.session.commit()
-        return outbox
 
-    def approve(self, actor: Actor, user_id: int, base_url: str) -> Outbox:
+    def approve(self, actor: Actor, user_id: int) -> None:
+        """An admin approves a verified sign-up (an address never verified cannot be approved)."""
         user = get_user(self.session, user_id)
         if user.approved:
             raise Conflict(f"{user.email} is already approved")
+        if user.email_verified_at is None or not user.has_password:
+            raise Conflict(
+                f"{user.email} has not verified the address yet (the code sent to it was never entered): "
+                "it cannot be approved before"
+            )
         user.approved = True
         self.session.add(user)
         audit_by(self.session, actor, "user_approved", detail=f"{user.email} as {user.role}")
-        self.session.commit()
-        outbox = Outbox()
         if self.mailer.configured:
-            outbox.letters.append(
-                self._letter(
-                    user.email,
-                    "your account is approved",
-                    f"An administrator approved your OncoLens account at {self.settings.clinic_name} "
-                    f"(role: {user.role}). You can sign in now.",
-                    f"{base_url}/login",
-                    "Sign in",
-                )
+            self._send(
+                user.email,
+                "your account is approved",
+                f"An administrator approved your OncoLens account at {self.settings.clinic_name} "
+                f"(role: {user.role}). You can sign in now.",
+                "/login",
+                "Sign in",
             )
-        return outbox
+        self.session.commit()
 
     # --- signing in ------------------------------------------------------------------------------------
 
@@ -430,14 +491,8 @@ class Accounts:
 
     def code_step(self, user: User, code: str, client: str, channel: str) -> User:
         """The web's second step: the code for ``user`` (whose password was right), throttled like a login."""
-        policy = ThrottlePolicy(self.settings.login_max_failures, self.settings.login_lock_minutes)
-
-        def check() -> User:
-            self.check_second_factor(user, code, client)
-            return user
-
         try:
-            throttled(self.session, user.email, policy, check)
+            self._counted(user, lambda: self.check_second_factor(user, code, client))
         except AuthError as exc:
             if not exc.audited:
                 audit(self.session, None, "login_failed", detail=f"{user.email}: {exc} ({channel})", client=client)
@@ -463,24 +518,36 @@ class Accounts:
         return Enrolment(secret, uri, totp.qr_svg(uri))
 
     def confirm_enrolment(self, actor: Actor, code: str) -> list[str]:
-        """Turn the second factor on with a first code from the app; returns the recovery codes (shown once)."""
+        """Turn the second factor on with a first code from the app; returns the recovery codes (shown
+        once). Every earlier session of the account ends (the caller starts a new one for this browser)."""
         user = actor.user
         if user.two_factor:
             raise Conflict("two-factor sign-in is already on for this account")
         if not user.totp_secret:
             raise Conflict("start the enrolment first (a new secret and QR code)")
-        step = totp.matching_step(totp.unseal(user.totp_secret, self.secret), code, None)
-        if step is None:
-            audit_by(self.session, actor, "2fa_failed", detail="enrolment code")
+        secret = totp.unseal(user.totp_secret, self.secret)
+        found: list[int] = []
+
+        def check() -> None:
+            step = totp.matching_step(secret, code, None)
+            if step is None:
+                audit_by(self.session, actor, "2fa_failed", detail="enrolment code")
+                raise WrongCode(
+                    "the code does not match: scan the QR code again and enter the 6 digits the app shows now "
+                    "(the phone's clock must be right)"
+                )
+            found.append(step)
+
+        try:
+            self._counted(user, check)
+        except WrongCode as exc:
             self.session.commit()
-            raise InvalidInput(
-                "the code does not match: scan the QR code again and enter the 6 digits the app shows now "
-                "(the phone's clock must be right)"
-            )
-        user.totp_enabled_at, user.totp_last_step = _now(), step
+            raise InvalidInput(str(exc)) from exc
+        user.totp_enabled_at, user.totp_last_step = _now(), found[0]
         codes = self._new_recovery_codes(user)
+        revoke_all_tokens(user)
         self.session.add(user)
-        audit_by(self.session, actor, "2fa_enrolled")
+        audit_by(self.session, actor, "2fa_enrolled", detail="every earlier session ended")
         self.session.commit()
         return codes
 
@@ -500,12 +567,28 @@ class Accounts:
         return codes
 
     def disable(self, actor: Actor, password: str, code: str) -> User:
+        """Turn the second factor off: the password and a code, checked as one counted attempt that
+        answers the same whichever of the two is wrong."""
         if self.settings.require_two_factor:
             raise Conflict("two-factor sign-in is required on this server; it cannot be turned off")
         user = actor.user
-        if not user.has_password or not verify_password(password, user.hashed_password):
-            raise AuthError("the current password is wrong")
-        self._require_code(actor, code, allow_recovery=True)
+        if not user.two_factor:
+            raise Conflict("two-factor sign-in is not on for this account")
+
+        def check() -> None:
+            if not user.has_password or not verify_password(password, user.hashed_password):
+                audit_by(self.session, actor, "2fa_failed", detail="turning it off: wrong password or code")
+                raise WrongCode(WRONG_PASSWORD_OR_CODE)
+            try:
+                self.check_second_factor(user, code, actor.client, allow_recovery=True)
+            except AuthError as exc:
+                raise WrongCode(WRONG_PASSWORD_OR_CODE) from exc
+
+        try:
+            self._counted(user, check)
+        except WrongCode as exc:
+            self.session.commit()
+            raise InvalidInput(str(exc)) from exc
         self._clear_second_factor(user)
         audit_by(self.session, actor, "2fa_disabled")
         self.session.commit()
@@ -532,18 +615,23 @@ class Accounts:
         self.session.add(user)
 
     def _require_code(self, actor: Actor, code: str, allow_recovery: bool) -> None:
+        """A current code from the app (or a recovery code), as a counted attempt; InvalidInput if wrong."""
         if not actor.user.two_factor:
             raise Conflict("two-factor sign-in is not on for this account")
         try:
-            self.check_second_factor(actor.user, code, actor.client, allow_recovery=allow_recovery)
-        except AuthError as exc:
+            self._counted(
+                actor.user,
+                lambda: self.check_second_factor(actor.user, code, actor.client, allow_recovery=allow_recovery),
+            )
+        except WrongCode as exc:
             self.session.commit()
             raise InvalidInput(str(exc)) from exc
 
     def check_second_factor(self, user: User, code: str | None, client: str = "", allow_recovery: bool = True) -> None:
-        """Accept a current TOTP code (each at most once) or an unused recovery code; else AuthError.
+        """Accept a current TOTP code (each time step at most once) or an unused recovery code; else AuthError.
 
-        The caller commits (the login throttle does, whatever the outcome).
+        Each is used up by one conditional UPDATE, so of parallel requests with the same code one is
+        accepted. The caller commits (the login throttle does, whatever the outcome).
         """
         if not code or not code.strip():
             raise TwoFactorRequired(
@@ -553,18 +641,27 @@ class Accounts:
         assert user.totp_secret is not None
         step = totp.matching_step(totp.unseal(user.totp_secret, self.secret), code, user.totp_last_step)
         if step is not None:
-            user.totp_last_step = step
-            self.session.add(user)
-            return
-        if allow_recovery:
+            last = col(User.totp_last_step)
+            won = self.session.exec(
+                update(User).where(col(User.id) == user.id, last.is_(None) | (last < step)).values(totp_last_step=step)
+            )
+            if won.rowcount == 1:
+                set_committed_value(user, "totp_last_step", step)
+                return
+        elif allow_recovery:
             digest = totp.keyed_hash(code, self.secret, "recovery")
             for stored in self.session.exec(
                 select(RecoveryCode).where(col(RecoveryCode.user_id) == user.id, col(RecoveryCode.used_at).is_(None))
-            ):
-                if hmac.compare_digest(stored.code_hash, digest):
-                    stored.used_at = _now()
-                    self.session.add(stored)
-                    left = self.recovery_codes_left(user) - 1
+            ).all():
+                if not hmac.compare_digest(stored.code_hash, digest):
+                    continue
+                won = self.session.exec(
+                    update(RecoveryCode)
+                    .where(col(RecoveryCode.id) == stored.id, col(RecoveryCode.used_at).is_(None))
+                    .values(used_at=_now())
+                )
+                if won.rowcount == 1:
+                    left = self.recovery_codes_left(user)
                     audit(self.session, user, "recovery_code_used", detail=f"{left} left", client=client)
                     return
         audit(self.session, user, "2fa_failed", client=client)
@@ -581,10 +678,10 @@ def account_state(user: User) -> str:
     """How an admin sees an account: invited, unverified, awaiting approval, deactivated or active."""
     if not user.is_active:
         return "deactivated"
+    if not user.approved:
+        return "awaiting approval" if user.email_verified_at and user.has_password else "unverified"
     if not user.has_password:
         return "invited"
-    if not user.approved:
-        return "awaiting approval" if user.email_verified_at else "unverified"
     return "active"
 
 

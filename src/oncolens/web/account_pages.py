@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
+from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import Session
 
-from oncolens.api.deps import AccountsDep, SessionDep, SettingsDep, base_url, client_of, send_later
+from oncolens.api.deps import AccountsDep, SessionDep, SettingsDep, client_of
 from oncolens.api.errors import status_of
 from oncolens.auth import AuthError, PasswordTooWeak, create_access_token
 from oncolens.db.models import Role, TokenPurpose, User
-from oncolens.errors import DomainError, InvalidInput, NotFound, PermissionDenied
+from oncolens.errors import DomainError, NotFound, PermissionDenied
 from oncolens.services import users
 from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, account_state
 from oncolens.services.audit import Actor
@@ -163,18 +163,14 @@ def forgot(
     request: Request,
     accounts: AccountsDep,
     settings: SettingsDep,
-    background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     check_csrf(request, csrf_token)
-    if "@" not in email:
-        return forgot_page(request, 422, error="Enter the e-mail address of your account.")
     try:
-        outbox = accounts.request_reset(email, client_of(request), base_url(request))
+        accounts.request_reset(email, client_of(request))
     except DomainError as exc:
         return forgot_page(request, _status(exc), error=_sentence(exc))
-    send_later(background, request, outbox)
     return form_page(
         request,
         "Check your e-mail",
@@ -325,20 +321,16 @@ def signup(
     request: Request,
     accounts: AccountsDep,
     settings: SettingsDep,
-    background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
     full_name: Annotated[str, Form(max_length=255)] = "",
     password: Annotated[str, Form(max_length=128)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     check_csrf(request, csrf_token)
-    if "@" not in email:
-        return signup_page(request, 422, error="Enter your e-mail address.")
     try:
-        outbox = accounts.signup(email, full_name.strip(), password, client_of(request), base_url(request))
+        accounts.signup(email, full_name.strip(), password, client_of(request))
     except (PasswordTooWeak, DomainError) as exc:
         return signup_page(request, _status(exc), error=_sentence(exc))
-    send_later(background, request, outbox)
     return verify_page(
         request,
         email.strip().lower(),
@@ -356,17 +348,15 @@ def verify_form(request: Request, email: str = "") -> HTMLResponse:
 def verify(
     request: Request,
     accounts: AccountsDep,
-    background: BackgroundTasks,
     email: Annotated[str, Form(max_length=255)] = "",
     code: Annotated[str, Form(max_length=32)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     check_csrf(request, csrf_token)
     try:
-        outbox = accounts.verify_signup(email, code, client_of(request), base_url(request))
+        accounts.verify_signup(email, code, client_of(request))
     except DomainError as exc:
         return verify_page(request, email, _status(exc), error=_sentence(exc))
-    send_later(background, request, outbox)
     return form_page(
         request,
         "Address verified",
@@ -427,7 +417,9 @@ def change_password(
     check_csrf(request, csrf_token)
     try:
         _new_passwords(password, confirm)
-        users.update_me(session, _actor(request, user), password=password, current_password=current_password)
+        users.update_me(
+            session, accounts.settings, _actor(request, user), password=password, current_password=current_password
+        )
     except (PasswordTooWeak, AuthError) as exc:
         return account_page(request, user, accounts, _status(exc), error=_sentence(exc))
     return RedirectResponse("/login?" + "next=/account", status_code=303)
@@ -450,7 +442,12 @@ def two_factor_step(
         if step == "setup":
             return account_page(request, user, accounts, enrolment=accounts.begin_enrolment(actor))
         if step == "enable":
-            return account_page(request, user, accounts, recovery_codes=accounts.confirm_enrolment(actor, code))
+            page = account_page(request, user, accounts, recovery_codes=accounts.confirm_enrolment(actor, code))
+            # Turning the second factor on ended every earlier session, this browser's too: a new one.
+            minutes = accounts.settings.access_token_minutes
+            token = create_access_token(user, request.app.state.secret, minutes)
+            start_session(request, page, token, minutes, rotate_csrf=False)
+            return page
         if step == "recovery-codes":
             codes = accounts.regenerate_recovery_codes(actor, code)
             return account_page(request, user, accounts, recovery_codes=codes)
@@ -476,7 +473,7 @@ def users_page(
         user=admin,
         rows=rows,
         roles=users.ROLES,
-        mail=settings.mail_configured,
+        mail=settings.mail_configured and bool(settings.public_url),
         invite_hours=settings.invite_hours,
         error=context.pop("error", None),
         notice=context.pop("notice", None),
@@ -522,9 +519,7 @@ def invite(
     csrf_token: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
     def send() -> None:
-        if "@" not in email:
-            raise InvalidInput("enter the e-mail address to invite")
-        accounts.invite(_actor(request, admin), email, role, full_name.strip(), base_url(request))
+        accounts.invite(_actor(request, admin), email, role, full_name.strip())
 
     done = f"Invitation sent to {email.strip().lower()}."
     return _admin_action(request, admin, session, settings, csrf_token, send, done)
@@ -539,7 +534,6 @@ def user_action(
     session: SessionDep,
     accounts: AccountsDep,
     settings: SettingsDep,
-    background: BackgroundTasks,
     role: Annotated[str, Form(max_length=16)] = "",
     active: Annotated[str, Form(max_length=5)] = "",
     csrf_token: Annotated[str, Form()] = "",
@@ -553,7 +547,7 @@ def user_action(
             "Account reactivated." if active == "true" else "Account deactivated: its sessions have ended.",
         ),
         "approve": (
-            lambda: send_later(background, request, accounts.approve(actor, user_id, base_url(request))),
+            lambda: accounts.approve(actor, user_id),
             "Account approved.",
         ),
         "reset-2fa": (

@@ -15,7 +15,17 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, select
 
-from oncolens.api.deps import AccountsDep, CasesDep, SessionDep, SettingsDep, ZooDep, batcher_for, client_of, recorder
+from oncolens.api.deps import (
+    AccountsDep,
+    CasesDep,
+    SessionDep,
+    SettingsDep,
+    ZooDep,
+    batcher_for,
+    client_of,
+    public_base,
+    recorder,
+)
 from oncolens.api.errors import BadRequest, status_of
 from oncolens.api.routes.cases import file_response, pdf_response
 from oncolens.api.uploads import read_form
@@ -340,7 +350,7 @@ def class_names(zoo: Zoo) -> dict[str, dict[str, str]]:
 @router.get("/cases/{case_id}/fhir.json")
 def case_fhir(request: Request, case_id: str, actor: WebActor, cases: CasesDep) -> Response:
     """The case as a FHIR R4 Bundle, downloaded from the case page (the same as the API's)."""
-    bundle = cases.fhir_bundle(actor, case_id, str(request.base_url))
+    bundle = cases.fhir_bundle(actor, case_id, public_base(request))
     headers = {"Content-Disposition": f'attachment; filename="case-{case_id[:8]}-fhir.json"'}
     return Response(json.dumps(bundle, indent=2), media_type="application/fhir+json", headers=headers)
 

@@ -73,7 +73,17 @@ def enrolled_web_user(request: Request, session: Session) -> User:
     return user
 
 
-def start_session(request: Request, response: Response, token: str, minutes: int) -> None:
+def start_session(request: Request, response: Response, token: str, minutes: int, rotate_csrf: bool = True) -> None:
+    """Sign this browser in with ``token``; a new CSRF token goes with a new login (a token planted
+    before the login does not carry over into the session)."""
+    if rotate_csrf:
+        response.set_cookie(
+            CSRF_COOKIE,
+            secrets.token_urlsafe(24),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
     response.set_cookie(
         SESSION_COOKIE,
         token,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response
+from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from oncolens.api.deps import (
@@ -14,9 +14,7 @@ from oncolens.api.deps import (
     EnrollingUser,
     SessionDep,
     SettingsDep,
-    base_url,
     client_of,
-    send_later,
 )
 from oncolens.api.records import (
     InvitationAccept,
@@ -73,13 +71,10 @@ def logout(request: Request, user: EnrollingUser, token: BearerToken, session: S
 
 
 @router.post("/password-reset", response_model=Message, status_code=202)
-def request_reset(
-    request: Request, body: ResetRequest, accounts: AccountsDep, settings: SettingsDep, background: BackgroundTasks
-) -> Message:
+def request_reset(request: Request, body: ResetRequest, accounts: AccountsDep, settings: SettingsDep) -> Message:
     """E-mail a single-use link to choose a new password. The answer is the same whether or not the
     address has an account; requests are limited per address and per client (429)."""
-    outbox = accounts.request_reset(str(body.email), client_of(request), base_url(request))
-    send_later(background, request, outbox)
+    accounts.request_reset(str(body.email), client_of(request))
     return Message(detail=RESET_SENT.format(minutes=settings.reset_minutes))
 
 
@@ -97,19 +92,15 @@ def accept_invitation(request: Request, body: InvitationAccept, accounts: Accoun
 
 
 @router.post("/signup", response_model=Message, status_code=202)
-def signup(
-    request: Request, body: SignUp, accounts: AccountsDep, settings: SettingsDep, background: BackgroundTasks
-) -> Message:
+def signup(request: Request, body: SignUp, accounts: AccountsDep, settings: SettingsDep) -> Message:
     """Self-sign-up (only with ``ONCOLENS_SELF_SIGNUP=true``): a code goes to the address; after it,
     an administrator approves the account before it can sign in."""
-    outbox = accounts.signup(str(body.email), body.full_name, body.password, client_of(request), base_url(request))
-    send_later(background, request, outbox)
+    accounts.signup(str(body.email), body.full_name, body.password, client_of(request))
     return Message(detail=SIGNUP_SENT.format(minutes=settings.signup_code_minutes))
 
 
 @router.post("/signup/verify", response_model=Message)
-def verify_signup(request: Request, body: SignUpVerify, accounts: AccountsDep, background: BackgroundTasks) -> Message:
+def verify_signup(request: Request, body: SignUpVerify, accounts: AccountsDep) -> Message:
     """Check the e-mailed sign-up code (5 tries per code)."""
-    outbox = accounts.verify_signup(str(body.email), body.code, client_of(request), base_url(request))
-    send_later(background, request, outbox)
+    accounts.verify_signup(str(body.email), body.code, client_of(request))
     return Message(detail="Your address is verified. An administrator must approve the account before you can sign in.")

@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from oncolens.api.deps import ActorDep, CasesDep, Offset, SettingsDep, ZooDep, batcher_for, recorder
+from oncolens.api.deps import ActorDep, CasesDep, Offset, SettingsDep, ZooDep, batcher_for, public_base, recorder
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
 from oncolens.api.uploads import raw_images
 from oncolens.services.cases import CaseFilters, StoredFile
@@ -125,5 +125,5 @@ async def case_report(case_id: str, actor: ActorDep, cases: CasesDep) -> Respons
 @router.get("/{case_id}/fhir", summary="The case as a FHIR R4 Bundle")
 def case_fhir(request: Request, case_id: str, actor: ActorDep, cases: CasesDep) -> JSONResponse:
     """DiagnosticReport, Observations (class probabilities, P(malignant), risk level), Patient and Media."""
-    bundle = cases.fhir_bundle(actor, case_id, str(request.base_url))
+    bundle = cases.fhir_bundle(actor, case_id, public_base(request))
     return JSONResponse(bundle, media_type="application/fhir+json")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import APIRouter, Request
 
 from oncolens.api.deps import (
     AccountsDep,
@@ -13,9 +13,7 @@ from oncolens.api.deps import (
     SessionDep,
     SettingsDep,
     UserId,
-    base_url,
     client_of,
-    send_later,
 )
 from oncolens.api.records import (
     Code,
@@ -41,10 +39,14 @@ def read_me(user: EnrollingUser) -> UserPublic:
 
 
 @router.patch("/me", response_model=UserPublic)
-def update_me(request: Request, body: UserUpdateMe, user: EnrollingUser, session: SessionDep) -> UserPublic:
-    """Change your own name or password (the password change needs the current password)."""
+def update_me(
+    request: Request, body: UserUpdateMe, user: EnrollingUser, session: SessionDep, settings: SettingsDep
+) -> UserPublic:
+    """Change your own name or password (the password change needs the current password; a wrong one
+    counts towards the account's login lock)."""
     actor = Actor(user, client_of(request))
-    return UserPublic.of(users.update_me(session, actor, body.full_name, body.password, body.current_password))
+    changed = users.update_me(session, settings, actor, body.full_name, body.password, body.current_password)
+    return UserPublic.of(changed)
 
 
 @router.get("/me/2fa", response_model=TwoFactorStatus)
@@ -100,7 +102,7 @@ def invite(request: Request, body: Invitation, admin: AdminUser, accounts: Accou
     """Invite someone by e-mail with a role: the link lets them choose a password (single use,
     ``ONCOLENS_INVITE_HOURS``). Inviting an address again renews its invitation."""
     actor = Actor(admin, client_of(request))
-    return UserPublic.of(accounts.invite(actor, str(body.email), body.role, body.full_name, base_url(request)))
+    return UserPublic.of(accounts.invite(actor, str(body.email), body.role, body.full_name))
 
 
 @router.get("/{user_id}", response_model=UserPublic)
@@ -119,12 +121,10 @@ def update_user(
 
 
 @router.post("/{user_id}/approve", response_model=UserPublic)
-def approve(
-    request: Request, user_id: UserId, admin: AdminUser, accounts: AccountsDep, background: BackgroundTasks
-) -> UserPublic:
-    """Approve a self-signed-up account (give it a role first with PATCH); the user is told by e-mail."""
-    outbox = accounts.approve(Actor(admin, client_of(request)), user_id, base_url(request))
-    send_later(background, request, outbox)
+def approve(request: Request, user_id: UserId, admin: AdminUser, accounts: AccountsDep) -> UserPublic:
+    """Approve a self-signed-up account whose address is verified (give it a role first with PATCH);
+    the user is told by e-mail."""
+    accounts.approve(Actor(admin, client_of(request)), user_id)
     return UserPublic.of(users.get_user(accounts.session, user_id))
 
 
