@@ -260,6 +260,7 @@ def test_5_web_logout_revokes_the_session_cookie(client: TestClient):
     assert done.status_code == 303
     cookie = client.cookies.get("oncolens_session")
     assert cookie
+    csrf = client.cookies.get("oncolens_csrf")  # a new one came with the login
     client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
     client.cookies.set("oncolens_session", cookie)  # the old cookie, replayed
     page = client.get("/cases", follow_redirects=False)
