@@ -16,8 +16,7 @@ size; an 8-bit image is sent, so every perturbed pixel is a whole number.
 Then the stability check (``oncolens.stability``) is applied to every image the attack turned:
 the share of them marked unstable, and the share of clean images of the split marked unstable
 (false alarms), are printed with the check's bound taken from the model's card when it has one,
-else computed here from ``val`` (the 95th percentile of the clean change, as the card records it). Without a GPU a model takes a
-few minutes (skin-ham10000, 50 images, both bounds: see the closing note of issue 38).
+else computed here from ``val`` (the 95th percentile of the clean change, as the card records it).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Domain errors: what went wrong, in the words of the domain. The edges map them to their own
-answers once (the API in ``api/errors.py``: 404, 403, 409, 410, 422, 503, 429, 400)."""
+answers once (the API in ``api/errors.py``: 404, 403, 409, 410, 422, 503, 507, 429, 400)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,14 @@ class Gone(DomainError):
 
 
 class Unavailable(DomainError):
-    """What is needed to answer is not installed or not loaded (a model of a compat app)."""
+    """What is needed to answer is not installed, not loaded or not answering (a model of a compat app,
+    the image store, the database); ``retry_after_s`` says when to try again (HTTP Retry-After)."""
+
+    retry_after_s = 10
+
+
+class OutOfSpace(DomainError):
+    """The data folder is (nearly) full: new cases are refused while reads and reviews go on (HTTP 507)."""
 
 
 class TooManyRequests(DomainError):

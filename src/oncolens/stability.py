@@ -43,7 +43,8 @@ def copy_pixels(pixels: np.ndarray) -> np.ndarray:
 
 def p_change(score: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray) -> np.ndarray:
     """[N] |P(malignant) of each image - P(malignant) of its copy|, ``score`` mapping a batch to [N]."""
-    return np.abs(score(pixels) - score(copy_pixels(pixels)))
+    changes: np.ndarray = np.abs(score(pixels) - score(copy_pixels(pixels)))
+    return changes
 
 
 def fit_bound(score: Callable[[np.ndarray], np.ndarray], clean: np.ndarray, quantile: float = CLEAN_QUANTILE) -> float:
@@ -54,4 +55,5 @@ def fit_bound(score: Callable[[np.ndarray], np.ndarray], clean: np.ndarray, quan
 
 def unstable(p: np.ndarray, p_copy: np.ndarray, bound: float) -> np.ndarray:
     """[N] bool: the answer moved more than ``bound`` between the image and its copy."""
-    return np.abs(np.asarray(p) - np.asarray(p_copy)) > bound
+    moved: np.ndarray = np.abs(np.asarray(p) - np.asarray(p_copy)) > bound
+    return moved

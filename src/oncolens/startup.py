@@ -94,7 +94,7 @@ def check_image_store(settings: Settings) -> None:
     try:
         open_store(settings).check()
     except StoreError as exc:
-        raise StartupError(f"{exc} (ONCOLENS_IMAGE_STORE, ONCOLENS_S3_*)") from None
+        raise StartupError(f"{exc.detail} (ONCOLENS_IMAGE_STORE, ONCOLENS_S3_*)") from None
 
 
 def check_port(host: str, port: int) -> None:

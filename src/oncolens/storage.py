@@ -11,7 +11,10 @@ the commit fails; a crash in between leaves only unreferenced files, which ``swe
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlmodel import Session, select
 
 from oncolens.db.models import CaseImage
-from oncolens.errors import Unavailable
+from oncolens.errors import OutOfSpace, Unavailable
 
 if TYPE_CHECKING:
     from oncolens.config import Settings
@@ -40,10 +43,41 @@ MEDIA_TYPES = {
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp", "DICOM": ".dcm"}
 BROWSER_IMAGE_TYPES = frozenset(t for t in MEDIA_TYPES.values() if t not in ("image/tiff", "application/dicom"))
 PARTIAL = ".part"
+# Every name ``ImageStore.new_name`` makes (and its unfinished write): the orphan sweep touches nothing else.
+OWN_NAME = re.compile(r"^[0-9a-f]{32}(\.jpg|\.png|\.bmp|\.tif|\.webp|\.dcm)(\.part)?$")
+log = logging.getLogger("oncolens.storage")
+UNREACHABLE = "the image store is not answering or refused the operation; try again shortly"
 
 
 class StoreError(Unavailable):
-    """The image store cannot be reached or refused an operation (the message names it; HTTP 503)."""
+    """The image store cannot be reached or refused an operation (HTTP 503).
+
+    ``str()`` is what a client is told (no endpoint, bucket or object key); ``detail`` names them,
+    for the server's log and its start-up checks.
+    """
+
+    def __init__(self, detail: str, public: str = UNREACHABLE) -> None:
+        super().__init__(public)
+        self.detail = detail
+
+
+def free_mb(folder: Path) -> float:
+    """Free space in MB on the filesystem that holds ``folder`` (its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free / 2**20
+
+
+def require_space(folder: Path, min_free_mb: int) -> None:
+    """OutOfSpace when ``folder`` keeps less than ``min_free_mb`` free (0: no check)."""
+    if min_free_mb <= 0:
+        return
+    left = free_mb(folder)
+    if left < min_free_mb:
+        raise OutOfSpace(
+            f"the data folder {folder} has {left:.0f} MB free, under ONCOLENS_MIN_FREE_MB={min_free_mb}: new "
+            "cases are refused until space is freed (reading, reviewing and signing in go on)"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,7 +133,8 @@ class ImageStore(ABC):
         doomed = [
             entry.name
             for entry in self.entries()
-            if entry.modified < now - (partial_older_than_s if entry.partial else older_than_s)
+            if OWN_NAME.match(entry.name)  # never another application's file under the same folder or prefix
+            and entry.modified < now - (partial_older_than_s if entry.partial else older_than_s)
             and (entry.partial or entry.name not in known)
         ]
         self.remove(doomed)
@@ -121,12 +156,20 @@ class FileStore(ImageStore):
         final = self.path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + PARTIAL)
-        # Patient images: readable by the server's user only.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(final)
+        try:
+            # Patient images: readable by the server's user only.
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.replace(final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # no partial file is left behind
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpace(
+                    f"the data folder {self.root} is full: the image could not be stored, the case was not made"
+                ) from None
+            raise
         directory = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -159,9 +202,12 @@ class FileStore(ImageStore):
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot make the image folder {self.root}: {exc.strerror or exc}") from None
+            detail = f"cannot make the image folder {self.root}: {exc.strerror or exc}"
+            raise StoreError(detail, detail) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"the image folder {self.root} is not writable")
+            raise StoreError(
+                f"the image folder {self.root} is not writable", f"the image folder {self.root} is not writable"
+            )
 
 
 class S3Store(ImageStore):
@@ -242,7 +288,9 @@ class S3Store(ImageStore):
             }.get(code, f"{code}: {error.get('Message', '')}".strip(": "))
         else:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return StoreError(f"cannot {action} the image store {self.describe()}: {reason}")
+        detail = f"cannot {action} the image store {self.describe()}: {reason}"
+        log.error("%s", detail)
+        return StoreError(detail)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -256,7 +304,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def s3_client(settings: Settings) -> Any:
-    """A boto3 S3 client for the ``ONCOLENS_S3_*`` settings (path-style addressing, bounded retries)."""
+    """A boto3 S3 client for the ``ONCOLENS_S3_*`` settings (path-style addressing; connect and read
+    timeouts of ``ONCOLENS_S3_TIMEOUT_S`` and one retry, so a store that hangs costs a request
+    seconds, not minutes)."""
     try:
         import boto3
         from botocore.config import Config
@@ -271,9 +321,9 @@ def s3_client(settings: Settings) -> Any:
         region_name=settings.s3_region,
         config=Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={"total_max_attempts": 2, "mode": "standard"},
+            connect_timeout=settings.s3_timeout_s,
+            read_timeout=settings.s3_timeout_s,
             max_pool_connections=32,
         ),
     )

@@ -419,8 +419,10 @@ def test_11_orphans_and_part_files_are_swept_periodically(tmp_path: Path):
         assert created.status_code == 201
         folder = settings.images_dir / "ab"
         folder.mkdir(parents=True, exist_ok=True)
-        orphan, partial, fresh = folder / "ab12.jpg", folder / "ab34.jpg.part", folder / "ab56.jpg"
-        for path, age in ((orphan, 3600), (partial, 120), (fresh, 0)):
+        names = ("ab" + "1" * 30 + ".jpg", "ab" + "3" * 30 + ".jpg.part", "ab" + "5" * 30 + ".jpg")
+        orphan, partial, fresh = (folder / name for name in names)
+        foreign = folder / "notes-of-another-app.txt"  # not a name the store makes: never swept
+        for path, age in ((orphan, 3600), (partial, 120), (fresh, 0), (foreign, 3600)):
             path.write_bytes(b"x")
             os.utime(path, (time.time() - age, time.time() - age))
         stored = client.app.state.store  # type: ignore[attr-defined]
@@ -433,6 +435,7 @@ def test_11_orphans_and_part_files_are_swept_periodically(tmp_path: Path):
         assert not orphan.exists() and not partial.exists(), "swept while running, not only at start"
         assert fresh.exists(), "a file whose case may be committing is left alone"
         assert kept.exists(), "a file a case refers to is never swept"
+        assert foreign.exists(), "only names the server's own scheme could have written are swept"
 
 
 # --- 12. the SQLite file is private ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 data folder — written before the rows commit, removed when the commit fails or the case is deleted,
 orphans swept — and clear errors when the store is unreachable or refuses us."""
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from sqlmodel import Session
 from oncolens.api import create_app
 from oncolens.config import Settings
 from oncolens.startup import StartupError, check_image_store
-from oncolens.storage import S3Store, StoreError, open_store
+from oncolens.storage import UNREACHABLE, S3Store, StoreError, open_store
 from tests.api.test_auth_users import add_user, login
 from tests.live import free_port
 from tests.seaweed import S3Server
@@ -126,11 +127,15 @@ def test_an_unreachable_or_refusing_store_is_named(s3: S3Server, bucket: str, tm
         check_image_store(missing)
     wrong = s3_settings(tmp_path, s3, bucket, s3_secret_access_key="not-the-secret")
     refused = r"access denied \(check ONCOLENS_S3_ACCESS_KEY_ID and ONCOLENS_S3_SECRET_ACCESS_KEY\)$"
-    with pytest.raises(StoreError, match=refused):
+    with pytest.raises(StoreError) as caught:
         open_store(wrong).check()
+    assert re.search(refused, caught.value.detail), caught.value.detail
     down = s3_settings(tmp_path, s3, bucket, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StoreError, match=f"cannot reach the image store s3://{bucket}/cases at http://127.0.0.1"):
+    with pytest.raises(StoreError) as caught:
         open_store(down).check()
+    assert caught.value.detail.startswith(f"cannot reach the image store s3://{bucket}/cases at http://127.0.0.1")
+    # What a client is told names neither the endpoint nor the bucket (issue 38, finding 17).
+    assert str(caught.value) == UNREACHABLE
     check_image_store(s3_settings(tmp_path, s3, bucket))  # the right one passes
 
 
@@ -140,7 +145,7 @@ def test_a_store_that_goes_down_answers_503_and_keeps_no_case(s3: S3Server, buck
         add_user(client, "ana@clinic.org", "clinician")
         ana = login(client, "ana@clinic.org")
         answer = new_case(client, ana, [MEL], expect=503)
-        assert answer["detail"].startswith(f"cannot store an image in the image store s3://{bucket}/cases")
+        assert answer["detail"] == UNREACHABLE and bucket not in answer["detail"]
         assert client.get("/api/v1/cases", headers=ana).json()["total"] == 0
 
 

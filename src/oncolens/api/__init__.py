@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
         try:
             sweep_stored_files(app)
         except StoreError as exc:  # the store is down for now: serve what does not need it, sweep later
-            log.error("the start-up sweep of stored files failed: %s", exc)
+            log.error("the start-up sweep of stored files failed: %s", exc.detail)
         if settings.preload_models:
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start

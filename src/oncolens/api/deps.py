@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -21,6 +22,8 @@ from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
 from oncolens.storage import ImageStore
 from oncolens.zoo import ModelPackage, Zoo
+
+log = logging.getLogger("oncolens.api")
 
 # Dependencies that only look something up are ``async def``: FastAPI runs a plain ``def`` dependency on
 # a worker thread, and each such hop cost the predict path CPU and latency under load (README,
@@ -85,8 +88,16 @@ BatcherDep = Annotated[InferenceBatcher, Depends(get_batcher)]
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine, expire_on_commit=False) as session:
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except Exception as exc:  # the connection died under the request (a database restart):
+            # its rollback cannot reach the server; the pool drops that connection, the answer stands.
+            log.warning("closing a database session failed (%s); its connection is dropped", type(exc).__name__)
+            session.invalidate()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from oncolens.auth import AuthError, PasswordTooWeak
 from oncolens.errors import (
@@ -18,14 +20,19 @@ from oncolens.errors import (
     InvalidInput,
     LinkInvalid,
     NotFound,
+    OutOfSpace,
     PermissionDenied,
     TooManyRequests,
     Unavailable,
 )
 from oncolens.imaging import ImageDecodeError
+from oncolens.services.audit import out_of_space
 from oncolens.zoo import ModelNotFound, PackageError
 
 log = logging.getLogger("oncolens.api")
+DATABASE_DOWN = "the database is not answering right now; try again in a few seconds"
+DATABASE_RETRY_S = 5
+DISK_FULL = "the server's disk is full: nothing new can be stored until space is freed (reading goes on)"
 
 
 # The one place a domain error becomes an HTTP status.
@@ -36,6 +43,7 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     Gone: 410,
     InvalidInput: 422,
     Unavailable: 503,
+    OutOfSpace: 507,
     TooManyRequests: 429,
     LinkInvalid: 400,
 }
@@ -79,6 +87,18 @@ def validation_message(errors: Sequence[Any]) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """A failure of the database connection or server, not of the statement (OperationalError and
+    InterfaceError in DB-API terms: a restart, a dropped connection, a full disk)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -101,7 +121,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> Response:
-        return _answer(request, status_of(exc), str(exc))
+        response = _answer(request, status_of(exc), str(exc))
+        if isinstance(exc, Unavailable):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+
+    # The database restarting, unreachable or out of connections is the server's temporary state, not
+    # a bug: a prompt 503 with Retry-After (a full disk: 507), never a 500, and one log line, not a traceback.
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(DisconnectionError)
+    @app.exception_handler(PoolTimeout)
+    async def database_down(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _transient(exc):
+            log.exception("database error on %s %s", request.method, request.url.path)
+            return _json(500, "internal error: the request could not be completed (see the server log)")
+        if out_of_space(exc):
+            log.error("the database's disk is full on %s %s", request.method, request.url.path)
+            return _answer(request, 507, DISK_FULL)
+        log.error("the database is unavailable on %s %s: %s", request.method, request.url.path, _first_line(exc))
+        response = _answer(request, 503, DATABASE_DOWN)
+        response.headers["Retry-After"] = str(DATABASE_RETRY_S)
+        return response
 
     @app.exception_handler(PasswordTooWeak)
     async def weak_password(_: Request, exc: PasswordTooWeak) -> JSONResponse:

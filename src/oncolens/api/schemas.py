@@ -122,7 +122,12 @@ class ModelSummary(BaseModel):
 
 
 class HealthPublic(BaseModel):
-    status: str = Field(examples=["ok"])
+    status: str = Field(examples=["ok"], description="ok, or degraded when a dependency is not right")
     version: str = Field(examples=["0.1.0"])
     models_loaded: int
     models: list[str]
+    dependencies: dict[str, str] = Field(
+        default_factory=dict,
+        description="database, image_store and disk: 'ok', or what is wrong with it",
+        examples=[{"database": "ok", "image_store": "not answering for 12 s", "disk": "ok"}],
+    )

@@ -46,6 +46,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
+    # A connection waits at most 10 s for the pool (then 503, not a hung request), and the server
+    # checks a pooled connection before use, so a restarted database costs no request an error.
+    kwargs.setdefault("pool_timeout", 10)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

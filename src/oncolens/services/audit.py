@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from oncolens.db.models import AuditEvent, User
+
+log = logging.getLogger("oncolens.audit")
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,76 @@ def audit(
 def audit_by(session: Session, actor: Actor, action: str, case_id: str | None = None, detail: str = "") -> None:
     """An audit event of ``actor``'s call (its channel leads the detail)."""
     audit(session, actor.user, action, case_id, actor.detail(detail), actor.client)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True for a database write that failed because its disk is full (SQLite or PostgreSQL)."""
+    orig = getattr(exc, "orig", exc)
+    text = str(orig).lower()
+    return (
+        getattr(orig, "sqlstate", None) == "53100"  # PostgreSQL disk_full
+        or "database or disk is full" in text
+        or "no space left on device" in text
+    )
+
+
+class DeferredAudit:
+    """Audit events of reads that could not be written because the disk was full: kept in memory
+    (the read is not refused for it) and written by ``flush`` once there is space; logged either way."""
+
+    def __init__(self) -> None:
+        self._events: list[AuditEvent] = []
+        self._lock = threading.Lock()
+
+    def keep(self, event: AuditEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+        log.warning(
+            "the disk is full: the audit event %s of case %s is kept in memory and written once there is space",
+            event.action,
+            event.case_id,
+        )
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def flush(self, engine: Engine) -> int:
+        """Write the kept events; returns how many were written (none while the disk is still full)."""
+        with self._lock:
+            events, self._events = self._events, []
+        if not events:
+            return 0
+        try:
+            with Session(engine) as session:
+                session.add_all(AuditEvent(**event.model_dump(exclude={"id"})) for event in events)
+                session.commit()
+        except OperationalError:
+            with self._lock:
+                self._events = events + self._events
+            return 0
+        log.info("wrote %d audit event(s) kept while the disk was full", len(events))
+        return len(events)
+
+
+deferred_audit = DeferredAudit()
+
+
+def commit_read_audit(session: Session, actor: Actor, action: str, case_id: str | None, detail: str = "") -> None:
+    """Commit the audit event of a read; on a full disk the event waits in ``deferred_audit`` and the
+    read goes on (a clinician can still open a case while the disk is being freed)."""
+    event = AuditEvent(
+        user_id=actor.user.id,
+        actor=actor.user.email,
+        action=action,
+        case_id=case_id,
+        detail=actor.detail(detail),
+        client=actor.client[:64],
+    )
+    session.add(event)
+    try:
+        session.commit()
+    except OperationalError as exc:
+        session.rollback()
+        if not out_of_space(exc):
+            raise
+        deferred_audit.keep(AuditEvent(**event.model_dump(exclude={"id"})))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,12 +30,14 @@ from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
 from oncolens.explain import display_image, png_bytes
 from oncolens.imaging import DecodedImage, decode_image
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
-from oncolens.services.audit import Actor, audit_by
+from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
-from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore
+from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore, StoreError, require_space
 from oncolens.views import CasePublic
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
+
+log = logging.getLogger("oncolens.cases")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class CaseService:
         """Check the patient fields, analyse the images and store the case atomically (files, rows,
         audit ``create``)."""
         require_writer(actor.user)
+        require_space(self.settings.data_dir, self.settings.min_free_mb)
         patient = validated(PatientInput, dict(patient_fields))
         analysed = await analyse(model, raw, self.settings, runner, record)
         return await anyio.to_thread.run_sync(self._store, actor, analysed, raw, patient)
@@ -149,6 +153,9 @@ class CaseService:
         """Write the image files, then commit the case, its images and the audit event; all or nothing."""
         result = analysed.result
         written: list[str] = []
+        # No database connection waits on the image store: the reads of this request end here (the
+        # session hands its connection back to the pool and takes one again for the commit below).
+        self.session.close()
         try:
             for image, decoded in zip(raw, analysed.prepared.decoded, strict=True):
                 written.append(self.store.write(image.data, decoded.format))
@@ -215,7 +222,12 @@ class CaseService:
         audit_by(self.session, actor, "delete", case.id, f"{case.model_id} case of patient ref {case.patient_ref!r}")
         self.session.delete(case)
         self.session.commit()
-        self.store.remove(names)
+        try:
+            self.store.remove(names)
+        except StoreError as exc:  # the case is gone; its files go with the next orphan sweep
+            log.warning(
+                "case %s deleted; its %d file(s) wait for the orphan sweep: %s", case_id, len(names), exc.detail
+            )
 
     # --- images, heat-maps, reports --------------------------------------------------------------------
 
@@ -330,8 +342,7 @@ class CaseService:
         return bundle
 
     def _commit_audit(self, actor: Actor, action: str, case_id: str, detail: str = "") -> None:
-        audit_by(self.session, actor, action, case_id, detail)
-        self.session.commit()
+        commit_read_audit(self.session, actor, action, case_id, detail)
 
 
 def _case_row(owner: User, result: CaseResult, patient: PatientInput) -> Case:
