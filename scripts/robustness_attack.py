@@ -117,7 +117,9 @@ def stability_bound(package: ModelPackage, dataset: Path) -> tuple[float, str]:
     return fit_bound(lambda x: answer(package, x).p_malignant, val), "fitted on val here"
 
 
-def run(model_id: str, dataset: Path, split: str, images: int, queries: int, eps_list: list[int]) -> dict[str, Any]:
+def run(
+    model_id: str, dataset: Path, split: str, images: int, queries: int, eps_list: list[int], save: Path | None = None
+) -> dict[str, Any]:
     package = ModelPackage.load(BUILTIN_DIR / model_id, threads=0)
     start = time.perf_counter()
     rows = load_split(dataset, split, package)
@@ -148,12 +150,18 @@ def run(model_id: str, dataset: Path, split: str, images: int, queries: int, eps
     for eps in eps_list:
         rng = np.random.default_rng(eps)
         turned, used, flagged = [], [], 0
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
         for i in chosen:
             ok, n, perturbed, p_after = attack(package, pixels[i], float(clean.p_malignant[i]), eps, queries, rng)
             if ok:
+                kept.append((pixels[i], perturbed))
                 turned.append({"file": rows[i][0], "p_before": float(clean.p_malignant[i]), "p_after": p_after})
                 used.append(n)
                 flagged += int(p_change(score, perturbed[None])[0] > bound)
+        if save is not None and kept:
+            save.mkdir(parents=True, exist_ok=True)
+            clean_px, bad_px = (np.stack(part) for part in zip(*kept, strict=True))
+            np.savez_compressed(save / f"{model_id}-eps{eps}.npz", clean=clean_px, perturbed=bad_px)
         result["by_eps"][f"{eps}/255"] = {
             "turned_low": len(turned),
             "success_rate": round(len(turned) / len(chosen), 4) if chosen else None,
@@ -175,8 +183,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--eps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, help="keep each turned image (and its clean original) as .npz here")
     args = parser.parse_args()
-    result = run(args.model_id, args.dataset, args.split, args.images, args.queries, args.eps)
+    result = run(args.model_id, args.dataset, args.split, args.images, args.queries, args.eps, args.save)
     print(f"{result['model']} {result['version']} ({result['split']}): {result['attacked']} high-risk images attacked")
     stab = result["stability"]
     print(

@@ -88,7 +88,23 @@ def _done_rows(out: Path, kind: str, package: ModelPackage) -> set[str]:
     other = {str(r["model_id"]) for r in rows if r.get("model_id")} - {package.id}
     if other:
         raise BatchError(f"{out} holds results of model {sorted(other)}, not {package.id}; write to a new file")
-    return {str(r["file"]) for r in rows}
+    return {csv_text(str(r["file"])) if kind == "csv" else str(r["file"]) for r in rows}
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet will not run: one starting like a formula gets a leading apostrophe
+    (numbers are left alone)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_text(value: str) -> str:
+    """The text ``csv_cell`` was given back (for reading a results file to resume it)."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_START) else value
 
 
 class _Writer:
@@ -105,7 +121,7 @@ class _Writer:
             flat = {k: v for k, v in row.items() if k != "probabilities"}
             flat["quality"] = ";".join(issue["code"] for issue in row.get("quality", []))
             flat |= {f"p_{c}": round(p, 6) for c, p in row.get("probabilities", {}).items()}
-            self.csv.writerow(flat)
+            self.csv.writerow({key: csv_cell(value) for key, value in flat.items()})
         else:
             self.handle.write(json.dumps(row) + "\n")
 

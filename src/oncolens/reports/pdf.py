@@ -97,6 +97,27 @@ def _table(rows: list[list[Any]], widths: list[float], header: bool = True) -> T
     return table
 
 
+CELL_MAX_LINES = 12
+CELL_MAX_CHARS = 1200
+
+
+def _clip(text: str, max_lines: int = CELL_MAX_LINES, max_chars: int = CELL_MAX_CHARS) -> str:
+    """A free-text field as a table cell can hold it: a row never splits across pages, so a field
+    taller than a page (a pasted document as a name) is shortened, saying so; the case keeps it whole."""
+    lines = text.splitlines() or [""]
+    short = "\n".join(lines[:max_lines])
+    if len(short) > max_chars:
+        short = short[:max_chars]
+    if short != text:
+        short = short.rstrip() + " \u2026 (shortened here; the case record holds the whole text)"
+    return short
+
+
+def _cell(text: str, style: ParagraphStyle) -> Paragraph:
+    """Client text in a table cell: escaped once, line breaks kept, clipped to fit a page."""
+    return Paragraph(escape(_clip(text)).replace("\n", "<br/>"), style)
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -143,13 +164,14 @@ def _patient(case: CasePublic, s: Styles) -> list[Flowable]:
         ("Sex", p.sex),
         ("E-mail", p.email),
     ]
-    rows = [[k, escape(v)] for k, v in fields if v]
+    rows: list[list[Any]] = [[k, _cell(v, s["body"])] for k, v in fields if v]
     story: list[Flowable] = [
         Paragraph("Patient", s["h2"]),
         _table(rows or [["Patient", "(no patient fields stored)"]], [4 * cm, 12 * cm], header=False),
     ]
     if p.clinical_notes:
-        story.append(Paragraph(f"<b>Clinical notes:</b> {escape(p.clinical_notes)}", s["body"]))
+        notes = escape(_clip(p.clinical_notes, 60, 6000)).replace("\n", "<br/>")
+        story.append(Paragraph(f"<b>Clinical notes:</b> {notes}", s["body"]))
     return story
 
 
@@ -251,7 +273,7 @@ def _review(case: CasePublic, reviewer: str | None, s: Styles) -> list[Flowable]
     ]
     return [
         Paragraph("Clinician review", s["h2"]),
-        _table([[k, Paragraph(escape(v or "-"), s["body"])] for k, v in rows], [4 * cm, 12 * cm], header=False),
+        _table([[k, _cell(v or "-", s["body"])] for k, v in rows], [4 * cm, 12 * cm], header=False),
     ]
 
 
