@@ -139,14 +139,13 @@ def make_client(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_port: int | None, **overrides: object
 ) -> TestClient:
     mail = {"smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_from": "OncoLens <noreply@clinic.org>"}
+    defaults = {"public_url": "https://oncolens.clinic.org", "mail_poll_s": 0.05}
     settings = db_settings(
         tmp_path_factory.mktemp("data"),
         database_url,
         preload_models=False,
         clinic_name="Riverside Clinic",
-        public_url="https://oncolens.clinic.org",
-        mail_poll_s=0.05,
-        **((mail if smtp_port else {}) | overrides),
+        **(defaults | (mail if smtp_port else {}) | overrides),
     )
     app = create_app(settings)
     _ENGINES.append(app.state.engine)
