@@ -13,10 +13,11 @@ domain. Success: the answer turns ``low`` risk while in domain, within ``--queri
 sees (the image resized to its input), which is what an attacker gets by uploading an image of that
 size; an 8-bit image is sent, so every perturbed pixel is a whole number.
 
-Then the stability check (``oncolens.stability``) is applied to every image the attack turned:
-the share of them marked unstable, and the share of clean images of the split marked unstable
-(false alarms), are printed with the check's bound taken from the model's card when it has one,
-else computed here from ``val`` (the 95th percentile of the clean change, as the card records it).
+Then a candidate stability check is applied to every image the attack turned: the answer is
+"unstable" when P(malignant) of the image and of its mirrored, shifted copy differ by more than
+the 95th percentile of that difference on clean ``val`` images. The share of turned images it marks,
+and the share of clean images of the split it marks (false alarms), are printed. (Measured on
+skin-ham10000 it marked 5 of 30 turned images: not shipped; see the closing note of issue 38.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,49 @@ import numpy as np
 
 from oncolens.imaging import decode_image
 from oncolens.inference import p_malignant
-from oncolens.stability import fit_bound, p_change
 from oncolens.zoo import BUILTIN_DIR
 from oncolens.zoo.card import RiskLevel
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import model_pixels, normalize
 
 PROPOSALS_PER_BATCH = 10
+
+# --- the candidate stability check: an image and its mirrored, shifted copy -----------------------------
+SHIFT_FRACTION = 1 / 16  # of the side: 14 px of a 224-px input
+CLEAN_QUANTILE = 0.95
+
+
+def copy_pixels(pixels: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] (model pixels) or [N, C, H, W] (model input) -> the mirrored, shifted copy.
+
+    Mirrored left-right, then moved down and right by ``SHIFT_FRACTION`` of the side, the edge rows
+    and columns repeated into the gap. Works on either layout: the last two axes of NCHW are (H, W),
+    the middle two of NHWC.
+    """
+    channels_last = pixels.shape[-1] in (1, 3) and pixels.shape[1] not in (1, 3)
+    h_axis, w_axis = (1, 2) if channels_last else (2, 3)
+    out = np.flip(pixels, axis=w_axis)
+    dy = max(1, round(pixels.shape[h_axis] * SHIFT_FRACTION))
+    dx = max(1, round(pixels.shape[w_axis] * SHIFT_FRACTION))
+    pad = [(0, 0)] * pixels.ndim
+    pad[h_axis], pad[w_axis] = (dy, 0), (dx, 0)
+    padded = np.pad(out, pad, mode="edge")
+    index: list[slice] = [slice(None)] * pixels.ndim
+    index[h_axis] = slice(0, pixels.shape[h_axis])
+    index[w_axis] = slice(0, pixels.shape[w_axis])
+    return np.ascontiguousarray(padded[tuple(index)])
+
+
+def p_change(score: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray) -> np.ndarray:
+    """[N] |P(malignant) of each image - P(malignant) of its copy|, ``score`` mapping a batch to [N]."""
+    changes: np.ndarray = np.abs(score(pixels) - score(copy_pixels(pixels)))
+    return changes
+
+
+def fit_bound(score: Callable[[np.ndarray], np.ndarray], clean: np.ndarray, quantile: float = CLEAN_QUANTILE) -> float:
+    """The bound on the change above which an answer is unstable: its ``quantile`` on clean images."""
+    changes = np.concatenate([p_change(score, clean[i : i + 32]) for i in range(0, len(clean), 32)])
+    return float(np.quantile(changes, quantile))
 
 
 @dataclass(frozen=True)
@@ -109,12 +147,9 @@ def attack(
 
 
 def stability_bound(package: ModelPackage, dataset: Path) -> tuple[float, str]:
-    """The card's bound on the clean change, else one fitted here on ``val`` (as training records it)."""
-    card = package.card.stability
-    if card is not None:
-        return card.max_change, "card"
+    """The bound on the clean change, fitted on ``val``."""
     val = np.stack([p for _, p in load_split(dataset, "val", package)])
-    return fit_bound(lambda x: answer(package, x).p_malignant, val), "fitted on val here"
+    return fit_bound(lambda x: answer(package, x).p_malignant, val), "val"
 
 
 def run(

@@ -239,15 +239,6 @@ class DatasetInfo(_Open):
         return ""
 
 
-class StabilityInfo(_Open):
-    """The stability check of ``oncolens.stability``: its bound, and what it was measured to do."""
-
-    transform: Literal["mirror-shift"] = "mirror-shift"
-    max_change: float = Field(ge=0.0, le=1.0)
-    fitted_on: str = "val"
-    false_unstable_test: float | None = None
-
-
 class ModelCard(_Strict):
     """What a package says about its model; see DESIGN.md, "The model package"."""
 
@@ -283,7 +274,6 @@ class ModelCard(_Strict):
     domain: DomainInfo | None = None
     quality: QualityInfo | None = None
     int8: Int8Info | None = None
-    stability: StabilityInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
