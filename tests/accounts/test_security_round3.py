@@ -219,11 +219,12 @@ def test_38_7_forty_parallel_resets_mail_at_most_the_limit(live: tuple[str, Fast
     with Session(app.state.engine) as session:
         session.add(User(email="many@clinic.org", hashed_password="x", role="clinician"))
         session.commit()
+    before = len(smtp[0].to("many@clinic.org"))  # the inbox is shared by the SQLite and PostgreSQL runs
     answers = parallel(40, lambda c, _: c.post(f"{url}/api/v1/auth/password-reset", json={"email": "many@clinic.org"}))
     assert max(statuses(answers)) < 500, statuses(answers)
     assert statuses(answers).count(202) == 5 and statuses(answers).count(429) == 35
     settle_all()
-    assert len(smtp[0].to("many@clinic.org")) == 5
+    assert len(smtp[0].to("many@clinic.org")) - before == 5
 
 
 def test_38_7_parallel_sign_ups_of_one_address_make_one_account(live: tuple[str, FastAPI]) -> None:
