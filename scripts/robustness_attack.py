@@ -146,10 +146,10 @@ def attack(
     return False, used, np.clip(base + delta, 0, 255).astype(np.uint8), best
 
 
-def stability_bound(package: ModelPackage, dataset: Path) -> tuple[float, str]:
+def stability_bound(package: ModelPackage, dataset: Path) -> float:
     """The bound on the clean change, fitted on ``val``."""
     val = np.stack([p for _, p in load_split(dataset, "val", package)])
-    return fit_bound(lambda x: answer(package, x).p_malignant, val), "val"
+    return fit_bound(lambda x: answer(package, x).p_malignant, val)
 
 
 def run(
@@ -162,7 +162,7 @@ def run(
     clean = answer(package, pixels)
     high = [i for i in range(len(rows)) if clean.in_domain[i] and clean.level[i] == RiskLevel.high]
     chosen = high[:images]
-    bound, source = stability_bound(package, dataset)
+    bound = stability_bound(package, dataset)
     score = lambda x: answer(package, x).p_malignant  # noqa: E731
     false_alarms = np.concatenate([p_change(score, pixels[i : i + 32]) for i in range(0, len(pixels), 32)]) > bound
     result: dict[str, Any] = {
@@ -176,7 +176,7 @@ def run(
         "stability": {
             "transform": "mirror-shift",
             "max_change": round(bound, 4),
-            "bound_from": source,
+            "bound_fitted_on": "val",
             "false_unstable_clean": round(float(false_alarms.mean()), 4),
             "clean_images": len(rows),
         },
@@ -224,7 +224,7 @@ def main() -> None:
     print(f"{result['model']} {result['version']} ({result['split']}): {result['attacked']} high-risk images attacked")
     stab = result["stability"]
     print(
-        f"  stability check (mirror-shift, bound {stab['max_change']} from {stab['bound_from']}): "
+        f"  stability check (mirror-shift, bound {stab['max_change']} fitted on val): "
         f"{stab['false_unstable_clean']:.1%} of {stab['clean_images']} clean images marked unstable"
     )
     for eps, row in result["by_eps"].items():

@@ -930,7 +930,6 @@ def users_invite(
 ) -> None:
     """E-mail an invitation (needs the ONCOLENS_SMTP_* settings and ONCOLENS_PUBLIC_URL for the link)."""
     from oncolens.config import Settings
-    from oncolens.db import make_engine
     from oncolens.db.models import Role, User
     from oncolens.mail import Mailer
     from oncolens.services import mailqueue
@@ -949,7 +948,7 @@ def users_invite(
         )
         accounts = Accounts(session, settings, _server_key(settings))
         user = accounts.invite(Actor(sender, channel="command line"), email, role, full_name)
-    sent = mailqueue.drain(make_engine(settings.resolved_database_url), Mailer(settings))
+        sent = mailqueue.drain(session.get_bind(), Mailer(settings))  # type: ignore[arg-type]
     if sent:
         typer.echo(f"invitation sent to {user.email} ({role}); the link expires in {settings.invite_hours} hours")
     else:

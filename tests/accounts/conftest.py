@@ -72,6 +72,11 @@ def html_of(message: EmailMessage) -> str:
 _ENGINES: list[Engine] = []
 
 
+def register_engine(engine: Engine) -> None:
+    """Let the inbox wait for this app's mail queue too (an app not made by make_client)."""
+    _ENGINES.append(engine)
+
+
 def settle_all(timeout_s: float = 10.0) -> None:
     """Wait until the mail queue of every app made here is empty (sent, or given up after failures)."""
     deadline = time.monotonic() + timeout_s
@@ -148,7 +153,7 @@ def make_client(
         **(defaults | (mail if smtp_port else {}) | overrides),
     )
     app = create_app(settings)
-    _ENGINES.append(app.state.engine)
+    register_engine(app.state.engine)
     return TestClient(app)
 
 

@@ -24,6 +24,7 @@ from tests.accounts.conftest import (
     code_in,
     link_in,
     make_client,
+    register_engine,
     settle_all,
     text_of,
 )
@@ -58,9 +59,7 @@ def live(
         login_max_failures=5,
     )
     with live_server(settings, {"boss@clinic.org": "admin"}) as (url, app):
-        from tests.accounts import conftest
-
-        conftest._ENGINES.append(app.state.engine)
+        register_engine(app.state.engine)
         yield url, app
 
 

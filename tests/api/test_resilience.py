@@ -285,3 +285,31 @@ def test_38_16_csv_cells_that_start_like_a_formula_are_defused_and_read_back(tmp
     with out.open("w", newline="") as handle:
         csv.writer(handle).writerow([csv_cell("=cmd|' /C calc'!A0")])
     assert out.read_text().startswith("'=cmd")
+
+
+def test_38_20_a_read_audit_event_a_full_disk_cannot_take_is_kept_and_written_later(tmp_path: Path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from oncolens.db.models import AuditEvent, User
+    from oncolens.services.audit import Actor, commit_read_audit, deferred_audit
+
+    settings = db_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    app = create_app(settings)
+    with TestClient(app):
+        add_user_row = User(email="reader@clinic.org", hashed_password="x", role="viewer")
+        with Session(app.state.engine, expire_on_commit=False) as session:
+            session.add(add_user_row)
+            session.commit()
+            real = session.commit
+
+            def full() -> None:
+                raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+            session.commit = full  # type: ignore[method-assign]
+            commit_read_audit(session, Actor(add_user_row), "view", "case-1")
+            session.commit = real  # type: ignore[method-assign]
+        assert len(deferred_audit) == 1, "the read went on; its event waits"
+        assert deferred_audit.flush(app.state.engine) == 1 and len(deferred_audit) == 0
+        with Session(app.state.engine) as session:
+            kept = session.exec(select(AuditEvent).where(AuditEvent.action == "view")).all()
+        assert [(e.actor, e.case_id) for e in kept] == [("reader@clinic.org", "case-1")]

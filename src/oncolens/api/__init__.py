@@ -32,6 +32,7 @@ from oncolens.db import make_engine, upgrade
 from oncolens.mail import Mailer
 from oncolens.memory import return_large_allocations
 from oncolens.services import mailqueue
+from oncolens.services.audit import deferred_audit
 from oncolens.storage import StoreError, open_store
 from oncolens.zoo import Zoo
 
@@ -61,11 +62,11 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
         sweeper = asyncio.create_task(periodic_sweep(app, settings.orphan_sweep_minutes * 60))
-        mail_drainer = asyncio.create_task(periodic_mail(app, settings.mail_poll_s))
+        queues = asyncio.create_task(periodic_queues(app, settings.mail_poll_s))
         memory_gauge = asyncio.create_task(periodic_memory_gauge(app.state.metrics, MEMORY_GAUGE_EVERY_S))
         yield
         sweeper.cancel()
-        mail_drainer.cancel()
+        queues.cancel()
         memory_gauge.cancel()
         forget_this_process()
         for batcher in app.state.batchers.values():
@@ -145,18 +146,20 @@ async def periodic_memory_gauge(metrics: ServerMetrics, every_s: float) -> None:
         await asyncio.sleep(every_s)
 
 
-async def periodic_mail(app: FastAPI, every_s: float) -> None:
-    """Send the e-mail that requests queued, every ``every_s`` seconds (never inside a request, and
-    not when a letter arrives, so no answer's timing tells whether it queued one)."""
+async def periodic_queues(app: FastAPI, every_s: float) -> None:
+    """Every ``every_s`` seconds: send the e-mail that requests queued (never inside a request, and not
+    when a letter arrives, so no answer's timing tells whether it queued one), and write the audit
+    events of reads that a full disk could not take, once it can."""
     mailer: Mailer = app.state.mailer
     while True:
         await asyncio.sleep(every_s)
-        if not mailer.settings.mail_configured:
-            continue
         try:
-            await anyio.to_thread.run_sync(mailqueue.drain, app.state.engine, mailer)
-        except Exception:  # the database briefly down: the letters wait for the next round
-            log.exception("sending the queued e-mail failed")
+            if mailer.settings.mail_configured:
+                await anyio.to_thread.run_sync(mailqueue.drain, app.state.engine, mailer)
+            if len(deferred_audit):
+                await anyio.to_thread.run_sync(deferred_audit.flush, app.state.engine)
+        except Exception:  # the database briefly down: the letters and events wait for the next round
+            log.exception("sending queued e-mail or writing deferred audit events failed")
 
 
 async def periodic_sweep(app: FastAPI, every_s: float) -> None:

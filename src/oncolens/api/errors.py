@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from oncolens.auth import AuthError, PasswordTooWeak
@@ -87,15 +87,14 @@ def validation_message(errors: Sequence[Any]) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error (of the driver's error for a database one): for one log line."""
     return (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _transient(exc: DBAPIError) -> bool:
     """A failure of the database connection or server, not of the statement (OperationalError and
     InterfaceError in DB-API terms: a restart, a dropped connection, a full disk)."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
     return isinstance(exc, OperationalError | InterfaceError)
 
 
@@ -138,7 +137,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if out_of_space(exc):
             log.error("the database's disk is full on %s %s", request.method, request.url.path)
             return _answer(request, 507, DISK_FULL)
-        log.error("the database is unavailable on %s %s: %s", request.method, request.url.path, _first_line(exc))
+        log.error("the database is unavailable on %s %s: %s", request.method, request.url.path, first_line(exc))
         response = _answer(request, 503, DATABASE_DOWN)
         response.headers["Retry-After"] = str(DATABASE_RETRY_S)
         return response

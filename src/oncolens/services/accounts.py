@@ -28,7 +28,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from oncolens import totp
-from oncolens.auth import AuthError, ThrottlePolicy, aware, hash_password, revoke_all_tokens, throttled, verify_password
+from oncolens.auth import AuthError, aware, hash_password, revoke_all_tokens, throttled, verify_password
 from oncolens.config import Settings
 from oncolens.db import insert_if_missing
 from oncolens.db.models import AccountToken, LoginThrottle, RecoveryCode, RequestThrottle, Role, TokenPurpose, User
@@ -37,7 +37,7 @@ from oncolens.errors import Conflict, InvalidInput, LinkInvalid, PermissionDenie
 from oncolens.mail import Letter, Mailer
 from oncolens.services import mailqueue, users
 from oncolens.services.audit import Actor, audit, audit_by
-from oncolens.services.users import ROLES, end_links, get_user, person_name, valid_email
+from oncolens.services.users import end_links, get_user, person_name, policy_of, valid_email, valid_role
 
 log = logging.getLogger("oncolens.accounts")
 
@@ -86,10 +86,6 @@ class Accounts:
         self.secret = secret
         self.mailer = mailer or Mailer(settings)
 
-    @property
-    def policy(self) -> ThrottlePolicy:
-        return ThrottlePolicy(self.settings.login_max_failures, self.settings.login_lock_minutes)
-
     def _counted(self, user: User, check: Callable[[], None]) -> None:
         """Run a password or second-factor ``check`` for ``user`` as one attempt under the login lock."""
 
@@ -97,7 +93,7 @@ class Accounts:
             check()
             return user
 
-        throttled(self.session, user.email, self.policy, run)
+        throttled(self.session, user.email, policy_of(self.settings), run)
 
     # --- tokens sent by e-mail ------------------------------------------------------------------------
 
@@ -149,23 +145,23 @@ class Accounts:
             raise LinkInvalid(LINK_INVALID)
         return found, user
 
-    def _use(self, token: AccountToken) -> None:
-        """Mark ``token`` used, in one conditional UPDATE: of parallel requests with one token, one wins;
-        the others get LinkInvalid (the caller commits)."""
+    def _use(self, token_id: int | None, invalid: str = LINK_INVALID) -> None:
+        """Mark the token used, in one conditional UPDATE: of parallel requests with one token, one
+        wins; the others get LinkInvalid(``invalid``) (the caller commits)."""
         won = self.session.exec(
             update(AccountToken)
-            .where(col(AccountToken.id) == token.id, col(AccountToken.used_at).is_(None))
+            .where(col(AccountToken.id) == token_id, col(AccountToken.used_at).is_(None))
             .values(used_at=_now())
         )
         if won.rowcount != 1:
             self.session.rollback()
-            raise LinkInvalid(LINK_INVALID)
-        set_committed_value(token, "used_at", _now())
+            raise LinkInvalid(invalid)
 
     def _redeem(self, raw: str, purpose: TokenPurpose) -> tuple[AccountToken, User]:
         """:meth:`_valid`, and the token is now used (by this request only)."""
         found, user = self._valid(raw, purpose)
-        self._use(found)
+        self._use(found.id)
+        set_committed_value(found, "used_at", _now())
         return found, user
 
     def check_link(self, raw: str, purpose: TokenPurpose) -> User:
@@ -217,8 +213,7 @@ class Accounts:
     def invite(self, actor: Actor, email: str, role: str, full_name: str) -> User:
         """Create (or renew) an invitation; its e-mail is queued with the commit."""
         self.mailer.require()
-        if role not in ROLES:
-            raise InvalidInput(f"unknown role {role!r}; choose {', '.join(ROLES)}")
+        valid_role(role)
         email, full_name = valid_email(email), person_name(full_name)
         user = self.session.exec(select(User).where(User.email == email)).first()
         if user is not None and (user.has_password or not user.is_active):
@@ -403,23 +398,14 @@ class Accounts:
             audit(self.session, user, "signup_code_failed", detail=f"attempt {attempt}", client=client)
             self.session.commit()
             raise LinkInvalid(CODE_INVALID)
-        won = self.session.execute(
-            update(table).where(table.c.id == match.id, table.c.used_at.is_(None)).values(used_at=_now())
-        )
-        if won.rowcount != 1:  # type: ignore[attr-defined]
-            self.session.rollback()
-            raise LinkInvalid(CODE_INVALID)
+        self._use(match.id, CODE_INVALID)
         pending = json.loads(match.payload) if match.payload else {}
         if pending.get("password"):
             user.hashed_password = pending["password"]
         user.full_name = pending.get("full_name", user.full_name)
         user.email_verified_at = _now()
         self.session.add(user)
-        self.session.execute(  # the other codes of this sign-up (and their passwords) are void now
-            update(table)
-            .where(table.c.user_id == user.id, table.c.purpose == TokenPurpose.signup.value, table.c.used_at.is_(None))
-            .values(used_at=_now())
-        )
+        end_links(self.session, user)  # the other codes of this sign-up (and their passwords) are void now
         audit(self.session, user, "signup_verified", client=client)
         admins = self.session.exec(select(User).where(User.role == Role.admin.value, col(User.is_active))).all()
         for admin in admins:

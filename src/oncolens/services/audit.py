@@ -33,23 +33,23 @@ class Actor:
 
 def audit(
     session: Session, user: User | None, action: str, case_id: str | None = None, detail: str = "", client: str = ""
-) -> None:
-    """Add an audit event to the session (committed with the change it records)."""
-    session.add(
-        AuditEvent(
-            user_id=user.id if user else None,
-            actor=user.email if user else "",
-            action=action,
-            case_id=case_id,
-            detail=detail,
-            client=client[:64],
-        )
+) -> AuditEvent:
+    """Add an audit event to the session (committed with the change it records); returns it."""
+    event = AuditEvent(
+        user_id=user.id if user else None,
+        actor=user.email if user else "",
+        action=action,
+        case_id=case_id,
+        detail=detail,
+        client=client[:64],
     )
+    session.add(event)
+    return event
 
 
-def audit_by(session: Session, actor: Actor, action: str, case_id: str | None = None, detail: str = "") -> None:
+def audit_by(session: Session, actor: Actor, action: str, case_id: str | None = None, detail: str = "") -> AuditEvent:
     """An audit event of ``actor``'s call (its channel leads the detail)."""
-    audit(session, actor.user, action, case_id, actor.detail(detail), actor.client)
+    return audit(session, actor.user, action, case_id, actor.detail(detail), actor.client)
 
 
 def out_of_space(exc: BaseException) -> bool:
@@ -107,15 +107,7 @@ deferred_audit = DeferredAudit()
 def commit_read_audit(session: Session, actor: Actor, action: str, case_id: str | None, detail: str = "") -> None:
     """Commit the audit event of a read; on a full disk the event waits in ``deferred_audit`` and the
     read goes on (a clinician can still open a case while the disk is being freed)."""
-    event = AuditEvent(
-        user_id=actor.user.id,
-        actor=actor.user.email,
-        action=action,
-        case_id=case_id,
-        detail=actor.detail(detail),
-        client=actor.client[:64],
-    )
-    session.add(event)
+    event = audit_by(session, actor, action, case_id, detail)
     try:
         session.commit()
     except OperationalError as exc:

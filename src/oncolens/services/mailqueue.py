@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, func, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -111,4 +111,4 @@ def _failed(engine: Engine, row: MailQueue, letter: Letter, error: str) -> None:
 def waiting(engine: Engine) -> int:
     """How many letters wait in the queue (health, tests)."""
     with Session(engine) as session:
-        return len(session.exec(select(MailQueue.id)).all())
+        return int(session.exec(select(func.count()).select_from(MailQueue)).one())

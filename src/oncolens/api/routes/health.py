@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from oncolens import __version__
 from oncolens.api.deps import ZooDep
+from oncolens.api.errors import first_line
 from oncolens.api.schemas import HealthPublic
 from oncolens.config import Settings
 from oncolens.storage import StoreError, free_mb
@@ -48,8 +49,7 @@ def _safely(probe: Callable[[], str]) -> str:
     except StoreError as exc:
         return exc.detail
     except Exception as exc:
-        first = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
-        return f"failing: {first[:200]}"
+        return f"failing: {first_line(exc)[:200]}"
 
 
 def _probes(request: Request) -> Probes:
