@@ -6,15 +6,15 @@ API, CLI, web pages and reports all build their answers from these dataclasses.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 
 from oncolens import explain
 from oncolens.config import Settings
-from oncolens.domain import DomainCheck, QualityIssue, quality_stats
+from oncolens.decision import Assessment, decide, indeterminate_case
+from oncolens.domain import quality_stats
 from oncolens.imaging import (
     DecodedImage,
     ImageDecodeError,
@@ -24,8 +24,7 @@ from oncolens.imaging import (
     decode_image,
     image_pixels,
 )
-from oncolens.inference import aggregate, class_activation_map, p_malignant
-from oncolens.zoo.card import RiskLevel
+from oncolens.inference import aggregate, class_activation_map
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import model_pixels, normalize
 
@@ -33,26 +32,6 @@ DISCLAIMER = (
     "Decision support only, not a diagnosis. A qualified clinician must interpret this result "
     "together with the patient's history and examination."
 )
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """Calibrated class probabilities and what follows from them under the model's policy."""
-
-    probabilities: dict[str, float]
-    top_class: str
-    top_class_name: str
-    confidence: float
-    p_malignant: float
-    is_malignant: bool
-    risk_level: RiskLevel
-    recommendation: str
-    domain: dict[str, Any] | None = None
-    quality: list[dict[str, str]] = field(default_factory=list)
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -75,46 +54,6 @@ class CaseResult:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-OUT_OF_DOMAIN_ADVICE = (
-    "Indeterminate: this image does not look like the images this model was made for, so it gives no "
-    "risk level. Retake the image (framing, focus, lighting) or choose the model for this kind of image."
-)
-ALL_OUT_OF_DOMAIN = (
-    "Indeterminate: no image of this case looks like the images this model was made for. Retake the "
-    "images or choose the model for this kind of image."
-)
-
-
-def assess(
-    package: ModelPackage,
-    probs: np.ndarray,
-    domain: DomainCheck | None = None,
-    quality: list[QualityIssue] | None = None,
-) -> Assessment:
-    """[C] calibrated probabilities -> Assessment under the package's classes and risk policy.
-
-    An image out of the model's domain gets the probabilities but no risk level: ``indeterminate``.
-    """
-    classes = package.card.classes
-    top = int(package.card.decision.top(probs[None, :])[0])
-    p_mal = float(p_malignant(probs[None, :], package.malignant)[0])
-    policy = package.card.risk_policy
-    level = policy.level_for(p_mal)
-    in_domain = domain is None or domain.in_domain
-    return Assessment(
-        probabilities={c.id: float(p) for c, p in zip(classes, probs, strict=True)},
-        top_class=classes[top].id,
-        top_class_name=classes[top].name,
-        confidence=float(probs[top]),
-        p_malignant=p_mal,
-        is_malignant=in_domain and p_mal >= policy.malignant_threshold,
-        risk_level=level.level if in_domain else RiskLevel.indeterminate,
-        recommendation=level.recommendation if in_domain else OUT_OF_DOMAIN_ADVICE,
-        domain=domain.to_dict() if domain is not None else None,
-        quality=[issue.to_dict() for issue in quality or []],
-    )
-
-
 def case_result(
     package: ModelPackage,
     logits: np.ndarray,
@@ -132,23 +71,20 @@ def case_result(
     """
     probs = package.probabilities(logits)
     names = filenames or [None] * len(sizes)
-    rule = package.card.aggregation.rule
+    card = package.card
+    rule = card.aggregation.rule
     checks = package.domain_checks(features) if features is not None else [None] * len(sizes)
     limits = package.quality_limits
     images = []
     for i, (w, h) in enumerate(sizes):
         issues = limits.check(stats[i], w, h) if limits is not None and stats is not None else []
-        images.append(ImageResult(i, names[i], w, h, assess(package, probs[i], checks[i], issues)))
+        images.append(ImageResult(i, names[i], w, h, decide(card, probs[i], checks[i], issues)))
     kept = [i for i, check in enumerate(checks) if check is None or check.in_domain]
-    combined = assess(package, aggregate(probs[kept] if kept else probs, package.malignant, rule))
+    combined = decide(card, aggregate(probs[kept] if kept else probs, package.malignant, rule))
     if not kept:
-        combined = replace(
-            combined,
-            risk_level=RiskLevel.indeterminate,
-            recommendation=ALL_OUT_OF_DOMAIN,
-            is_malignant=False,
-            note=f"all {len(sizes)} image(s) are out of the model's domain",
-        )
+        reasons = [check.reason for check in checks if check is not None]
+        note = f"all {len(sizes)} image(s) are out of the model's domain"
+        combined = indeterminate_case(card, combined, reasons, note)
     elif len(kept) < len(sizes):
         left_out = ", ".join(str(i + 1) for i in range(len(sizes)) if i not in kept)
         combined = replace(

@@ -23,6 +23,7 @@ import numpy as np
 from oncolens.analysis import PreparedImages, RawImage, case_result, explanation, prepare
 from oncolens.config import Settings
 from oncolens.cpu import single_threaded_blas
+from oncolens.decision import probability_columns
 from oncolens.imaging import ImageDecodeError, sniff_format
 from oncolens.zoo.package import ModelPackage
 
@@ -66,7 +67,7 @@ def find_files(root: Path, exclude: list[Path]) -> list[Path]:
 def columns(package: ModelPackage) -> list[str]:
     fixed = ["file", "status", "error", "model_id", "model_version", "top_class", "confidence", "p_malignant"]
     checks = ["in_domain", "ood_score", "quality"]
-    return [*fixed, "risk_level", *checks, *(f"p_{c}" for c in package.class_ids), "heatmap"]
+    return [*fixed, "risk_level", "statement", *checks, *probability_columns(package.class_ids).values(), "heatmap"]
 
 
 def _done_rows(out: Path, kind: str, package: ModelPackage) -> set[str]:
@@ -120,7 +121,8 @@ class _Writer:
         if self.csv is not None:
             flat = {k: v for k, v in row.items() if k != "probabilities"}
             flat["quality"] = ";".join(issue["code"] for issue in row.get("quality", []))
-            flat |= {f"p_{c}": round(p, 6) for c, p in row.get("probabilities", {}).items()}
+            names = probability_columns(list(row.get("probabilities", {})))
+            flat |= {names[c]: round(p, 6) for c, p in row.get("probabilities", {}).items()}
             self.csv.writerow({key: csv_cell(value) for key, value in flat.items()})
         else:
             self.handle.write(json.dumps(row) + "\n")
@@ -215,6 +217,7 @@ def screen(
             "confidence": round(assessment.confidence, 6),
             "p_malignant": round(assessment.p_malignant, 6),
             "risk_level": assessment.risk_level.value,
+            "statement": assessment.statement,
             "in_domain": "" if domain is None else domain["in_domain"],
             "ood_score": "" if domain is None else round(domain["score"], 4),
             "quality": assessment.quality,

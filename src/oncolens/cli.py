@@ -965,30 +965,40 @@ def _server_key(settings: Settings) -> str:
 
 
 def format_case(result: CaseResult) -> str:
-    """A terminal table: each image's top class, confidence, P(malignant) and risk, then the case."""
+    """A terminal table: each image's named class, its probability, P(malignant) and risk, then the
+    case's statement (the same words as the API, the web page and the reports)."""
     lines = [f"model {result.model_id} v{result.model_version}", ""]
-    header = f"{'image':<28}{'top class':<12}{'conf.':>7}{'P(malig.)':>11}  risk"
+    header = f"{'image':<28}{'named class':<14}{'prob.':>7}{'P(malig.)':>11}  risk"
     lines += [header, "-" * len(header)]
     rows = [(image.filename or f"#{image.index + 1}", image.assessment) for image in result.images]
     if len(result.images) > 1:
         rows.append((f"case ({result.aggregation_rule})", result.aggregate))
     for name, a in rows:
-        lines.append(f"{name[:27]:<28}{a.top_class:<12}{a.confidence:>7.3f}{a.p_malignant:>11.3f}  {a.risk_level}")
+        if a.indeterminate:
+            lines.append(f"{name[:27]:<28}{'-':<14}{'-':>7}{'-':>11}  {a.risk_level}")
+        else:
+            lines.append(f"{name[:27]:<28}{a.top_class:<14}{a.confidence:>7.3f}{a.p_malignant:>11.3f}  {a.risk_level}")
     for image in result.images:
         name, a = image.filename or f"#{image.index + 1}", image.assessment
         if a.domain is not None and not a.domain["in_domain"]:
+            kind = "another kind of image" if a.domain.get("reason") == "other_kind" else "an unusual image"
             lines.append(
-                f"! {name}: out of the model's domain (score {a.domain['score']:.2f} > {a.domain['threshold']:.2f}):"
-                " no risk level"
+                f"! {name}: out of the model's domain, {kind} (score {a.domain['score']:.2f} > "
+                f"{a.domain['threshold']:.2f}): no class, no risk level"
             )
         lines += [f"! {name}: {issue['message']}" for issue in a.quality]
     agg = result.aggregate
     if agg.note:
         lines.append(f"note: {agg.note}")
-    lines += ["", "class probabilities (case):"]
+    title = (
+        "class probabilities (case; for reference only, not an answer):"
+        if agg.indeterminate
+        else ("class probabilities (case):")
+    )
+    lines += ["", title]
     for class_id, p in sorted(agg.probabilities.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {class_id:<26}{p:>7.3f}  {'#' * round(p * 40)}")
-    lines += ["", f"risk: {agg.risk_level.value} - {agg.recommendation}", "", result.disclaimer]
+    lines += ["", agg.statement, "", result.disclaimer]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from oncolens.datasets import (
     read_manifest,
     select_split,
 )
+from oncolens.decision import decide, probability_columns
 from oncolens.inference import p_malignant
 from oncolens.metrics import classification_report
 from oncolens.zoo.package import ModelPackage
@@ -98,15 +99,19 @@ def write_predictions(
     pred: np.ndarray,
     package: ModelPackage,
 ) -> None:
-    """One CSV row per image: file, label, the calibrated probability of every class, P(malignant)
-    and the class the model's decision rule picks, so anyone can recompute the metrics."""
+    """One CSV row per image: file, label, the calibrated probability of every class (``p_<class>``;
+    ``p_class_<class>`` where that would repeat ``p_malignant``), P(malignant), the class the card's
+    decision rule picks (``predicted``, what the metrics use), and what the server states: the named
+    class (the most probable) and the risk level (``decision.decide``, without the out-of-domain check)."""
     classes = package.class_ids
     p_mal = p_malignant(probs, package.malignant)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", *(f"p_{c}" for c in classes), "p_malignant", "predicted"])
+        header = ["file", "label", *probability_columns(classes).values(), "p_malignant", "predicted"]
+        writer.writerow([*header, "named_class", "risk_level"])
         for sample, label, row, pm, chosen in zip(samples, y, probs, p_mal, pred, strict=True):
+            stated = decide(package.card, row)
             writer.writerow(
                 [
                     sample.file.relative_to(dataset_dir).as_posix(),
@@ -114,6 +119,8 @@ def write_predictions(
                     *(f"{v:.6f}" for v in row),
                     f"{pm:.6f}",
                     classes[chosen],
+                    stated.top_class,
+                    stated.risk_level.value,
                 ]
             )
 

@@ -7,10 +7,10 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from oncolens.analysis import Assessment
 from oncolens.db.models import Case, CaseImage
+from oncolens.decision import Assessment, statement_of
 from oncolens.zoo.card import RiskLevel
 
 StatusName = Literal["pending_review", "reviewed", "confirmed"]
@@ -30,6 +30,18 @@ class DomainPublic(BaseModel):
     in_domain: bool = Field(description="False: the image is unlike the model's training images; no risk level.")
     score: float = Field(description="Squared Mahalanobis distance of the image's features / feature count.")
     threshold: float = Field(description="Scores above it are out of domain (chosen on val: 95% of val pass).")
+    reason: str = Field(
+        "",
+        description="Out of domain only: 'other_kind' (another kind of image: choose the model for it) or "
+        "'unusual' (an unusual image of the model's kind: retake it, or judge it clinically).",
+    )
+
+
+class AlsoConsiderPublic(BaseModel):
+    class_id: str = Field(examples=["mel"])
+    name: str = Field(examples=["Melanoma"])
+    probability: float = Field(description="Its calibrated probability (lower than the named class's).")
+    reason: str = Field(examples=["rare classes weighted up"])
 
 
 class QualityPublic(BaseModel):
@@ -38,9 +50,13 @@ class QualityPublic(BaseModel):
 
 
 class AssessmentPublic(BaseModel):
-    top_class: str = Field(examples=["mel"])
+    top_class: str = Field(
+        description="The named class: always the class with the highest calibrated probability in "
+        "'probabilities'. On an indeterminate result it is not shown as an answer.",
+        examples=["mel"],
+    )
     top_class_name: str = Field(examples=["Melanoma"])
-    confidence: float = Field(description="Calibrated probability of the top class.", examples=[0.71])
+    confidence: float = Field(description="Calibrated probability of the named class.", examples=[0.71])
     probabilities: dict[str, float] = Field(
         description="Calibrated probability of every class (sums to 1).", examples=[EXAMPLE_PROBS]
     )
@@ -53,10 +69,39 @@ class AssessmentPublic(BaseModel):
     )
     quality: list[QualityPublic] = Field(default_factory=list, description="Image-quality warnings of one image.")
     note: str = Field("", description="On a combined result: which images were left out as out of domain.")
+    also_consider: AlsoConsiderPublic | None = Field(
+        None,
+        description="The class of the card's rebalanced rule (rare classes weighted up), where it is not the "
+        "named class; never the most likely class.",
+    )
+    statement: str = Field(
+        "",
+        description="The result in one statement: risk level, recommendation, named class; or, when "
+        "indeterminate, the advice alone. Web page, PDF, FHIR, CLI and batch repeat it verbatim.",
+        examples=[
+            "Risk level high: High risk. Prompt specialist referral is recommended. Most likely class: "
+            "Melanoma (71.0%); P(malignant) 0.76."
+        ],
+    )
+
+    @model_validator(mode="after")
+    def _stated(self) -> AssessmentPublic:
+        """A result stored before results carried their statement gets it composed from what it stored
+        (the class and level it stated then)."""
+        if not self.statement:
+            fields = self.model_dump(exclude={"also_consider", "statement"})
+            fields["also_consider"] = self.also_consider.model_dump() if self.also_consider else None
+            self.statement = statement_of(Assessment(**fields))
+        return self
 
     @classmethod
     def from_assessment(cls, assessment: Assessment) -> AssessmentPublic:
         return cls(**assessment.to_dict())
+
+    @classmethod
+    def stored(cls, text: str) -> AssessmentPublic:
+        """A result as stored with its case (as JSON)."""
+        return cls(**json.loads(text))
 
 
 class PatientPublic(BaseModel):
@@ -119,7 +164,7 @@ class CasePublic(BaseModel):
                 email=case.patient_email,
                 clinical_notes=case.clinical_notes,
             ),
-            result=AssessmentPublic(**json.loads(case.result_json)),
+            result=AssessmentPublic.stored(case.result_json),
             aggregation_rule=case.aggregation_rule,
             review=ReviewPublic(
                 status=case.status,
@@ -138,7 +183,7 @@ class CasePublic(BaseModel):
                     height=image.height,
                     size_bytes=image.size_bytes,
                     url=f"/api/v1/cases/{case.id}/images/{image.id}",
-                    result=AssessmentPublic(**json.loads(image.result_json)),
+                    result=AssessmentPublic.stored(image.result_json),
                 )
                 for image in sorted(images, key=lambda i: i.position)
             ],

@@ -70,8 +70,10 @@ def test_skin9_predict_answers_in_the_apps_shape(client: TestClient) -> None:
     assert sum(prediction["all_predictions"].values()) == pytest.approx(1.0, abs=2e-3)
     assert prediction["confidence"] == max(prediction["all_predictions"].values())
     assert prediction["all_predictions"][prediction["class_name"]] == prediction["confidence"]
-    cancerous = {"Melanoma", "Basal cell carcinoma", "Squamous cell carcinoma"}
-    assert prediction["is_cancerous"] is (prediction["class_name"] in cancerous)
+    # "is_cancerous" is the malignant call, a border of the risk levels: it agrees with the risk level.
+    threshold = client.get("/api/v1/models/skin-isic9").json()["risk_policy"]["malignant_threshold"]
+    assert prediction["is_cancerous"] is (body["oncolens"]["p_malignant"] >= threshold)
+    assert body["oncolens"]["statement"].startswith(f"Risk level {body['oncolens']['risk_level']}: ")
     assert body["oncolens"]["model_id"] == "skin-isic9"
     assert body["oncolens"]["risk_level"] in {"low", "borderline", "moderate", "high"}
     assert "not a diagnosis" in body["oncolens"]["disclaimer"]

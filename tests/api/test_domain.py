@@ -47,7 +47,14 @@ def test_an_image_of_another_kind_gets_no_risk_level(client: TestClient) -> None
     assert image["domain"]["score"] > image["domain"]["threshold"] > 0
     assert image["risk_level"] == body["risk_level"] == "indeterminate"
     assert body["is_malignant"] is False
-    assert "Retake the image" in image["recommendation"] and "choose the model" in image["recommendation"]
+    # A cervical cell is another kind of image: the advice is to choose the right model, not to retake it.
+    assert image["domain"]["reason"] == "other_kind"
+    assert image["recommendation"] == (
+        "Indeterminate: this does not look like dermoscopy images of the skin, the kind this model reads, so it "
+        "gives no class and no risk level. Choose the model for this kind of image."
+    )
+    assert image["statement"] == body["statement"] == image["recommendation"]
+    assert "Most likely" not in body["statement"] and body["also_consider"] is None
     assert body["note"] == "all 1 image(s) are out of the model's domain"
 
 
@@ -86,14 +93,18 @@ def test_an_indeterminate_case_is_stored_shown_reported_and_exported_as_such(cli
     listed = client.get("/api/v1/cases", params={"risk_level": "indeterminate"}, headers=headers).json()
     assert [c["id"] for c in listed["items"]] == [case["id"]]
     page = web_login(client, "doc@clinic.org").get(f"/cases/{case['id']}")
-    assert 'data-testid="ood-notice"' in page.text and "No risk level" in page.text
+    assert 'data-testid="ood-notice"' in page.text and "No answer: this is not the kind of image" in page.text
+    # No class in large type: the probabilities sit behind "show anyway", and no statement names a class.
+    assert 'data-testid="show-anyway"' in page.text and "Most likely class" not in page.text
     fhir = client.get(f"/api/v1/cases/{case['id']}/fhir", headers=headers).json()
     report = fhir["entry"][0]["resource"]
     assert "Note: all 1 image(s) are out of the model's domain." in report["conclusion"]
     if shutil.which("pdftotext"):
         pdf = client.get(f"/api/v1/cases/{case['id']}/report.pdf", headers=headers).content
         text = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
-        assert "No risk level." in text and "out of domain" in text
+        text = " ".join(text.split())
+        assert "No class and no risk level." in text and "indeterminate: no class, no risk level" in text
+        assert case["result"]["statement"] in text and "Most likely class" not in text
 
 
 def test_the_skin_9_class_app_answers_its_unknown_class(client: TestClient) -> None:
@@ -132,4 +143,5 @@ def test_batch_and_predict_report_domain_and_quality(tmp_path: Path) -> None:
     first = {json.loads(line)["file"]: json.loads(line) for line in jsonl.read_text().splitlines()}
     assert first["cell.jpg"]["in_domain"] is False and isinstance(first["cell.jpg"]["quality"], list)
     printed = CliRunner().invoke(cli, ["predict", str(CELL), "--model", "skin-ham10000"])
-    assert "out of the model's domain" in printed.output and "risk: indeterminate" in printed.output
+    assert "out of the model's domain, another kind of image" in printed.output
+    assert "Choose the model for this kind of image." in printed.output and "Most likely" not in printed.output

@@ -17,13 +17,23 @@ MALIGNANT = {"akiec", "bcc", "mel"}
 
 
 def check_assessment(result: dict, card: dict) -> None:
-    """The answer follows the card: the decision rule picks the top class, the risk policy the level,
-    and the call threshold ``is_malignant``."""
+    """The answer follows the card: the named class is the most probable one, the card's rebalanced
+    rule shows its class as "also consider" where it differs, the risk policy picks the level, and
+    the call threshold ``is_malignant``; the statement says the same."""
     probs = result["probabilities"]
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
     ids = [c["id"] for c in card["classes"]]
+    assert probs[result["top_class"]] == max(probs.values())
     decision = Decision.model_validate(card.get("decision", {}))
-    assert result["top_class"] == ids[int(decision.top(np.array([[probs[c] for c in ids]]))[0])]
+    rebalanced = ids[int(decision.top(np.array([[probs[c] for c in ids]]))[0])]
+    if rebalanced == result["top_class"]:
+        assert result["also_consider"] is None
+    else:
+        assert result["also_consider"]["class_id"] == rebalanced
+        assert result["also_consider"]["reason"] == "rare classes weighted up"
+        assert f"Also consider: {result['also_consider']['name']} (rare classes weighted up)." in result["statement"]
+    assert f"Most likely class: {result['top_class_name']} ({result['confidence']:.1%})" in result["statement"]
+    assert result["statement"].startswith(f"Risk level {result['risk_level']}: {result['recommendation']}")
     assert result["confidence"] == pytest.approx(probs[result["top_class"]])
     assert result["p_malignant"] == pytest.approx(sum(probs[c] for c in MALIGNANT))
     policy = RiskPolicy.model_validate(card["risk_policy"])

@@ -55,16 +55,34 @@ def test_risk_policy_levels_are_ordered_and_applied() -> None:
     assert "val" in policy["reasoning"]
 
 
-def test_a_risk_level_that_no_probability_reaches_is_left_out() -> None:
-    # Every malignant case scores 0.9, so the sensitivity threshold (borderline) reaches the 0.5 of
-    # moderate: borderline would be empty and is left out instead of kept unreachable.
+def test_levels_too_narrow_to_tell_apart_are_left_out_and_the_card_says_why() -> None:
+    # Every malignant case scores 0.9: the high-sensitivity cut and the call are the same 0.9, so no
+    # "borderline" fits below the call, and nothing is left above it for "moderate": the call starts "high".
     is_mal = np.array([True] * 20 + [False] * 20)
     p = np.where(is_mal, 0.9, 0.1)
-    policy = risk_policy(p, is_mal, {"sensitivity_target": 0.95, "specificity_target": 0.95, "moderate_at": 0.05})
-    names = [lv["level"] for lv in policy["levels"]]
-    assert "borderline" not in names and names[0] == "low"
-    assert "Left out as unreachable" in policy["reasoning"] and "borderline" in policy["reasoning"]
+    policy = risk_policy(p, is_mal, {"sensitivity_target": 0.95, "specificity_target": 0.95})
+    assert [(lv["level"], lv["min"]) for lv in policy["levels"]] == [("low", 0.0), ("high", 0.9)]
+    assert "no 'borderline'" in policy["reasoning"] and "no 'moderate'" in policy["reasoning"]
     RiskPolicy.model_validate(policy)
+
+
+def test_the_malignant_call_is_a_level_border_and_no_level_is_narrower_than_005() -> None:
+    rng = np.random.default_rng(0)
+    is_mal = rng.random(400) < 0.3
+    p = np.clip(np.where(is_mal, rng.beta(4, 2, 400), rng.beta(2, 5, 400)), 0, 1)
+    test = (p[::-1].copy(), is_mal[::-1].copy())
+    policy = risk_policy(p, is_mal, {"call_sensitivity": 0.90}, test)
+    starts = [lv["min"] for lv in policy["levels"]]
+    assert policy["malignant_threshold"] in starts
+    assert [lv["level"] for lv in policy["levels"]] == ["low", "borderline", "moderate", "high"]
+    assert min(b - a for a, b in zip(starts, [*starts[1:], 1.0], strict=True)) >= 0.05
+    # What each level meant on the test split: the shares at it or above, counted by hand.
+    p_test, mal_test = test
+    for level in policy["levels"]:
+        share = float((p_test[mal_test] >= level["min"]).mean())
+        assert level["test"]["malignant_at_or_above"] == pytest.approx(share)
+        assert level["basis"]
+    assert policy["test_counts"] == {"malignant": int(mal_test.sum()), "benign": int((~mal_test).sum())}
 
 
 def test_the_call_threshold_is_the_most_specific_one_at_the_target_sensitivity() -> None:

@@ -125,7 +125,7 @@ def _report(
     media: list[dict[str, str]],
 ) -> dict[str, Any]:
     r = case.result
-    conclusion = f"Risk level {r.risk_level}: {r.recommendation} Most likely: {r.top_class_name} ({r.confidence:.1%})."
+    conclusion = r.statement
     if r.note:
         conclusion += f" Note: {r.note}."
     warnings = [f"image {i.position + 1}: {q.message}" for i in case.images for q in i.result.quality]

@@ -202,11 +202,12 @@ def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowabl
         name = info.name if info else class_id
         rows.append([escape(name), f"{prob:.3f}", "malignant class" if info and info.malignant else ""])
     notices: list[Flowable] = []
-    if r.risk_level == RiskLevel.indeterminate:
+    indeterminate = r.risk_level == RiskLevel.indeterminate
+    if indeterminate:
         notices.append(
             Paragraph(
-                "<b>No risk level.</b> The images are not like those the model was made for (out of domain): "
-                "the probabilities below must not be acted on.",
+                "<b>No class and no risk level.</b> The probabilities below are shown for reference only and "
+                "must not be acted on.",
                 s["warn"],
             )
         )
@@ -214,14 +215,14 @@ def _result(case: CasePublic, card: ModelCard | None, s: Styles) -> list[Flowabl
         notices.append(Paragraph(f"<b>Note:</b> {escape(r.note)}.", s["body"]))
     return [
         Paragraph("Result", s["h2"]),
-        *notices,
         Paragraph(
-            f"Risk level: <font color='{colour}'><b>{escape(r.risk_level.upper())}</b></font> &middot; "
-            f"{escape(label)} {r.p_malignant:.3f} &middot; most likely: <b>{escape(r.top_class_name)}</b> "
-            f"({r.confidence:.1%}){combined}",
+            f"Risk level: <font color='{colour}'><b>{escape(r.risk_level.upper())}</b></font>"
+            + ("" if indeterminate else f" &middot; {escape(label)} {r.p_malignant:.3f}")
+            + combined,
             s["body"],
         ),
-        Paragraph(f"<b>Recommendation:</b> {escape(r.recommendation)}", s["body"]),
+        Paragraph(escape(r.statement), s["body"]),
+        *notices,
         Spacer(1, 4),
         _table(rows, [8 * cm, 3 * cm, 5 * cm]),
     ]
@@ -238,11 +239,15 @@ def _images(images: list[ReportImage], note: str | None, s: Styles, label: str =
             if item.overlay is not None
             else Paragraph("no heat-map", s["small"])
         )
+        answer = (
+            "<br/><b>indeterminate</b>: no class, no risk level"
+            if res.risk_level == RiskLevel.indeterminate
+            else f"<br/>{escape(res.top_class_name)} ({res.confidence:.1%})"
+            f"<br/>{escape(label)} {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}"
+        )
         text = Paragraph(
             f"<b>{index}. {escape(item.filename or 'image')}</b>"
-            f"<br/>{escape(res.top_class_name)} ({res.confidence:.1%})"
-            f"<br/>{escape(label)} {res.p_malignant:.3f}<br/>risk: {escape(res.risk_level)}"
-            + ("<br/><b>out of domain</b>" if res.domain is not None and not res.domain.in_domain else "")
+            + answer
             + "".join(f"<br/>quality: {escape(issue.message)}" for issue in res.quality),
             s["body"],
         )
@@ -255,7 +260,8 @@ def _images(images: list[ReportImage], note: str | None, s: Styles, label: str =
         story.append(KeepTogether([block, Spacer(1, 6)]))
     story.append(
         Paragraph(
-            "Left: the image as analysed. Middle: where the model looked (class-activation heat-map of its top class).",
+            "Each row: the image as analysed, where the model looked (class-activation heat-map of the named "
+            "class), and that image's own result.",
             s["small"],
         )
     )
@@ -271,9 +277,14 @@ def _review(case: CasePublic, reviewer: str | None, s: Styles) -> list[Flowable]
         ["Confirmed diagnosis", review.confirmed_diagnosis],
         ["Notes", review.notes],
     ]
+    # One block: the heading and the whole table move to the next page together, never split.
     return [
-        Paragraph("Clinician review", s["h2"]),
-        _table([[k, _cell(v or "-", s["body"])] for k, v in rows], [4 * cm, 12 * cm], header=False),
+        KeepTogether(
+            [
+                Paragraph("Clinician review", s["h2"]),
+                _table([[k, _cell(v or "-", s["body"])] for k, v in rows], [4 * cm, 12 * cm], header=False),
+            ]
+        )
     ]
 
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from oncolens import metrics
 from oncolens.inference import calibrate
-from oncolens.zoo.card import prune_levels
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -133,48 +132,146 @@ def decision_rule(
     }
 
 
-def risk_policy(p_malignant: np.ndarray, is_malignant: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
-    """Risk thresholds on P(malignant), chosen on val, with the reasoning recorded for the card.
+MIN_LEVEL_WIDTH = 0.05  # no level narrower than this in P(malignant): val cannot tell such levels apart
 
-    ``borderline`` starts where val sensitivity reaches ``sensitivity_target`` (below it: ``low``),
-    ``moderate`` at ``moderate_at`` (default 0.5), ``high`` where val specificity reaches
-    ``specificity_target``. Thresholds are kept in increasing order; a level that no P(malignant)
-    could reach (it starts where the next one does) is left out.
+
+def level_borders(
+    sens_cut: float, call: float, spec_cut: float, min_width: float = MIN_LEVEL_WIDTH
+) -> tuple[list[tuple[str, float]], list[str]]:
+    """The levels' (name, min) from three cuts on val, and why any cut was not used.
+
+    The malignant call is always a border: below it ``low`` (and ``borderline`` from the
+    high-sensitivity cut, where that cut lies at least ``min_width`` below the call), from it
+    ``moderate`` up to the high-specificity cut and ``high`` above it; where the high-specificity cut
+    is not at least ``min_width`` above the call (or leaves ``high`` narrower than ``min_width``), the
+    call itself starts ``high``.
+    """
+    why = []
+    levels: list[tuple[str, float]] = [("low", 0.0)]
+    if sens_cut >= min_width and sens_cut <= call - min_width:
+        levels.append(("borderline", sens_cut))
+    else:
+        why.append(
+            f"no 'borderline': the high-sensitivity cut {sens_cut:.3f} is not at least {min_width} above 0 and "
+            f"below the call {call:.3f}"
+        )
+    if spec_cut >= call + min_width and spec_cut <= 1.0 - min_width:
+        levels += [("moderate", call), ("high", spec_cut)]
+    else:
+        levels.append(("high", call))
+        why.append(
+            f"no 'moderate': the high-specificity cut {spec_cut:.3f} is not at least {min_width} above the call "
+            f"{call:.3f} and below 1, so the call starts 'high'"
+        )
+    if call < min_width or call > 1.0 - min_width:
+        why.append(
+            f"the call {call:.3f} leaves a level narrower than {min_width}: kept, because the call must be a "
+            "border and val chose it"
+        )
+    return levels, why
+
+
+def share_at_or_above(p: np.ndarray, mask: np.ndarray, threshold: float) -> float | None:
+    chosen = p[mask]
+    return float((chosen >= threshold).mean()) if len(chosen) else None
+
+
+def level_test_figures(
+    levels: list[tuple[str, float]], p_test: np.ndarray, mal_test: np.ndarray
+) -> list[dict[str, Any]]:
+    """For each level: the share of the test split's malignant and benign images at it or above, and in it."""
+    mal = mal_test.astype(bool)
+    out = []
+    for index, (_, start) in enumerate(levels):
+        end = levels[index + 1][1] if index + 1 < len(levels) else 2.0
+        inside = (p_test >= start) & (p_test < end)
+        out.append(
+            {
+                "malignant_at_or_above": share_at_or_above(p_test, mal, start),
+                "benign_at_or_above": share_at_or_above(p_test, ~mal, start),
+                "malignant_here": float(inside[mal].mean()) if mal.any() else None,
+                "benign_here": float(inside[~mal].mean()) if (~mal).any() else None,
+            }
+        )
+    return out
+
+
+def risk_policy(
+    p_malignant: np.ndarray,
+    is_malignant: np.ndarray,
+    config: dict[str, Any],
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    call: float | None = None,
+) -> dict[str, Any]:
+    """Risk levels on P(malignant), each an interval chosen on val at a stated operating point.
+
+    Three cuts on val: where sensitivity reaches ``sensitivity_target`` (0.95), the malignant call
+    (``call``, or the largest threshold with sensitivity >= ``call_sensitivity``, 0.90) and where
+    specificity reaches ``specificity_target`` (0.95). ``level_borders`` turns them into levels whose
+    borders include the call and none of which is narrower than 0.05. With ``test`` (P(malignant),
+    is-malignant of the test split), each level records what it meant there, in shares.
     """
     sens_target = float(config.get("sensitivity_target", 0.95))
     spec_target = float(config.get("specificity_target", 0.95))
-    moderate = float(config.get("moderate_at", 0.5))
-    borderline = min(threshold_for_sensitivity(p_malignant, is_malignant, sens_target), moderate)
-    high = max(threshold_for_specificity(p_malignant, is_malignant, spec_target), moderate)
-    called = {name: p_malignant >= t for name, t in (("borderline", borderline), ("high", high))}
     mal = is_malignant.astype(bool)
+    why_call = ""
+    if call is None:
+        call, why_call = call_threshold(p_malignant, is_malignant, config)
+    if not mal.any() or mal.all():
+        sens_cut, spec_cut = 0.0, 1.0
+    else:
+        sens_cut = threshold_for_sensitivity(p_malignant, is_malignant, sens_target)
+        spec_cut = threshold_for_specificity(p_malignant, is_malignant, spec_target)
+    borders, why = level_borders(sens_cut, call, spec_cut)
     recommendations = {
         "low": "Low estimated risk. Routine care; re-assess if the lesion changes.",
         "borderline": "Borderline. Consider follow-up imaging or a specialist review.",
         "moderate": "Moderate risk. Specialist review is recommended.",
         "high": "High risk. Prompt specialist referral is recommended.",
     } | dict(config.get("recommendations", {}))
-    levels = [
-        {"level": "low", "min": 0.0, "recommendation": recommendations["low"]},
-        {"level": "borderline", "min": borderline, "recommendation": recommendations["borderline"]},
-        {"level": "moderate", "min": moderate, "recommendation": recommendations["moderate"]},
-        {"level": "high", "min": high, "recommendation": recommendations["high"]},
-    ]
-    kept, dropped = prune_levels(levels)
-    reasoning = (
-        f"'borderline' starts at the P(malignant) where sensitivity on val reaches {sens_target:.2f} "
-        f"(val sensitivity {called['borderline'][mal].mean():.3f}, so 'low' holds few malignant cases); "
-        f"'moderate' starts at {moderate:.2f}; 'high' starts where specificity on val reaches "
-        f"{spec_target:.2f} (val specificity {(~called['high'][~mal]).mean():.3f}, "
-        f"sensitivity {called['high'][mal].mean():.3f})."
-    )
-    if dropped:
-        reasoning += f" Left out as unreachable (its threshold equals the next level's): {', '.join(dropped)}."
-    threshold, why = call_threshold(p_malignant, is_malignant, config)
-    return {
-        "score": "p_malignant",
-        "levels": kept,
-        "malignant_threshold": threshold,
-        "chosen_on": "val",
-        "reasoning": f"{reasoning} Is-malignant: {why}.",
+
+    def on_val(threshold: float) -> str:
+        if not mal.any() or mal.all():
+            return "val lacks a malignant or a benign case"
+        sens = float((p_malignant[mal] >= threshold).mean())
+        spec = float((p_malignant[~mal] < threshold).mean())
+        return f"val sensitivity {sens:.3f}, specificity {spec:.3f} from here up"
+
+    basis = {
+        "low": "below every other level",
+        "borderline": f"starts where val sensitivity reaches {sens_target:.2f} ({on_val(sens_cut)})",
+        "moderate": f"starts at the malignant call ({on_val(call)})",
+        "high": (
+            f"starts where val specificity reaches {spec_target:.2f} ({on_val(spec_cut)})"
+            if any(name == "moderate" for name, _ in borders)
+            else f"starts at the malignant call ({on_val(call)})"
+        ),
     }
+    levels = [
+        {"level": name, "min": start, "recommendation": recommendations[name], "basis": basis[name]}
+        for name, start in borders
+    ]
+    policy: dict[str, Any] = {
+        "score": "p_malignant",
+        "levels": levels,
+        "malignant_threshold": call,
+        "chosen_on": "val",
+        "min_level_width": MIN_LEVEL_WIDTH,
+        "positives": str(config.get("positives", "malignant cases")),
+        "negatives": str(config.get("negatives", "benign cases")),
+        "reasoning": (
+            f"Levels are intervals of P(malignant) with borders at val operating points: the cut that keeps "
+            f"val sensitivity >= {sens_target:.2f} ({sens_cut:.3f}), the malignant call ({call:.3f}) and the cut "
+            f"with val specificity >= {spec_target:.2f} ({spec_cut:.3f}); no level is narrower than "
+            f"{MIN_LEVEL_WIDTH}."
+            + (" " + "; ".join(why) + "." if why else "")
+            + (f" Is-malignant: {why_call}." if why_call else "")
+        ),
+    }
+    if test is not None:
+        p_test, mal_test = test
+        figures = level_test_figures(borders, np.asarray(p_test), np.asarray(mal_test).astype(bool))
+        for level, figure in zip(levels, figures, strict=True):
+            level["test"] = figure
+        policy["test_counts"] = {"malignant": int(np.sum(mal_test)), "benign": int(np.sum(~np.asarray(mal_test)))}
+    return policy

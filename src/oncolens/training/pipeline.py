@@ -216,7 +216,9 @@ def _fit_on_val(
     bias = np.asarray(calibration["logit_bias"], dtype=np.float64)
     val_probs = calibrate(val_logits + bias, calibration["temperature"])
     test_probs = calibrate(test_logits + bias, calibration["temperature"])
-    policy = risk_policy(p_malignant(val_probs, malignant), np.asarray(malignant)[y_val], recipe.risk)
+    is_mal = np.asarray(malignant)
+    test = (p_malignant(test_probs, malignant), is_mal[y_test])
+    policy = risk_policy(p_malignant(val_probs, malignant), is_mal[y_val], recipe.risk, test)
     train_prior = np.bincount(encode_labels(select_split(samples, "train"), classes), minlength=len(classes))
     decision = decision_rule(
         y_val, val_probs, train_prior / train_prior.sum(), malignant, policy["malignant_threshold"]

@@ -88,10 +88,21 @@ class Calibration(_Open):
     fitted_on: str = "val"
 
 
+class LevelTest(_Strict):
+    """What a level meant on the test split: shares of its malignant and benign images."""
+
+    malignant_at_or_above: float | None = Field(None, ge=0.0, le=1.0)
+    benign_at_or_above: float | None = Field(None, ge=0.0, le=1.0)
+    malignant_here: float | None = Field(None, ge=0.0, le=1.0)
+    benign_here: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class RiskLevelRule(_Strict):
     level: RiskLevel
     min: float = Field(ge=0.0, le=1.0)
     recommendation: str = Field(min_length=1)
+    basis: str = ""  # the val operating point the level starts at, in words
+    test: LevelTest | None = None
 
     @field_validator("level")
     @classmethod
@@ -124,6 +135,11 @@ class RiskPolicy(_Open):
                     f"{lower.level}'s {lower.min}, so {lower.level} could never be returned"
                 )
         return self
+
+    @property
+    def borders(self) -> list[float]:
+        """Where each level after the first starts."""
+        return [level.min for level in self.levels[1:]]
 
     def level_for(self, p: float) -> RiskLevelRule:
         """The highest level whose ``min`` ``p`` reaches."""

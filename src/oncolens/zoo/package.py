@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from oncolens.domain import DomainCheck, DomainModel, QualityLimits, pooled
+from oncolens.domain import OTHER_KIND, OTHER_KIND_SURE, UNUSUAL, DomainCheck, DomainModel, QualityLimits, pooled
 from oncolens.inference import calibrate, p_malignant
 from oncolens.zoo.card import CardError, ModelCard, read_card
 from oncolens.zoo.preprocess import InputSpec, preprocess
@@ -150,8 +150,18 @@ class ModelPackage:
         if self.domain_model is None or self.card.domain is None:
             return [None] * len(features)
         threshold = self.card.domain.threshold
-        scores = self.domain_model.score(pooled(features))
-        return [DomainCheck(bool(s <= threshold), float(s), threshold) for s in scores]
+        vectors = pooled(features)
+        scores = self.domain_model.score(vectors)
+        other = self.domain_model.other_probability(vectors)
+        return [
+            DomainCheck(
+                bool(s <= threshold),
+                float(s),
+                threshold,
+                "" if s <= threshold else OTHER_KIND if o >= OTHER_KIND_SURE else UNUSUAL,
+            )
+            for s, o in zip(scores, other, strict=True)
+        ]
 
     def _check_shapes(self) -> None:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}

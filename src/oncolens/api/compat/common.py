@@ -74,6 +74,8 @@ class Analysis:
             "p_malignant": round(agg.p_malignant, 6),
             "risk_level": agg.risk_level,
             "recommendation": agg.recommendation,
+            "statement": agg.statement,
+            "also_consider": agg.also_consider,
             "note": agg.note,
             "images": [
                 {"domain": image.assessment.domain, "quality": image.assessment.quality} for image in self.result.images

@@ -34,7 +34,8 @@ from oncolens.views import UTCDateTime
 APP = "oral"
 router = APIRouter(prefix="/api/v1/result/results", tags=["compat: oral app"])
 
-LABELS = {"cancer": "CANCER", "non_cancer": "NON CANCER"}
+CANCER, NON_CANCER = "cancer", "non_cancer"
+LABELS = {CANCER: "CANCER", NON_CANCER: "NON CANCER"}
 # The app's gender values -> the sex OncoLens records; anything else is checked as a sex.
 SEX_ALIASES = {"m": "male", "f": "female"}
 
@@ -67,12 +68,15 @@ def _sex(value: str) -> str:
 
 def _read(cases: CaseService, case: Case) -> ResultRead:
     aggregate = json.loads(case.result_json)
+    called = CANCER if aggregate.get("is_malignant", case.top_class == CANCER) else NON_CANCER
     return ResultRead(
         id=case.id,
         user_id=case.owner_id,
-        # Out of domain: the model gives no answer the app could show as CANCER / NON CANCER.
-        result="INDETERMINATE" if case.risk_level == "indeterminate" else LABELS.get(case.top_class, case.top_class),
-        confidence=round(aggregate["probabilities"][case.top_class] * 100, 2),
+        # The app's CANCER / NON CANCER is the model's malignant call, a risk level border, so it never
+        # disagrees with the risk level; its confidence is that answer's own probability. Out of domain:
+        # the model gives no answer the app could show.
+        result="INDETERMINATE" if case.risk_level == "indeterminate" else LABELS[called],
+        confidence=round(aggregate["probabilities"][called] * 100, 2),
         images=[f"/api/v1/cases/{case.id}/images/{image.id}" for image in cases.images_of(case)],
         created_by=case.owner_id,
         date=case.created_at,

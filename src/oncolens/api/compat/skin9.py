@@ -31,7 +31,6 @@ NAMES = {
     "squamous_cell_carcinoma": "Squamous cell carcinoma",
     "vascular_lesion": "Vascular lesion",
 }
-CANCEROUS = {"melanoma", "basal_cell_carcinoma", "squamous_cell_carcinoma"}
 
 
 @router.post("/predict", summary="Skin 9-class app: classify one lesion image", dependencies=[PredictAccess])
@@ -43,8 +42,9 @@ async def predict(request: Request) -> JSONResponse:
         return JSONResponse({"success": False, "error": message, "detail": message}, status_code=status)
     names = display_names(analysis.model, NAMES)
     agg = analysis.result.aggregate
-    malignant = {c.id: c.malignant for c in analysis.model.card.classes}
-    cancerous = agg.top_class in CANCEROUS if agg.top_class in NAMES else malignant[agg.top_class]
+    # "is_cancerous" is the model's malignant call (P(malignant) at or above the card's threshold, a risk
+    # level border), so it never disagrees with the risk level beside it.
+    cancerous = agg.is_malignant
     unknown = agg.risk_level == RiskLevel.indeterminate
     body: dict[str, Any] = {
         "success": True,

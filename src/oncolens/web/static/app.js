@@ -89,6 +89,8 @@
     });
     function again(message) {
       box.hidden = true;
+      text.textContent = "";
+      bar.value = 0;
       failed.hidden = false;
       failed.textContent = message;
       if (button) { button.disabled = false; button.textContent = "Analyze"; }
