@@ -69,8 +69,8 @@ def test_a_distilled_models_page_shows_calibration_at_small_n_and_its_teachers(a
     teachers = card["training"]["teachers"]
     assert f"ensemble of {teachers['models']} teachers" in page
     assert f"<td>{teachers['test']['macro_auc']:.3f}</td>" in page
-    assert f"called suspicious at P(suspicious) ≥ {card['risk_policy']['malignant_threshold']:.3f}" in page
-    assert "Suspicious vs not auc" in page and "Malignant vs benign" not in page
+    assert f"Called suspicious at P(suspicious) ≥ {card['risk_policy']['malignant_threshold']:.3f}" in page
+    assert "Suspicious vs not: auc" in page and "Malignant vs benign" not in page
 
 
 def test_a_soup_models_page_says_the_teachers_average_serves(app_client: TestClient) -> None:
@@ -90,8 +90,9 @@ def test_the_result_leads_with_the_risk_and_uses_the_models_own_words(app_client
     page = browser.post("/analyze", data=data, files=[("files", ("nodule.jpg", thyroid.read_bytes(), "image/jpeg"))])
     assert page.status_code == 200, page.text
     result = page.text[page.text.index('id="result-title"') :]
-    assert result.index('data-testid="risk-level"') < result.index('data-testid="recommendation"')
-    assert result.index('data-testid="recommendation"') < result.index("Most likely class:")
+    assert result.index('data-testid="risk-level"') < result.index('data-testid="statement"')
+    statement = result[result.index('data-testid="statement"') :]
+    assert statement.index("Risk level ") < statement.index("Most likely class:")
     assert "P(suspicious)" in result and "P(malignant)" not in result
     assert ">suspicious</em>" in result and ">malignant</em>" not in result
     skin = analyze(browser).text  # type: ignore[attr-defined]

@@ -95,6 +95,7 @@ def model_groups(zoo: Zoo) -> list[tuple[str, list[dict[str, Any]]]]:
                 "balanced_accuracy": card.metrics.get("balanced_accuracy"),
                 "macro_auc": card.metrics.get("macro_auc"),
                 "licence_flag": card.dataset.licence_flag,
+                "classes": [c.name for c in card.classes],
             }
         )
     return sorted(groups.items())

@@ -141,6 +141,27 @@ class RiskPolicy(_Open):
         """Where each level after the first starts."""
         return [level.min for level in self.levels[1:]]
 
+    def plain_words(self) -> list[str]:
+        """What each level meant on the test split, in words a clinician reads ("" where not measured)."""
+        positives = str(getattr(self, "positives", "") or "malignant cases")
+        negatives = str(getattr(self, "negatives", "") or "benign cases")
+        out = []
+        for index, level in enumerate(self.levels):
+            t = level.test
+            if t is None or t.malignant_here is None or t.benign_here is None:
+                out.append("")
+            elif index == 0:
+                out.append(
+                    f"In the test images, {round(t.malignant_here * 100)} of 100 {positives} and "
+                    f"{round(t.benign_here * 100)} of 100 {negatives} were at this level."
+                )
+            else:
+                out.append(
+                    f"Of 100 {positives} in the test images, {round((t.malignant_at_or_above or 0) * 100)} were at "
+                    f"this level or above; of 100 {negatives}, {round((t.benign_at_or_above or 0) * 100)}."
+                )
+        return out
+
     def level_for(self, p: float) -> RiskLevelRule:
         """The highest level whose ``min`` ``p`` reaches."""
         chosen = self.levels[0]
