@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -23,7 +24,34 @@ if TYPE_CHECKING:
     from oncolens.datasets import Sample
     from oncolens.training.recipe import Recipe
 
-app = typer.Typer(help="OncoLens: calibrated, explained cancer screening models (decision support).")
+# The order `oncolens --help` lists the commands in: what a clinic runs first, then the administrator's
+# commands, then the way back (building and checking models).
+COMMAND_ORDER = (
+    "serve",
+    "predict",
+    "batch",
+    "models",
+    "users",
+    "db",
+    "evaluate",
+    "train",
+    "cv",
+    "export",
+    "distill-views",
+    "quantize",
+    "fit-domain",
+    "export-edge",
+)
+
+
+class _Ordered(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: index for index, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+
+app = typer.Typer(cls=_Ordered, help="OncoLens: calibrated, explained cancer screening models (decision support).")
 db_app = typer.Typer(help="Database schema (Alembic migrations).")
 users_app = typer.Typer(help="User accounts.")
 app.add_typer(db_app, name="db")
@@ -324,7 +352,7 @@ def evaluate(
 
     try:
         package = Zoo.from_settings(Settings(), model_dir or []).get(model_id)
-        report = evaluate_package(package, dataset_dir, split, predictions=predictions)
+        report = evaluate_package(package, dataset_dir, split, predictions=predictions, progress=_progress)
     except (ModelNotFound, PackageError, ManifestError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(format_report(report))
@@ -362,7 +390,7 @@ def models(
                 "test_n": m.get("n"),
                 "balanced_accuracy": m.get("balanced_accuracy"),
                 "macro_auc": m.get("macro_auc"),
-                "non_commercial": card.dataset.licence_flag == "non-commercial",
+                "non_commercial": card.dataset.no_commercial_use,
                 "licence_flag": card.dataset.licence_flag,
                 "license": card.dataset.license,
                 "title": card.title,
@@ -554,7 +582,7 @@ def fit_domain(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Server processes (each loads every model).")] = 1,
 ) -> None:
     """Run the API server (settings come from ONCOLENS_* environment variables).
@@ -843,7 +871,9 @@ def users_create(
 
 
 @users_app.command("list")
-def users_list() -> None:
+def users_list(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per account instead of a table.")] = False,
+) -> None:
     """Every account: id, e-mail, role, state (active, invited, unverified, awaiting approval,
     deactivated) and whether it signs in with a second factor."""
     from oncolens.services.accounts import account_state
@@ -851,6 +881,11 @@ def users_list() -> None:
 
     with _users_session() as session:
         rows = list_users(session)
+    if json_out:
+        for u in rows:
+            fields = {"id": u.id, "email": u.email, "role": u.role, "state": account_state(u)}
+            typer.echo(json.dumps(fields | {"two_factor": bool(u.two_factor), "full_name": u.full_name}))
+        return
     if not rows:
         typer.echo("no users yet: create the first administrator with `oncolens users create --admin`")
         return
@@ -956,6 +991,11 @@ def users_invite(
             f"invitation to {user.email} ({role}) made; the mail server did not take it yet, so the running "
             "server sends it (it retries for about an hour; a failure is in the audit trail as mail_failed)"
         )
+
+
+def _progress(done: int, total: int) -> None:
+    """``evaluate``'s progress on standard error (the report itself goes to standard output)."""
+    typer.echo(f"\revaluating: {done}/{total} images", err=True, nl=done >= total)
 
 
 def _server_key(settings: Settings) -> str:

@@ -226,6 +226,34 @@ class Settings(BaseSettings):
             raise ValueError(f"ONCOLENS_PUBLIC_URL must start with http:// or https://, got {self.public_url!r}")
         return self
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        """``postgres://`` and ``postgresql://`` (the forms hosting services hand out) mean PostgreSQL through
+        psycopg 3, the driver the ``[postgres]`` extra installs."""
+        if value is None:
+            return None
+        value = value.strip()
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        return value
+
+    @model_validator(mode="after")
+    def _sqlite_folder(self) -> Settings:
+        """An explicit SQLite file must be in a folder that exists, or in the data folder (made at start-up)."""
+        url = self.database_url or ""
+        if url.startswith("sqlite:///"):
+            path = url.removeprefix("sqlite:///").split("?", 1)[0]
+            if path and path != ":memory:" and not path.startswith("file:"):
+                folder = Path(path).parent
+                if not folder.is_dir() and folder.resolve() != Path(self.data_dir).resolve():
+                    raise ValueError(
+                        f"ONCOLENS_DATABASE_URL: the folder {folder} of the SQLite database does not exist: "
+                        "create it, or fix the path"
+                    )
+        return self
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

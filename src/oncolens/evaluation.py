@@ -28,10 +28,18 @@ from oncolens.zoo.preprocess import InputSpec, preprocess
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
-def dataset_logits(run: LogitsFn, samples: list[Sample], spec: InputSpec, batch: int = 32) -> np.ndarray:
-    """[N, C] logits of ``run`` (preprocessed batch -> logits) over the samples' image files."""
+Progress = Callable[[int, int], None]
+
+
+def dataset_logits(
+    run: LogitsFn, samples: list[Sample], spec: InputSpec, batch: int = 32, progress: Progress | None = None
+) -> np.ndarray:
+    """[N, C] logits of ``run`` (preprocessed batch -> logits) over the samples' image files;
+    ``progress(done, total)`` is called after each batch."""
     out = []
     for start in range(0, len(samples), batch):
+        if progress is not None and start:
+            progress(start, len(samples))
         images = []
         for sample in samples[start : start + batch]:
             try:
@@ -39,6 +47,8 @@ def dataset_logits(run: LogitsFn, samples: list[Sample], spec: InputSpec, batch:
             except OSError as exc:
                 raise ManifestError(f"cannot read image {sample.file}: {exc}") from exc
         out.append(np.asarray(run(preprocess(images, spec)), dtype=np.float64))
+    if progress is not None:
+        progress(len(samples), len(samples))
     return np.concatenate(out)
 
 
@@ -131,6 +141,7 @@ def evaluate_package(
     split: str | None = None,
     n_boot: int = 1000,
     predictions: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Metrics of a package on one split (``None``: ``test`` if the manifest has splits, else all).
 
@@ -146,7 +157,7 @@ def evaluate_package(
     if not chosen:
         raise ManifestError(f"no rows left in split {split!r} after leaving out excluded labels {excluded}")
     y = encode_labels(chosen, package.class_ids)
-    logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec)
+    logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec, progress=progress)
     probs = package.probabilities(logits)
     pred = package.card.decision.top(probs)
     threshold = package.card.risk_policy.malignant_threshold

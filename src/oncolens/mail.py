@@ -9,12 +9,14 @@ sent: every feature that needs e-mail says so (:class:`MailNotConfigured`) and t
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 import smtplib
 import ssl
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, make_msgid
+from urllib.parse import urlsplit
 
 from oncolens.config import Settings
 from oncolens.errors import Conflict, Unavailable
@@ -86,8 +88,15 @@ class Mailer:
 
     @property
     def sender(self) -> str:
+        """``ONCOLENS_SMTP_FROM``, or oncolens@ the host of ``ONCOLENS_PUBLIC_URL`` (the address the
+        recipients know the server by; never the SMTP relay's address, such as 127.0.0.1)."""
         s = self.settings
-        return s.smtp_from or formataddr((s.clinic_name, f"oncolens@{s.smtp_host or 'localhost'}"))
+        if s.smtp_from:
+            return s.smtp_from
+        host = urlsplit(s.public_url or "").hostname or ""
+        relay = s.smtp_host or ""
+        domain = host or (relay if relay and not _is_ip(relay) and relay != "localhost" else "localhost")
+        return formataddr((s.clinic_name, f"oncolens@{domain}"))
 
     def message(self, letter: Letter) -> EmailMessage:
         clinic = self.settings.clinic_name
@@ -146,3 +155,11 @@ def _html(clinic: str, letter: Letter) -> str:
         '<p style="font-size:12px;color:#777">OncoLens. If you did not expect this message, you can ignore it.</p>'
         "</body></html>"
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

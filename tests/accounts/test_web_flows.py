@@ -78,6 +78,9 @@ def test_an_admin_invites_from_the_users_page_and_the_invitee_joins(site: TestCl
     assert "Accept your invitation" in form.text and "(role: clinician)" in form.text
     joined = post(invitee, "/invite", token=token, full_name="Dr Web", password=NEW_PASSWORD, confirm=NEW_PASSWORD)
     assert joined.status_code == 200 and "Welcome to OncoLens" in joined.text  # type: ignore[attr-defined]
+    # Accepting the invitation signed this browser in: no second log-in.
+    assert "you are signed in" in joined.text  # type: ignore[attr-defined]
+    assert invitee.get("/cases", follow_redirects=False).status_code == 200
     assert logged_in(site, "web-invitee@clinic.org", NEW_PASSWORD).get("/cases").status_code == 200
     nurse = logged_in(site, "nurse@clinic.org")
     assert nurse.get("/admin/users", headers={"accept": "text/html"}).status_code == 403

@@ -442,6 +442,7 @@ def test_11_orphans_and_part_files_are_swept_periodically(tmp_path: Path):
 
 
 def test_12_the_sqlite_database_is_created_readable_by_its_owner_only(tmp_path: Path):
+    (tmp_path / "private").mkdir()  # a database outside the data folder goes in a folder that exists
     with TestClient(create_app(db_settings(tmp_path, f"sqlite:///{tmp_path / 'private' / 'oncolens.db'}"))):
         pass
     for name in ("oncolens.db", "oncolens.db-wal"):

@@ -49,7 +49,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # A connection waits at most 10 s for the pool (then 503, not a hung request), and the server
     # checks a pooled connection before use, so a restarted database costs no request an error.
     kwargs.setdefault("pool_timeout", 10)
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    try:
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise ImportError(
+            f"the database driver {exc.name!r} is not installed: for PostgreSQL install the postgres extra "
+            "(pip install 'oncolens[postgres]') and use a postgresql+psycopg:// URL"
+        ) from None
 
 
 def _private_file(path: Path) -> None:

@@ -6,9 +6,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from oncolens.db.models import AuditEvent, User
 
@@ -115,3 +116,31 @@ def commit_read_audit(session: Session, actor: Actor, action: str, case_id: str 
         if not out_of_space(exc):
             raise
         deferred_audit.keep(AuditEvent(**event.model_dump(exclude={"id"})))
+
+
+# Reads of a case's images and heat-maps: one per image shown, so they outnumber every other event.
+VIEW_ACTIONS = ("image_view", "heatmap_view")
+
+
+def audit_events(
+    session: Session,
+    action: str | None = None,
+    case_id: str | None = None,
+    user_id: int | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    hide_views: bool = False,
+) -> tuple[list[AuditEvent], int]:
+    """Audit events newest first, filtered, one page of them, and how many match in all."""
+    query = select(AuditEvent)
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if case_id:
+        query = query.where(AuditEvent.case_id == case_id)
+    if user_id is not None:
+        query = query.where(AuditEvent.user_id == user_id)
+    if hide_views and not action:
+        query = query.where(col(AuditEvent.action).not_in(VIEW_ACTIONS))
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(col(AuditEvent.id).desc()).offset(offset).limit(limit)).all()
+    return list(rows), int(total)

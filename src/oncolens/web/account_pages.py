@@ -223,7 +223,18 @@ def _password_from_link(
     except (PasswordTooWeak, DomainError) as exc:
         return _token_form(request, accounts, token, purpose, _status(exc), _sentence(exc))
     if purpose is TokenPurpose.invite:
-        title, notice = "Welcome to OncoLens", f"Your account {user.email} is ready. Log in with your new password."
+        # Accepting an invitation signs this browser in: the link and the new password have just proved
+        # who it is (a new account has no second factor yet).
+        settings = request.app.state.settings
+        page = form_page(
+            request,
+            "Welcome to OncoLens",
+            notice=f"Your account {user.email} is ready and you are signed in.",
+            links=[("/analyze", "Analyze a case"), ("/account", "Your account (set up two-factor sign-in)")],
+        )
+        minutes = settings.access_token_minutes
+        start_session(request, page, create_access_token(user, request.app.state.secret, minutes), minutes)
+        return page
     else:
         title = "Password changed"
         notice = "Your password is changed and every earlier session has ended. Log in with the new password."

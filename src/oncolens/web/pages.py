@@ -30,10 +30,10 @@ from oncolens.api.errors import BadRequest, status_of
 from oncolens.api.routes.cases import file_response, pdf_response
 from oncolens.api.uploads import read_form
 from oncolens.auth import AuthError, create_access_token
-from oncolens.db.models import AuditEvent, Case, CaseStatus, Role, User, utcnow
+from oncolens.db.models import Case, CaseStatus, Role, User, utcnow
 from oncolens.errors import DomainError, InvalidInput, PermissionDenied
 from oncolens.imaging import ImageDecodeError
-from oncolens.services.audit import Actor
+from oncolens.services.audit import Actor, audit_events
 from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
 from oncolens.web.account_pages import code_page
@@ -501,6 +501,7 @@ def admin_page(
             by_day.setdefault(day.isoformat(), Counter())[row[1]] += 1
     timeline = [(since + timedelta(days=i)).isoformat() for i in range(days)]
     peak = max((sum(c.values()) for c in by_day.values()), default=0)
+    scale = peak + peak % 2  # an even top, so the middle tick is a whole number of cases
     return render(
         request,
         "admin.html",
@@ -511,9 +512,34 @@ def admin_page(
         by_status=[(s, sum(1 for r in cases if r[2] == s)) for s in STATUSES],
         timeline=[(day, [(lv, by_day.get(day, Counter())[lv]) for lv in RISK_LEVELS]) for day in timeline],
         peak=peak,
+        scale=scale,
         days=days,
         users=session.exec(select(User).order_by(col(User.created_at))).all(),
-        events=session.exec(select(AuditEvent).order_by(col(AuditEvent.at).desc()).limit(25)).all(),
+        events=audit_events(session, limit=25, hide_views=True)[0],
+    )
+
+
+AUDIT_PAGE = 50
+
+
+@router.get("/admin/audit", response_class=HTMLResponse)
+def audit_page(
+    request: Request,
+    user: WebUser,
+    session: SessionDep,
+    action: Annotated[str, Query(max_length=32)] = "",
+    views: bool = False,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> HTMLResponse:
+    """The whole audit trail, newest first, 50 a page; image and heat-map views only when asked for."""
+    if user.role != Role.admin.value:
+        return render(request, "error.html", status=403, user=user, message="The audit trail is for administrators.")
+    rows, total = audit_events(
+        session, action or None, limit=AUDIT_PAGE, offset=(page - 1) * AUDIT_PAGE, hide_views=not views
+    )
+    pages = max(1, -(-total // AUDIT_PAGE))
+    return render(
+        request, "audit.html", user=user, events=rows, total=total, page=page, pages=pages, action=action, views=views
     )
 
 

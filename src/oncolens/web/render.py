@@ -21,7 +21,7 @@ def interval(value: float | None, bounds: list[float | None] | tuple[float | Non
     if value is None or not bounds or bounds[0] is None or bounds[1] is None:
         return "n/a"
     low, high = float(bounds[0]), float(bounds[1])
-    text = f"{low:.3f} – {high:.3f}"
+    text = f"{low:.3f} \u2013 {high:.3f}"
     if not low - 1e-9 <= value <= high + 1e-9:
         text += " (the bootstrap resamples' own spread: it lies " + ("above" if low > value else "below")
         text += " the value, because resampling adds error of its own)"

@@ -275,6 +275,13 @@ class DatasetInfo(_Open):
             return "licence unverified"
         return ""
 
+    @property
+    def no_commercial_use(self) -> bool:
+        """True unless the licence is known to allow commercial use: a non-commercial licence, one not
+        verified, or terms that say not to use it commercially."""
+        text = " ".join(self.license.lower().split())
+        return bool(self.licence_flag) or "not use commercially" in text or "no commercial" in text
+
 
 class ModelCard(_Strict):
     """What a package says about its model; see DESIGN.md, "The model package"."""

@@ -129,7 +129,15 @@
     });
   }
 
+  // The case filters start folded on a phone (the list comes first) and open on a wider screen.
+  function setupFilters() {
+    document.querySelectorAll("[data-filters]").forEach(function (box) {
+      if (window.matchMedia && window.matchMedia("(min-width: 720px)").matches) box.open = true;
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    setupFilters();
     document.querySelectorAll("[data-analyze-form]").forEach(setupAnalyze);
     setupSliders();
     setupHeatmaps();
