@@ -97,7 +97,7 @@ def test_analyze_two_images_shows_chart_risk_and_heatmaps(
     assert page.locator("[data-testid=bar-chart] li.malignant").count() == 3, "akiec, bcc and mel are marked"
     risk = page.locator("[data-testid=risk-level] strong").inner_text().lower()
     assert risk in {"low", "borderline", "moderate", "high"}
-    assert risk in analysed["text"].lower() and "Recommendation" in analysed["text"]
+    assert risk in analysed["text"].lower() and f"Risk level {risk}: " in analysed["text"]
     assert "Decision support only, not a diagnosis" in analysed["text"]
     heatmaps = page.locator("[data-testid=heatmap]")
     assert heatmaps.count() == 2
@@ -150,6 +150,8 @@ def test_the_model_page_shows_the_cards_metrics(browser: object, server: str) ->
     page = page_for(browser, server, "ana@clinic.org")
     page.goto(f"{server}/models")
     page.click("a[href='/models/skin-ham10000']")
+    assert "Of 100 melanomas" in page.locator("[data-testid=plain-words]").inner_text()
+    page.click("[data-testid=technical] summary")  # the statistics wait under "technical details"
     table = page.locator("[data-testid=metrics]").inner_text()
     for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece"):
         assert f"{card['metrics'][key]:.3f}" in table
@@ -299,3 +301,105 @@ def test_no_page_scrolls_sideways_on_a_phone_or_a_tablet(
             shot(page, shots[path])
     assert page.locator("text=Log out").is_visible() and page.locator("nav >> text=Dashboard").is_visible()
     context.close()
+
+
+# --- issue 39: the upload bar, the one statement, accessibility, screenshots ----------------------------
+
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"
+
+
+def test_the_upload_bar_is_hidden_before_submit_and_after_a_refusal(
+    browser: object, server: str, tmp_path: Path
+) -> None:
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/analyze")
+    assert not page.locator("[data-upload]").is_visible(), "nothing is sent yet: no progress bar"
+    disguised = tmp_path / "lesion.jpg"
+    disguised.write_bytes(b"text pretending to be a JPEG")
+    page.check("input[name=model_id][value=skin-ham10000]")
+    page.set_input_files("#files", str(disguised))
+    page.fill("input[name=patient_ref]", "PT-10")
+    page.click("[data-analyze-form] button[type=submit]")
+    page.wait_for_selector("[data-submit-error]:not([hidden])")
+    assert not page.locator("[data-upload]").is_visible(), "after a refusal the bar and 'Analyzing…' are gone"
+    assert "Analyzing" not in page.locator("[data-analyze-form]").inner_text()
+
+
+def test_the_result_page_states_the_one_statement_and_an_indeterminate_one_names_no_class(
+    browser: object, server: str, analysed: dict[str, str]
+) -> None:
+    page = page_for(browser, server, "ana@clinic.org")
+    page.goto(f"{server}/cases/{analysed['case_id']}")
+    statement = page.locator("[data-testid=statement]").inner_text()
+    assert statement.startswith("Risk level ") and "Most likely class: " in statement
+    page.goto(f"{server}/analyze")
+    page.check("input[name=model_id][value=skin-ham10000]")
+    cell = Path(__file__).parents[2] / "samples" / "cervical-herlev"
+    page.set_input_files("#files", str(sorted(cell.glob("*.jpg"))[0]))
+    page.fill("input[name=patient_ref]", "PT-OOD")
+    page.click("[data-analyze-form] button[type=submit]")
+    page.wait_for_selector("[data-testid=ood-notice]")
+    assert "Choose the model for this kind of image" in page.locator("[data-testid=ood-notice]").inner_text()
+    assert not page.locator("[data-testid=bar-chart]").is_visible(), "the probabilities wait behind 'show anyway'"
+    assert "Most likely class" not in page.locator("main").inner_text()
+    page.click("[data-testid=show-anyway] summary")
+    assert page.locator("[data-testid=bar-chart]").is_visible()
+
+
+def axe_violations(browser: object, server: str, email: str | None, paths: list[str], width: int = 1280) -> dict:
+    """Serious and critical axe-core (WCAG 2 A/AA) violations of each page, as {path: [rule ids]}."""
+    context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)  # type: ignore[attr-defined]
+    page = context.new_page()
+    if email:
+        page.goto(f"{server}/login")
+        page.fill("#email", email)
+        page.fill("#password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+    found = {}
+    for path in paths:
+        page.goto(f"{server}{path}")
+        page.add_script_tag(path=str(AXE))
+        results = page.evaluate(
+            "async () => (await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', "
+            "'best-practice']}})).violations.filter(v => ['serious', 'critical'].includes(v.impact) || "
+            "v.id === 'heading-order').map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).slice(0, 3).join(', '))"
+        )
+        if results:
+            found[path] = results
+    context.close()
+    return found
+
+
+def test_no_page_has_a_serious_or_critical_accessibility_violation(
+    browser: object, server: str, analysed: dict[str, str]
+) -> None:
+    anonymous = ["/login", "/forgot-password", "/signup"]
+    pages = ["/analyze", "/cases", f"/cases/{analysed['case_id']}", "/models", "/models/skin-ham10000", "/account"]
+    admin = ["/admin", "/admin/users", "/admin/audit"]
+    found = axe_violations(browser, server, None, anonymous)
+    found |= axe_violations(browser, server, "ana@clinic.org", pages)
+    found |= axe_violations(browser, server, "admin@clinic.org", admin)
+    found |= {f"{k} (phone)": v for k, v in axe_violations(browser, server, "ana@clinic.org", pages[2:5], 390).items()}
+    assert found == {}
+
+
+def test_screenshots_of_the_result_and_model_pages_on_a_desktop_and_a_phone(
+    browser: object, server: str, analysed: dict[str, str]
+) -> None:
+    for width, height, suffix in ((1280, 900, "desktop"), (390, 844, "phone")):
+        context = browser.new_context(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
+        page = context.new_page()
+        page.goto(f"{server}/login")
+        page.fill("#email", "ana@clinic.org")
+        page.fill("#password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+        page.goto(f"{server}/cases/{analysed['case_id']}")
+        page.wait_for_function(LOADED.format("main img"))
+        assert page.locator("[data-testid=statement]").is_visible()
+        shot(page, f"result-{suffix}")
+        page.goto(f"{server}/models/skin-ham10000")
+        assert page.locator("[data-testid=plain-words]").is_visible()
+        shot(page, f"model-{suffix}")
+        context.close()
