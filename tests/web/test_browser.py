@@ -363,7 +363,8 @@ def axe_violations(browser: object, server: str, email: str | None, paths: list[
         results = page.evaluate(
             "async () => (await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', "
             "'best-practice']}})).violations.filter(v => ['serious', 'critical'].includes(v.impact) || "
-            "v.id === 'heading-order').map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).slice(0, 3).join(', '))"
+            "v.id === 'heading-order')"
+            ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).slice(0, 3).join(', '))"
         )
         if results:
             found[path] = results
