@@ -174,8 +174,11 @@ def test_an_invalid_file_shows_the_error(browser: object, server: str, tmp_path:
     page.check("input[name=model_id][value=skin-ham10000]")
     page.set_input_files("#files", str(disguised))
     page.fill("input[name=patient_ref]", "PT-9")
+    assert not page.locator("[data-upload]").is_visible(), "nothing is sent yet: no progress bar"
     page.click("[data-analyze-form] button[type=submit]")
     page.wait_for_selector("[data-submit-error]:not([hidden])")
+    assert not page.locator("[data-upload]").is_visible(), "after a refusal the bar and 'Analyzing…' are gone"
+    assert "Analyzing" not in page.locator("[data-analyze-form]").inner_text()
     error = page.locator("[data-submit-error]").inner_text()
     assert "not an image OncoLens can read" in error
     assert "Traceback" not in page.content()
@@ -308,23 +311,6 @@ def test_no_page_scrolls_sideways_on_a_phone_or_a_tablet(
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
 
 
-def test_the_upload_bar_is_hidden_before_submit_and_after_a_refusal(
-    browser: object, server: str, tmp_path: Path
-) -> None:
-    page = page_for(browser, server, "ana@clinic.org")
-    page.goto(f"{server}/analyze")
-    assert not page.locator("[data-upload]").is_visible(), "nothing is sent yet: no progress bar"
-    disguised = tmp_path / "lesion.jpg"
-    disguised.write_bytes(b"text pretending to be a JPEG")
-    page.check("input[name=model_id][value=skin-ham10000]")
-    page.set_input_files("#files", str(disguised))
-    page.fill("input[name=patient_ref]", "PT-10")
-    page.click("[data-analyze-form] button[type=submit]")
-    page.wait_for_selector("[data-submit-error]:not([hidden])")
-    assert not page.locator("[data-upload]").is_visible(), "after a refusal the bar and 'Analyzing…' are gone"
-    assert "Analyzing" not in page.locator("[data-analyze-form]").inner_text()
-
-
 def test_the_result_page_states_the_one_statement_and_an_indeterminate_one_names_no_class(
     browser: object, server: str, analysed: dict[str, str]
 ) -> None:
@@ -346,9 +332,9 @@ def test_the_result_page_states_the_one_statement_and_an_indeterminate_one_names
     assert page.locator("[data-testid=bar-chart]").is_visible()
 
 
-def axe_violations(browser: object, server: str, email: str | None, paths: list[str], width: int = 1280) -> dict:
-    """Serious and critical axe-core (WCAG 2 A/AA) violations of each page, as {path: [rule ids]}."""
-    context = browser.new_context(viewport={"width": width, "height": 900}, bypass_csp=True)  # type: ignore[attr-defined]
+def signed_in(browser: object, server: str, email: str | None, width: int, height: int, **options: object):  # type: ignore[no-untyped-def]
+    """A page in a new browser context of the given size, signed in as ``email`` (None: anonymous)."""
+    context = browser.new_context(viewport={"width": width, "height": height}, **options)  # type: ignore[attr-defined]
     page = context.new_page()
     if email:
         page.goto(f"{server}/login")
@@ -356,6 +342,13 @@ def axe_violations(browser: object, server: str, email: str | None, paths: list[
         page.fill("#password", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_load_state()
+    return page
+
+
+def axe_violations(browser: object, server: str, email: str | None, paths: list[str], width: int = 1280) -> dict:
+    """Serious and critical axe-core (WCAG 2 A/AA) violations of each page, as {path: [rule ids]}."""
+    page = signed_in(browser, server, email, width, 900, bypass_csp=True)
+    context = page.context
     found = {}
     for path in paths:
         page.goto(f"{server}{path}")
@@ -389,13 +382,8 @@ def test_screenshots_of_the_result_and_model_pages_on_a_desktop_and_a_phone(
     browser: object, server: str, analysed: dict[str, str]
 ) -> None:
     for width, height, suffix in ((1280, 900, "desktop"), (390, 844, "phone")):
-        context = browser.new_context(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
-        page = context.new_page()
-        page.goto(f"{server}/login")
-        page.fill("#email", "ana@clinic.org")
-        page.fill("#password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state()
+        page = signed_in(browser, server, "ana@clinic.org", width, height)
+        context = page.context
         page.goto(f"{server}/cases/{analysed['case_id']}")
         page.wait_for_function(LOADED.format("main img"))
         assert page.locator("[data-testid=statement]").is_visible()
