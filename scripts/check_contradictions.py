@@ -42,6 +42,7 @@ from oncolens.auth import hash_password
 from oncolens.config import Settings
 from oncolens.datasets import drop_labels, read_manifest, select_split
 from oncolens.db.models import User
+from oncolens.zoo.card import RiskPolicy
 
 PASSWORD = "contradiction-check-password-1"
 CLASS_KEY = "named class is not the arg-max"
@@ -55,12 +56,8 @@ def normalised(text: str) -> str:
 
 
 def level_for(card: dict[str, Any], p: float) -> str:
-    """The card's risk level for P(malignant) ``p``: the highest level whose ``min`` ``p`` reaches."""
-    chosen = card["risk_policy"]["levels"][0]["level"]
-    for level in card["risk_policy"]["levels"]:
-        if p >= level["min"]:
-            chosen = level["level"]
-    return str(chosen)
+    """The card's risk level for P(malignant) ``p``, by the card's own policy (``RiskPolicy.level_for``)."""
+    return str(RiskPolicy.model_validate(card["risk_policy"]).level_for(p).level.value)
 
 
 def problems_of(result: dict[str, Any], card: dict[str, Any]) -> list[str]:

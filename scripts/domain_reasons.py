@@ -1,10 +1,10 @@
 """Which out-of-domain test fires, for a model's own test images and for every other dataset's.
 
-For each model it runs the test split of each dataset folder through the served package (images the
-server would refuse as the wrong kind, a colour photo to a greyscale model and the reverse, are left
-out, as the server refuses them before the model) and prints how many are flagged and by which reason:
-``other_kind`` (the detector of the known other kinds gives P(other) >= OTHER_KIND_SURE) or ``unusual``
-(flagged, but not surely another kind). Large sets can be thinned with ``--every``.
+For each model it runs the test split of each dataset folder through the served package and prints
+how many images are refused as the wrong kind before the model (``analysis.check_modality``), in
+domain, or flagged and by which reason: ``other_kind`` (the detector of the known other kinds gives
+P(other) >= OTHER_KIND_SURE) or ``unusual`` (flagged, but not surely another kind). Large sets can
+be thinned with ``--every``.
 
     python scripts/domain_reasons.py --datasets ../shared/datasets skin-ham10000 skin-isic9 oral-photo
 """
@@ -16,13 +16,24 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
+from oncolens.analysis import check_modality
 from oncolens.datasets import open_rgb, read_manifest, select_split
-from oncolens.imaging import coloured_fraction
+from oncolens.imaging import WrongModality
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
 
 ZOO = Path(__file__).resolve().parents[1] / "src" / "oncolens" / "zoo"
-GREY_MODEL_MAX_COLOUR, COLOUR_MODEL_MIN_COLOUR = 0.25, 0.0005  # as analysis.check_modality
+
+
+def accepted(image: Image.Image, package: ModelPackage) -> bool:
+    """Whether the server would pass the image to the model (not refused as the wrong kind)."""
+    try:
+        check_modality(image, package)
+    except WrongModality:
+        return False
+    return True
 
 
 def main() -> int:
@@ -34,7 +45,6 @@ def main() -> int:
     folders = sorted(p.parent for p in args.datasets.glob("*/manifest.csv"))
     for model_id in args.models:
         package = ModelPackage.load(ZOO / model_id)
-        grey = package.input_spec.grayscale
         for folder in folders:
             samples = select_split(read_manifest(folder), "test")
             if folder.name != model_id:
@@ -42,12 +52,7 @@ def main() -> int:
             reasons: Counter[str] = Counter()
             for start in range(0, len(samples), 16):
                 images = [open_rgb(s.file) for s in samples[start : start + 16]]
-                kept = [
-                    im
-                    for im in images
-                    if not (grey and coloured_fraction(im) > GREY_MODEL_MAX_COLOUR)
-                    and not (not grey and coloured_fraction(im) < COLOUR_MODEL_MIN_COLOUR)
-                ]
+                kept = [im for im in images if accepted(im, package)]
                 reasons["refused"] += len(images) - len(kept)
                 if kept:
                     _, features = package.run(preprocess(kept, package.input_spec), with_features=True)

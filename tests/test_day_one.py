@@ -20,6 +20,7 @@ from oncolens.cli import COMMAND_ORDER
 from oncolens.cli import app as cli
 from oncolens.config import Settings
 from oncolens.db import make_engine
+from oncolens.decision import probability_columns
 from oncolens.mail import Mailer
 from oncolens.reports.pdf import ReportImage, build_case_pdf
 from oncolens.web.render import interval, rebuild_command
@@ -93,10 +94,9 @@ def test_evaluate_shows_progress_and_the_predictions_csv_has_one_column_per_name
     header = next(csv.reader(out.open()))
     assert len(header) == len(set(header)), header
     assert {"p_benign", "p_normal", "p_class_malignant", "p_malignant", "named_class", "risk_level"} <= set(header)
-    rows = list(csv.DictReader(out.open()))
-    for row in rows:  # the named class is the most probable one, as the server says
-        probs = {c: float(row[f"p_{c}" if c != "malignant" else "p_class_malignant"]) for c in ("benign", "normal")}
-        probs["malignant"] = float(row["p_class_malignant"])
+    columns = probability_columns(["benign", "malignant", "normal"])
+    for row in csv.DictReader(out.open()):  # the named class is the most probable one, as the server says
+        probs = {c: float(row[column]) for c, column in columns.items()}
         assert row["named_class"] == max(probs, key=lambda k: probs[k])
 
 
