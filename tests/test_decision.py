@@ -129,3 +129,10 @@ def test_a_class_named_like_a_summary_column_gets_its_own_column_name() -> None:
         "malignant": "p_class_malignant",
         "normal": "p_normal",
     }
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_heat_map_is_drawn_for_the_class_the_result_names(site: TestClient, model: str) -> None:
+    files = [("files", (p.name, p.read_bytes())) for p in SAMPLES[model][:2]]
+    body = site.post(f"/api/v1/models/{model}/analyze", files=files).json()
+    assert [i["heatmap"]["class_id"] for i in body["images"]] == [i["top_class"] for i in body["images"]]

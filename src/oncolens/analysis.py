@@ -115,7 +115,8 @@ def explanation(
     class_id: str | None = None,
     original_size: tuple[int, int] | None = None,
 ) -> Explanation:
-    """Heat-map and overlay PNGs of ``class_id`` (default the top class) for one image's features.
+    """Heat-map and overlay PNGs of ``class_id`` for one image's features. Every edge passes the class
+    the result names (``decision.decide``); without one, the head's arg-max on these features is drawn.
 
     The maps are drawn at display size (``explain.DISPLAY_MAX_SIDE``); ``peak_xy`` is in the pixels
     of the original image, whose (width, height) is ``original_size`` (default: ``image``'s own).

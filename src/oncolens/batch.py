@@ -226,7 +226,7 @@ def screen(
         }
         overlay = None
         if with_heatmaps and features is not None:
-            overlay = explanation(package, image.image, features[i], original_size=size).overlay_png
+            overlay = explanation(package, image.image, features[i], assessment.top_class, size).overlay_png
         out.append(Screened(row, overlay))
         i += 1
     return out

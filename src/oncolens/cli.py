@@ -682,7 +682,8 @@ def predict(
     if heatmap is not None:
         for i, (d, feats) in enumerate(zip(decoded, analysed.features, strict=True)):
             out = heatmap if i == 0 else heatmap.with_name(f"{heatmap.stem}-{i + 1}{heatmap.suffix}")
-            out.write_bytes(explanation(package, d.image, feats, original_size=(d.width, d.height)).overlay_png)
+            named = result.images[i].assessment.top_class
+            out.write_bytes(explanation(package, d.image, feats, named, (d.width, d.height)).overlay_png)
     if as_json:
         typer.echo(PredictionPublic.from_result(result).model_dump_json(indent=2))
         return

@@ -278,7 +278,8 @@ class CaseService:
         _, features = model.run(inputs, with_features=True)
         if features is None:
             return shown, None
-        return shown, explanation(model, shown, features[0], original_size=(image.width, image.height))
+        named = json.loads(image.result_json)["top_class"]  # the class the stored result names
+        return shown, explanation(model, shown, features[0], named, (image.width, image.height))
 
     def heatmap(self, actor: Actor, case_id: str, image_id: str) -> bytes:
         """The heat-map PNG of a stored image (audited ``heatmap_view``)."""

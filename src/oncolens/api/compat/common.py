@@ -56,7 +56,8 @@ class Analysis:
     def heatmap_images(self, image: int = 0, class_id: str | None = None) -> dict[str, str]:
         """Base64 PNGs of the image as analysed, its heat-map and the overlay."""
         decoded = self.prepared.decoded[image]
-        ex = explanation(self.model, decoded.image, self.features[image], class_id, (decoded.width, decoded.height))
+        named = class_id or self.result.images[image].assessment.top_class
+        ex = explanation(self.model, decoded.image, self.features[image], named, (decoded.width, decoded.height))
         return {
             "original": b64(png_bytes(np.asarray(display_image(decoded.image)))),
             "heatmap": b64(ex.heatmap_png),

@@ -57,14 +57,16 @@ def _check_class(model: ModelPackage, class_id: str | None) -> None:
 
 
 async def _heatmaps(
-    model: ModelPackage, images: PreparedImages, features: Any, class_id: str | None
+    model: ModelPackage, images: PreparedImages, analysed: Analysed, class_id: str | None
 ) -> list[HeatmapPublic]:
+    """Each image's heat-map of ``class_id``, or of the class its result names."""
     _check_class(model, class_id)
+    named = [class_id or image.assessment.top_class for image in analysed.result.images]
 
     def build() -> list[HeatmapPublic]:
         out = []
-        for decoded, feats in zip(images.decoded, features, strict=True):
-            ex = explanation(model, decoded.image, feats, class_id, (decoded.width, decoded.height))
+        for decoded, feats, shown in zip(images.decoded, analysed.features, named, strict=True):
+            ex = explanation(model, decoded.image, feats, shown, (decoded.width, decoded.height))
             out.append(
                 HeatmapPublic(
                     class_id=ex.class_id,
@@ -105,14 +107,16 @@ async def explain(
     model: ModelDep,
     batcher: BatcherDep,
     images: ImagesDep,
-    class_id: Annotated[str | None, Query(alias="class", description="Class to explain (default: top).")] = None,
+    class_id: Annotated[
+        str | None, Query(alias="class", description="Class to explain (default: the class each image's result names).")
+    ] = None,
 ) -> ExplanationPublic:
     """Class-activation heat-map and overlay (PNG, base64) of each image, the size of the input."""
     _check_class(model, class_id)
     start = time.perf_counter()
     analysed = await _run(model, batcher, images)
-    result, features = analysed.result, analysed.features
-    heatmaps = await _heatmaps(model, images, features, class_id)
+    result = analysed.result
+    heatmaps = await _heatmaps(model, images, analysed, class_id)
     return ExplanationPublic(
         model_id=model.id,
         model_version=model.version,
@@ -132,8 +136,8 @@ async def analyze(
     """Prediction, risk and recommendation, class descriptions, intended use and heat-maps."""
     start = time.perf_counter()
     analysed = await _run(model, batcher, images)
-    result, features = analysed.result, analysed.features
-    heatmaps = await _heatmaps(model, images, features, None) if heatmap else None
+    result = analysed.result
+    heatmaps = await _heatmaps(model, images, analysed, None) if heatmap else None
     base = PredictionPublic.from_result(result, heatmaps)
     card = model.card
     return AnalysisPublic(
