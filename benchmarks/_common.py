@@ -85,7 +85,7 @@ def live_server(env: dict[str, str] | None = None, workers: int = 1) -> Iterator
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="oncolens-bench-") as data:
         server = subprocess.Popen(
-            [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            [sys.executable, "-m", "oncolens.cli.main", "serve", "--port", str(port), "--workers", str(workers)],
             env={**os.environ, "ONCOLENS_DATA_DIR": data, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import print_table, save
 
-from oncolens.batch import run_batch
+from oncolens.batch.local import run_batch
 from oncolens.config import Settings
 from oncolens.zoo import Zoo
 
@@ -62,7 +62,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray
 
-    from oncolens.batch_ray import run_batch_ray
+    from oncolens.batch.ray_engine import run_batch_ray
 
     settings = Settings()
     package = Zoo.from_settings(settings).get(args.model)

@@ -16,9 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
-from oncolens.analysis import RawImage, case_result, prepare
 from oncolens.config import Settings
-from oncolens.domain import quality_stats
+from oncolens.decision import case_result
+from oncolens.vision.domain import quality_stats
+from oncolens.vision.prepare import RawImage, prepare
 from oncolens.zoo import BUILTIN_DIR, ModelPackage, Zoo
 from oncolens.zoo.preprocess import model_pixels
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from _common import percentiles_ms, print_table, save
 
-from oncolens.datasets import Sample
+from oncolens.evaluation.datasets import Sample
 from oncolens.training.quantize import METHOD, calibration_samples, quantize, staged_int8
 from oncolens.zoo import ModelPackage, Zoo
 from oncolens.zoo.card import Int8Info
@@ -38,7 +38,7 @@ def startup_and_rss() -> dict[str, float]:
     # ru_maxrss survives fork/exec on Linux, so read the new process's own VmRSS/VmHWM instead.
     code = (
         "import time; import numpy as np; t=time.perf_counter();"
-        "from oncolens.api import create_app;"
+        "from oncolens.app import create_app;"
         "app=create_app(); models=app.state.zoo.load_all(); elapsed=time.perf_counter()-t;"
         "status=dict(l.split(':',1) for l in open('/proc/self/status'));"
         "print(elapsed, status['VmRSS'].split()[0], status['VmHWM'].split()[0]);"

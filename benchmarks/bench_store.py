@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from oncolens.config import Settings  # noqa: E402
-from oncolens.storage import FileStore, ImageStore, open_store  # noqa: E402
+from oncolens.store.images import FileStore, ImageStore, open_store  # noqa: E402
 from tests.seaweed import seaweedfs  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from oncolens.evaluation import evaluate_package
+from oncolens.evaluation.evaluate import evaluate_package
 from oncolens.zoo import BUILTIN_DIR, Zoo
 
 KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")

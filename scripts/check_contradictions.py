@@ -37,11 +37,11 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from oncolens.api import create_app
-from oncolens.auth import hash_password
+from oncolens.accounts.auth import hash_password
+from oncolens.app import create_app
 from oncolens.config import Settings
-from oncolens.datasets import drop_labels, read_manifest, select_split
-from oncolens.db.models import User
+from oncolens.evaluation.datasets import drop_labels, read_manifest, select_split
+from oncolens.store.db.models import User
 from oncolens.zoo.card import RiskPolicy
 
 PASSWORD = "contradiction-check-password-1"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from oncolens.analysis import check_modality
-from oncolens.datasets import open_rgb, read_manifest, select_split
-from oncolens.imaging import WrongModality
+from oncolens.evaluation.datasets import open_rgb, read_manifest, select_split
+from oncolens.vision.decode import WrongModality
+from oncolens.vision.prepare import check_modality
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import preprocess
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from oncolens.analysis import explanation
-from oncolens.datasets import open_rgb, read_manifest, select_split
+from oncolens.decision import probabilities
+from oncolens.evaluation.datasets import open_rgb, read_manifest, select_split
+from oncolens.vision.cam import explanation
 from oncolens.zoo import Zoo
 from oncolens.zoo.preprocess import preprocess
 
@@ -41,7 +42,7 @@ def main() -> None:
         image = open_rgb(sample.file)
         logits, features = package.run(preprocess([image], package.input_spec), with_features=True)
         assert features is not None
-        probs = package.probabilities(logits)[0]
+        probs = probabilities(package.card, logits)[0]
         ex = explanation(package, image, features[0])
         row = package.class_ids.index(sample.label)
         col = counters.get(sample.label, 0)

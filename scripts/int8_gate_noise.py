@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from oncolens import metrics
-from oncolens.datasets import drop_labels, encode_labels, read_manifest, select_split
-from oncolens.evaluation import dataset_logits
+from oncolens.decision import probabilities
+from oncolens.evaluation import metrics
+from oncolens.evaluation.datasets import drop_labels, encode_labels, read_manifest, select_split
+from oncolens.evaluation.evaluate import dataset_logits
 from oncolens.training.quantize import split_checks
 from oncolens.zoo import BUILTIN_DIR
 from oncolens.zoo.package import ModelPackage
@@ -29,7 +30,7 @@ CRITERIA = ("AUROC", "balanced accuracy", "ECE")  # as named in the gate's crite
 
 
 def split_figures(package: ModelPackage, y: np.ndarray, logits: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    probs = package.probabilities(logits)
+    probs = probabilities(package.card, logits)
     pred = package.card.decision.top(probs)
     k = len(package.class_ids)
     figures = {

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from oncolens.datasets import drop_labels, open_rgb, read_manifest, select_split
-from oncolens.metrics import balanced_accuracy
+from oncolens import decision
+from oncolens.evaluation.datasets import drop_labels, open_rgb, read_manifest, select_split
+from oncolens.evaluation.metrics import balanced_accuracy
 from oncolens.training.quantize import METHOD, calibration_samples, golden_images, quantize, staged_int8
 from oncolens.zoo import ModelPackage, Zoo
 from oncolens.zoo.card import Int8Info
@@ -36,7 +37,7 @@ SAMPLES = Path(__file__).parents[1] / "samples"
 
 def probabilities(package: ModelPackage, x: np.ndarray) -> np.ndarray:
     chunks = [package.run(x[i : i + 32])[0].astype("float64") for i in range(0, len(x), 32)]
-    return package.probabilities(np.concatenate(chunks))
+    return decision.probabilities(package.card, np.concatenate(chunks))
 
 
 def excluded(model: onnx.ModelProto, variant: str) -> list[str]:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from oncolens import metrics
-from oncolens.datasets import Sample, encode_labels, read_manifest, select_split
-from oncolens.evaluation import dataset_logits
-from oncolens.inference import calibrate
+from oncolens.decision import calibrate, probabilities
+from oncolens.evaluation import metrics
+from oncolens.evaluation.datasets import Sample, encode_labels, read_manifest, select_split
+from oncolens.evaluation.evaluate import dataset_logits
 from oncolens.training.distill import grouped_folds
 from oncolens.zoo import BUILTIN_DIR
 from oncolens.zoo.package import ModelPackage
@@ -141,7 +141,7 @@ def main() -> None:
     prior = np.bincount(y_train, minlength=len(classes)) / len(y_train)
     meta_probs = meta_model.predict_proba(np.stack([features(s) for s in val]))
     evidence = np.log(meta_probs) - np.log(prior)
-    image_probs = package.probabilities(dataset_logits(lambda x: package.run(x)[0], val, package.input_spec))
+    image_probs = probabilities(package.card, dataset_logits(lambda x: package.run(x)[0], val, package.input_spec))
     groups = [s.group_id for s in val]
     alone = figures(y_val, meta_probs, (np.log(meta_probs) - np.log(prior)).argmax(axis=1), classes)
     print(f"{args.model} v{package.version}, {len(val)} val images; metadata model fitted on {len(train)} train rows")

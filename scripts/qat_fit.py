@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from oncolens.datasets import open_rgb, read_manifest, select_split
+from oncolens.evaluation.datasets import open_rgb, read_manifest, select_split
 from oncolens.training import qat
 from oncolens.zoo.package import ONNX, ModelPackage
 from oncolens.zoo.preprocess import preprocess

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.datasets import Sample, drop_labels, encode_labels, open_rgb, read_manifest, select_split
-from oncolens.inference import p_malignant
-from oncolens.metrics import classification_report
+from oncolens.decision import p_malignant, probabilities
+from oncolens.evaluation.datasets import Sample, drop_labels, encode_labels, open_rgb, read_manifest, select_split
+from oncolens.evaluation.metrics import classification_report
 from oncolens.training.calibrate import risk_policy
 from oncolens.training.recipe import load_recipe
 from oncolens.zoo.card import read_card
@@ -48,7 +48,7 @@ def outputs(package: ModelPackage, samples: list[Sample]) -> tuple[np.ndarray, l
     for start in range(0, len(samples), 16):
         images = [open_rgb(s.file) for s in samples[start : start + 16]]
         logits, features = package.run(preprocess(images, package.input_spec), with_features=True)
-        probs.append(package.probabilities(logits))
+        probs.append(probabilities(package.card, logits))
         assert features is not None
         reasons += [check.reason if check is not None else "" for check in package.domain_checks(features)]
     return np.concatenate(probs), reasons

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.imaging import decode_image
-from oncolens.inference import p_malignant
+from oncolens.decision import p_malignant, probabilities
+from oncolens.vision.decode import decode_image
 from oncolens.zoo import BUILTIN_DIR
 from oncolens.zoo.card import RiskLevel
 from oncolens.zoo.package import ModelPackage
@@ -91,7 +91,7 @@ def answer(package: ModelPackage, pixels: np.ndarray) -> Answer:
     """[N, S, S, 3] uint8 model pixels -> P(malignant), risk level and the domain verdict of each."""
     logits, features = package.run(normalize(pixels, package.input_spec), with_features=True, max_batch=16)
     assert features is not None
-    p = p_malignant(package.probabilities(logits), package.malignant)
+    p = p_malignant(probabilities(package.card, logits), package.malignant)
     checks = package.domain_checks(features)
     inside = np.array([check is None or check.in_domain for check in checks])
     policy = package.card.risk_policy

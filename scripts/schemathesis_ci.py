@@ -93,7 +93,7 @@ def main() -> None:
             # Schemathesis sends many wrong logins; a lock would only hide the token route's answers.
             "ONCOLENS_LOGIN_MAX_FAILURES": "1000000",
         }
-        oncolens = [sys.executable, "-m", "oncolens.cli"]
+        oncolens = [sys.executable, "-m", "oncolens.cli.main"]
         subprocess.run(
             [*oncolens, "users", "create", "--email", ADMIN, "--admin", "--password-stdin"],
             env=env,

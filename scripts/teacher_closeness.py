@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oncolens.datasets import drop_labels, read_manifest
+from oncolens.evaluation.datasets import drop_labels, read_manifest
 from oncolens.training.distill import agreement
 from oncolens.training.recipe import resolve_recipe
 from oncolens.training.train import build_model, load_split, quick_metrics

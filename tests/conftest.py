@@ -104,7 +104,7 @@ def tiny_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, tiny_recipe: Path) -> Path:
     """A real package: 1 epoch (2 steps) of training on the tiny dataset, then the full finalize."""
     pytest.importorskip("torch")
-    from oncolens.datasets import read_manifest
+    from oncolens.evaluation.datasets import read_manifest
     from oncolens.training.pipeline import finalize
     from oncolens.training.recipe import load_recipe
     from oncolens.training.train import fit

@@ -10,10 +10,10 @@ import uvicorn
 from fastapi import FastAPI
 from sqlmodel import Session
 
-from oncolens.api import create_app
-from oncolens.auth import hash_password
+from oncolens.accounts.auth import hash_password
+from oncolens.app import create_app
 from oncolens.config import Settings
-from oncolens.db.models import User
+from oncolens.store.db.models import User
 
 PASSWORD = "correct horse battery"
 

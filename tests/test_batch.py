@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.cli import app
+from oncolens.cli.main import app
 from oncolens.zoo import ModelPackage
 
 runner = CliRunner()

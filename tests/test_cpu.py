@@ -1,4 +1,4 @@
-"""Processes that run ONNX Runtime keep NumPy's BLAS to one thread (oncolens.cpu)."""
+"""Processes that run ONNX Runtime keep NumPy's BLAS to one thread (oncolens.runtime.cpu)."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from oncolens.api import create_app
-from oncolens.batch import run_batch
+from oncolens.app import create_app
+from oncolens.batch.local import run_batch
 from oncolens.config import Settings
-from oncolens.cpu import blas_threads, single_threaded_blas
+from oncolens.runtime.cpu import blas_threads, single_threaded_blas
 from oncolens.zoo import ModelPackage
 
 

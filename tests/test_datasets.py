@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from oncolens.datasets import ManifestError, drop_labels, encode_labels, read_manifest, select_split
+from oncolens.evaluation.datasets import ManifestError, drop_labels, encode_labels, read_manifest, select_split
 from tests.conftest import make_dataset
 
 

@@ -15,14 +15,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.api import create_app
-from oncolens.cli import COMMAND_ORDER
-from oncolens.cli import app as cli
+from oncolens.accounts.mail import Mailer
+from oncolens.app import create_app
+from oncolens.cli.main import COMMAND_ORDER
+from oncolens.cli.main import app as cli
 from oncolens.config import Settings
-from oncolens.db import make_engine
 from oncolens.decision import probability_columns
-from oncolens.mail import Mailer
 from oncolens.reports.pdf import ReportImage, build_case_pdf
+from oncolens.store.db import make_engine
 from oncolens.web.render import interval, rebuild_command
 from oncolens.zoo.package import ModelPackage
 from tests.api.test_auth_users import add_user, login

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
 from oncolens.decision import RARE_CLASSES, decide, probability_columns
-from oncolens.domain import OTHER_KIND, UNUSUAL, DomainCheck
+from oncolens.vision.domain import OTHER_KIND, UNUSUAL, DomainCheck
 from oncolens.zoo.card import RiskLevel, read_card
 from scripts.check_contradictions import normalised, problems_of
 from tests.api.test_auth_users import add_user, login

@@ -7,7 +7,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
-from oncolens.imaging import ImageTooLarge, NotAnImage, TruncatedImage, UnsupportedFormat, decode_image
+from oncolens.vision.decode import ImageTooLarge, NotAnImage, TruncatedImage, UnsupportedFormat, decode_image
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 

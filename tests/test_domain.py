@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from oncolens.domain import DomainModel, LinearDetector, QualityLimits, quality_stats, root_features, threshold_for
+from oncolens.vision.domain import (
+    DomainModel,
+    LinearDetector,
+    QualityLimits,
+    quality_stats,
+    root_features,
+    threshold_for,
+)
 
 
 def cluster(rng: np.random.Generator, n: int, k: int = 40, shift: float = 0.0) -> np.ndarray:
@@ -66,7 +73,7 @@ def test_the_domain_model_round_trips_through_its_file(tmp_path: Path) -> None:
 
 
 def test_too_few_images_cannot_fit_a_domain_model() -> None:
-    from oncolens.domain import DomainFitError
+    from oncolens.vision.domain import DomainFitError
 
     with pytest.raises(DomainFitError, match="too few"):
         DomainModel.fit(np.ones((5, 8)))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oncolens.imaging import (
+from oncolens.vision.decode import (
     EmptyImage,
     ImageTooLarge,
     InvalidBase64,

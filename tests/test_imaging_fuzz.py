@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from oncolens.imaging import ImageDecodeError, decode_base64, decode_image
+from oncolens.vision.decode import ImageDecodeError, decode_base64, decode_image
 from tests.test_dicom import dicom, ramp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF we feed it

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oncolens.analysis import case_result, explanation
-from oncolens.explain import cam_on_image
-from oncolens.inference import aggregate, calibrate, class_activation_map, p_malignant
+from oncolens.decision import aggregate, calibrate, case_result, p_malignant
+from oncolens.vision.cam import cam_on_image, class_activation_map, explanation
 from oncolens.zoo import ModelPackage
 from oncolens.zoo.card import RiskPolicy
 from oncolens.zoo.preprocess import InputSpec, preprocess
@@ -107,7 +106,7 @@ def test_case_result_aggregates_and_keeps_each_image(blob_package: Path) -> None
 
 
 def test_upsample_cam_honours_the_feature_offset() -> None:
-    from oncolens.explain import upsample_cam
+    from oncolens.vision.cam import upsample_cam
 
     cam = np.zeros((6, 6))
     cam[2, 3] = 1.0

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from oncolens.memory import resident_bytes, return_large_allocations, trim_heaps
+from oncolens.runtime.memory import resident_bytes, return_large_allocations, trim_heaps
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
 
@@ -21,7 +21,7 @@ def run_fresh(code: str) -> list[float]:
 def test_freed_small_blocks_stay_resident_until_the_heaps_are_trimmed() -> None:
     before, freed, trimmed, released = run_fresh(
         """
-    from oncolens.memory import resident_bytes, return_large_allocations, trim_heaps
+    from oncolens.runtime.memory import resident_bytes, return_large_allocations, trim_heaps
     def resident_mb():
         return resident_bytes() / 2**20
     return_large_allocations()

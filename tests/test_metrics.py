@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from oncolens import metrics
+from oncolens.evaluation import metrics
 
 
 def test_confusion_matrix_counts_rows_true_columns_predicted() -> None:

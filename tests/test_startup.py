@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from oncolens.cli import app
+from oncolens.cli.main import app
 from oncolens.config import Settings
-from oncolens.startup import StartupError, safe_url, startup_lines
+from oncolens.runtime.startup import StartupError, safe_url, startup_lines
 
 runner = CliRunner()
 
@@ -32,8 +32,8 @@ def refused(*args: str) -> str:
 
 
 def test_a_database_url_that_is_no_url(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONCOLENS_DATABASE_URL", "oncolens.db")
-    assert refused() == "error: ONCOLENS_DATABASE_URL is not a database URL: oncolens.db"
+    monkeypatch.setenv("ONCOLENS_DATABASE_URL", "oncolens.store.db")
+    assert refused() == "error: ONCOLENS_DATABASE_URL is not a database URL: oncolens.store.db"
 
 
 def test_an_unreachable_postgresql_is_named_without_its_password(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +105,7 @@ def test_the_start_up_lines_say_where_the_data_is_and_how_to_begin(tmp_path: Pat
 
 
 def test_a_server_off_sqlite_needs_the_shared_secret_key(tmp_path: Path) -> None:
-    from oncolens.startup import check_secret_key
+    from oncolens.runtime.startup import check_secret_key
 
     on_postgres = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://u@db/oncolens")
     with pytest.raises(StartupError, match="ONCOLENS_SECRET_KEY must be set when the database is not SQLite"):
@@ -132,7 +132,7 @@ def test_the_log_goes_to_a_file_as_json_lines(tmp_path: Path) -> None:
     import logging
     import logging.config
 
-    from oncolens.logs import log_config
+    from oncolens.runtime.logs import log_config
 
     path = tmp_path / "logs" / "oncolens.log"
     path.parent.mkdir()
@@ -157,7 +157,7 @@ def test_the_log_goes_to_a_file_as_json_lines(tmp_path: Path) -> None:
 def test_workers_starting_together_share_one_key_file(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from oncolens.auth import load_or_create_secret
+    from oncolens.accounts.auth import load_or_create_secret
 
     with ThreadPoolExecutor(8) as pool:
         keys = set(pool.map(lambda _: load_or_create_secret(tmp_path), range(16)))

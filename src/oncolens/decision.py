@@ -1,5 +1,5 @@
-"""The one place a result is decided: calibrated probabilities -> P(malignant) -> the named class ->
-risk level -> one statement, which every edge (API, web, PDF, FHIR, CLI, batch, compat) repeats verbatim.
+"""The one place a result is decided: model logits -> calibrated probabilities -> P(malignant) -> the
+named class -> risk level -> one statement, which every edge (API, web, PDF, FHIR, CLI, batch, compat) repeats verbatim.
 
 * The named class is always the class with the highest calibrated probability, the one shown beside it.
 * The risk level is the card's level for P(malignant) (the summed probability of the malignant
@@ -11,21 +11,30 @@ risk level -> one statement, which every edge (API, web, PDF, FHIR, CLI, batch, 
   says which test fired: an image of another kind (choose the model for it) or an unusual image of
   the right kind (retake it, or judge it clinically).
 
-A predict passes here once (``decide``); nothing downstream picks a class or a level again.
+A predict passes here once: ``case_result`` calibrates the logits of a case's images (``probabilities``),
+decides each image once and the combined result once (``decide``); nothing downstream computes a
+probability, picks a class or a level again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oncolens.domain import OTHER_KIND, DomainCheck, QualityIssue
-from oncolens.inference import p_malignant
+from oncolens.vision.domain import OTHER_KIND, DomainCheck, QualityIssue
 from oncolens.zoo.card import ModelCard, RiskLevel
 
+if TYPE_CHECKING:
+    from oncolens.zoo.package import ModelPackage
+
 RARE_CLASSES = "rare classes weighted up"
+DISCLAIMER = (
+    "Decision support only, not a diagnosis. A qualified clinician must interpret this result "
+    "together with the patient's history and examination."
+)
 
 # How to retake an image, by the card's modality (what the model's own training images look like).
 RETAKE = {
@@ -34,6 +43,51 @@ RETAKE = {
     "ultrasound": "the nodule or mass centred, without calipers, text or colour Doppler drawn on it",
     "cytology": "one cell centred and in focus",
 }
+
+
+def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """[N, C] logits -> [N, C] probabilities, softmax(logits / T)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    probs: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return probs
+
+
+def p_malignant(probs: np.ndarray, malignant: Sequence[bool]) -> np.ndarray:
+    """[N, C] probabilities -> [N] summed probability of the malignant classes."""
+    summed: np.ndarray = np.asarray(probs)[:, np.asarray(malignant, dtype=bool)].sum(axis=1)
+    return summed
+
+
+def aggregate(probs: np.ndarray, malignant: Sequence[bool], rule: str = "mean") -> np.ndarray:
+    """[N, C] per-image probabilities of one case -> [C] case probabilities.
+
+    ``mean`` averages the images; ``max_malignant`` takes the image with the highest P(malignant),
+    so one suspicious view is never averaged away.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) == 0:
+        raise ValueError("a case needs at least one image's probabilities, shaped [N, C]")
+    if rule == "mean":
+        result: np.ndarray = probs.mean(axis=0)
+        return result
+    if rule == "max_malignant":
+        chosen: np.ndarray = probs[int(np.argmax(p_malignant(probs, malignant)))]
+        return chosen
+    raise ValueError(f"unknown aggregation rule {rule!r}; expected 'mean' or 'max_malignant'")
+
+
+def probabilities(card: ModelCard, logits: np.ndarray) -> np.ndarray:
+    """[N, C] raw model logits -> calibrated probabilities, softmax((logits + bias) / T) with the card's
+    calibration (the bias undoes the class prior of balanced sampling; absent, it is zero)."""
+    z = np.asarray(logits, dtype=np.float64)
+    bias = card.calibration.logit_bias
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
+    return calibrate(z, card.calibration.temperature)
 
 
 def retake_advice(card: ModelCard) -> str:
@@ -174,3 +228,69 @@ def probability_columns(class_ids: list[str]) -> dict[str, str]:
     """Class id -> its CSV column: ``p_<class>``, or ``p_class_<class>`` where that would repeat a summary
     column (breast-us has a class named ``malignant`` beside P(malignant), the ``p_malignant`` column)."""
     return {c: f"p_class_{c}" if f"p_{c}" in SUMMARY_COLUMNS else f"p_{c}" for c in class_ids}
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int
+    filename: str | None
+    width: int
+    height: int
+    assessment: Assessment
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    model_id: str
+    model_version: str
+    images: list[ImageResult]
+    aggregate: Assessment
+    aggregation_rule: str
+    disclaimer: str = DISCLAIMER
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def case_result(
+    package: ModelPackage,
+    logits: np.ndarray,
+    sizes: list[tuple[int, int]],
+    filenames: list[str | None] | None = None,
+    timing_ms: dict[str, float] | None = None,
+    features: np.ndarray | None = None,
+    stats: list[dict[str, float]] | None = None,
+) -> CaseResult:
+    """[N, C] logits of one case's images (with their (width, height)) -> CaseResult.
+
+    With ``features`` [N, K, h, w], each image gets its out-of-domain check, and images out of domain
+    are left out of the combined result (all out: the case is indeterminate). With ``stats`` (from
+    ``domain.quality_stats``), each image gets its quality warnings.
+    """
+    probs = probabilities(package.card, logits)
+    names = filenames or [None] * len(sizes)
+    card = package.card
+    rule = card.aggregation.rule
+    checks = package.domain_checks(features) if features is not None else [None] * len(sizes)
+    limits = package.quality_limits
+    images = []
+    for i, (w, h) in enumerate(sizes):
+        issues = limits.check(stats[i], w, h) if limits is not None and stats is not None else []
+        images.append(ImageResult(i, names[i], w, h, decide(card, probs[i], checks[i], issues)))
+    kept = [i for i, check in enumerate(checks) if check is None or check.in_domain]
+    combined = decide(card, aggregate(probs[kept] if kept else probs, package.malignant, rule))
+    if not kept:
+        reasons = [check.reason for check in checks if check is not None]
+        note = f"all {len(sizes)} image(s) are out of the model's domain"
+        combined = indeterminate_case(card, combined, reasons, note)
+    elif len(kept) < len(sizes):
+        left_out = ", ".join(str(i + 1) for i in range(len(sizes)) if i not in kept)
+        combined = replace(
+            combined, note=f"image(s) {left_out} out of the model's domain: left out of the combined result"
+        )
+    return CaseResult(
+        model_id=package.id,
+        model_version=package.version,
+        images=images,
+        aggregate=combined,
+        aggregation_rule=rule,
+        timing_ms=timing_ms or {},
+    )

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from oncolens import totp
-from oncolens.api import create_app
-from oncolens.auth import hash_password
-from oncolens.db.models import User
+from oncolens.accounts import totp
+from oncolens.accounts.auth import hash_password
+from oncolens.app import create_app
 from oncolens.services import mailqueue
+from oncolens.store.db.models import User
 from tests.api.conftest import db_settings
 
 PASSWORD = "correct horse battery"
@@ -70,6 +70,7 @@ def html_of(message: EmailMessage) -> str:
 # The engines of the apps made by make_client: their servers send e-mail from a queue, a moment after
 # the request that queued it (services.mailqueue); the inbox waits for those queues to empty.
 _ENGINES: list[Engine] = []
+STOPPED_AFTER_S = 2.0  # an app whose queue sends nothing for this long has stopped (its test is over)
 
 
 def register_engine(engine: Engine) -> None:
@@ -82,8 +83,15 @@ def settle_all(timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     for engine in list(_ENGINES):
         try:
-            while mailqueue.waiting(engine) and time.monotonic() < deadline:
+            left, progress_at = mailqueue.waiting(engine), time.monotonic()
+            while left and time.monotonic() < deadline:
                 time.sleep(0.02)
+                now_left = mailqueue.waiting(engine)
+                if now_left < left:
+                    left, progress_at = now_left, time.monotonic()
+                elif time.monotonic() - progress_at > STOPPED_AFTER_S:
+                    _ENGINES.remove(engine)  # nothing sent for a while: that app has stopped
+                    break
         except Exception:  # the app's database is gone (its test module dropped it)
             _ENGINES.remove(engine)
     time.sleep(0.05)  # the SMTP server's handler has returned before the sender deletes the row
@@ -158,7 +166,7 @@ def make_client(
 
 
 class Clock:
-    """``oncolens.totp.clock`` moved by hand, so each login can use a fresh time step."""
+    """``oncolens.accounts.totp.clock`` moved by hand, so each login can use a fresh time step."""
 
     def __init__(self) -> None:
         self.now = time.time()

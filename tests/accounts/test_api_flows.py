@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from oncolens.db.models import AccountToken, User, utcnow
+from oncolens.store.db.models import AccountToken, User, utcnow
 from tests.accounts.conftest import (
     PASSWORD,
     Clock,
@@ -397,7 +397,7 @@ def test_sign_up_is_off_by_default(mail: TestClient) -> None:
 def test_the_access_log_never_holds_an_e_mailed_token() -> None:
     import logging
 
-    from oncolens.api.middleware import RedactSecrets
+    from oncolens.http.middleware import RedactSecrets
 
     record = logging.LogRecord(
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',

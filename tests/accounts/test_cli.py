@@ -8,9 +8,9 @@ import pytest
 from sqlmodel import Session, create_engine, select
 from typer.testing import CliRunner
 
-from oncolens import totp
-from oncolens.cli import app
-from oncolens.db.models import AuditEvent, User
+from oncolens.accounts import totp
+from oncolens.cli.main import app
+from oncolens.store.db.models import AuditEvent, User
 from tests.accounts.conftest import Inbox, link_in, text_of
 
 runner = CliRunner()

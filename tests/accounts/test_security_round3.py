@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
-from oncolens.db.models import AccountToken, AuditEvent, LoginThrottle, MailQueue, User
+from oncolens.store.db.models import AccountToken, AuditEvent, LoginThrottle, MailQueue, User
 from tests.accounts.conftest import (
     PASSWORD,
     Clock,
@@ -280,7 +280,7 @@ def test_38_9_one_totp_code_in_twelve_parallel_logins_is_accepted_once(live: tup
 
 
 def _hash() -> str:
-    from oncolens.auth import hash_password
+    from oncolens.accounts.auth import hash_password
 
     return hash_password(PASSWORD)
 
@@ -428,7 +428,7 @@ def test_38_18_the_csrf_cookie_changes_at_login(mail: TestClient) -> None:
 
 
 def test_38_18_the_mail_queue_claims_a_letter_for_one_drainer_only(mail: TestClient) -> None:
-    from oncolens.mail import Letter
+    from oncolens.accounts.mail import Letter
     from oncolens.services import mailqueue
 
     engine = mail.app.state.engine  # type: ignore[attr-defined]

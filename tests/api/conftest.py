@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"

@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from oncolens.api import create_app
-from oncolens.auth import create_access_token, hash_password
-from oncolens.db.models import User
+from oncolens.accounts.auth import create_access_token, hash_password
+from oncolens.app import create_app
+from oncolens.store.db.models import User
 from tests.api.conftest import db_settings
 
 PASSWORD = "correct horse battery"
@@ -126,7 +126,7 @@ def test_users_change_their_own_name_and_password(client: TestClient) -> None:
 
 
 def test_secret_key_is_created_once_and_kept(tmp_path: Path) -> None:
-    from oncolens.auth import load_or_create_secret
+    from oncolens.accounts.auth import load_or_create_secret
 
     first = load_or_create_secret(tmp_path)
     assert load_or_create_secret(tmp_path) == first and len(first) > 40

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from oncolens.api import create_app
-from oncolens.api.batching import IdleRelease, InferenceBatcher
-from oncolens.api.metrics import ServerMetrics
+from oncolens.app import create_app
 from oncolens.config import Settings
-from oncolens.memory import resident_bytes, return_large_allocations
+from oncolens.http.batching import IdleRelease, InferenceBatcher
+from oncolens.http.metrics import ServerMetrics
+from oncolens.runtime.memory import resident_bytes, return_large_allocations
 from oncolens.services.analysis import DirectRunner
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
 

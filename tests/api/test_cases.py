@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 
@@ -202,7 +202,7 @@ def test_delete_removes_the_files_and_is_audited(client: TestClient, tokens: dic
     with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
         from sqlmodel import select
 
-        from oncolens.db.models import CaseImage
+        from oncolens.store.db.models import CaseImage
 
         names = [i.stored_name for i in session.exec(select(CaseImage).where(CaseImage.case_id == case["id"]))]
     assert len(names) == 2 and set(names) <= stored_files(client)

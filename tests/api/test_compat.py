@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
 from oncolens.zoo import BUILTIN_DIR
 from tests.api.conftest import db_settings

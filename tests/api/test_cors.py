@@ -2,7 +2,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
 
 

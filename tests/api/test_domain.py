@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.api import create_app
-from oncolens.cli import app as cli
+from oncolens.app import create_app
+from oncolens.cli.main import app as cli
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 from tests.web.test_pages import web_login

@@ -6,9 +6,9 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
-from oncolens.memory import resident_bytes
+from oncolens.runtime.memory import resident_bytes
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "skin-ham10000"
 

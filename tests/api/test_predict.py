@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.cli import app as cli
+from oncolens.cli.main import app as cli
 from oncolens.zoo.card import Decision, RiskPolicy
 from tests.api.conftest import MODEL, SAMPLES
 

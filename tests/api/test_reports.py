@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 

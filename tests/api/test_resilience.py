@@ -21,9 +21,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, select
 
-from oncolens.api import create_app
-from oncolens.batch import csv_cell, csv_text
-from oncolens.db.models import Case
+from oncolens.app import create_app
+from oncolens.batch.local import csv_cell, csv_text
+from oncolens.store.db.models import Case
 from tests.api.conftest import db_settings
 from tests.api.test_security import add_user, bearer, sample
 from tests.live import PASSWORD, live_server
@@ -125,7 +125,7 @@ def test_38_17_delete_during_a_store_outage_answers_204_and_the_files_go_later(t
         store = client.app.state.store  # type: ignore[attr-defined]
 
         def down(names: list[str]) -> None:
-            from oncolens.storage import StoreError
+            from oncolens.store.images import StoreError
 
             raise StoreError("cannot remove images from the image store (test): connection refused")
 
@@ -290,8 +290,8 @@ def test_38_16_csv_cells_that_start_like_a_formula_are_defused_and_read_back(tmp
 def test_38_20_a_read_audit_event_a_full_disk_cannot_take_is_kept_and_written_later(tmp_path: Path) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from oncolens.db.models import AuditEvent, User
     from oncolens.services.audit import Actor, commit_read_audit, deferred_audit
+    from oncolens.store.db.models import AuditEvent, User
 
     settings = db_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
     app = create_app(settings)

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlmodel import Session, select
 
-from oncolens.api import create_app
-from oncolens.api.middleware import PAGE_CSP
-from oncolens.auth import AuthError, LoginLocked, ThrottlePolicy, authenticate, hash_password
-from oncolens.db import make_engine, upgrade
-from oncolens.db.models import CaseImage, LoginThrottle, User
+from oncolens.accounts.auth import AuthError, LoginLocked, ThrottlePolicy, authenticate, hash_password
+from oncolens.app import create_app
+from oncolens.http.middleware import PAGE_CSP
+from oncolens.store.db import make_engine, upgrade
+from oncolens.store.db.models import CaseImage, LoginThrottle, User
 from tests.api.conftest import db_settings
 from tests.test_dicom import dicom, ramp
 
@@ -103,7 +103,7 @@ def test_2_heatmaps_are_display_sized_and_the_peak_is_in_original_pixels(client:
 def test_2_explanation_memory_does_not_grow_with_the_upload_resolution(client: TestClient):
     import tracemalloc
 
-    from oncolens.analysis import explanation
+    from oncolens.vision.cam import explanation
 
     model = client.app.state.zoo.get("skin-ham10000")  # type: ignore[attr-defined]
     features = np.random.default_rng(0).random((1280, 7, 7)).astype(np.float32)
@@ -335,7 +335,7 @@ def test_7_the_json_body_limit_follows_the_image_limits(tmp_path: Path):
 
 
 def test_8_palette_dicom_without_its_lookup_table_is_a_400():
-    from oncolens.imaging import ImageDecodeError, decode_image
+    from oncolens.vision.decode import ImageDecodeError, decode_image
 
     with pytest.raises(ImageDecodeError) as error:
         decode_image(dicom(ramp(16, 16, 255).astype(np.uint8), "PALETTE COLOR", bits=8))
@@ -445,7 +445,7 @@ def test_12_the_sqlite_database_is_created_readable_by_its_owner_only(tmp_path: 
     (tmp_path / "private").mkdir()  # a database outside the data folder goes in a folder that exists
     with TestClient(create_app(db_settings(tmp_path, f"sqlite:///{tmp_path / 'private' / 'oncolens.db'}"))):
         pass
-    for name in ("oncolens.db", "oncolens.db-wal"):
+    for name in ("oncolens.store.db", "oncolens.db-wal"):
         path = tmp_path / "private" / name
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, name

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from oncolens.db import make_engine, upgrade
-from oncolens.db.models import Case, CaseImage
-from oncolens.storage import FileStore
+from oncolens.store.db import make_engine, upgrade
+from oncolens.store.db.models import Case, CaseImage
+from oncolens.store.images import FileStore
 
 SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"
 
@@ -32,7 +32,7 @@ def test_case_is_complete_after_kill_9_following_the_response(tmp_path: Path) ->
         [
             sys.executable,
             "-m",
-            "oncolens.cli",
+            "oncolens.cli.main",
             "users",
             "create",
             "--email",
@@ -46,7 +46,7 @@ def test_case_is_complete_after_kill_9_following_the_response(tmp_path: Path) ->
     )
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "oncolens.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "oncolens.cli.main", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -7,8 +7,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-import oncolens.db.models  # noqa: F401
-from oncolens.db import make_engine, upgrade
+import oncolens.store.db.models  # noqa: F401
+from oncolens.store.db import make_engine, upgrade
 
 SRC = Path(__file__).parents[2] / "src" / "oncolens"
 

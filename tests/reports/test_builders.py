@@ -9,7 +9,7 @@ from PIL import Image
 
 from oncolens.reports.fhir import case_bundle
 from oncolens.reports.pdf import ReportImage, build_case_pdf
-from oncolens.views import AssessmentPublic, CaseImagePublic, CasePublic, PatientPublic, ReviewPublic
+from oncolens.store.views import AssessmentPublic, CaseImagePublic, CasePublic, PatientPublic, ReviewPublic
 from oncolens.zoo import BUILTIN_DIR, ModelPackage
 
 ASSESSMENT = AssessmentPublic(

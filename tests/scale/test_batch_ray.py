@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.cli import app
+from oncolens.cli.main import app
 from tests.seaweed import S3Server
 
 ray = pytest.importorskip("ray")

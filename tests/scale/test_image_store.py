@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
-from oncolens.startup import StartupError, check_image_store
-from oncolens.storage import UNREACHABLE, S3Store, StoreError, open_store
+from oncolens.runtime.startup import StartupError, check_image_store
+from oncolens.store.images import UNREACHABLE, S3Store, StoreError, open_store
 from tests.api.test_auth_users import add_user, login
 from tests.live import free_port
 from tests.seaweed import S3Server
@@ -109,7 +109,7 @@ def test_a_lost_object_is_410_and_orphans_are_swept(client: TestClient, s3: S3Se
     kept = store.write((SAMPLES / MEL).read_bytes(), "JPEG")
     with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
         assert store.sweep_orphans(session, older_than_s=3600) == 0  # too young: its case may be committing
-        from oncolens.db.models import CaseImage
+        from oncolens.store.db.models import CaseImage
 
         row = session.get(CaseImage, image)
         assert row is not None

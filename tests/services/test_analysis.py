@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 
 import oncolens.config as config
 import oncolens.services.analysis as analysis
-from oncolens.analysis import PreparedImages, RawImage
-from oncolens.api import create_app
+from oncolens.app import create_app
 from oncolens.config import Settings
+from oncolens.vision.prepare import PreparedImages, RawImage
 from oncolens.zoo import ModelPackage
 
 SAMPLE = Path(__file__).parents[2] / "samples" / "skin-ham10000" / "ISIC_0025316.jpg"

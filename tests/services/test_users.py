@@ -6,8 +6,8 @@ import pytest
 from sqlmodel import Session, create_engine, select
 from typer.testing import CliRunner
 
-from oncolens.cli import app
-from oncolens.db.models import AuditEvent, User
+from oncolens.cli.main import app
+from oncolens.store.db.models import AuditEvent, User
 
 
 def test_cli_users_create_writes_the_same_audit_event_as_the_api(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from oncolens.inference import calibrate
+from oncolens.decision import calibrate
 from oncolens.training.calibrate import (
     fit_temperature,
     risk_policy,
@@ -108,7 +108,7 @@ def test_decision_rule_adjusts_for_rare_classes_and_writes_two_class_thresholds_
     rule = decision_rule(y, probs, prior, [False, False, True], 0.5)
     assert rule["rule"] == "offsets" and rule["tau"] > 0
     adjusted = Decision.model_validate(rule).top(probs)
-    from oncolens import metrics
+    from oncolens.evaluation import metrics
 
     assert metrics.balanced_accuracy(y, adjusted, 3) > metrics.balanced_accuracy(y, probs.argmax(axis=1), 3)
 

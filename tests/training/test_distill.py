@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from oncolens.cli import app
+from oncolens.cli.main import app
 
 torch = pytest.importorskip("torch")
 
-from oncolens.datasets import drop_labels, read_manifest, select_split  # noqa: E402
+from oncolens.evaluation.datasets import drop_labels, read_manifest, select_split  # noqa: E402
 from oncolens.training.backbones import Classifier, build_backbone  # noqa: E402
 from oncolens.training.distill import (  # noqa: E402
     TEACHERS,

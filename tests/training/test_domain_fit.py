@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import oncolens.domain_fit as domain_fit
-from oncolens.datasets import read_manifest, select_split
+import oncolens.training.domain_fit as domain_fit
+from oncolens.evaluation.datasets import read_manifest, select_split
 from oncolens.zoo.package import ModelPackage
 from tests.conftest import make_dataset
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from oncolens.cli import app
-from oncolens.datasets import read_manifest, select_split
-from oncolens.evaluation import dataset_logits
+from oncolens.cli.main import app
+from oncolens.evaluation.datasets import read_manifest, select_split
+from oncolens.evaluation.evaluate import dataset_logits
 from oncolens.zoo import ModelPackage, Zoo
 
 pytest.importorskip("torch")

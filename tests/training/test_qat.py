@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from oncolens.datasets import open_rgb, read_manifest
+from oncolens.evaluation.datasets import open_rgb, read_manifest
 from oncolens.training import quantize
 from oncolens.training.qat import QatError, QdqGraph, graph_teacher, onnx_teacher, tune_graph, tune_int8
 from oncolens.zoo.card import read_card

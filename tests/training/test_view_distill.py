@@ -7,11 +7,11 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from oncolens.cli import app
+from oncolens.cli.main import app
 
 torch = pytest.importorskip("torch")
 
-from oncolens.datasets import read_manifest  # noqa: E402
+from oncolens.evaluation.datasets import read_manifest  # noqa: E402
 from oncolens.training.export import ExportModel, OnnxWeightsError, export_onnx, load_onnx_weights  # noqa: E402
 from oncolens.training.qat import onnx_teacher  # noqa: E402
 from oncolens.training.recipe import load_recipe  # noqa: E402

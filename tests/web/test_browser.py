@@ -215,7 +215,7 @@ def test_admin_dashboard_and_filters(browser: object, server: str, analysed: dic
 
 
 def test_two_factor_enrolment_and_sign_in_in_the_browser(browser: object, server: str) -> None:
-    from oncolens import totp
+    from oncolens.accounts import totp
 
     page = page_for(browser, server, "vic@clinic.org")
     page.click("nav >> text=Account")

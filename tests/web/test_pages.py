@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from oncolens.api import create_app
-from oncolens.db.models import AuditEvent, Case
+from oncolens.app import create_app
+from oncolens.store.db.models import AuditEvent, Case
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import PASSWORD, add_user, login
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from oncolens.cli import app
-from oncolens.datasets import open_rgb
+from oncolens.cli.main import app
+from oncolens.evaluation.datasets import open_rgb
 from oncolens.training import quantize
 from oncolens.training.pipeline import record_sample_expectations
 from oncolens.zoo import Zoo
@@ -146,7 +146,7 @@ def test_edge_export_errors_are_clear(blob_package: Path, tmp_path: Path) -> Non
 def test_a_package_built_outside_the_zoo_leaves_the_shipped_expectations_alone(
     package: Path, golden: Path, tmp_path: Path
 ) -> None:
-    from oncolens.cli import _expected_file
+    from oncolens.cli.main import _expected_file
 
     assert _expected_file(None) is None  # into the zoo: the samples' own expected.json
     beside = _expected_file(tmp_path / "candidate")

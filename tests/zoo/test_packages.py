@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oncolens.datasets import open_rgb
+from oncolens.evaluation.datasets import open_rgb
 from oncolens.training.recipe import load_recipe
 from oncolens.zoo import BUILTIN_DIR, ModelPackage, Zoo
 from oncolens.zoo.card import SCHEMA_VERSION, ModelCard, parse_card
@@ -189,9 +189,9 @@ def test_the_card_carries_the_measured_out_of_domain_rates(package: ModelPackage
 
 
 def test_its_own_samples_are_in_domain_and_other_organs_samples_are_not(package: ModelPackage) -> None:
-    from oncolens.analysis import RawImage, prepare
     from oncolens.config import Settings
-    from oncolens.imaging import WrongModality
+    from oncolens.vision.decode import WrongModality
+    from oncolens.vision.prepare import RawImage, prepare
 
     def checks(paths: list[Path]) -> list[bool | None]:
         found: list[bool | None] = []

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, EmailStr, Field
 
-from oncolens.db.models import AuditEvent, Case, User
 from oncolens.services.accounts import account_state
 from oncolens.services.inputs import CaseReview, PartialUpdate
-from oncolens.views import CasePublic, StatusName, UTCDateTime
+from oncolens.store.db.models import AuditEvent, Case, User
+from oncolens.store.views import CasePublic, StatusName, UTCDateTime
 from oncolens.zoo.card import RiskLevel
 
 __all__ = ["CasePublic", "CaseUpdate", "StatusName", "UTCDateTime"]

@@ -1,4 +1,5 @@
-"""What the API accepts and returns (pydantic models; the OpenAPI docs are generated from these)."""
+"""What the API returns (pydantic models; the OpenAPI docs are generated from these; what it accepts is in
+``oncolens.http.uploads``)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from oncolens.analysis import CaseResult
-from oncolens.views import AssessmentPublic
-
-
-class ImageIn(BaseModel):
-    image: str = Field(description="Base64 image bytes, optionally as a data URI (data:image/png;base64,...).")
-    filename: str | None = Field(None, description="The original file name, kept only as a label.")
-
-
-class PredictJSON(BaseModel):
-    """JSON alternative to multipart: one ``image`` or a list of ``images``."""
-
-    image: str | None = Field(None, description="Base64 image bytes, optionally as a data URI.")
-    filename: str | None = None
-    images: list[ImageIn] | None = Field(None, description="Several images of one case.")
-
-    model_config = {
-        "json_schema_extra": {
-            "examples": [{"image": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ...", "filename": "lesion.jpg"}]
-        }
-    }
+from oncolens.decision import CaseResult
+from oncolens.store.views import AssessmentPublic
 
 
 class HeatmapPublic(BaseModel):

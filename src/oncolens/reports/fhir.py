@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from oncolens.views import CaseImagePublic, CasePublic
+from oncolens.store.views import CaseImagePublic, CasePublic
 from oncolens.zoo.card import ModelCard
 
 NAMESPACE = uuid.UUID("5b7d0e4e-4f0f-4a55-9a39-0c7f8f1f5e21")

@@ -31,7 +31,7 @@ from reportlab.platypus import (
     Image as PdfImage,
 )
 
-from oncolens.views import AssessmentPublic, CasePublic
+from oncolens.store.views import AssessmentPublic, CasePublic
 from oncolens.zoo.card import ModelCard, RiskLevel
 
 RISK_COLOURS = {

@@ -27,17 +27,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
-from oncolens import totp
-from oncolens.auth import AuthError, aware, hash_password, revoke_all_tokens, throttled, verify_password
+from oncolens.accounts import totp
+from oncolens.accounts.auth import AuthError, aware, hash_password, revoke_all_tokens, throttled, verify_password
+from oncolens.accounts.mail import Letter, Mailer
 from oncolens.config import Settings
-from oncolens.db import insert_if_missing
-from oncolens.db.models import AccountToken, LoginThrottle, RecoveryCode, RequestThrottle, Role, TokenPurpose, User
-from oncolens.db.models import utcnow as _now
 from oncolens.errors import Conflict, InvalidInput, LinkInvalid, PermissionDenied, TooManyRequests
-from oncolens.mail import Letter, Mailer
 from oncolens.services import mailqueue, users
 from oncolens.services.audit import Actor, audit, audit_by
 from oncolens.services.users import end_links, get_user, person_name, policy_of, valid_email, valid_role
+from oncolens.store.db import insert_if_missing
+from oncolens.store.db.models import (
+    AccountToken,
+    LoginThrottle,
+    RecoveryCode,
+    RequestThrottle,
+    Role,
+    TokenPurpose,
+    User,
+)
+from oncolens.store.db.models import utcnow as _now
 
 log = logging.getLogger("oncolens.accounts")
 

@@ -12,10 +12,11 @@ from typing import Protocol
 import anyio
 import numpy as np
 
-from oncolens.analysis import CaseResult, PreparedImages, RawImage, case_result, prepare
 from oncolens.config import Settings
+from oncolens.decision import CaseResult, case_result
 from oncolens.errors import InvalidInput
-from oncolens.imaging import ImageTooLarge
+from oncolens.vision.decode import ImageTooLarge
+from oncolens.vision.prepare import PreparedImages, RawImage, prepare
 from oncolens.zoo import ModelPackage
 
 

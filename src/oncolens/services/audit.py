@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from oncolens.db.models import AuditEvent, User
+from oncolens.store.db.models import AuditEvent, User
 
 log = logging.getLogger("oncolens.audit")
 

@@ -23,17 +23,18 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from oncolens.analysis import DISCLAIMER, CaseResult, Explanation, ImageResult, RawImage, explanation
 from oncolens.config import Settings
-from oncolens.db.models import Case, CaseImage, Role, User, utcnow
+from oncolens.decision import DISCLAIMER, CaseResult, ImageResult
 from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
-from oncolens.explain import display_image, png_bytes
-from oncolens.imaging import DecodedImage, decode_image
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
-from oncolens.storage import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore, StoreError, require_space
-from oncolens.views import CasePublic
+from oncolens.store.db.models import Case, CaseImage, Role, User, utcnow
+from oncolens.store.images import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore, StoreError, require_space
+from oncolens.store.views import CasePublic
+from oncolens.vision.cam import Explanation, display_image, explanation, png_bytes
+from oncolens.vision.decode import DecodedImage, decode_image
+from oncolens.vision.prepare import RawImage
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
 

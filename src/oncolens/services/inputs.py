@@ -23,7 +23,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from oncolens.errors import InvalidInput
-from oncolens.views import StatusName
+from oncolens.store.views import StatusName
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -18,9 +18,9 @@ from sqlalchemy import delete, func, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from oncolens.db.models import MailQueue, utcnow
-from oncolens.mail import Letter, Mailer, MailFailed
+from oncolens.accounts.mail import Letter, Mailer, MailFailed
 from oncolens.services.audit import audit
+from oncolens.store.db.models import MailQueue, utcnow
 
 log = logging.getLogger("oncolens.mail")
 

@@ -11,7 +11,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from oncolens.auth import (
+from oncolens.accounts.auth import (
     AuthError,
     ThrottlePolicy,
     authenticate,
@@ -22,9 +22,9 @@ from oncolens.auth import (
     verify_password,
 )
 from oncolens.config import Settings
-from oncolens.db.models import AccountToken, LoginThrottle, Role, User, utcnow
 from oncolens.errors import Conflict, InvalidInput, NotFound
 from oncolens.services.audit import Actor, audit, audit_by
+from oncolens.store.db.models import AccountToken, LoginThrottle, Role, User, utcnow
 
 ROLES = tuple(role.value for role in Role)
 NAME_MAX = 120

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from oncolens import metrics
-from oncolens.inference import calibrate
+from oncolens.decision import calibrate
+from oncolens.evaluation import metrics
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oncolens import metrics
-from oncolens.datasets import Sample, drop_labels
-from oncolens.evaluation import finite, subgroup_reports
-from oncolens.inference import calibrate
+from oncolens.decision import calibrate
+from oncolens.evaluation import metrics
+from oncolens.evaluation.datasets import Sample, drop_labels
+from oncolens.evaluation.evaluate import finite, subgroup_reports
 from oncolens.training.backbones import Classifier
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import (

@@ -17,11 +17,10 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from oncolens import metrics
-from oncolens.analysis import DISCLAIMER
-from oncolens.datasets import Sample, class_counts, drop_labels, encode_labels, open_rgb, select_split
-from oncolens.evaluation import dataset_logits, finite, subgroup_reports
-from oncolens.inference import calibrate, p_malignant
+from oncolens.decision import DISCLAIMER, calibrate, p_malignant
+from oncolens.evaluation import metrics
+from oncolens.evaluation.datasets import Sample, class_counts, drop_labels, encode_labels, open_rgb, select_split
+from oncolens.evaluation.evaluate import dataset_logits, finite, subgroup_reports
 from oncolens.training import plots
 from oncolens.training.calibrate import decision_rule, fit_temperature, nll, risk_policy
 from oncolens.training.distill import TEACHERS
@@ -452,8 +451,8 @@ def _install(staging: Path, package_dir: Path) -> None:
 def _with_domain(package: ModelPackage, samples: list[Sample]) -> ModelPackage:
     """Fit the package's out-of-domain model and quality limits on its own splits (other datasets are
     added by ``oncolens fit-domain --others-from``, which also measures them)."""
-    from oncolens.domain import DomainFitError
-    from oncolens.domain_fit import fit_domain, install_domain
+    from oncolens.training.domain_fit import fit_domain, install_domain
+    from oncolens.vision.domain import DomainFitError
 
     try:
         install_domain(package.directory, fit_domain(package, samples, [], log=tqdm.write))

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from oncolens import metrics
+from oncolens.evaluation import metrics
 
 DPI = 80
 

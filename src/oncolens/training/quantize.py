@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from oncolens.datasets import Sample, drop_labels, open_rgb, read_manifest, select_split
-from oncolens.evaluation import evaluate_package
-from oncolens.explain import upsample_cam
-from oncolens.inference import class_activation_map
+from oncolens.decision import probabilities
+from oncolens.evaluation.datasets import Sample, drop_labels, open_rgb, read_manifest, select_split
+from oncolens.evaluation.evaluate import evaluate_package
+from oncolens.vision.cam import class_activation_map, upsample_cam
 from oncolens.zoo.card import Int8Info, read_card
 from oncolens.zoo.package import CARD, ONNX, ModelPackage, sha256_of
 from oncolens.zoo.preprocess import preprocess
@@ -165,8 +165,8 @@ def compare_golden(
     for name, inputs, _ in golden:
         logits_a, features_a = fp32.run(inputs, with_features=True)
         logits_b, features_b = int8.run(inputs, with_features=True)
-        probs_a = fp32.probabilities(logits_a.astype(np.float64))[0]
-        probs_b = int8.probabilities(logits_b.astype(np.float64))[0]
+        probs_a = probabilities(fp32.card, logits_a.astype(np.float64))[0]
+        probs_b = probabilities(int8.card, logits_b.astype(np.float64))[0]
         top = int(fp32.card.decision.top(probs_a[None])[0])
         assert features_a is not None and features_b is not None
         maps = [

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oncolens import metrics
-from oncolens.datasets import ManifestError, Sample, drop_labels, encode_labels, load_pixels, select_split
-from oncolens.inference import calibrate
+from oncolens.decision import calibrate
+from oncolens.evaluation import metrics
+from oncolens.evaluation.datasets import ManifestError, Sample, drop_labels, encode_labels, load_pixels, select_split
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, build_backbone, frozen_front
 from oncolens.training.recipe import Recipe, TrainConfig

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oncolens.datasets import Sample, drop_labels
+from oncolens.evaluation.datasets import Sample, drop_labels
 from oncolens.training.augment import augment, to_input
 from oncolens.training.backbones import Classifier, frozen_front
 from oncolens.training.export import ExportModel, OnnxWeightsError, load_onnx_weights, max_logit_difference

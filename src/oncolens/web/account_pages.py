@@ -10,14 +10,14 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import Session
 
-from oncolens.api.deps import AccountsDep, SessionDep, SettingsDep, client_of
-from oncolens.api.errors import status_of
-from oncolens.auth import AuthError, PasswordTooWeak, create_access_token
-from oncolens.db.models import Role, TokenPurpose, User
+from oncolens.accounts.auth import AuthError, PasswordTooWeak, create_access_token
 from oncolens.errors import DomainError, NotFound, PermissionDenied
+from oncolens.http.deps import AccountsDep, SessionDep, SettingsDep, client_of
+from oncolens.http.errors import status_of
 from oncolens.services import users
 from oncolens.services.accounts import SIGNUP_OFF, Accounts, Enrolment, account_state
 from oncolens.services.audit import Actor
+from oncolens.store.db.models import Role, TokenPurpose, User
 from oncolens.web.render import render, sentence
 from oncolens.web.session import (
     check_csrf,

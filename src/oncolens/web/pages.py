@@ -15,7 +15,9 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, select
 
-from oncolens.api.deps import (
+from oncolens.accounts.auth import AuthError, create_access_token
+from oncolens.errors import DomainError, InvalidInput, PermissionDenied
+from oncolens.http.deps import (
     AccountsDep,
     CasesDep,
     SessionDep,
@@ -26,16 +28,14 @@ from oncolens.api.deps import (
     public_base,
     recorder,
 )
-from oncolens.api.errors import BadRequest, status_of
-from oncolens.api.routes.cases import file_response, pdf_response
-from oncolens.api.uploads import read_form
-from oncolens.auth import AuthError, create_access_token
-from oncolens.db.models import Case, CaseStatus, Role, User, utcnow
-from oncolens.errors import DomainError, InvalidInput, PermissionDenied
-from oncolens.imaging import ImageDecodeError
+from oncolens.http.errors import BadRequest, status_of
+from oncolens.http.responses import file_response, pdf_response
+from oncolens.http.uploads import read_form
 from oncolens.services.audit import Actor, audit_events
 from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
+from oncolens.store.db.models import Case, CaseStatus, Role, User, utcnow
+from oncolens.vision.decode import ImageDecodeError
 from oncolens.web.account_pages import code_page
 from oncolens.web.account_pages import router as account_router
 from oncolens.web.render import render, sentence

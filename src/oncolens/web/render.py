@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from oncolens.analysis import DISCLAIMER
+from oncolens.decision import DISCLAIMER
 from oncolens.web.session import csrf_token, remember_csrf
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")

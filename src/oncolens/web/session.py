@@ -14,9 +14,9 @@ import jwt
 from fastapi import Request, Response
 from sqlmodel import Session
 
-from oncolens.auth import ALGORITHM, AuthError, revoke_token, user_for_token
-from oncolens.db.models import User
+from oncolens.accounts.auth import ALGORITHM, AuthError, revoke_token, user_for_token
 from oncolens.services.accounts import needs_enrolment
+from oncolens.store.db.models import User
 
 SESSION_COOKIE = "oncolens_session"
 CSRF_COOKIE = "oncolens_csrf"

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from oncolens.domain import OTHER_KIND, OTHER_KIND_SURE, UNUSUAL, DomainCheck, DomainModel, QualityLimits, pooled
-from oncolens.inference import calibrate, p_malignant
+from oncolens import decision
+from oncolens.vision.domain import OTHER_KIND, OTHER_KIND_SURE, UNUSUAL, DomainCheck, DomainModel, QualityLimits, pooled
 from oncolens.zoo.card import CardError, ModelCard, read_card
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
@@ -192,20 +192,6 @@ class ModelPackage:
     def malignant(self) -> list[bool]:
         return [c.malignant for c in self.card.classes]
 
-    @property
-    def temperature(self) -> float:
-        return self.card.calibration.temperature
-
-    @cached_property
-    def logit_bias(self) -> np.ndarray:
-        """[C] added to the logits before the temperature: undoes the class prior of balanced sampling."""
-        bias = self.card.calibration.logit_bias
-        return np.zeros(len(self.class_ids)) if bias is None else np.asarray(bias, dtype=np.float64)
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """[N, C] raw logits -> calibrated probabilities: softmax((logits + bias) / T)."""
-        return calibrate(np.asarray(logits, dtype=np.float64) + self.logit_bias, self.temperature)
-
     @cached_property
     def input_spec(self) -> InputSpec:
         return self.card.input.spec()
@@ -273,5 +259,5 @@ class ModelPackage:
             for start in range(0, len(images), batch_size)
         ]
         logits = np.concatenate(chunks).astype(np.float64)
-        probs = self.probabilities(logits)
-        return Prediction(logits=logits, probs=probs, p_malignant=p_malignant(probs, self.malignant))
+        probs = decision.probabilities(self.card, logits)
+        return Prediction(logits=logits, probs=probs, p_malignant=decision.p_malignant(probs, self.malignant))

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from oncolens.api.compat.common import APP_ERRORS, analyse_one_file, app_error, display_names
-from oncolens.api.deps import PredictAccess
+from oncolens.http.deps import PredictAccess
 
 APP = "cervical"
 router = APIRouter(tags=["compat: cervical app"])

@@ -9,15 +9,16 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from oncolens.analysis import CaseResult, PreparedImages, RawImage, explanation
-from oncolens.api.deps import batcher_for, recorder
-from oncolens.api.errors import BadRequest, status_of
-from oncolens.api.uploads import read_form
 from oncolens.config import Settings
+from oncolens.decision import CaseResult
 from oncolens.errors import DomainError, Unavailable
-from oncolens.explain import display_image, png_bytes
-from oncolens.imaging import ImageDecodeError
+from oncolens.http.deps import batcher_for, recorder
+from oncolens.http.errors import BadRequest, status_of
+from oncolens.http.uploads import read_form
 from oncolens.services.analysis import analyse as services_analyse
+from oncolens.vision.cam import display_image, explanation, png_bytes
+from oncolens.vision.decode import ImageDecodeError
+from oncolens.vision.prepare import PreparedImages, RawImage
 from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 
 DEFAULT_MODELS = {

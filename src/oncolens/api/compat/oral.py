@@ -23,13 +23,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from oncolens.api.compat.common import model_for, uploaded_files
-from oncolens.api.deps import DB_INT_MAX, ActorDep, CasesDep, batcher_for, recorder
-from oncolens.db.models import Case, CaseStatus
 from oncolens.errors import InvalidInput
+from oncolens.http.deps import DB_INT_MAX, ActorDep, CasesDep, batcher_for, recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseFilters, CaseService
 from oncolens.services.inputs import AGE_MAX, DIAGNOSIS_MAX, EMAIL_MAX, NAME_MAX
-from oncolens.views import UTCDateTime
+from oncolens.store.db.models import Case, CaseStatus
+from oncolens.store.views import UTCDateTime
 
 APP = "oral"
 router = APIRouter(prefix="/api/v1/result/results", tags=["compat: oral app"])

@@ -23,14 +23,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from oncolens.analysis import RawImage
 from oncolens.api.compat.common import APP_ERRORS, Analysis, analyse, app_error, model_for, uploaded_files
-from oncolens.api.deps import PredictAccess
-from oncolens.api.errors import BadRequest
 from oncolens.config import Settings
 from oncolens.errors import NotFound
-from oncolens.imaging import decode_image
-from oncolens.storage import EXTENSIONS, MEDIA_TYPES
+from oncolens.http.deps import PredictAccess
+from oncolens.http.errors import BadRequest
+from oncolens.store.images import EXTENSIONS, MEDIA_TYPES
+from oncolens.vision.decode import decode_image
+from oncolens.vision.prepare import RawImage
 
 APP = "skin7"
 router = APIRouter(tags=["compat: skin 7-class app"])

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from oncolens.api.compat.common import APP_ERRORS, analyse_one_file, app_error, display_names, is_loaded
-from oncolens.api.deps import PredictAccess
+from oncolens.http.deps import PredictAccess
 from oncolens.zoo.card import RiskLevel
 
 APP = "skin9"

@@ -16,13 +16,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from oncolens import __version__
-from oncolens.analysis import RawImage
 from oncolens.api.compat.common import Analysis, analyse, is_loaded, model_for, timestamp
-from oncolens.api.deps import PredictAccess
-from oncolens.api.errors import BadRequest
 from oncolens.config import Settings
 from oncolens.errors import Unavailable
-from oncolens.imaging import decode_base64
+from oncolens.http.deps import PredictAccess
+from oncolens.http.errors import BadRequest
+from oncolens.vision.decode import decode_base64
+from oncolens.vision.prepare import RawImage
 from oncolens.zoo import ModelPackage
 from oncolens.zoo.card import RiskLevel
 

@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from oncolens.api.deps import DB_INT_MAX, AdminUser, Offset, SessionDep
 from oncolens.api.records import AuditEventPublic, AuditPage
+from oncolens.http.deps import DB_INT_MAX, AdminUser, Offset, SessionDep
 from oncolens.services.audit import audit_events
 
 router = APIRouter(prefix="/audit", tags=["audit"])

@@ -8,14 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
-from oncolens.api.deps import (
-    AccountsDep,
-    BearerToken,
-    EnrollingUser,
-    SessionDep,
-    SettingsDep,
-    client_of,
-)
+from oncolens.accounts.auth import create_access_token
 from oncolens.api.records import (
     InvitationAccept,
     Message,
@@ -26,7 +19,14 @@ from oncolens.api.records import (
     Token,
     UserPublic,
 )
-from oncolens.auth import create_access_token
+from oncolens.http.deps import (
+    AccountsDep,
+    BearerToken,
+    EnrollingUser,
+    SessionDep,
+    SettingsDep,
+    client_of,
+)
 from oncolens.services import users
 from oncolens.services.audit import Actor
 

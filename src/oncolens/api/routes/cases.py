@@ -12,16 +12,15 @@ import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from oncolens.api.deps import ActorDep, CasesDep, Offset, SettingsDep, ZooDep, batcher_for, public_base, recorder
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
-from oncolens.api.uploads import raw_images
-from oncolens.services.cases import CaseFilters, StoredFile
+from oncolens.http.deps import ActorDep, CasesDep, Offset, SettingsDep, ZooDep, batcher_for, public_base, recorder
+from oncolens.http.responses import file_response, pdf_response
+from oncolens.http.uploads import raw_images
+from oncolens.services.cases import CaseFilters
 from oncolens.services.inputs import Sex
 from oncolens.zoo.card import RiskLevel
 
 router = APIRouter(prefix="/cases", tags=["cases"])
-
-NO_STORE = {"Cache-Control": "private, no-store"}
 
 
 @router.post("", response_model=CasePublic, status_code=201)
@@ -96,20 +95,10 @@ def remove_case(case_id: str, actor: ActorDep, cases: CasesDep) -> Response:
     return Response(status_code=204)
 
 
-def file_response(stored: StoredFile) -> Response:
-    """A stored image as sent: never kept by shared caches."""
-    return Response(stored.content, media_type=stored.media_type, headers=NO_STORE)
-
-
 @router.get("/{case_id}/images/{image_id}", response_class=FileResponse)
 def read_image(case_id: str, image_id: str, actor: ActorDep, cases: CasesDep) -> Response:
     """The original image file, only to those allowed to see the case (410 when storage lost it)."""
     return file_response(cases.open_image(actor, case_id, image_id))
-
-
-def pdf_response(pdf: bytes, case_id: str) -> Response:
-    headers = {"Content-Disposition": f'attachment; filename="oncolens-case-{case_id}.pdf"'} | NO_STORE
-    return Response(pdf, media_type="application/pdf", headers=headers)
 
 
 @router.get(

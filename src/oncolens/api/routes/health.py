@@ -13,11 +13,11 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from oncolens import __version__
-from oncolens.api.deps import ZooDep
-from oncolens.api.errors import first_line
 from oncolens.api.schemas import HealthPublic
 from oncolens.config import Settings
-from oncolens.storage import StoreError, free_mb
+from oncolens.http.deps import ZooDep
+from oncolens.http.errors import first_line
+from oncolens.store.images import StoreError, free_mb
 
 router = APIRouter(tags=["health"])
 

@@ -5,9 +5,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from oncolens.api.deps import ModelDep, ZooDep
 from oncolens.api.schemas import ClassPublic, ModelSummary
 from oncolens.errors import NotFound
+from oncolens.http.deps import ModelDep, ZooDep
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models", tags=["models"])

@@ -9,10 +9,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query
 
-from oncolens.analysis import PreparedImages, explanation
-from oncolens.api.batching import InferenceBatcher
-from oncolens.api.deps import BatcherDep, ModelDep, PredictAccess, recorder
-from oncolens.api.errors import BadRequest
 from oncolens.api.openapi import inline_defs
 from oncolens.api.schemas import (
     AnalysisPublic,
@@ -20,10 +16,14 @@ from oncolens.api.schemas import (
     ExplanationPublic,
     HeatmapPublic,
     PredictionPublic,
-    PredictJSON,
 )
-from oncolens.api.uploads import ImagesDep
+from oncolens.http.batching import InferenceBatcher
+from oncolens.http.deps import BatcherDep, ModelDep, PredictAccess, recorder
+from oncolens.http.errors import BadRequest
+from oncolens.http.uploads import ImagesDep, PredictJSON
 from oncolens.services.analysis import Analysed, run_prepared
+from oncolens.vision.cam import explanation
+from oncolens.vision.prepare import PreparedImages
 from oncolens.zoo import ModelPackage
 
 router = APIRouter(prefix="/models/{model_id}", tags=["predict"], dependencies=[PredictAccess])

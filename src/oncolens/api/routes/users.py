@@ -5,16 +5,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from oncolens.api.deps import (
-    AccountsDep,
-    AdminUser,
-    CurrentUser,
-    EnrollingUser,
-    SessionDep,
-    SettingsDep,
-    UserId,
-    client_of,
-)
 from oncolens.api.records import (
     Code,
     DisableTwoFactor,
@@ -26,6 +16,16 @@ from oncolens.api.records import (
     UserPublic,
     UserUpdate,
     UserUpdateMe,
+)
+from oncolens.http.deps import (
+    AccountsDep,
+    AdminUser,
+    CurrentUser,
+    EnrollingUser,
+    SessionDep,
+    SettingsDep,
+    UserId,
+    client_of,
 )
 from oncolens.services import users
 from oncolens.services.audit import Actor

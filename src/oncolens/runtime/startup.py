@@ -55,7 +55,7 @@ def check_data_dir(path: Path) -> None:
 
 def check_database(url: str) -> None:
     """The database URL parses and the server answers (SQLite: the file can be opened)."""
-    from oncolens.db import make_engine
+    from oncolens.store.db import make_engine
 
     shown = safe_url(url)
     try:
@@ -78,7 +78,7 @@ def check_database(url: str) -> None:
 
 def check_secret_key(settings: Settings) -> None:
     """A server off SQLite (a replica, perhaps) has the shared ``ONCOLENS_SECRET_KEY``."""
-    from oncolens.auth import SecretKeyRequired, server_secret
+    from oncolens.accounts.auth import SecretKeyRequired, server_secret
 
     if not settings.on_sqlite:
         try:
@@ -89,7 +89,7 @@ def check_secret_key(settings: Settings) -> None:
 
 def check_image_store(settings: Settings) -> None:
     """The image store answers: the data folder is checked elsewhere; an S3 bucket must exist and let us in."""
-    from oncolens.storage import StoreError, open_store
+    from oncolens.store.images import StoreError, open_store
 
     try:
         open_store(settings).check()
@@ -115,7 +115,7 @@ def check_port(host: str, port: int) -> None:
 
 def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[str]:
     """What the server says when it starts: where its data is, which models, and how to begin."""
-    from oncolens.storage import open_store
+    from oncolens.store.images import open_store
 
     lines = [
         f"data folder: {settings.data_dir}",
@@ -140,7 +140,7 @@ def startup_lines(settings: Settings, model_ids: list[str], users: int) -> list[
 
 
 def count_users(url: str) -> int:
-    from oncolens.db import make_engine
+    from oncolens.store.db import make_engine
 
     engine = make_engine(url)
     try:

@@ -1,6 +1,6 @@
 """Batch screening on Ray: files read by Ray Data, screened in actors that each hold one ONNX session.
 
-The same rows as the local engine (``oncolens.batch``): the rows are built by the same ``screen``,
+The same rows as the local engine (``oncolens.batch.local``): the rows are built by the same ``screen``,
 appended to the same output by the driver as they come back (in file order), and a run that is
 stopped resumes from the rows already written. The source is a folder or ``s3://BUCKET/PREFIX``
 (the ``ONCOLENS_S3_*`` settings say where and how to log in). The model package travels to the
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.batch import (
+from oncolens.batch.local import (
     BatchError,
     BatchSummary,
     Results,
@@ -36,8 +36,8 @@ from oncolens.batch import (
     screen,
 )
 from oncolens.config import Settings
-from oncolens.cpu import single_threaded_blas
-from oncolens.storage import parse_s3_url
+from oncolens.runtime.cpu import single_threaded_blas
+from oncolens.store.images import parse_s3_url
 from oncolens.zoo.package import ModelPackage
 
 # The settings the actors take from the driver (no secret travels to the cluster): the decoder's

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from oncolens.db.models import Case, CaseImage
 from oncolens.decision import Assessment, statement_of
+from oncolens.store.db.models import Case, CaseImage
 from oncolens.zoo.card import RiskLevel
 
 StatusName = Literal["pending_review", "reviewed", "confirmed"]

@@ -20,11 +20,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from oncolens.analysis import PreparedImages, RawImage, case_result, explanation, prepare
 from oncolens.config import Settings
-from oncolens.cpu import single_threaded_blas
-from oncolens.decision import probability_columns
-from oncolens.imaging import ImageDecodeError, sniff_format
+from oncolens.decision import case_result, probability_columns
+from oncolens.runtime.cpu import single_threaded_blas
+from oncolens.vision.cam import explanation
+from oncolens.vision.decode import ImageDecodeError, sniff_format
+from oncolens.vision.prepare import PreparedImages, RawImage, prepare
 from oncolens.zoo.package import ModelPackage
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}

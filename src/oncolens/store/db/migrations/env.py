@@ -1,11 +1,11 @@
-"""Alembic environment: runs on the connection that ``oncolens.db.upgrade`` passes in."""
+"""Alembic environment: runs on the connection that ``oncolens.store.db.upgrade`` passes in."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
 
-import oncolens.db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import oncolens.store.db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=SQLModel.metadata, render_as_batch=True)

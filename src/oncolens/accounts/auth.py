@@ -15,9 +15,9 @@ from pwdlib import PasswordHash
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
-from oncolens.db import insert_if_missing
-from oncolens.db.models import LoginThrottle, RevokedToken, User, utcnow
 from oncolens.errors import PermissionDenied
+from oncolens.store.db import insert_if_missing
+from oncolens.store.db.models import LoginThrottle, RevokedToken, User, utcnow
 
 ALGORITHM = "HS256"
 _hasher = PasswordHash.recommended()

@@ -26,8 +26,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from oncolens.analysis import CaseResult
-from oncolens.memory import resident_bytes
+from oncolens.decision import CaseResult
+from oncolens.runtime.memory import resident_bytes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -19,9 +19,9 @@ from typer.core import TyperGroup
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-    from oncolens.analysis import CaseResult
     from oncolens.config import Settings
-    from oncolens.datasets import Sample
+    from oncolens.decision import CaseResult
+    from oncolens.evaluation.datasets import Sample
     from oncolens.training.recipe import Recipe
 
 # The order `oncolens --help` lists the commands in: what a clinic runs first, then the administrator's
@@ -33,6 +33,8 @@ COMMAND_ORDER = (
     "models",
     "users",
     "db",
+    "backup",
+    "restore",
     "evaluate",
     "train",
     "cv",
@@ -100,7 +102,7 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune, calibrate on val, evaluate on test and write a model package."""
-    from oncolens.datasets import ManifestError, drop_labels, read_manifest
+    from oncolens.evaluation.datasets import ManifestError, drop_labels, read_manifest
     from oncolens.training.recipe import RecipeError, resolve_recipe
     from oncolens.training.train import fit
 
@@ -153,7 +155,7 @@ def distill_views(
     """
     from dataclasses import replace
 
-    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.evaluation.datasets import ManifestError, read_manifest
     from oncolens.training.export import OnnxWeightsError
     from oncolens.training.recipe import RecipeError, resolve_recipe
     from oncolens.training.view_distill import ViewDistillConfig, check_parity, classifier_from_onnx, teacher_package
@@ -247,7 +249,7 @@ def cv(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Repeated grouped k-fold cross-validation on train + val: compare recipes without touching test."""
-    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.evaluation.datasets import ManifestError, read_manifest
     from oncolens.training.distill import cross_validate
     from oncolens.training.recipe import RecipeError, resolve_recipe
 
@@ -294,7 +296,7 @@ def export(
     set_: RecipeSettings = None,
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""
-    from oncolens.datasets import ManifestError, read_manifest
+    from oncolens.evaluation.datasets import ManifestError, read_manifest
     from oncolens.training.pipeline import RunError, finalize
     from oncolens.training.recipe import RecipeError, resolve_recipe
 
@@ -346,8 +348,8 @@ def evaluate(
 ) -> None:
     """Run a packaged ONNX model on a dataset and print its metrics (no torch needed)."""
     from oncolens.config import Settings
-    from oncolens.datasets import ManifestError
-    from oncolens.evaluation import evaluate_package, format_report
+    from oncolens.evaluation.datasets import ManifestError
+    from oncolens.evaluation.evaluate import evaluate_package, format_report
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     try:
@@ -457,7 +459,7 @@ def quantize(
     samples' expected.json gains the int8 probabilities.
     """
     from oncolens.config import Settings
-    from oncolens.datasets import ManifestError
+    from oncolens.evaluation.datasets import ManifestError
     from oncolens.training.pipeline import record_sample_expectations
     from oncolens.training.qat import QatError
     from oncolens.training.quantize import QuantizeError, add_int8, export_qat
@@ -550,10 +552,10 @@ def fit_domain(
     of the other datasets' test splits and of the photographs are measured and written to the card.
     """
     from oncolens.config import Settings
-    from oncolens.datasets import ManifestError, read_manifest
-    from oncolens.domain import DomainFitError
-    from oncolens.domain_fit import fit_domain as fit
-    from oncolens.domain_fit import install_domain, other_domains
+    from oncolens.evaluation.datasets import ManifestError, read_manifest
+    from oncolens.training.domain_fit import fit_domain as fit
+    from oncolens.training.domain_fit import install_domain, other_domains
+    from oncolens.vision.domain import DomainFitError
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     try:
@@ -592,7 +594,7 @@ def serve(
     """
     import uvicorn
 
-    from oncolens.startup import (
+    from oncolens.runtime.startup import (
         StartupError,
         check_data_dir,
         check_database,
@@ -622,11 +624,11 @@ def serve(
         typer.echo(line)
     typer.echo(f"serving on http://{host}:{port} (web app /, API /api/v1, docs /docs)")
 
-    from oncolens.logs import log_config
+    from oncolens.runtime.logs import log_config
 
     config = log_config(settings)
     with _metrics_folder(workers):
-        uvicorn.run("oncolens.api:create_app", factory=True, host=host, port=port, workers=workers, log_config=config)
+        uvicorn.run("oncolens.app:create_app", factory=True, host=host, port=port, workers=workers, log_config=config)
 
 
 @contextmanager
@@ -663,12 +665,13 @@ def predict(
     ] = None,
 ) -> None:
     """Predict one case from image files with the same decoder and analysis as the API."""
-    from oncolens.analysis import RawImage, explanation
     from oncolens.api.schemas import PredictionPublic
     from oncolens.config import Settings
     from oncolens.errors import DomainError
-    from oncolens.imaging import ImageDecodeError
     from oncolens.services.analysis import analyse_now
+    from oncolens.vision.cam import explanation
+    from oncolens.vision.decode import ImageDecodeError
+    from oncolens.vision.prepare import RawImage
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
     settings = Settings()
@@ -724,7 +727,7 @@ def batch(
     """Screen every image in a folder with one model: one row per image, unreadable files reported."""
     from tqdm import tqdm
 
-    from oncolens.batch import BatchError, run_batch
+    from oncolens.batch.local import BatchError, run_batch
     from oncolens.config import Settings
     from oncolens.zoo import ModelNotFound, PackageError, Zoo
 
@@ -752,7 +755,7 @@ def batch(
 
     try:
         if engine == "ray":
-            from oncolens.batch_ray import run_batch_ray
+            from oncolens.batch.ray_engine import run_batch_ray
 
             summary = run_batch_ray(
                 package, folder, out, heatmaps, batch_size, settings, ray_address, actors, progress, started
@@ -781,7 +784,7 @@ def batch(
 
 def _upgrade_database() -> str:
     from oncolens.config import Settings
-    from oncolens.db import make_engine, upgrade
+    from oncolens.store.db import make_engine, upgrade
 
     settings = Settings()
     engine = make_engine(settings.resolved_database_url)
@@ -797,6 +800,51 @@ def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision."""
     url = _upgrade_database()
     typer.echo(f"database at the newest revision: {url.split('@')[-1]}")
+
+
+@app.command()
+def backup(
+    dest: Annotated[Path, typer.Argument(help="A new or empty folder for the backup (made 0700, files 0600).")],
+) -> None:
+    """Back up the database, the case images and the key while the server runs (consistent copy)."""
+    from oncolens.config import Settings
+    from oncolens.store.backup import BackupError
+    from oncolens.store.backup import backup as take_backup
+    from oncolens.store.images import StoreError
+
+    try:
+        report = take_backup(Settings(), dest, progress=lambda line: typer.echo(line, err=True))
+    except (BackupError, StoreError) as exc:
+        raise _fail(f"backup failed: {getattr(exc, 'detail', exc)}") from None
+    typer.echo(
+        f"backed up {report.cases} case(s), {report.images} image(s), the {report.database} database "
+        f"(revision {report.revision}) and secret.key to {report.folder} ({report.bytes / 2**20:.1f} MB)"
+    )
+    if report.missing:
+        typer.echo(f"{len(report.missing)} image(s) of cases deleted while the backup ran were not kept", err=True)
+
+
+@app.command()
+def restore(
+    src: Annotated[Path, typer.Argument(help="A folder written by `oncolens backup`.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the data already in the target database and image store.")
+    ] = False,
+) -> None:
+    """Restore a backup into this configuration's database, image store and data folder (server stopped)."""
+    from oncolens.config import Settings
+    from oncolens.store.backup import BackupError
+    from oncolens.store.backup import restore as put_back
+    from oncolens.store.images import StoreError
+
+    try:
+        report = put_back(Settings(), src, force=force, progress=lambda line: typer.echo(line, err=True))
+    except (BackupError, StoreError) as exc:
+        raise _fail(f"restore failed: {getattr(exc, 'detail', exc)}") from None
+    typer.echo(
+        f"restored {report.cases} case(s) and {report.images} image(s) into the {report.database} database "
+        f"(revision {report.revision}); `oncolens serve` migrates it to this release when it starts"
+    )
 
 
 NEW_PASSWORD_ENV = "ONCOLENS_NEW_PASSWORD"
@@ -836,10 +884,10 @@ def _users_session() -> Iterator[Session]:
     """A session on the configured database (migrated first); domain errors end the command in one line."""
     from sqlmodel import Session
 
-    from oncolens.auth import PasswordTooWeak
+    from oncolens.accounts.auth import PasswordTooWeak
     from oncolens.config import Settings
-    from oncolens.db import make_engine
     from oncolens.errors import DomainError
+    from oncolens.store.db import make_engine
 
     _upgrade_database()
     engine = make_engine(Settings().resolved_database_url)
@@ -965,13 +1013,13 @@ def users_invite(
     inviter: Annotated[str, typer.Option(help="E-mail of the admin the invitation comes from.")] = "",
 ) -> None:
     """E-mail an invitation (needs the ONCOLENS_SMTP_* settings and ONCOLENS_PUBLIC_URL for the link)."""
+    from oncolens.accounts.mail import Mailer
     from oncolens.config import Settings
-    from oncolens.db.models import Role, User
-    from oncolens.mail import Mailer
     from oncolens.services import mailqueue
     from oncolens.services.accounts import Accounts
     from oncolens.services.audit import Actor
     from oncolens.services.users import find_by_email
+    from oncolens.store.db.models import Role, User
 
     settings = Settings()
     with _users_session() as session:
@@ -1000,7 +1048,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def _server_key(settings: Settings) -> str:
-    from oncolens.auth import server_secret
+    from oncolens.accounts.auth import server_secret
 
     return server_secret(settings.secret_key, settings.data_dir, settings.on_sqlite)
 

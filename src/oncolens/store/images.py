@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, select
 
-from oncolens.db.models import CaseImage
 from oncolens.errors import OutOfSpace, Unavailable
+from oncolens.store.db.models import CaseImage
 
 if TYPE_CHECKING:
     from oncolens.config import Settings
@@ -92,9 +92,15 @@ class StoredEntry:
 class ImageStore(ABC):
     """Where the image files of cases live; names are made by the store."""
 
-    @abstractmethod
     def write(self, data: bytes, image_format: str) -> str:
-        """Store ``data`` durably and return its new name."""
+        """Store ``data`` durably under a new name and return it."""
+        name = self.new_name(image_format)
+        self.put(name, data)
+        return name
+
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` durably under ``name`` (a name ``new_name`` made; restore keeps the names)."""
 
     @abstractmethod
     def read(self, name: str) -> bytes:
@@ -150,9 +156,10 @@ class FileStore(ImageStore):
     def path(self, stored_name: str) -> Path:
         return self.root / stored_name[:2] / stored_name
 
-    def write(self, data: bytes, image_format: str) -> str:
-        """Write bytes durably (temp file, fsync, rename, fsync dir); return the stored name."""
-        name = self.new_name(image_format)
+    def put(self, name: str, data: bytes) -> None:
+        """Write bytes durably under ``name`` (temp file, fsync, rename, fsync dir)."""
+        if not OWN_NAME.match(name) or name.endswith(PARTIAL):
+            raise ValueError(f"{name!r} is not a name this store makes")
         final = self.path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + PARTIAL)
@@ -175,7 +182,6 @@ class FileStore(ImageStore):
             os.fsync(directory)
         finally:
             os.close(directory)
-        return name
 
     def read(self, name: str) -> bytes:
         return self.path(name).read_bytes()
@@ -224,11 +230,12 @@ class S3Store(ImageStore):
     def key(self, name: str) -> str:
         return "/".join(p for p in (self.prefix, name[:2], name) if p)
 
-    def write(self, data: bytes, image_format: str) -> str:
-        name = self.new_name(image_format)
-        media_type = MEDIA_TYPES[image_format]
+    def put(self, name: str, data: bytes) -> None:
+        if not OWN_NAME.match(name) or name.endswith(PARTIAL):
+            raise ValueError(f"{name!r} is not a name this store makes")
+        extension = "." + name.rsplit(".", 1)[-1]
+        media_type = MEDIA_TYPES[next(f for f, e in EXTENSIONS.items() if e == extension)]
         self._call("store an image in", self.client.put_object, Key=self.key(name), Body=data, ContentType=media_type)
-        return name
 
     def read(self, name: str) -> bytes:
         from botocore.exceptions import ClientError

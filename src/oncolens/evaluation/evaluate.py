@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.datasets import (
+from oncolens.decision import decide, p_malignant, probabilities, probability_columns
+from oncolens.evaluation.datasets import (
     ManifestError,
     Sample,
     drop_labels,
@@ -19,9 +20,7 @@ from oncolens.datasets import (
     read_manifest,
     select_split,
 )
-from oncolens.decision import decide, probability_columns
-from oncolens.inference import p_malignant
-from oncolens.metrics import classification_report
+from oncolens.evaluation.metrics import classification_report
 from oncolens.zoo.package import ModelPackage
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
@@ -158,7 +157,7 @@ def evaluate_package(
         raise ManifestError(f"no rows left in split {split!r} after leaving out excluded labels {excluded}")
     y = encode_labels(chosen, package.class_ids)
     logits = dataset_logits(lambda x: package.run(x)[0], chosen, package.input_spec, progress=progress)
-    probs = package.probabilities(logits)
+    probs = probabilities(package.card, logits)
     pred = package.card.decision.top(probs)
     threshold = package.card.risk_policy.malignant_threshold
     classes, malignant = package.class_ids, package.malignant

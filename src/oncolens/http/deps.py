@@ -12,15 +12,15 @@ from fastapi import Depends, Path, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
-from oncolens.api.batching import InferenceBatcher
-from oncolens.auth import AuthError, Forbidden, user_for_token
+from oncolens.accounts.auth import AuthError, Forbidden, user_for_token
 from oncolens.config import Settings
-from oncolens.db.models import Role, User
+from oncolens.http.batching import InferenceBatcher
 from oncolens.services.accounts import Accounts, TwoFactorNeeded, needs_enrolment
 from oncolens.services.analysis import Recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
-from oncolens.storage import ImageStore
+from oncolens.store.db.models import Role, User
+from oncolens.store.images import ImageStore
 from oncolens.zoo import ModelPackage, Zoo
 
 log = logging.getLogger("oncolens.api")

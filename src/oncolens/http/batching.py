@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from oncolens.memory import trim_heaps
+from oncolens.runtime.memory import trim_heaps
 from oncolens.zoo.package import ModelPackage
 
 if TYPE_CHECKING:
-    from oncolens.api.metrics import ServerMetrics
+    from oncolens.http.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ class User(SQLModel, table=True):
     email_verified_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     # False for a self-signed-up account until an admin approves it: it cannot log in before.
     approved: bool = Field(default=True, sa_column=Column(Boolean, nullable=False, server_default=true()))
-    # The TOTP secret, encrypted (oncolens.totp); set but not enabled while enrolment awaits its first code.
+    # The TOTP secret, encrypted (oncolens.accounts.totp); set but not enabled while enrolment awaits its first code.
     totp_secret: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     totp_enabled_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     totp_last_step: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))

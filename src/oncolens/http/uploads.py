@@ -7,17 +7,36 @@ from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from oncolens.analysis import PreparedImages, RawImage, name_image
-from oncolens.api.deps import ModelDep, SettingsDep
-from oncolens.api.errors import BadRequest
-from oncolens.api.middleware import BodyTooLarge
-from oncolens.api.schemas import PredictJSON
 from oncolens.config import Settings
-from oncolens.imaging import ImageDecodeError, decode_base64
+from oncolens.http.deps import ModelDep, SettingsDep
+from oncolens.http.errors import BadRequest
+from oncolens.http.middleware import BodyTooLarge
 from oncolens.services.analysis import prepare_off_loop
+from oncolens.vision.decode import ImageDecodeError, decode_base64
+from oncolens.vision.prepare import PreparedImages, RawImage, name_image
+
+
+class ImageIn(BaseModel):
+    image: str = Field(description="Base64 image bytes, optionally as a data URI (data:image/png;base64,...).")
+    filename: str | None = Field(None, description="The original file name, kept only as a label.")
+
+
+class PredictJSON(BaseModel):
+    """JSON alternative to multipart: one ``image`` or a list of ``images``."""
+
+    image: str | None = Field(None, description="Base64 image bytes, optionally as a data URI.")
+    filename: str | None = None
+    images: list[ImageIn] | None = Field(None, description="Several images of one case.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"image": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ...", "filename": "lesion.jpg"}]
+        }
+    }
+
 
 HOW_TO_SEND = (
     "send the image as multipart form field 'file' (or several 'files'), "

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from oncolens.analysis import check_modality
-from oncolens.datasets import (
+from oncolens.evaluation.datasets import (
     ManifestError,
     Sample,
     drop_labels,
@@ -27,7 +26,8 @@ from oncolens.datasets import (
     read_manifest,
     select_split,
 )
-from oncolens.domain import (
+from oncolens.vision.decode import WrongModality
+from oncolens.vision.domain import (
     DEFAULT_DIMS,
     DEFAULT_PASS_RATE,
     DOMAIN_FILE,
@@ -40,7 +40,7 @@ from oncolens.domain import (
     root_features,
     threshold_for,
 )
-from oncolens.imaging import WrongModality
+from oncolens.vision.prepare import check_modality
 from oncolens.zoo.card import parse_card
 from oncolens.zoo.package import CARD, ModelPackage, sha256_of
 from oncolens.zoo.preprocess import model_pixels, normalize

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from oncolens.imaging import ImageDecodeError, decode_image
+from oncolens.vision.decode import ImageDecodeError, decode_image
 from oncolens.zoo.preprocess import InputSpec, model_pixels
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -7,11 +7,16 @@ ratio of the original kept) in float32, so their cost does not grow with the upl
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from oncolens.zoo.preprocess import InputSpec
+
+if TYPE_CHECKING:
+    from oncolens.zoo.package import ModelPackage
 
 # Anchor colours of a perceptually ordered blue -> cyan -> yellow -> red map (like "turbo"/"jet").
 _ANCHORS = np.array(
@@ -136,3 +141,62 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=3)
     return buffer.getvalue()
+
+
+def class_activation_map(features: np.ndarray, weight: np.ndarray, class_index: int) -> np.ndarray:
+    """[K, h, w] features and [C, K] head weights -> [h, w] CAM of one class, scaled to [0, 1].
+
+    Exact for a global-average-pool + linear head: the class logit is the mean of this map plus
+    the bias. Negative evidence is clipped to 0.
+    """
+    cam = np.tensordot(weight[class_index].astype(np.float64), features.astype(np.float64), axes=1)
+    cam = np.maximum(cam, 0.0)
+    peak = cam.max()
+    scaled: np.ndarray = cam / peak if peak > 0 else cam
+    return scaled
+
+
+@dataclass(frozen=True)
+class Explanation:
+    class_id: str
+    heatmap_png: bytes
+    overlay_png: bytes
+    peak_xy: tuple[int, int]
+
+
+def explanation(
+    package: ModelPackage,
+    image: Image.Image,
+    features: np.ndarray,
+    class_id: str | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> Explanation:
+    """Heat-map and overlay PNGs of ``class_id`` for one image's features. Every edge passes the class
+    the result names (``decision.decide``); without one, the head's arg-max on these features is drawn.
+
+    The maps are drawn at display size (``DISPLAY_MAX_SIDE``); ``peak_xy`` is in the pixels
+    of the original image, whose (width, height) is ``original_size`` (default: ``image``'s own).
+    """
+    image = display_image(image)
+    ids = package.class_ids
+    if class_id is None:
+        logits = features.mean(axis=(1, 2)) @ package.head_weight.T
+        index = int(np.argmax(logits))
+    elif class_id in ids:
+        index = ids.index(class_id)
+    else:
+        raise KeyError(f"unknown class {class_id!r}; this model's classes are {ids}")
+    cam = class_activation_map(features, package.head_weight, index)
+    heat = cam_on_image(cam, package.input_spec, image.width, image.height, package.feature_offset)
+    peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    width, height = original_size or (image.width, image.height)
+    peak = (
+        min(width - 1, int((int(peak_x) + 0.5) * width / image.width)),
+        min(height - 1, int((int(peak_y) + 0.5) * height / image.height)),
+    )
+    return Explanation(
+        class_id=ids[index],
+        heatmap_png=png_bytes(colorize(heat)),
+        overlay_png=png_bytes(overlay(image, heat)),
+        peak_xy=peak,
+    )

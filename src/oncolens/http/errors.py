@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from oncolens.auth import AuthError, PasswordTooWeak
+from oncolens.accounts.auth import AuthError, PasswordTooWeak
 from oncolens.errors import (
     Conflict,
     DomainError,
@@ -25,8 +25,8 @@ from oncolens.errors import (
     TooManyRequests,
     Unavailable,
 )
-from oncolens.imaging import ImageDecodeError
 from oncolens.services.audit import out_of_space
+from oncolens.vision.decode import ImageDecodeError
 from oncolens.zoo import ModelNotFound, PackageError
 
 log = logging.getLogger("oncolens.api")

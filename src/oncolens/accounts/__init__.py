@@ -1,0 +1,1 @@
+"""Accounts and security: passwords and tokens, two-factor codes, e-mail."""

@@ -1,0 +1,1 @@
+"""Edge: the ``oncolens`` command line."""

@@ -1,0 +1,1 @@
+"""Measuring models: dataset manifests, classification metrics, ``oncolens evaluate``."""

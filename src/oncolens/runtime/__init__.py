@@ -1,0 +1,1 @@
+"""The server process: start-up checks, logging, CPU threads, returning memory."""
