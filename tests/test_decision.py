@@ -136,3 +136,33 @@ def test_the_heat_map_is_drawn_for_the_class_the_result_names(site: TestClient, 
     files = [("files", (p.name, p.read_bytes())) for p in SAMPLES[model][:2]]
     body = site.post(f"/api/v1/models/{model}/analyze", files=files).json()
     assert [i["heatmap"]["class_id"] for i in body["images"]] == [i["top_class"] for i in body["images"]]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_predict_passes_through_the_decision_module_once(
+    site: TestClient, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """Calibration runs once on the request's logits, each image is decided once, the case once; the
+    answer's probabilities are exactly what the decision module computed (no second copy elsewhere)."""
+    from oncolens import decision
+
+    calls: dict[str, list[object]] = {"case_result": [], "probabilities": [], "decide": []}
+    for name in calls:
+        real = getattr(decision, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+            result = _real(*args, **kwargs)  # type: ignore[operator]
+            calls[_name].append(result)
+            return result
+
+        monkeypatch.setattr(decision, name, counted)
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in SAMPLES["skin-ham10000"][:count]]
+    answer = site.post("/api/v1/models/skin-ham10000/predict", files=files)
+    assert answer.status_code == 200, answer.text
+    assert len(calls["case_result"]) == 1 and len(calls["probabilities"]) == 1
+    assert len(calls["decide"]) == count + 1  # each image once, the combined result once
+    shown = [image["probabilities"] for image in answer.json()["images"]]
+    calibrated = calls["probabilities"][0]
+    assert np.asarray(calibrated).shape == (count, 7)
+    for row, image in zip(np.asarray(calibrated), shown, strict=True):
+        assert np.allclose(row, list(image.values()), atol=1e-6)

@@ -12,8 +12,9 @@ from typing import Protocol
 import anyio
 import numpy as np
 
+from oncolens import decision
 from oncolens.config import Settings
-from oncolens.decision import CaseResult, case_result
+from oncolens.decision import CaseResult
 from oncolens.errors import InvalidInput
 from oncolens.vision.decode import ImageTooLarge
 from oncolens.vision.prepare import PreparedImages, RawImage, prepare
@@ -101,7 +102,7 @@ def _analysed(
     inference_s: float,
     record: Recorder | None,
 ) -> Analysed:
-    result = case_result(
+    result = decision.case_result(
         model,
         logits.astype("float64"),
         [(d.width, d.height) for d in prepared.decoded],
