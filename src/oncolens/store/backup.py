@@ -203,7 +203,9 @@ def backup(settings: Settings, dest: Path, progress: Callable[[str], None] = lam
             engine.dispose()
     _private_write(dest / KEY_FILE, server_secret(settings.secret_key, settings.data_dir, settings.on_sqlite).encode())
     files = sorted(p for p in dest.rglob("*") if p.is_file())
-    listed = {str(p.relative_to(dest)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+    listed: dict[str, dict[str, Any]] = {
+        str(p.relative_to(dest)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
+    }
     manifest = {
         "format": FORMAT,
         "oncolens_version": __version__,
