@@ -3,7 +3,7 @@
 A backup folder holds the database (SQLite: a copy made by SQLite's online backup API; PostgreSQL: a
 ``pg_dump`` custom-format archive), every image the database refers to (``images/ab/<name>``, from the
 folder or the S3 bucket), ``secret.key`` (the key that signs sessions and encrypts second factors) and
-``manifest.json`` with the sha256 and size of each file. Files are 0600, folders 0700.
+``manifest.json`` with the sha256 and size of each file. Files are 0600 and the backup folder 0700.
 
 Consistency while clients keep posting cases: the database copy is one snapshot, and the images are
 the ones *that snapshot* names. An image is written before its case commits, so every image of a case
@@ -32,14 +32,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from oncolens import __version__
 from oncolens.accounts.auth import server_secret
 from oncolens.config import Settings
 from oncolens.store.db import make_engine
-from oncolens.store.images import ImageStore, open_store
+from oncolens.store.images import FileStore, ImageStore, open_store
 
 MANIFEST = "manifest.json"
 SQLITE_FILE = "oncolens.db"
@@ -136,16 +136,9 @@ def _sqlite_snapshot(url: str, dest: Path) -> Iterator[Connection]:
     source_path = make_url(url).database
     if not source_path or source_path == ":memory:" or not Path(source_path).is_file():
         raise BackupError(f"there is no SQLite database at {source_path}; is ONCOLENS_DATA_DIR the server's?")
-    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True, timeout=30)
-    target = sqlite3.connect(dest)
-    try:
-        source.backup(target)  # one consistent snapshot, even while the server writes (WAL)
-        target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
-    finally:
-        target.close()
-        source.close()
-    dest.chmod(0o600)
-    engine = make_engine(f"sqlite:///{dest}")
+    _sqlite_copy(Path(source_path), dest)
+    # Read-only and without the server's pragmas: the copy stays one self-contained file.
+    engine = create_engine(f"sqlite:///file:{dest}?mode=ro&uri=true")
     try:
         with engine.connect() as connection:
             yield connection
@@ -172,7 +165,7 @@ def _pg_snapshot(engine: Engine, dest: Path) -> Iterator[Connection]:
                     f"--snapshot={snapshot}",
                     f"--schema={schema}",
                     f"--file={dest}",
-                    f"--dbname={libpq_url(str(engine.url.render_as_string(hide_password=False)))}",
+                    f"--dbname={libpq_url(engine.url.render_as_string(hide_password=False))}",
                 ],
                 "pg_dump",
             )
@@ -197,7 +190,7 @@ def backup(settings: Settings, dest: Path, progress: Callable[[str], None] = lam
             schema = None if engine is None else str(connection.execute(text("SELECT current_schema()")).scalar_one())
             names = _stored_names(connection)
             progress(f"copying {len(names)} image(s) of {cases} case(s) from the {store.describe()}")
-            missing = _copy_images(store, names, dest / "images")
+            missing = _copy_images(store, names, FileStore(dest / "images"))
     finally:
         if engine is not None:
             engine.dispose()
@@ -223,7 +216,8 @@ def backup(settings: Settings, dest: Path, progress: Callable[[str], None] = lam
     return BackupReport(dest, kind, revision, cases, len(names) - len(missing), missing, total)
 
 
-def _copy_images(store: ImageStore, names: list[str], folder: Path) -> list[str]:
+def _copy_images(store: ImageStore, names: list[str], copies: FileStore) -> list[str]:
+    """Copy the named images into ``copies`` (the folder store's layout and durable 0600 writes)."""
     missing = []
     for name in names:
         try:
@@ -231,7 +225,7 @@ def _copy_images(store: ImageStore, names: list[str], folder: Path) -> list[str]
         except FileNotFoundError:  # its case was deleted after the snapshot: nothing left to keep
             missing.append(name)
             continue
-        _private_write(folder / name[:2] / name, data)
+        copies.put(name, data)
     return missing
 
 
@@ -311,7 +305,7 @@ def restore(
         _restore_sqlite(src / SQLITE_FILE, Path(str(make_url(url).database)))
     else:
         _restore_postgresql(src / PG_DUMP_FILE, url, manifest.get("schema"))
-    image_files = sorted((src / "images").glob("*/*")) if (src / "images").is_dir() else []
+    image_files = sorted(FileStore(src / "images").files())
     progress(f"restoring {len(image_files)} image(s) into the {store.describe()}")
     kept = set()
     for path in image_files:
@@ -367,20 +361,27 @@ def _restore_postgresql(archive: Path, url: str, schema: str | None) -> None:
     )
 
 
+def _sqlite_copy(source_path: Path, target_path: Path) -> None:
+    """Copy a SQLite database with SQLite's online backup API (one consistent snapshot, even while the
+    server writes), as one self-contained file (no -wal beside it), readable by its owner only."""
+    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(target_path)
+    try:
+        source.backup(target)
+        target.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        target.close()
+        source.close()
+    target_path.chmod(0o600)
+
+
 def _restore_sqlite(backup_file: Path, target: Path) -> None:
     """Put the backup's database at ``target`` atomically (the -wal and -shm of an old one removed)."""
     _private_dir(target.parent)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".restore-", delete=False) as handle:
         temporary = Path(handle.name)
     try:
-        source = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)
-        copy = sqlite3.connect(temporary)
-        try:
-            source.backup(copy)
-        finally:
-            copy.close()
-            source.close()
-        temporary.chmod(0o600)
+        _sqlite_copy(backup_file, temporary)
         for suffix in ("-wal", "-shm"):
             Path(f"{target}{suffix}").unlink(missing_ok=True)
         temporary.replace(target)
