@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Allowed CORS origins, comma separated."
     )
     extra_model_dir: Path | None = Field(None, description="A folder of extra model packages.")
+    one_network: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models (comma separated ids, or 'all') served by their one-network build instead of the "
+        "ensemble their card names: for a machine too slow for the ensemble (each ensemble's card gives both costs).",
+    )
     preload_models: bool = Field(True, description="Load every model at start-up.")
     database_url: str | None = Field(
         None,
@@ -254,7 +259,7 @@ class Settings(BaseSettings):
                     )
         return self
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "one_network", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

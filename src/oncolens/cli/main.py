@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from oncolens.decision import CaseResult
     from oncolens.evaluation.datasets import Sample
     from oncolens.training.recipe import Recipe
+    from oncolens.zoo.card import ModelCard
 
 # The order `oncolens --help` lists the commands in: what a clinic runs first, then the administrator's
 # commands, then the way back (building and checking models).
@@ -100,6 +101,7 @@ def train(
             "no package is written (package it later with `oncolens export RUN_DIR`).",
         ),
     ] = False,
+    one_network: OneNetworkOption = None,
 ) -> None:
     """Fine-tune, calibrate on val, evaluate on test and write a model package."""
     from oncolens.evaluation.datasets import ManifestError, drop_labels, read_manifest
@@ -119,7 +121,7 @@ def train(
         )
     runs = run_dir or Path("runs") / model_id
     command = _command()
-    if chosen.train.method in ("distill", "soup"):
+    if chosen.train.method in ("distill", "soup", "ensemble"):
         from oncolens.training.distill import fit_distilled
 
         summary = fit_distilled(chosen, samples, runs, command)
@@ -130,7 +132,7 @@ def train(
         figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
         typer.echo(f"trained {runs} (val: {figures}); test not read, no package written")
         return
-    package = _package(chosen, samples, runs, model_id, out, command, dataset_dir)
+    package = _package(chosen, samples, runs, model_id, out, command, dataset_dir, one_network)
     typer.echo(f"wrote model package {package}")
 
 
@@ -196,13 +198,43 @@ def _package(
     out: Path | None,
     command: str,
     dataset_dir: Path,
+    one_network: Path | None = None,
 ) -> Path:
     """Package a finished run into ``out`` (default the built-in zoo), with the golden samples' file."""
-    from oncolens.training.pipeline import finalize
+    from oncolens.training.pipeline import RunError, finalize
 
     target = out or ZOO_DIR / model_id
     samples_dir = SAMPLES_DIR / model_id
-    return finalize(recipe, samples, run_dir, target, model_id, samples_dir, command, dataset_dir, _expected_file(out))
+    single = _one_network(recipe, model_id, one_network)
+    try:
+        return finalize(
+            recipe, samples, run_dir, target, model_id, samples_dir, command, dataset_dir, _expected_file(out), single
+        )
+    except RunError as exc:
+        raise _fail(str(exc)) from exc
+
+
+# ``--one-network DIR`` (train, export): the package an ensemble is measured against.
+OneNetworkOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--one-network",
+        help="Ensemble recipes: the one-network package to measure the ensemble against (default the installed "
+        "model's one-network build, or the installed model itself when it is one network).",
+    ),
+]
+
+
+def _one_network(recipe: Recipe, model_id: str, given: Path | None) -> Path | None:
+    """The one-network package an ensemble run is compared with (None for other methods)."""
+    from oncolens.zoo import one_network_build
+
+    if recipe.train.method != "ensemble":
+        return None
+    if given is not None:
+        return given
+    installed = ZOO_DIR / model_id
+    return one_network_build(installed) or installed
 
 
 def _expected_file(out: Path | None) -> Path | None:
@@ -294,6 +326,7 @@ def export(
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (default recipes/<model-id>.toml).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory (default the built-in zoo).")] = None,
     set_: RecipeSettings = None,
+    one_network: OneNetworkOption = None,
 ) -> None:
     """Re-run calibration, test evaluation and ONNX export from a run's best checkpoint."""
     from oncolens.evaluation.datasets import ManifestError, read_manifest
@@ -316,6 +349,7 @@ def export(
             _command(),
             dataset_dir,
             _expected_file(out),
+            _one_network(chosen, model_id, one_network),
         )
     except RunError as exc:
         raise _fail(str(exc)) from exc
@@ -372,7 +406,7 @@ def models(
 ) -> None:
     """The installed models: id, version, modality, classes, headline test figures and licence."""
     from oncolens.config import Settings
-    from oncolens.zoo import PackageError, Zoo
+    from oncolens.zoo import ModelPackage, PackageError, Zoo
 
     zoo = Zoo.from_settings(Settings(), model_dir or [])
     rows: list[dict[str, Any]] = []
@@ -382,48 +416,81 @@ def models(
         except PackageError as exc:
             rows.append({"id": model_id, "error": str(exc)})
             continue
-        m = card.metrics
-        rows.append(
-            {
-                "id": model_id,
-                "version": card.version,
-                "modality": f"{card.organ}/{card.modality}",
-                "classes": len(card.classes),
-                "test_n": m.get("n"),
-                "balanced_accuracy": m.get("balanced_accuracy"),
-                "macro_auc": m.get("macro_auc"),
-                "non_commercial": card.dataset.no_commercial_use,
-                "licence_flag": card.dataset.licence_flag,
-                "license": card.dataset.license,
-                "title": card.title,
-            }
-        )
+        builds = [(card, True)]
+        other = _other_build(zoo.paths[model_id])
+        if other is not None:
+            try:
+                builds.append((ModelPackage.load(other, precision="fp32").card, False))
+            except PackageError as exc:
+                rows.append({"id": model_id, "served": False, "error": str(exc)})
+        rows.extend(_model_row(model_id, c, served) for c, served in builds)
     if json_out:
         for row in rows:
             typer.echo(json.dumps(row))
         return
+    _models_table(rows)
+
+
+def _other_build(served: Path) -> Path | None:
+    """The build of a model that does not serve: an ensemble's kept one-network build, or (with
+    ``ONCOLENS_ONE_NETWORK``) the ensemble it sits in."""
+    from oncolens.zoo import ONE_NETWORK, one_network_build
+
+    if served.name == ONE_NETWORK:
+        return served.parent
+    return one_network_build(served)
+
+
+def build_name(card: ModelCard) -> str:
+    """``ensemble of k`` or ``one network``: what a package runs for one answer."""
+    ensemble = card.training.get("ensemble") if card.training.get("method") == "ensemble" else None
+    return f"ensemble of {ensemble['members']}" if isinstance(ensemble, dict) else "one network"
+
+
+def _model_row(model_id: str, card: ModelCard, served: bool) -> dict[str, Any]:
+    m = card.metrics
+    return {
+        "id": model_id,
+        "version": card.version,
+        "build": build_name(card),
+        "served": served,
+        "modality": f"{card.organ}/{card.modality}",
+        "classes": len(card.classes),
+        "test_n": m.get("n"),
+        "balanced_accuracy": m.get("balanced_accuracy"),
+        "macro_auc": m.get("macro_auc"),
+        "non_commercial": card.dataset.no_commercial_use,
+        "licence_flag": card.dataset.licence_flag,
+        "license": card.dataset.license,
+        "title": card.title,
+    }
+
+
+def _models_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         typer.echo("no models installed")
         return
+
+    def fig(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else "-"
+
     typer.echo(
-        f"{'id':<17}{'version':<9}{'organ/modality':<26}{'cls':>4}{'test n':>8}{'bal-acc':>9}{'AUROC':>7}  licence"
+        f"{'id':<17}{'version':<9}{'build':<22}{'organ/modality':<26}{'cls':>4}{'test n':>8}{'bal-acc':>9}"
+        f"{'AUROC':>7}  licence"
     )
     for r in rows:
         if "error" in r:
             typer.echo(f"{r['id']:<17}BROKEN: {r['error']}")
             continue
-
-        def fig(value: object) -> str:
-            return f"{value:.3f}" if isinstance(value, float) else "-"
-
+        build = f"{r['build']}{' (serves)' if r['served'] else ''}"
         flag = r["licence_flag"] or "see the card"
         typer.echo(
-            f"{r['id']:<17}{r['version']:<9}{r['modality']:<26}{r['classes']:>4}{r['test_n'] or '-':>8}"
+            f"{r['id']:<17}{r['version']:<9}{build:<22}{r['modality']:<26}{r['classes']:>4}{r['test_n'] or '-':>8}"
             f"{fig(r['balanced_accuracy']):>9}{fig(r['macro_auc']):>7}  {flag}"
         )
     typer.echo(
         "\ntest figures are on each dataset's own test split (`oncolens evaluate` re-measures them); "
-        "the licence terms are on each model's page and card"
+        "the licence terms are on each model's page and card; ONCOLENS_ONE_NETWORK serves a model's one-network build"
     )
 
 

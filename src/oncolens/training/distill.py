@@ -16,7 +16,8 @@
    of *every* teacher on that blend (:func:`blend`): one held-out teacher per image is a noisy
    stand-in for the ensemble, and the blend is an input none of them was trained on.
    With ``method = "soup"`` there is no student: the served network is the teachers' uniform weight
-   average (:func:`weight_soup`). Either way the run records the soup's val figures, so the two can
+   average (:func:`weight_soup`); with ``method = "ensemble"`` the teachers themselves serve, as one
+   graph (:mod:`oncolens.training.ensemble`). Either way the run records the soup's val figures, so the two can
    be compared.
 4. Test-time views: of the recipe's candidate sets, the cheapest whose val score is within
    ``tta_tolerance`` of the best.
@@ -463,12 +464,16 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     }
     tqdm.write("teachers' weight soup on val: " + json.dumps(soup_val))
     history: list[dict[str, Any]] = []
-    if cfg.method == "soup":
+    served: Classifier | None
+    if cfg.method == "ensemble":  # the teachers serve together (training/ensemble.py): no one network
+        served, epoch = None, (cfg.teacher_epochs or cfg.epochs) - 1
+        served_val = quick_metrics(val.labels, mean_over(teachers.val, names, candidates[0]), num_classes)
+    elif cfg.method == "soup":
         served, epoch, served_val = soup, (cfg.teacher_epochs or cfg.epochs) - 1, soup_val
     else:
         served, epoch, served_val = _student(recipe, pool, teachers, val, val_tta, names, candidates, history)
         timings["student"] = round(history[-1]["elapsed_s"], 1)
-    val_views = view_logits(served, val_tta, cfg.freeze_blocks)
+    val_views = view_logits(served, val_tta, cfg.freeze_blocks) if served is not None else teachers.val
     chosen, view_scores = choose_views(
         recipe, val_views, names, lambda logits: quick_metrics(val.labels, logits, num_classes)[cfg.select_metric]
     )
@@ -478,7 +483,8 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     tqdm.write(
         f"test-time views {list(chosen)} (val {cfg.select_metric}: {view_scores}); teachers on val: {teacher_val}"
     )
-    torch.save({"model": served.state_dict(), "epoch": epoch, "val": served_val}, out_dir / BEST)
+    state = served.state_dict() if served is not None else None  # an ensemble's members are the teachers
+    torch.save({"model": state, "epoch": epoch, "val": served_val}, out_dir / BEST)
     summary = {
         "command": command,
         "method": cfg.method,

@@ -94,7 +94,7 @@ class ExportModel(nn.Module):
         geometry is exact.)
         """
         with torch.no_grad():
-            cells = int(self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[-1])
+            cells = int(self.eval()(torch.zeros(1, 3, image_size, image_size))[1].shape[-1])
         shift = image_size / cells / 2 - 0.5
         signs = [view_offset_sign(view) for view in self.views]
         dy = sum(sy for sy, _ in signs) * shift / len(signs)

@@ -24,11 +24,20 @@ from oncolens.evaluation.evaluate import dataset_logits, finite, subgroup_report
 from oncolens.training import plots
 from oncolens.training.calibrate import decision_rule, fit_temperature, nll, risk_policy
 from oncolens.training.distill import TEACHERS
+from oncolens.training.ensemble import (
+    EnsembleExport,
+    combine_weights,
+    combined_logits,
+    member_temperatures,
+    p50_ms,
+    teacher_files,
+)
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
 from oncolens.training.recipe import Recipe
 from oncolens.training.train import BEST, build_model, machine_description, sampling_weights
-from oncolens.zoo.card import SCHEMA_VERSION, Decision, ModelCard, parse_card
-from oncolens.zoo.package import ONNX, ModelPackage, sha256_of
+from oncolens.zoo import ONE_NETWORK
+from oncolens.zoo.card import SCHEMA_VERSION, Decision, ModelCard, parse_card, read_card
+from oncolens.zoo.package import ONNX, ModelPackage, PackageError, sha256_of
 from oncolens.zoo.preprocess import InputSpec, preprocess
 
 MAX_LOGIT_DIFF = 1e-3
@@ -36,6 +45,16 @@ MAX_LOGIT_DIFF = 1e-3
 
 def _load_exportable(recipe: Recipe, run_dir: Path) -> tuple[ExportModel, dict[str, Any]]:
     checkpoint = torch.load(run_dir / BEST, map_location="cpu", weights_only=False)
+    if recipe.train.method == "ensemble":
+        members = []
+        for path in teacher_files(run_dir / TEACHERS):
+            member = build_model(recipe, pretrained=False)
+            member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            members.append(member.eval())
+        if not members:
+            raise RunError(f"{run_dir / TEACHERS} holds no teachers: an ensemble needs its members")
+        ensemble = EnsembleExport.from_members(members, recipe.train.freeze_blocks, _views(recipe, run_dir))
+        return ensemble, checkpoint
     model = build_model(recipe, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return ExportModel(model, _views(recipe, run_dir)).eval(), checkpoint
@@ -99,6 +118,16 @@ def prior_correction(recipe: Recipe, samples: list[Sample]) -> np.ndarray:
 PRIOR_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def best_calibration(y_val: np.ndarray, val_logits: np.ndarray, prior: np.ndarray) -> tuple[float, float, float]:
+    """(val NLL, alpha, T) of the best prior strength alpha in PRIOR_STRENGTHS with its NLL-optimal T."""
+    fits = []
+    for alpha in PRIOR_STRENGTHS:
+        t = fit_temperature(val_logits + alpha * prior, y_val)
+        fits.append((nll(val_logits + alpha * prior, y_val, t), alpha, t))
+    nll_, alpha, temperature = min(fits)
+    return nll_, alpha, temperature
+
+
 def _calibration(
     y_val: np.ndarray, val_logits: np.ndarray, y_test: np.ndarray, test_logits: np.ndarray, prior: np.ndarray
 ) -> dict[str, Any]:
@@ -107,11 +136,7 @@ def _calibration(
     Each alpha in PRIOR_STRENGTHS gets its NLL-optimal temperature; the (alpha, T) pair with the
     lowest val NLL is kept. The card's ``logit_bias`` is alpha * prior, added before dividing by T.
     """
-    fits = []
-    for alpha in PRIOR_STRENGTHS:
-        t = fit_temperature(val_logits + alpha * prior, y_val)
-        fits.append((nll(val_logits + alpha * prior, y_val, t), alpha, t))
-    _, alpha, temperature = min(fits)
+    _, alpha, temperature = best_calibration(y_val, val_logits, prior)
     bias = alpha * prior
     ece = metrics.expected_calibration_error
     return {
@@ -173,6 +198,7 @@ class Scored:
 
     y_val: np.ndarray
     y_test: np.ndarray
+    val_logits: np.ndarray
     test_logits: np.ndarray
     test_probs: np.ndarray
     calibration: dict[str, Any]
@@ -271,6 +297,7 @@ def _score(
     return Scored(
         y_val,
         y_test,
+        val_logits,
         test_logits,
         test_probs,
         calibration,
@@ -439,6 +466,22 @@ def _card(
     return parse_card(json.loads(json.dumps(card)), f"the card of {model_id}")
 
 
+def _headline_test(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece")
+    out = {k: report.get(k) for k in keys}
+    if "malignant" in report:
+        out["malignant_auc"] = report["malignant"].get("auc")
+    headline: dict[str, Any] = finite(out)
+    return headline
+
+
+def _record_candidate(package_dir: Path, record: dict[str, Any]) -> None:
+    """Write an ensemble that lost its rule into the one-network card (``training.ensemble_candidate``)."""
+    card = read_card(package_dir / "card.json")
+    training = dict(card.training) | {"ensemble_candidate": finite(record)}
+    (package_dir / "card.json").write_text(card.model_copy(update={"training": training}).to_json())
+
+
 def _install(staging: Path, package_dir: Path) -> None:
     """Replace ``package_dir`` by the finished staging folder."""
     if package_dir.exists():
@@ -472,6 +515,7 @@ def finalize(
     command: str = "",
     dataset_dir: Path | None = None,
     expected_file: Path | None = None,
+    one_network: Path | None = None,
 ) -> Path:
     """Export the best checkpoint of ``run_dir`` as a verified, calibrated, evaluated package.
 
@@ -480,10 +524,28 @@ def finalize(
     read: a package built elsewhere than the zoo passes its own file so the shipped one stays). With
     ``dataset_dir`` (the dataset folder of ``samples``), the int8 copy is made and gated
     (``training.quantize``).
+
+    An ensemble run (``method = "ensemble"``) is measured against the one-network package
+    ``one_network`` by the recipe's ``[ensemble]`` rule (:func:`prepare_ensemble`,
+    :func:`ensemble_verdict`). When it wins, it is written to ``package_dir`` with a copy of the
+    one-network build in ``package_dir/one-network``; when it loses, nothing is written but the
+    comparison, into the one-network card's ``training.ensemble_candidate``, and the one-network
+    package's folder is returned.
     """
     check_run(recipe, run_dir)
     samples, n_excluded = drop_labels(samples, recipe.excluded_labels)
     model, checkpoint = _load_exportable(recipe, run_dir)
+    single: ModelPackage | None = None
+    ensemble: dict[str, Any] = {}
+    if isinstance(model, EnsembleExport):
+        if one_network is None:
+            raise RunError("an ensemble is measured against the one-network build: give its package (--one-network)")
+        try:
+            single = ModelPackage.load(one_network, precision="fp32")
+        except PackageError as exc:
+            raise RunError(f"the one-network build {one_network} cannot be loaded: {exc}") from exc
+        with tempfile.TemporaryDirectory() as work:
+            model, ensemble = prepare_ensemble(recipe, samples, model, single, Path(work))
     parent = package_dir.parent if package_dir.parent.exists() else None
     staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=parent))
     try:
@@ -501,9 +563,20 @@ def finalize(
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         training = _training_record(recipe, run_dir, checkpoint)
-        teachers = _teacher_scores(recipe, samples, run_dir, model.views) or _history(run_dir).get("teachers_scored")
-        if teachers is not None:
-            training["teachers"] = teachers
+        if single is not None and one_network is not None:
+            ensemble |= ensemble_verdict(recipe, samples, scored, scored.val_logits, single)
+            ensemble["out_of_fold"] = _history(run_dir).get("teachers", {}).get("out_of_fold")
+            training["ensemble"] = ensemble
+            if not ensemble["served"]:
+                _record_candidate(one_network, ensemble | {"test": _headline_test(scored.report)})
+                shutil.rmtree(staging, ignore_errors=True)
+                tqdm.write(f"the ensemble did not win its rule ({ensemble['criteria']}): {one_network} stays")
+                return one_network
+            shutil.copytree(one_network, staging / ONE_NETWORK, ignore=shutil.ignore_patterns(ONE_NETWORK))
+        else:
+            scores = _teacher_scores(recipe, samples, run_dir, model.views) or _history(run_dir).get("teachers_scored")
+            if scores is not None:
+                training["teachers"] = scores
         card = _card(recipe, model_id, model, samples, n_excluded, scored, training, export, onnx_path)
         (staging / "card.json").write_text(card.to_json())
         _install(staging, package_dir)
@@ -523,3 +596,149 @@ def finalize(
         f"ONNX vs PyTorch max |dlogit| {diff:.1e}; {n} golden sample(s) recorded"
     )
     return package_dir
+
+
+def _nll(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+
+
+def _member_figures(y: np.ndarray, logits: np.ndarray, temperature: float) -> dict[str, float]:
+    probs = calibrate(logits, temperature)
+    return {
+        "accuracy": metrics.accuracy(y, probs.argmax(1)),
+        "macro_auc": metrics.macro_auc(y, probs),
+        "temperature": temperature,
+        "nll": _nll(y, probs),
+    }
+
+
+@torch.no_grad()
+def prepare_ensemble(
+    recipe: Recipe, samples: list[Sample], full: EnsembleExport, one_network: ModelPackage, workdir: Path
+) -> tuple[EnsembleExport, dict[str, Any]]:
+    """The served configuration of an ensemble, by the recipe's ``[ensemble]`` rule (val only):
+
+    1. each (test-time view set, number of members k) of the recipe's candidate view sets is
+       exported and timed for one image beside the one-network build (:func:`p50_ms`, same run);
+       those within ``max_cost`` x its p50 are feasible;
+    2. of the feasible, the most members; between view sets with as many, the lower val NLL;
+    3. the combination (``combine`` candidates) with the lower val NLL after the package's calibration.
+
+    Returns the chosen graph and the record of every measurement for the card.
+    """
+    cfg, classes = recipe.ensemble, recipe.class_ids
+    val = select_split(samples, "val")
+    y_val = encode_labels(val, classes)
+    inputs = preprocess([open_rgb(s.file) for s in val], recipe.input_spec)
+    view_sets = [tuple(v) for v in recipe.export.get("tta_candidates", [])] or [full.views]
+    if full.views not in view_sets:
+        view_sets.append(full.views)
+    singles = sorted({v for views in view_sets for v in views})
+    per_view = {v: full.with_views((v,)).member_logits(inputs) for v in singles}  # each [K, N, C]
+
+    def member_logits(views: tuple[str, ...]) -> np.ndarray:
+        stacked: np.ndarray = np.mean([per_view[v] for v in views], axis=0)
+        return stacked
+
+    limit = min(cfg.members or full.members, full.members)
+    prior = prior_correction(recipe, samples) if recipe.export.get("prior_correction", True) else np.zeros(len(classes))
+    files = {"one-network": one_network.model_file}
+    for views in view_sets:
+        for k in range(1, limit + 1):
+            path = workdir / f"{'+'.join(views)}-k{k}.onnx"
+            export_onnx(full.with_views(views).first(k, [1.0 / k] * k), path, recipe.input_spec.size)
+            files[f"{'+'.join(views)}|{k}"] = path
+    tqdm.write(f"timing {len(files)} graphs for one image ({cfg.cost_repeats} runs each, taking turns)")
+    p50 = p50_ms(files, recipe.input_spec.size, cfg.cost_repeats)
+    base = p50.pop("one-network")
+    candidates: list[dict[str, Any]] = []
+    for key, ms in p50.items():
+        joined, _, k_text = key.partition("|")
+        views, k = tuple(joined.split("+")), int(k_text)
+        logits = member_logits(views)[:k]
+        val_nll = best_calibration(y_val, combined_logits(logits, [1.0 / k] * k), prior)[0]
+        candidates.append(
+            {"views": list(views), "members": k, "p50_ms": ms, "cost": round(ms / base, 3), "val_nll": val_nll}
+        )
+    feasible = [c for c in candidates if c["cost"] <= cfg.max_cost] or [min(candidates, key=lambda c: c["cost"])]
+    chosen = min(feasible, key=lambda c: (-c["members"], c["val_nll"]))
+    views, k = tuple(chosen["views"]), int(chosen["members"])
+    logits = member_logits(views)
+    temperatures = member_temperatures(logits, y_val)
+    weights_of = {c: [round(w, 6) for w in combine_weights(c, temperatures[:k])] for c in cfg.combine}
+    nll_of = {c: best_calibration(y_val, combined_logits(logits[:k], w), prior)[0] for c, w in weights_of.items()}
+    combine = min(nll_of, key=lambda c: nll_of[c])
+    model = full.with_views(views).first(k, weights_of[combine])
+    tqdm.write(
+        f"ensemble: {k} of {full.members} members, views {list(views)}, p50 {chosen['p50_ms']} ms "
+        f"({chosen['cost']}x the one-network build's {base} ms), combine {combine}"
+    )
+    record = {
+        "members": k,
+        "available_members": full.members,
+        "test_time_views": list(views),
+        "combine": combine,
+        "weights": weights_of[combine],
+        "combine_val_nll": nll_of,
+        "member_val": [_member_figures(y_val, logits[i], temperatures[i]) for i in range(full.members)],
+        "cost": {
+            "one_network_p50_ms": base,
+            "p50_ms": chosen["p50_ms"],
+            "ratio": chosen["cost"],
+            "max_ratio": cfg.max_cost,
+            "candidates": candidates,
+            "measured_on": machine_description(),
+        },
+        "rule": (
+            f"the most members within {cfg.max_cost}x the one-network p50, then the lower val NLL; the ensemble "
+            f"serves when its calibrated val NLL is below the one-network build's and its val macro AUROC is not "
+            f"lower by more than {cfg.max_auroc_drop}"
+        ),
+    }
+    return model, record
+
+
+def one_network_figures(package: ModelPackage, samples: list[Sample], split: str) -> dict[str, Any]:
+    """The one-network build's calibrated figures on a split, as it serves (its card's calibration)."""
+    rows = select_split(samples, split)
+    y = encode_labels(rows, package.class_ids)
+    probs = package.predict([open_rgb(s.file) for s in rows]).probs
+    return {
+        "n": len(rows),
+        "nll": _nll(y, probs),
+        "accuracy": metrics.accuracy(y, probs.argmax(1)),
+        "balanced_accuracy": metrics.balanced_accuracy(y, probs.argmax(1), len(package.class_ids)),
+        "macro_auc": metrics.macro_auc(y, probs),
+    }
+
+
+def ensemble_verdict(
+    recipe: Recipe, samples: list[Sample], scored: Scored, val_logits: np.ndarray, one_network: ModelPackage
+) -> dict[str, Any]:
+    """Apply the recipe's rule: the calibrated ensemble against the one-network build on val."""
+    y_val = scored.y_val
+    bias = np.asarray(scored.calibration["logit_bias"], dtype=np.float64)
+    probs = calibrate(val_logits + bias, scored.calibration["temperature"])
+    ensemble_val = {
+        "n": len(y_val),
+        "nll": _nll(y_val, probs),
+        "accuracy": metrics.accuracy(y_val, probs.argmax(1)),
+        "balanced_accuracy": metrics.balanced_accuracy(y_val, probs.argmax(1), len(recipe.class_ids)),
+        "macro_auc": metrics.macro_auc(y_val, probs),
+    }
+    single_val = one_network_figures(one_network, samples, "val")
+    drop = recipe.ensemble.max_auroc_drop
+    lower_nll = ensemble_val["nll"] < single_val["nll"]
+    auroc_kept = ensemble_val["macro_auc"] >= single_val["macro_auc"] - drop
+    m = one_network.card.metrics
+    return {
+        "served": bool(lower_nll and auroc_kept),
+        "val": {"ensemble": ensemble_val, "one_network": single_val},
+        "criteria": {"val_nll_lower": bool(lower_nll), f"val_macro_auc_within_{drop}": bool(auroc_kept)},
+        "one_network": {
+            "version": one_network.version,
+            "method": one_network.card.training.get("method", "finetune"),
+            "sha256": one_network.card.sha256,
+            "test": {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_auc", "ece")},
+        },
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 from oncolens.zoo.preprocess import RESIZE_RULES, InputSpec
 
-METHODS = ("finetune", "distill", "soup")
+METHODS = ("finetune", "distill", "soup", "ensemble")
 FRONT_PRECISIONS = ("fp32", "bf16")
 
 
@@ -47,6 +47,9 @@ class TrainConfig:
     # "distill": the frozen front's maps cached for ``cache_views`` views per image; ``folds`` x
     # ``repeats`` teachers trained by grouped k-fold on train; one student distilled from them.
     # "soup": the same teachers; the served network is their uniform weight average (no student).
+    # "ensemble": the same teachers, served together as one graph (training/ensemble.py): one front
+    # pass and k tails; the ``[ensemble]`` section says how many, how they combine, and when the
+    # ensemble is served instead of the one-network build.
     method: str = "finetune"
     cache_views: int = 8
     folds: int = 5
@@ -88,6 +91,41 @@ class AugmentConfig:
     colour_cast: float = 0.0
 
 
+COMBINES = ("logits", "calibrated_log_probs")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """``[ensemble]``: the members, their combination and the rule that serves the ensemble.
+
+    Written before the run, applied by the export (``training/ensemble.py``):
+
+    - members: the first ``members`` teachers (0: all); fewer when the graph would cost more than
+      ``max_cost`` times the one-network build's p50 for one image, measured in the same run;
+    - combine: each candidate way of averaging (``logits``; ``calibrated_log_probs``, each member
+      tempered on val first) is calibrated on val like a package; the lowest val NLL is kept;
+    - the ensemble serves when, on val after calibration, its NLL is lower than the one-network
+      build's and its macro AUROC is not lower by more than ``max_auroc_drop``; otherwise the
+      one-network build stays and the card records the comparison.
+    """
+
+    members: int = 0
+    combine: tuple[str, ...] = COMBINES
+    max_cost: float = 2.5
+    max_auroc_drop: float = 0.0
+    cost_repeats: int = 40
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "combine", tuple(self.combine))
+        unknown = sorted(set(self.combine) - set(COMBINES))
+        if unknown or not self.combine:
+            raise RecipeError(f"[ensemble] combine {unknown or '[]'}: choose from {list(COMBINES)}")
+        if self.members < 0 or self.max_cost < 1.0 or self.max_auroc_drop < 0.0 or self.cost_repeats < 5:
+            raise RecipeError(
+                "[ensemble] needs members >= 0 (0: all), max_cost >= 1, max_auroc_drop >= 0 and cost_repeats >= 5"
+            )
+
+
 @dataclass(frozen=True)
 class ClassInfo:
     id: str
@@ -107,6 +145,7 @@ class Recipe:
     risk: dict[str, Any] = field(default_factory=dict)
     aggregation: dict[str, Any] = field(default_factory=lambda: {"rule": "mean"})
     source: str = ""
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     @property
     def class_ids(self) -> list[str]:
@@ -141,7 +180,10 @@ class Recipe:
         return replace(self, train=replace(self.train, **given))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train": asdict(self.train), "augment": asdict(self.augment), "export": self.export}
+        out = {"train": asdict(self.train), "augment": asdict(self.augment), "export": self.export}
+        if self.train.method == "ensemble":
+            out["ensemble"] = asdict(self.ensemble) | {"combine": list(self.ensemble.combine)}
+        return out
 
 
 def _dataclass_from(cls: type, section: dict[str, Any], name: str) -> Any:
@@ -196,6 +238,7 @@ def load_recipe(path: Path) -> Recipe:
         risk=data.get("risk", {}),
         aggregation=data.get("aggregation", {"rule": "mean"}),
         source=str(path),
+        ensemble=_dataclass_from(EnsembleConfig, data.get("ensemble", {}), "ensemble"),
     )
 
 

@@ -12,7 +12,16 @@ from oncolens.zoo.package import CARD, ModelPackage, PackageError
 
 BUILTIN_DIR = Path(__file__).parent
 
-__all__ = ["BUILTIN_DIR", "ModelNotFound", "ModelPackage", "PackageError", "Zoo", "discover"]
+__all__ = [
+    "BUILTIN_DIR",
+    "ONE_NETWORK",
+    "ModelNotFound",
+    "ModelPackage",
+    "PackageError",
+    "Zoo",
+    "discover",
+    "one_network_build",
+]
 
 
 class ModelNotFound(KeyError):
@@ -27,13 +36,26 @@ class ModelNotFound(KeyError):
         return f"no model {self.model_id!r}; available: {', '.join(self.known) or 'none'}"
 
 
-def discover(directories: Iterable[Path]) -> dict[str, Path]:
+# An ensemble package keeps the one-network build it replaced in this sub-folder (a whole package):
+# ``ONCOLENS_ONE_NETWORK`` serves it instead, and ``oncolens models`` lists both.
+ONE_NETWORK = "one-network"
+
+
+def one_network_build(package_dir: Path) -> Path | None:
+    """The one-network build kept inside an ensemble package, if it has one."""
+    folder = package_dir / ONE_NETWORK
+    return folder if (folder / CARD).is_file() else None
+
+
+def discover(directories: Iterable[Path], one_network: Iterable[str] = ()) -> dict[str, Path]:
     """Model id (the card's ``id``) -> package directory for every ``*/card.json`` in the folders.
 
     A later folder's package replaces an earlier one with the same id (an extra folder can
     override a built-in model). A card that cannot be read is skipped here and reported when
-    the model is loaded by its folder name.
+    the model is loaded by its folder name. For the ids in ``one_network`` (or every id, with
+    ``all``) a package's one-network build, where it keeps one, is chosen instead of the package.
     """
+    chosen = set(one_network)
     found: dict[str, Path] = {}
     for directory in directories:
         if directory.is_dir():
@@ -42,7 +64,8 @@ def discover(directories: Iterable[Path]) -> dict[str, Path]:
                     model_id = str(json.loads(card.read_text(encoding="utf-8"))["id"])
                 except (OSError, ValueError, KeyError, TypeError):
                     model_id = card.parent.name
-                found[model_id] = card.parent
+                single = one_network_build(card.parent)
+                found[model_id] = single if single is not None and ({model_id, "all"} & chosen) else card.parent
     return found
 
 
@@ -55,8 +78,9 @@ class Zoo:
         threads: int = 0,
         precision: str = "int8",
         spinning: bool = False,
+        one_network: Iterable[str] = (),
     ) -> None:
-        self.paths = discover(directories)
+        self.paths = discover(directories, one_network)
         self.threads = threads
         self.precision = precision
         self.spinning = spinning
@@ -68,7 +92,13 @@ class Zoo:
         """The one way every entry point builds its zoo: the built-in packages, then
         ``ONCOLENS_EXTRA_MODEL_DIR``, then ``extra_dirs`` (a later folder overrides an earlier one)."""
         dirs = [BUILTIN_DIR] + ([settings.extra_model_dir] if settings.extra_model_dir else []) + list(extra_dirs)
-        return cls(dirs, threads=settings.threads, precision=settings.precision, spinning=settings.spinning)
+        return cls(
+            dirs,
+            threads=settings.threads,
+            precision=settings.precision,
+            spinning=settings.spinning,
+            one_network=settings.one_network,
+        )
 
     def ids(self) -> list[str]:
         return sorted(self.paths)
