@@ -26,6 +26,33 @@ def _interval(card: dict[str, Any], name: str) -> str:
     return f" ({found[0]:.3f}–{found[1]:.3f})" if isinstance(found, list) and len(found) == 2 else ""
 
 
+def served_build(training: dict[str, Any]) -> list[str]:
+    """Which build answers and what it cost: the ensemble against its one-network build, by the recipe's rule."""
+    ensemble = training.get("ensemble") if training.get("method") == "ensemble" else None
+    record = ensemble or training.get("ensemble_candidate")
+    if not record:
+        return ["- Serves: one network"]
+    cost, val = record["cost"], record["val"]
+    mine, single = val["ensemble"], val["one_network"]
+    kind = f"an ensemble of {record['members']} tails on one shared front, one graph"
+    lines = [
+        f"- Serves: {kind if ensemble else 'one network (the ensemble below lost the rule)'}",
+        f"- Rule, fixed in the recipe before the run: {record['rule']}",
+        f"- Cost (one image, p50, same run): ensemble {cost['p50_ms']} ms, one-network build "
+        f"{cost['one_network_p50_ms']} ms ({cost['ratio']}x; budget {cost['max_ratio']}x)",
+        f"- Val (calibrated): ensemble NLL {mine['nll']:.3f}, macro AUROC {mine['macro_auc']:.3f}; "
+        f"one network NLL {single['nll']:.3f}, macro AUROC {single['macro_auc']:.3f}",
+        f"- Members combined by {record['combine']} (val NLL {record['combine_val_nll']}), "
+        f"views {record['test_time_views']}",
+    ]
+    if ensemble:
+        lines.append(
+            f"- The one-network build v{record['one_network']['version']} is kept in `one-network/` "
+            "(`ONCOLENS_ONE_NETWORK` serves it)"
+        )
+    return lines
+
+
 def model_page(card: dict[str, Any]) -> str:
     metrics, dataset, training = card["metrics"], card.get("dataset", {}), card.get("training", {})
     malignant = metrics.get("malignant", {})
@@ -34,7 +61,7 @@ def model_page(card: dict[str, Any]) -> str:
         "",
         f"`{card['id']}` version {card['version']} · {card.get('modality', '')} · {card.get('organ', '')}",
         "",
-        "!!! warning \"Decision support, not a diagnosis\"",
+        '!!! warning "Decision support, not a diagnosis"',
         f"    {card.get('disclaimer', '')}",
         "",
         "## Intended use",
@@ -104,6 +131,7 @@ def model_page(card: dict[str, Any]) -> str:
         f"- Calibration: {calibration.get('method', '')}, temperature {calibration.get('temperature', '?'):.3f}, "
         f"fitted on {calibration.get('fitted_on', 'val')}",
         f"- Method: {training.get('method', 'train')}; machine: {training.get('machine', '')}",
+        *served_build(training),
         f"- Rebuilt by: `{training.get('command', '')}`",
         f"- sha256 of `model.onnx`: `{card.get('sha256', '')}`",
         "",
@@ -138,7 +166,9 @@ def api_reference() -> tuple[str, str]:
                     text = (p.get("description") or "").replace("\n", " ").replace("|", "\\|")
                     lines.append(f"| `{p['name']}` | {p['in']} | {'yes' if p.get('required') else 'no'} | {text} |")
                 lines.append("")
-            codes = ", ".join(f"{code} {r.get('description', '')}" for code, r in operation.get("responses", {}).items())
+            codes = ", ".join(
+                f"{code} {r.get('description', '')}" for code, r in operation.get("responses", {}).items()
+            )
             lines += [f"Responses: {codes}", ""]
     return "\n".join(lines), json.dumps(schema, indent=1)
 

@@ -15,10 +15,29 @@ def ci(metrics: dict, key: str) -> str:  # type: ignore[type-arg]
     return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def served(card: dict) -> str:  # type: ignore[type-arg]
+    """What answers: the ensemble with its cost against the one-network build, or one network."""
+    training = card.get("training", {})
+    ensemble = training.get("ensemble") if training.get("method") == "ensemble" else None
+    if ensemble:
+        cost, single = ensemble["cost"], ensemble["one_network"]
+        return (
+            f"ensemble of {ensemble['members']} on one front: p50 {cost['p50_ms']:.0f} ms for one image, "
+            f"{cost['ratio']:.2f}x the one-network build (v{single['version']}, kept)"
+        )
+    candidate = training.get("ensemble_candidate")
+    if candidate:
+        return "one network (its ensemble lost the recipe's rule on val; see the card)"
+    return "one network"
+
+
 def main() -> None:
     cards = {p.parent.name: json.loads(p.read_text()) for p in BUILTIN_DIR.glob("*/card.json")}
-    print("| model | organ · modality | classes (malignant in bold) | test metrics, 95% bootstrap CI | data licence |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | serves | organ · modality | classes (malignant in bold) | test metrics, 95% bootstrap CI "
+        "| data licence |"
+    )
+    print("|---|---|---|---|---|---|")
     for model_id in [m for m in ORDER if m in cards] + sorted(set(cards) - set(ORDER)):
         card = cards[model_id]
         m = card["metrics"]
@@ -44,7 +63,7 @@ def main() -> None:
                 f"consistency p {cal['consistency_p']['ece']:.2f}"
             )
         teachers = card.get("training", {}).get("teachers")
-        if teachers:
+        if teachers and card["training"].get("method") != "ensemble":
             t = teachers["test"]
             parts.append(
                 f"teacher ensemble ({teachers['models']}): bal. acc. {t['balanced_accuracy']:.3f}, "
@@ -59,7 +78,7 @@ def main() -> None:
         if "commercial" in card["dataset"]["license"].lower():
             licence += " — **no commercial use**"
         print(
-            f"| `{model_id}` v{card['version']} | {card['organ']} · {card['modality']} | {classes} | "
+            f"| `{model_id}` v{card['version']} | {served(card)} | {card['organ']} · {card['modality']} | {classes} | "
             f"{' · '.join(parts)} | {licence} |"
         )
 

@@ -138,6 +138,9 @@ def test_an_ensemble_section_is_checked(tiny_recipe: Path, tmp_path: Path) -> No
     bad.write_text(path.read_text() + '\n[ensemble]\ncombine = ["median"]\n')
     with pytest.raises(RecipeError, match=r"\[ensemble\] combine \['median'\]"):
         load_recipe(bad)
+    bad.write_text(path.read_text() + '\n[ensemble]\nstart = "random"\n')
+    with pytest.raises(RecipeError, match="start 'random' is not one of"):
+        load_recipe(bad)
     bad.write_text(path.read_text() + "\n[ensemble]\nmax_cost = 0.5\n")
     with pytest.raises(RecipeError, match="max_cost >= 1"):
         load_recipe(bad)
@@ -333,3 +336,65 @@ def test_an_ensemble_needs_its_one_network_build(ensemble_run: tuple[Path, Path]
     shutil.rmtree(empty / TEACHERS)
     with pytest.raises(pipeline.RunError, match="holds no teachers"):
         pipeline.finalize(load_recipe(recipe_path), read_manifest(dataset), empty, tmp_path / "out", "tiny")
+
+
+def _tail_pool(tiny_dataset: Path, recipe_path: Path) -> tuple[object, object]:
+    from oncolens.evaluation.datasets import drop_labels
+    from oncolens.training.distill import Pool
+    from oncolens.training.train import build_model, load_split
+    from oncolens.training.views import augmented_views
+
+    recipe = load_recipe(recipe_path)
+    samples, _ = drop_labels(read_manifest(tiny_dataset), recipe.excluded_labels)
+    train = load_split(samples, "train", recipe)
+    views = augmented_views(build_model(recipe), train.pixels, recipe, 2, torch.Generator().manual_seed(0))
+    return recipe, Pool(views, train.labels, None)
+
+
+def test_an_interrupted_tail_resumes_from_its_last_epoch_to_the_same_weights(
+    tiny_dataset: Path, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.distill import train_tail
+
+    recipe, pool = _tail_pool(tiny_dataset, distill_recipe(tiny_recipe, tmp_path))
+    whole = train_tail(recipe, pool, 3, 7, "whole")  # type: ignore[arg-type]
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(epoch: int, _model: object) -> bool:
+        if epoch == 0:
+            raise Interrupted
+        return False
+
+    checkpoint = tmp_path / "r0-f0.partial"
+    with pytest.raises(Interrupted):
+        train_tail(recipe, pool, 3, 7, "cut", stop_after_first, checkpoint=checkpoint)  # type: ignore[arg-type]
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 0
+    resumed = train_tail(recipe, pool, 3, 7, "resumed", checkpoint=checkpoint)  # type: ignore[arg-type]
+    assert not checkpoint.exists()  # removed once the tail is finished
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_members_can_start_from_a_packages_network_and_keep_its_front(
+    tiny_dataset: Path, tiny_recipe: Path, tiny_package: Path, tmp_path: Path
+) -> None:
+    from oncolens.training.distill import train_tail
+    from oncolens.training.ensemble import check_shared_front, front_state
+    from oncolens.training.view_distill import classifier_from_onnx
+
+    recipe, pool = _tail_pool(tiny_dataset, distill_recipe(tiny_recipe, tmp_path))
+    start = classifier_from_onnx(recipe, tiny_package / "model.onnx").eval()  # type: ignore[arg-type]
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    a = train_tail(recipe, pool, 1, 1, "a", start=start)  # type: ignore[arg-type]
+    b = train_tail(recipe, pool, 1, 2, "b", start=start)  # type: ignore[arg-type]
+    assert all(torch.equal(before[k], v) for k, v in start.state_dict().items())  # the package is not touched
+    check_shared_front([a, b], N_FROZEN)  # both keep the package's front
+    assert all(torch.equal(v, before[k]) for k, v in front_state(a, N_FROZEN).items())
+    # the folded BatchNorm statistics stay; the tail's weights moved, differently for each seed
+    norm = "backbone._blocks.13._bn1.running_var"
+    assert torch.equal(a.state_dict()[norm], before[norm])
+    conv = "backbone._blocks.13._project_conv.weight"
+    assert not torch.equal(a.state_dict()[conv], before[conv])
+    assert not torch.equal(a.state_dict()[conv], b.state_dict()[conv])

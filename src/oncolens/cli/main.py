@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from oncolens.config import Settings
     from oncolens.decision import CaseResult
     from oncolens.evaluation.datasets import Sample
+    from oncolens.training.backbones import Classifier
     from oncolens.training.recipe import Recipe
     from oncolens.zoo.card import ModelCard
 
@@ -124,7 +125,7 @@ def train(
     if chosen.train.method in ("distill", "soup", "ensemble"):
         from oncolens.training.distill import fit_distilled
 
-        summary = fit_distilled(chosen, samples, runs, command)
+        summary = fit_distilled(chosen, samples, runs, command, _start(chosen, model_id, one_network))
     else:
         summary = fit(chosen, samples, runs, command)
     if val_only:
@@ -223,6 +224,23 @@ OneNetworkOption = Annotated[
         "model's one-network build, or the installed model itself when it is one network).",
     ),
 ]
+
+
+def _start(recipe: Recipe, model_id: str, one_network: Path | None) -> Classifier | None:
+    """The one-network package's network, rebuilt and checked, for ``[ensemble] start = "package"``."""
+    from oncolens.training.export import OnnxWeightsError
+    from oncolens.training.view_distill import check_parity, classifier_from_onnx, teacher_package
+
+    single = _one_network(recipe, model_id, one_network)
+    if single is None or recipe.ensemble.start != "package":
+        return None
+    try:
+        onnx_path, views, _ = teacher_package(single)
+        network = classifier_from_onnx(recipe, onnx_path)
+        check_parity(network, views, onnx_path, recipe.input_spec.size)
+    except (OnnxWeightsError, OSError, ValueError) as exc:
+        raise _fail(f"the one-network build {single} cannot start the members: {exc}") from exc
+    return network.eval()
 
 
 def _one_network(recipe: Recipe, model_id: str, given: Path | None) -> Path | None:

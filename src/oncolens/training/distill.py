@@ -161,8 +161,16 @@ def train_tail(
     desc: str,
     on_epoch: EpochHook | None = None,
     ensemble: list[Classifier] | None = None,
+    start: Classifier | None = None,
+    checkpoint: Path | None = None,
 ) -> Classifier:
     """Train the tail (blocks after ``freeze_blocks``, head) from ImageNet weights on cached views.
+
+    With ``start`` (a package's network, its BatchNorm folded into the convolutions) the tail starts
+    from that network's weights and its BatchNorm layers stay as they are (eval mode): only the
+    weights move. With ``checkpoint`` the state after each epoch is saved there, and a run
+    interrupted after an epoch resumes from it exactly (weights, average, optimizer and random
+    streams); the file is removed when the tail is finished.
 
     Each step draws a class-balanced batch of images and one cached view of each; with teacher
     ``targets`` the loss is ``alpha * CE(label) + (1 - alpha) * T^2 * CE(teacher_T, student_T)``.
@@ -175,9 +183,19 @@ def train_tail(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     num_classes = len(recipe.classes)
-    model = build_model(recipe)
+    model = copy.deepcopy(start) if start is not None else build_model(recipe)
     ema = _freeze(model, cfg.freeze_blocks)
     optimizer = _optimizer(model, cfg)
+    first_epoch, step = 0, 0
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        first_epoch, step = int(saved["epoch"]) + 1, int(saved["step"])
+        tqdm.write(f"{desc}: resumed after epoch {first_epoch} of {epochs} from {checkpoint}")
     n = pool.views.n_images
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)
@@ -186,9 +204,12 @@ def train_tail(
     labels = torch.from_numpy(pool.labels)
     temperature, alpha = cfg.distill_temperature, cfg.distill_alpha
     mixing = ensemble is not None and cfg.distill_mix > 0
-    step = 0
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         set_train_mode(model, cfg.freeze_blocks)
+        if start is not None:  # folded BatchNorm: statistics stay, only weights move
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
         order = torch.multinomial(weights, steps * batch, replacement=True, generator=gen).view(steps, batch)
         for idx in tqdm(order, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             view = torch.randint(pool.views.n_views, (len(idx),), generator=gen)
@@ -210,8 +231,22 @@ def train_tail(
                 distill = -(soft * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
                 loss = alpha * loss + (1 - alpha) * temperature**2 * distill
             step = optimizer_step(model, ema, optimizer, loss, step, total, warmup, cfg)
+        if checkpoint is not None and epoch + 1 < epochs:
+            state = {
+                "epoch": epoch,
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # a kill mid-write leaves the last epoch
         if on_epoch is not None and on_epoch(epoch, ema):
             break
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return ema
 
 
@@ -234,8 +269,10 @@ def train_teachers(
     test_views: ViewCache,
     val_views: ViewCache | None,
     folder: Path | None,
+    start: Classifier | None = None,
 ) -> Teachers:
-    """``folds`` x ``repeats`` teachers; each saved in ``folder`` (a re-run loads it instead of training)."""
+    """``folds`` x ``repeats`` teachers; each saved in ``folder`` (a re-run loads it instead of training,
+    and a teacher interrupted mid-way resumes from its last finished epoch); ``start``: see :func:`train_tail`."""
     cfg = recipe.train
     k, repeats = cfg.folds, cfg.repeats
     epochs = cfg.teacher_epochs or cfg.epochs
@@ -257,10 +294,15 @@ def train_teachers(
                 teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             else:
                 seed = cfg.seed + 1000 * (r + 1) + f
-                teacher = train_tail(recipe, _subset(pool, kept), epochs, seed, f"teacher {r + 1}.{f + 1}")
+                partial = path.with_suffix(".partial") if path is not None else None
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(teacher.state_dict(), path)
+                teacher = train_tail(
+                    recipe, _subset(pool, kept), epochs, seed, f"teacher {r + 1}.{f + 1}", None, None, start, partial
+                )
+                if path is not None:
+                    torch.save(teacher.state_dict(), path.with_name(path.name + ".tmp"))
+                    path.with_name(path.name + ".tmp").replace(path)
             states.append(teacher.state_dict())
             oof[r, held] = view_logits(teacher, test_views.subset(held), cfg.freeze_blocks)
             on_views = view_logits(teacher, pool.views.subset(held), cfg.freeze_blocks)
@@ -417,9 +459,13 @@ def _student(
     return student.eval(), int(best["epoch"]), best["val"]
 
 
-def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command: str) -> dict[str, Any]:
+def fit_distilled(
+    recipe: Recipe, samples: list[Sample], out_dir: Path, command: str, start: Classifier | None = None
+) -> dict[str, Any]:
     """Teachers, then the served network (the student, or with ``method = "soup"`` the teachers' weight
-    soup); writes ``best.pt`` and ``history.json`` like :func:`train.fit`."""
+    soup; with ``"ensemble"`` the teachers themselves); writes ``best.pt`` and ``history.json`` like
+    :func:`train.fit`. With ``start`` (a package's network) the front is that network's and every
+    teacher's tail starts from its weights (:func:`train_tail`)."""
     cfg = recipe.train
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -428,7 +474,7 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     samples, _ = drop_labels(samples, recipe.excluded_labels)
     train, val = load_split(samples, "train", recipe), load_split(samples, "val", recipe)
     tqdm.write(f"loaded {len(train.labels)} train / {len(val.labels)} val images in {time.time() - t0:.0f}s")
-    front = build_model(recipe)
+    front = start if start is not None else build_model(recipe)
     gen = torch.Generator().manual_seed(cfg.seed)
     candidates = candidate_views(recipe)
     names = union_views(candidates)
@@ -444,7 +490,7 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     tqdm.write(f"cached {pool.views.nbytes() / 2**20:.0f} MiB of front maps in {cache_s:.0f}s")
 
     groups = [s.group_id for s in train.samples]
-    teachers = train_teachers(recipe, pool, groups, train_tta, val_tta, out_dir / TEACHERS)
+    teachers = train_teachers(recipe, pool, groups, train_tta, val_tta, out_dir / TEACHERS, start)
     teacher_oof = oof_report(recipe, train.labels, np.stack([mean_over(o, names, candidates[0]) for o in teachers.oof]))
     tqdm.write(
         "teachers out of fold: "
@@ -452,23 +498,23 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
     )
 
     num_classes = len(recipe.classes)
-    t_soup = time.time()
-    soup = weight_soup(recipe, teachers.states, pool.views)
-    soup_val = quick_metrics(
-        val.labels, mean_over(view_logits(soup, val_tta, cfg.freeze_blocks), names, candidates[0]), num_classes
-    )
-    timings = {
-        "cache": round(cache_s, 1),
-        "teachers": round(teachers.wall_time_s, 1),
-        "soup": round(time.time() - t_soup, 1),
-    }
-    tqdm.write("teachers' weight soup on val: " + json.dumps(soup_val))
+    timings = {"cache": round(cache_s, 1), "teachers": round(teachers.wall_time_s, 1)}
+    soup: Classifier | None = None
+    soup_val: dict[str, float] = {}
+    if start is None:  # a soup re-measures BatchNorm, which a package's folded network does not have
+        t_soup = time.time()
+        soup = weight_soup(recipe, teachers.states, pool.views)
+        soup_val = quick_metrics(
+            val.labels, mean_over(view_logits(soup, val_tta, cfg.freeze_blocks), names, candidates[0]), num_classes
+        )
+        timings["soup"] = round(time.time() - t_soup, 1)
+        tqdm.write("teachers' weight soup on val: " + json.dumps(soup_val))
     history: list[dict[str, Any]] = []
     served: Classifier | None
     if cfg.method == "ensemble":  # the teachers serve together (training/ensemble.py): no one network
         served, epoch = None, (cfg.teacher_epochs or cfg.epochs) - 1
         served_val = quick_metrics(val.labels, mean_over(teachers.val, names, candidates[0]), num_classes)
-    elif cfg.method == "soup":
+    elif cfg.method == "soup" and soup is not None:
         served, epoch, served_val = soup, (cfg.teacher_epochs or cfg.epochs) - 1, soup_val
     else:
         served, epoch, served_val = _student(recipe, pool, teachers, val, val_tta, names, candidates, history)
@@ -509,7 +555,8 @@ def fit_distilled(recipe: Recipe, samples: list[Sample], out_dir: Path, command:
             "val_uncalibrated": teacher_val,
             "served_on_val": to_teachers,
         },
-        "soup": {"models": len(teachers.states), "val_uncalibrated": soup_val},
+        "soup": {"models": len(teachers.states), "val_uncalibrated": soup_val} if soup is not None else None,
+        "start": "package" if start is not None else "imagenet",
     }
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -92,6 +92,7 @@ class AugmentConfig:
 
 
 COMBINES = ("logits", "calibrated_log_probs")
+STARTS = ("imagenet", "package")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class EnsembleConfig:
     """
 
     members: int = 0
+    # "imagenet": each member's tail starts from ImageNet weights (the distilled recipes' teachers);
+    # "package": the front is the one-network package's own (fine-tuned) front and each member's tail
+    # starts from that package's tail: members that cost no new network, only tails on cached maps.
+    start: str = "imagenet"
     combine: tuple[str, ...] = COMBINES
     max_cost: float = 2.5
     max_auroc_drop: float = 0.0
@@ -120,6 +125,8 @@ class EnsembleConfig:
         unknown = sorted(set(self.combine) - set(COMBINES))
         if unknown or not self.combine:
             raise RecipeError(f"[ensemble] combine {unknown or '[]'}: choose from {list(COMBINES)}")
+        if self.start not in STARTS:
+            raise RecipeError(f"[ensemble] start {self.start!r} is not one of {list(STARTS)}")
         if self.members < 0 or self.max_cost < 1.0 or self.max_auroc_drop < 0.0 or self.cost_repeats < 5:
             raise RecipeError(
                 "[ensemble] needs members >= 0 (0: all), max_cost >= 1, max_auroc_drop >= 0 and cost_repeats >= 5"
