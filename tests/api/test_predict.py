@@ -58,6 +58,11 @@ def test_models_list_and_card(client: TestClient) -> None:
     card = client.get(MODEL).json()
     # int8 answers only where the card's copy passed its gate (none has: every model serves fp32)
     assert skin["serving_precision"] == ("int8" if card["int8"]["passed"] else "fp32") == "fp32"
+    # what answers, as the card says: one network, or an ensemble of k tails on one front
+    for model in models.values():
+        method = client.get(f"/api/v1/models/{model['id']}").json()["training"]["method"]
+        assert (model["build"] == "one network") == (method != "ensemble"), model["id"]
+        assert model["build"] in ("one network", *(f"ensemble of {k}" for k in range(2, 6)))
     assert "head" not in card
     assert card["calibration"]["temperature"] > 0
     assert card["metrics"]["split"] == "test"

@@ -100,6 +100,11 @@ class ModelSummary(BaseModel):
         description="The file that answers: int8 only where the card says its copy passed the accuracy gate "
         "and the server's precision setting allows it."
     )
+    build: str = Field(
+        examples=["ensemble of 5", "one network"],
+        description="What answers: one network, or an ensemble of k networks sharing one front, run as one graph "
+        "(its card gives both builds' figures and costs).",
+    )
     test_metrics: dict[str, Any] = Field(description="Headline test metrics with 95% intervals.")
 
 

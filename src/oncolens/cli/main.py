@@ -459,18 +459,12 @@ def _other_build(served: Path) -> Path | None:
     return one_network_build(served)
 
 
-def build_name(card: ModelCard) -> str:
-    """``ensemble of k`` or ``one network``: what a package runs for one answer."""
-    ensemble = card.training.get("ensemble") if card.training.get("method") == "ensemble" else None
-    return f"ensemble of {ensemble['members']}" if isinstance(ensemble, dict) else "one network"
-
-
 def _model_row(model_id: str, card: ModelCard, served: bool) -> dict[str, Any]:
     m = card.metrics
     return {
         "id": model_id,
         "version": card.version,
-        "build": build_name(card),
+        "build": card.build,
         "served": served,
         "modality": f"{card.organ}/{card.modality}",
         "classes": len(card.classes),

@@ -319,6 +319,12 @@ class ModelCard(_Strict):
     quality: QualityInfo | None = None
     int8: Int8Info | None = None
 
+    @property
+    def build(self) -> str:
+        """What answers: ``ensemble of k`` (k tails on one shared front, one graph) or ``one network``."""
+        ensemble = self.training.get("ensemble") if self.training.get("method") == "ensemble" else None
+        return f"ensemble of {ensemble['members']}" if isinstance(ensemble, dict) else "one network"
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         ids = [c.id for c in self.classes]

@@ -35,6 +35,7 @@ def summary(model: ModelPackage) -> ModelSummary:
         classes=[ClassPublic(**c.model_dump()) for c in card.classes],
         input_size=model.input_spec.size,
         serving_precision="int8" if model.precision == "int8" else "fp32",
+        build=card.build,
         test_metrics=headline | {"n": metrics.get("n")},
     )
 
