@@ -398,3 +398,10 @@ def test_members_can_start_from_a_packages_network_and_keep_its_front(
     conv = "backbone._blocks.13._project_conv.weight"
     assert not torch.equal(a.state_dict()[conv], before[conv])
     assert not torch.equal(a.state_dict()[conv], b.state_dict()[conv])
+
+
+def test_the_commands_write_into_the_built_in_zoo() -> None:
+    from oncolens.cli.main import ZOO_DIR
+    from oncolens.zoo import BUILTIN_DIR
+
+    assert ZOO_DIR.resolve() == BUILTIN_DIR.resolve()  # where `oncolens train` without --out writes

@@ -61,7 +61,7 @@ users_app = typer.Typer(help="User accounts.")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).parents[1] / "zoo"  # oncolens/zoo: the built-in packages (zoo.BUILTIN_DIR)
 SAMPLES_DIR = Path("samples")
 
 
