@@ -222,6 +222,7 @@ def test_a_winning_ensemble_serves_as_one_package_and_keeps_the_one_network_buil
     assert ensemble["test_time_views"] == card["input"]["test_time_views"]
     assert ensemble["criteria"] == {"val_nll_lower": True, "val_macro_auc_within_0.0": True}
     assert ensemble["one_network"]["version"] == "0.0.1"
+    assert ensemble["weights_stored"].startswith("float16 (")
     assert card["outputs"]["features"][0] == 2 * 1280
     assert card["head"]["weight_shape"] == [3, 2 * 1280]
     assert card["domain"] is not None  # the out-of-domain model is fitted on the ensemble's own features
@@ -405,3 +406,31 @@ def test_the_commands_write_into_the_built_in_zoo() -> None:
     from oncolens.zoo import BUILTIN_DIR
 
     assert ZOO_DIR.resolve() == BUILTIN_DIR.resolve()  # where `oncolens train` without --out writes
+
+
+def test_float16_storage_halves_the_file_and_changes_no_answer(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from oncolens.training.ensemble import half_precision_weights, store_half
+
+    ensemble = EnsembleExport.from_members(members(3, seed=2), N_FROZEN, ("identity", "hflip"))
+    rounded = half_precision_weights(ensemble)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rounded.modules())  # folded into the convolutions
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before, after = ensemble(x)[0], rounded(x)[0]
+    assert torch.allclose(before, after, atol=2e-2)  # float16 weights: the same network, to its rounding
+    full, half = tmp_path / "full.onnx", tmp_path / "half.onnx"
+    export_onnx(rounded, full, 64)
+    export_onnx(rounded, half, 64)
+    assert store_half(half) > 100
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    graph = onnx.load(str(half)).graph
+    assert {numpy_helper.to_array(i).dtype.name for i in graph.initializer if i.name.endswith(".fp16")} == {"float16"}
+    session = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"])
+    got = session.run(["logits", "features"], {"image": x.numpy()})
+    with torch.no_grad():
+        logits, features = rounded(x)
+    assert np.abs(got[0] - logits.numpy()).max() < 1e-4  # the rounded network is what the file computes
+    assert np.abs(got[1] - features.numpy()).max() < 1e-4

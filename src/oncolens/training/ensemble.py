@@ -256,3 +256,75 @@ def p50_ms(files: dict[str, Path], size: int, repeats: int, threads: int = 0) ->
             if round_ >= 5:  # the first runs warm the session up
                 times[name].append(time.perf_counter() - start)
     return {name: round(float(np.median(t)) * 1000, 2) for name, t in times.items()}
+
+
+def _fuse(owner: nn.Module, conv_name: str, norm_name: str) -> None:
+    """Fold ``owner.<norm_name>`` (eval-mode BatchNorm) into ``owner.<conv_name>`` and drop the norm."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
+    setattr(owner, conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
+    setattr(owner, norm_name, nn.Identity())
+
+
+def _fuse_blocks(blocks: nn.ModuleList) -> None:
+    for block in blocks:
+        if getattr(block, "has_expand", False):
+            _fuse(block, "_expand_conv", "_bn0")
+        _fuse(block, "_depthwise_conv", "_bn1")
+        _fuse(block, "_project_conv", "_bn2")
+
+
+def half_precision_weights(model: EnsembleExport) -> EnsembleExport:
+    """A copy of ``model`` with every BatchNorm folded into its convolution and every weight rounded
+    to the nearest float16 value (kept as float32).
+
+    An ensemble file holds k tails (about 10 MB each in float32); :func:`store_half` then writes these
+    weights as float16, which halves the file without changing a single answer: the network that was
+    measured (val, test, golden samples, parity) is this rounded one, and ONNX Runtime casts the
+    weights back to float32 once, when the session is made, so it runs as fast as before.
+    """
+    import copy
+
+    rounded = copy.deepcopy(model).eval()
+    front = rounded.front
+    assert isinstance(front, _Front)
+    _fuse(front, "_conv_stem", "_bn0")
+    _fuse_blocks(front._blocks)
+    for tail in rounded.tails:
+        assert isinstance(tail, _Tail)
+        _fuse_blocks(tail._blocks)
+        _fuse(tail, "_conv_head", "_bn1")
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    return rounded
+
+
+def store_half(path: Path) -> int:
+    """Rewrite an ONNX file so that each float32 weight that float16 holds exactly is stored as
+    float16 and cast back to float32 in the graph (ONNX Runtime folds the casts when the session is
+    made); returns how many weights were converted. Weights float16 cannot hold exactly stay float32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    casts, converted = [], 0
+    for init in list(graph.initializer):
+        values = numpy_helper.to_array(init)
+        if values.dtype != np.float32 or values.size < 16:
+            continue
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(half, f"{init.name}.fp16"))
+        casts.append(helper.make_node("Cast", [f"{init.name}.fp16"], [init.name], to=TensorProto.FLOAT))
+        converted += 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*casts, *nodes])
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
+    return converted

@@ -28,8 +28,10 @@ from oncolens.training.ensemble import (
     EnsembleExport,
     combine_weights,
     combined_logits,
+    half_precision_weights,
     member_temperatures,
     p50_ms,
+    store_half,
     teacher_files,
 )
 from oncolens.training.export import ExportModel, export_onnx, head_to_card, max_logit_difference
@@ -545,12 +547,15 @@ def finalize(
         except PackageError as exc:
             raise RunError(f"the one-network build {one_network} cannot be loaded: {exc}") from exc
         with tempfile.TemporaryDirectory() as work:
-            model, ensemble = prepare_ensemble(recipe, samples, model, single, Path(work))
+            chosen, ensemble = prepare_ensemble(recipe, samples, model, single, Path(work))
+        model = half_precision_weights(chosen)
     parent = package_dir.parent if package_dir.parent.exists() else None
     staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=parent))
     try:
         onnx_path = staging / ONNX
         export_onnx(model, onnx_path, recipe.input_spec.size)
+        if isinstance(model, EnsembleExport):
+            ensemble["weights_stored"] = f"float16 ({store_half(onnx_path)} tensors), computed in float32"
         run = _onnx_runner(onnx_path)
         diff, n_checked = _check_parity(model, run, select_split(samples, "val"), recipe.input_spec)
         scored = _score(recipe, samples, run, model.views)
