@@ -1,7 +1,10 @@
 """Model latency and throughput on ONNX Runtime (fp32 and int8 files), start-up time and memory.
 
     python benchmarks/bench_model.py [--repeats 200] [--calibration-dir ../shared/datasets] [--spinning]
-        [--save NAME]
+        [--save NAME] [--builds-only]
+
+First each ensemble package is timed against the one-network build it keeps (``--builds-only`` stops
+there).
 
 Each model runs as shipped (its card's fp32 file) and as an int8 copy made here with the same
 recipe as `oncolens quantize`. The int8 copy is calibrated on the model's train images when
@@ -24,8 +27,9 @@ import numpy as np
 from _common import percentiles_ms, print_table, save
 
 from oncolens.evaluation.datasets import Sample
+from oncolens.training.ensemble import p50_ms
 from oncolens.training.quantize import METHOD, calibration_samples, quantize, staged_int8
-from oncolens.zoo import ModelPackage, Zoo
+from oncolens.zoo import ModelPackage, Zoo, one_network_build
 from oncolens.zoo.card import Int8Info
 
 SAMPLES = Path(__file__).parents[1] / "samples"
@@ -97,13 +101,52 @@ def int8_copy(package: ModelPackage, calibration_dir: Path | None, folder: Path)
     return out, info
 
 
+def builds() -> list[dict[str, object]]:
+    """Each ensemble package against the one-network build it keeps: one image through each file,
+    taking turns in the same run (the served graph may cost at most its recipe's max_cost times the
+    one-network build)."""
+    rows: list[dict[str, object]] = []
+    zoo = Zoo()
+    for model_id in zoo.ids():
+        served = zoo.paths[model_id]
+        single = one_network_build(served)
+        if single is None:
+            continue
+        card = ModelPackage.load(served, precision="fp32").card
+        size = card.input.size
+        ms = p50_ms({"served": served / "model.onnx", "one-network": single / "model.onnx"}, size, 100)
+        cost = card.training["ensemble"]["cost"]
+        rows.append(
+            {
+                "model": model_id,
+                "served": card.build,
+                "p50_ms": ms["served"],
+                "one-network p50_ms": ms["one-network"],
+                "ratio": ms["served"] / ms["one-network"],
+                "budget": cost["max_ratio"],
+                "ratio at build": cost["ratio"],
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument(
+        "--builds-only",
+        action="store_true",
+        help="only time each ensemble against its kept one-network build (one image, same run)",
+    )
     parser.add_argument("--calibration-dir", type=Path, default=None)
     parser.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin (ONCOLENS_SPINNING)")
     parser.add_argument("--save", default="model", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
+    compared = builds()
+    print_table("Served ensemble against its one-network build (one image, p50, files taking turns)", compared)
+    if args.builds_only:
+        save(args.save, {"builds": compared})
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for package in Zoo(spinning=args.spinning).load_all():
@@ -132,7 +175,7 @@ def main() -> None:
         "every model ran batches of 1 to 16 images in runs of at most batch_max backbone passes",
         [process],
     )
-    save(args.save, {"spinning": args.spinning, "models": rows, "process": process})
+    save(args.save, {"spinning": args.spinning, "models": rows, "process": process, "builds": compared})
 
 
 if __name__ == "__main__":
