@@ -589,7 +589,7 @@ def finalize(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _with_domain(ModelPackage.load(package_dir, precision="fp32"), samples)
-    if dataset_dir is not None:
+    if dataset_dir is not None and recipe.export.get("int8", True):  # [export] int8 = false: no copy tried
         from oncolens.training.quantize import add_int8
 
         add_int8(package_dir, dataset_dir, samples_dir or package_dir / "no-samples", log=tqdm.write)
