@@ -325,6 +325,10 @@ def test_a_losing_ensemble_writes_nothing_but_the_comparison(
     assert candidate["served"] is False and candidate["criteria"]["val_nll_lower"] is False
     assert 0.0 <= candidate["test"]["macro_auc"] <= 1.0 and candidate["members"] == 2
     assert [p.name for p in single.parent.iterdir()] == ["tiny"]  # no staging folder left behind
+    from oncolens.cli.main import _written
+
+    said = _written(load_recipe(ensemble_run[0]), single)
+    assert said.startswith("the ensemble did not win the recipe's rule on val") and "stays as it was" in said
 
 
 def test_an_ensemble_needs_its_one_network_build(ensemble_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -134,7 +134,19 @@ def train(
         typer.echo(f"trained {runs} (val: {figures}); test not read, no package written")
         return
     package = _package(chosen, samples, runs, model_id, out, command, dataset_dir, one_network)
-    typer.echo(f"wrote model package {package}")
+    typer.echo(_written(chosen, package))
+
+
+def _written(recipe: Recipe, package: Path) -> str:
+    """What a packaging step did: a package written, or an ensemble that lost its rule (nothing written)."""
+    from oncolens.zoo.card import read_card
+
+    if recipe.train.method == "ensemble" and read_card(package / "card.json").training.get("method") != "ensemble":
+        return (
+            f"the ensemble did not win the recipe's rule on val: {package} stays as it was "
+            "(the comparison is in its card, training.ensemble_candidate)"
+        )
+    return f"wrote model package {package}"
 
 
 @app.command("distill-views")
@@ -371,7 +383,7 @@ def export(
         )
     except RunError as exc:
         raise _fail(str(exc)) from exc
-    typer.echo(f"wrote model package {package}")
+    typer.echo(_written(chosen, package))
 
 
 @app.command()
