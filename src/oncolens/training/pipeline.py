@@ -570,7 +570,15 @@ def finalize(
         training = _training_record(recipe, run_dir, checkpoint)
         if single is not None and one_network is not None:
             ensemble |= ensemble_verdict(recipe, samples, scored, scored.val_logits, single)
-            ensemble["out_of_fold"] = _history(run_dir).get("teachers", {}).get("out_of_fold")
+            history = _history(run_dir)
+            if history.get("start") == "package":
+                ensemble["out_of_fold"] = None
+                ensemble["out_of_fold_not_measured"] = (
+                    "every member started from the one-network build, which was trained on every train image: "
+                    "the teachers' held-out folds are not out of sample"
+                )
+            else:
+                ensemble["out_of_fold"] = history.get("teachers", {}).get("out_of_fold")
             training["ensemble"] = ensemble
             if not ensemble["served"]:
                 _record_candidate(one_network, ensemble | {"test": _headline_test(scored.report)})
