@@ -579,6 +579,7 @@ def finalize(
                 )
             else:
                 ensemble["out_of_fold"] = history.get("teachers", {}).get("out_of_fold")
+            ensemble |= {"command": command, "recipe_file": recipe.source}
             training["ensemble"] = ensemble
             if not ensemble["served"]:
                 _record_candidate(one_network, ensemble | {"test": _headline_test(scored.report)})
