@@ -47,7 +47,8 @@ def main() -> None:
         cost, val = record["cost"], record["val"]
         oof = record.get("out_of_fold") or {}
         kind = f"ensemble of {record['members']} ({record['combine']}, views {'+'.join(record['test_time_views'])})"
-        ours = card["metrics"] if served else record.get("test", {})
+        candidate = record.get("test", {})
+        ours = card["metrics"] if served else candidate | {"malignant": {"auc": candidate.get("malignant_auc")}}
         print(
             f"| `{card['id']}` {card['version']} | {kind if served else 'one network (ensemble lost)'} | "
             f"{cost['p50_ms']} vs {cost['one_network_p50_ms']} ms = {cost['ratio']}x (budget {cost['max_ratio']}x) | "

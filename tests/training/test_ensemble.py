@@ -78,8 +78,15 @@ def test_one_graph_gives_the_members_average_and_exports_exactly(tmp_path: Path)
     assert ensemble.parameter_count() == front + 3 * tail + (3 * 1280 * 3 + 3)
     path = tmp_path / "ensemble.onnx"
     export_onnx(ensemble, path, 64)
+    assert_file_computes(path, ensemble, x)
+
+
+def assert_file_computes(path: Path, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The ONNX file gives the model's logits and features on ``x`` (to 1e-4)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got_logits, got_features = session.run(["logits", "features"], {"image": x.numpy()})
+    with torch.no_grad():
+        logits, features = model(x)
     assert np.abs(got_logits - logits.numpy()).max() < 1e-4
     assert np.abs(got_features - features.numpy()).max() < 1e-4
 
@@ -432,9 +439,4 @@ def test_float16_storage_halves_the_file_and_changes_no_answer(tmp_path: Path) -
     assert half.stat().st_size < 0.55 * full.stat().st_size
     graph = onnx.load(str(half)).graph
     assert {numpy_helper.to_array(i).dtype.name for i in graph.initializer if i.name.endswith(".fp16")} == {"float16"}
-    session = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"])
-    got = session.run(["logits", "features"], {"image": x.numpy()})
-    with torch.no_grad():
-        logits, features = rounded(x)
-    assert np.abs(got[0] - logits.numpy()).max() < 1e-4  # the rounded network is what the file computes
-    assert np.abs(got[1] - features.numpy()).max() < 1e-4
+    assert_file_computes(half, rounded, x)  # the rounded network is what the file computes
