@@ -31,8 +31,8 @@ import numpy as np
 
 from oncolens.decision import p_malignant, probabilities
 from oncolens.evaluation.datasets import Sample, drop_labels, encode_labels, open_rgb, read_manifest, select_split
-from oncolens.evaluation.metrics import classification_report
 from oncolens.training.calibrate import risk_policy
+from oncolens.training.pipeline import named_class_figures
 from oncolens.training.recipe import load_recipe
 from oncolens.zoo.card import read_card
 from oncolens.zoo.package import ModelPackage
@@ -52,17 +52,6 @@ def outputs(package: ModelPackage, samples: list[Sample]) -> tuple[np.ndarray, l
         assert features is not None
         reasons += [check.reason if check is not None else "" for check in package.domain_checks(features)]
     return np.concatenate(probs), reasons
-
-
-def rule_words(card: dict[str, Any]) -> str:
-    decision = card.get("decision", {})
-    if decision.get("rule", "argmax") == "argmax":
-        return "the most probable class (arg-max), which is the class the result names"
-    return (
-        f"the card's rebalanced rule ({decision.get('reasoning', 'class offsets')}); the result names the most "
-        "probable class and shows this rule's class, where it differs, as 'also consider'. 'argmax' holds the "
-        "figures of the named class"
-    )
 
 
 def rederive(model_id: str, datasets: Path, n_boot: int) -> dict[str, Any]:
@@ -90,13 +79,8 @@ def rederive(model_id: str, datasets: Path, n_boot: int) -> dict[str, Any]:
         f"({package.precision}) model."
     )
     data["risk_policy"] = policy
-    argmax = classification_report(
-        y_test, test_probs, classes, list(malignant), n_boot, 0, call, test_probs.argmax(axis=1), calibration=False
-    )
-    data["metrics"]["rule"] = rule_words(data)
-    data["metrics"]["argmax"] = {key: argmax[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")} | {
-        "intervals": {key: argmax["intervals"][key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
-    }
+    named = named_class_figures(y_test, test_probs, classes, list(malignant), call, data.get("decision", {}), n_boot)
+    data["metrics"] |= named
     flagged = np.asarray([r != "" for r in test_reasons])
     by_class = {
         c: {
@@ -116,7 +100,7 @@ def rederive(model_id: str, datasets: Path, n_boot: int) -> dict[str, Any]:
         "model": model_id,
         "levels": [(lv["level"], round(lv["min"], 3)) for lv in policy["levels"]],
         "call": round(call, 3),
-        "argmax balanced accuracy": round(float(argmax["balanced_accuracy"]), 3),
+        "argmax balanced accuracy": round(float(named["argmax"]["balanced_accuracy"]), 3),
         "flagged": round(float(flagged.mean()), 3),
         "reasons": dict(Counter(r for r in test_reasons if r)),
     }

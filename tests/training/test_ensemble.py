@@ -230,6 +230,10 @@ def test_a_winning_ensemble_serves_as_one_package_and_keeps_the_one_network_buil
     assert ensemble["criteria"] == {"val_nll_lower": True, "val_macro_auc_within_0.0": True}
     assert ensemble["one_network"]["version"] == "0.0.1"
     assert ensemble["weights_stored"].startswith("float16 (")
+    named = card["metrics"]["argmax"]  # the figures of the class a result names, as issue 39 asks of a card
+    assert card["metrics"]["rule"] and 0.0 <= named["accuracy"] <= 1.0 and set(named["intervals"]) == {
+        "accuracy", "balanced_accuracy", "macro_f1",
+    }  # fmt: skip
     assert card["outputs"]["features"][0] == 2 * 1280
     assert card["head"]["weight_shape"] == [3, 2 * 1280]
     assert card["domain"] is not None  # the out-of-domain model is fitted on the ensemble's own features

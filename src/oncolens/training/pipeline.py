@@ -253,6 +253,38 @@ def _fit_on_val(
     return _Fitted(calibration, policy, decision, Decision.model_validate(decision), val_probs, test_probs)
 
 
+def rule_words(decision: dict[str, Any]) -> str:
+    """Which decision rule a card's class figures (``metrics``) are for, in words (``metrics.rule``)."""
+    if decision.get("rule", "argmax") == "argmax":
+        return "the most probable class (arg-max), which is the class the result names"
+    return (
+        f"the card's rebalanced rule ({decision.get('reasoning', 'class offsets')}); the result names the most "
+        "probable class and shows this rule's class, where it differs, as 'also consider'. 'argmax' holds the "
+        "figures of the named class"
+    )
+
+
+def named_class_figures(
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    malignant: list[bool],
+    threshold: float,
+    decision: dict[str, Any],
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """``metrics.rule`` and ``metrics.argmax``: the figures of the class a result names (the most probable
+    one, whatever the card's rebalanced rule), with their intervals."""
+    argmax = metrics.classification_report(
+        y, probs, classes, malignant, n_boot, 0, threshold, probs.argmax(axis=1), calibration=False
+    )
+    keys = ("accuracy", "balanced_accuracy", "macro_f1")
+    return {
+        "rule": rule_words(decision),
+        "argmax": {key: argmax[key] for key in keys} | {"intervals": {key: argmax["intervals"][key] for key in keys}},
+    }
+
+
 def _onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
@@ -288,6 +320,7 @@ def _score(
     val_probs, test_probs, threshold = fitted.val_probs, fitted.test_probs, fitted.threshold
     test_pred = rule.top(test_probs)
     report = metrics.classification_report(y_test, test_probs, classes, malignant, 1000, 0, threshold, test_pred)
+    report |= named_class_figures(y_test, test_probs, classes, malignant, threshold, decision)
     by = subgroup_reports(y_test, test_probs, test, classes, malignant, recipe.report_by, 1000, test_pred, threshold)
     if by:
         report["by"] = by
