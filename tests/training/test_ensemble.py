@@ -223,6 +223,10 @@ def test_a_winning_ensemble_serves_as_one_package_and_keeps_the_one_network_buil
     cost = ensemble["cost"]
     assert cost["ratio"] == pytest.approx(cost["p50_ms"] / cost["one_network_p50_ms"], rel=0.01)
     assert cost["ratio"] <= cost["max_ratio"] == 100.0
+    assert cost["max_file_mb"] == 25.0 and all(0 < c["file_mb"] <= 25.0 for c in cost["candidates"])
+    assert (ensemble_package / "model.onnx").stat().st_size / 1e6 == pytest.approx(
+        next(c["file_mb"] for c in cost["candidates"] if c["members"] == 2), abs=0.1
+    )  # the size the rule measured is the size shipped
     assert {(tuple(c["views"]), c["members"]) for c in cost["candidates"]} == {
         (("identity",), 1), (("identity",), 2), (("identity", "hflip"), 1), (("identity", "hflip"), 2),
     }  # fmt: skip

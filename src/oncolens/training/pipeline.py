@@ -698,6 +698,12 @@ def prepare_ensemble(
     tqdm.write(f"timing {len(files)} graphs for one image ({cfg.cost_repeats} runs each, taking turns)")
     p50 = p50_ms(files, recipe.input_spec.size, cfg.cost_repeats)
     base = p50.pop("one-network")
+    file_mb = {}  # what model.onnx would weigh with k members (float16 weights; views do not change it)
+    for k in range(1, limit + 1):
+        path = workdir / f"size-k{k}.onnx"
+        export_onnx(half_precision_weights(full.first(k, [1.0 / k] * k)), path, recipe.input_spec.size)
+        store_half(path)
+        file_mb[k] = round(path.stat().st_size / 1e6, 1)
     candidates: list[dict[str, Any]] = []
     for key, ms in p50.items():
         joined, _, k_text = key.partition("|")
@@ -705,9 +711,18 @@ def prepare_ensemble(
         logits = member_logits(views)[:k]
         val_nll = best_calibration(y_val, combined_logits(logits, [1.0 / k] * k), prior)[0]
         candidates.append(
-            {"views": list(views), "members": k, "p50_ms": ms, "cost": round(ms / base, 3), "val_nll": val_nll}
+            {
+                "views": list(views),
+                "members": k,
+                "p50_ms": ms,
+                "cost": round(ms / base, 3),
+                "file_mb": file_mb[k],
+                "val_nll": val_nll,
+            }
         )
-    feasible = [c for c in candidates if c["cost"] <= cfg.max_cost] or [min(candidates, key=lambda c: c["cost"])]
+    feasible = [c for c in candidates if c["cost"] <= cfg.max_cost and c["file_mb"] <= cfg.max_file_mb] or [
+        min(candidates, key=lambda c: (c["file_mb"], c["cost"]))
+    ]
     chosen = min(feasible, key=lambda c: (-c["members"], c["val_nll"]))
     views, k = tuple(chosen["views"]), int(chosen["members"])
     logits = member_logits(views)
@@ -733,11 +748,13 @@ def prepare_ensemble(
             "p50_ms": chosen["p50_ms"],
             "ratio": chosen["cost"],
             "max_ratio": cfg.max_cost,
+            "max_file_mb": cfg.max_file_mb,
             "candidates": candidates,
             "measured_on": machine_description(),
         },
         "rule": (
-            f"the most members within {cfg.max_cost}x the one-network p50, then the lower val NLL; the ensemble "
+            f"the most members within {cfg.max_cost}x the one-network p50 and {cfg.max_file_mb} MB of file, then the "
+            f"lower val NLL; the ensemble "
             f"serves when its calibrated val NLL is below the one-network build's and its val macro AUROC is not "
             f"lower by more than {cfg.max_auroc_drop}"
         ),

@@ -102,7 +102,8 @@ class EnsembleConfig:
     Written before the run, applied by the export (``training/ensemble.py``):
 
     - members: the first ``members`` teachers (0: all); fewer when the graph would cost more than
-      ``max_cost`` times the one-network build's p50 for one image, measured in the same run;
+      ``max_cost`` times the one-network build's p50 for one image, measured in the same run, or its
+      file (float16 weights) would be larger than ``max_file_mb``;
     - combine: each candidate way of averaging (``logits``; ``calibrated_log_probs``, each member
       tempered on val first) is calibrated on val like a package; the lowest val NLL is kept;
     - the ensemble serves when, on val after calibration, its NLL is lower than the one-network
@@ -117,6 +118,8 @@ class EnsembleConfig:
     start: str = "imagenet"
     combine: tuple[str, ...] = COMBINES
     max_cost: float = 2.5
+    # Model files stay small: no more members than fit this many MB (float16 weights) in model.onnx.
+    max_file_mb: float = 25.0
     max_auroc_drop: float = 0.0
     cost_repeats: int = 40
 
@@ -127,6 +130,8 @@ class EnsembleConfig:
             raise RecipeError(f"[ensemble] combine {unknown or '[]'}: choose from {list(COMBINES)}")
         if self.start not in STARTS:
             raise RecipeError(f"[ensemble] start {self.start!r} is not one of {list(STARTS)}")
+        if self.max_file_mb <= 0:
+            raise RecipeError("[ensemble] max_file_mb must be above 0")
         if self.members < 0 or self.max_cost < 1.0 or self.max_auroc_drop < 0.0 or self.cost_repeats < 5:
             raise RecipeError(
                 "[ensemble] needs members >= 0 (0: all), max_cost >= 1, max_auroc_drop >= 0 and cost_repeats >= 5"
