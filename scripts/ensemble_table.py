@@ -10,7 +10,6 @@ train, and test (read once, for the card) for both builds. Markdown, for the mod
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from oncolens.zoo import BUILTIN_DIR, ONE_NETWORK

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from oncolens.decision import p_malignant, probabilities
+from oncolens.evaluation.calibrate import risk_policy
 from oncolens.evaluation.datasets import Sample, drop_labels, encode_labels, open_rgb, read_manifest, select_split
-from oncolens.training.calibrate import risk_policy
 from oncolens.training.pipeline import named_class_figures
 from oncolens.training.recipe import load_recipe
 from oncolens.zoo.card import read_card

@@ -30,6 +30,7 @@ from oncolens.runtime.cpu import single_threaded_blas
 from oncolens.runtime.memory import return_large_allocations
 from oncolens.services import mailqueue
 from oncolens.services.audit import deferred_audit
+from oncolens.services.versions import VersionSync
 from oncolens.store.db import make_engine, upgrade
 from oncolens.store.images import StoreError, open_store
 from oncolens.zoo import Zoo
@@ -55,13 +56,19 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
             sweep_stored_files(app)
         except StoreError as exc:  # the store is down for now: serve what does not need it, sweep later
             log.error("the start-up sweep of stored files failed: %s", exc.detail)
+        try:
+            app.state.versions.run()  # an installed version promoted earlier serves from the first request
+        except Exception:  # the database briefly down: the shipped packages serve until the next round
+            log.exception("reading the models' serving states failed")
         if settings.preload_models:
             zoo.load_all()
         app.state.startup_s = time.perf_counter() - start
         sweeper = asyncio.create_task(periodic_sweep(app, settings.orphan_sweep_minutes * 60))
         queues = asyncio.create_task(periodic_queues(app, settings.mail_poll_s))
         memory_gauge = asyncio.create_task(periodic_memory_gauge(app.state.metrics, MEMORY_GAUGE_EVERY_S))
+        versions = asyncio.create_task(periodic_versions(app.state.versions, settings.model_poll_s))
         yield
+        versions.cancel()
         sweeper.cancel()
         queues.cancel()
         memory_gauge.cancel()
@@ -85,7 +92,9 @@ def create_app(settings: Settings | None = None, zoo: Zoo | None = None) -> Fast
     app.state.settings = settings
     app.state.zoo = zoo
     app.state.batchers = {}
+    app.state.retired_batchers = set()
     app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.versions = VersionSync(app.state.engine, zoo, settings.data_dir / "models")
     app.state.secret = server_secret(settings.secret_key, settings.data_dir, settings.on_sqlite)
     app.state.store = open_store(settings)
     app.state.mailer = Mailer(settings)
@@ -120,6 +129,17 @@ def sweep_stored_files(app: FastAPI) -> None:
     expired = sweep_uploads(settings.data_dir, settings.compat_upload_keep_minutes)
     if removed or expired:
         log.info("swept %d orphaned case file(s) and %d expired compat upload(s)", removed, expired)
+
+
+async def periodic_versions(sync: VersionSync, every_s: float) -> None:
+    """Serve a promotion, a rollback or a shadow change made anywhere (CLI, API, another replica)
+    within ``every_s`` seconds: one cheap query per round, the packages loaded only when a state changed."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await anyio.to_thread.run_sync(sync.run)
+        except Exception:  # the database briefly down: the models keep serving what they served
+            log.exception("reading the models' serving states failed")
 
 
 async def periodic_memory_gauge(metrics: ServerMetrics, every_s: float) -> None:

@@ -76,6 +76,41 @@ class Settings(BaseSettings):
         "ensemble their card names: for a machine too slow for the ensemble (each ensemble's card gives both costs).",
     )
     preload_models: bool = Field(True, description="Load every model at start-up.")
+    model_poll_s: float = Field(
+        2.0,
+        gt=0,
+        le=5,
+        description="How often each server process checks the database for a promotion, rollback or shadow "
+        "change (seconds, at most 5): every replica serves such a step within this time, without a restart.",
+    )
+    drift_psi: float = Field(
+        0.25,
+        gt=0,
+        description="Monitoring: a period's P(malignant) distribution drifts when its population stability index "
+        "against the card's test distribution is above this (0.25 is the usual 'large shift').",
+    )
+    drift_ks_p: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Monitoring: ... or when the Kolmogorov-Smirnov test of it against the card's test "
+        "distribution gives a p-value below this.",
+    )
+    drift_min_cases: int = Field(
+        50, ge=1, description="Monitoring: fewer cases than this in a period raise no drift flag (too few to tell)."
+    )
+    monitor_min_reviewed: int = Field(
+        30,
+        ge=1,
+        description="Monitoring: fewer cases with a reference class than this raise no performance flag.",
+    )
+    monitor_sensitivity_drop: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Monitoring: the performance flag is raised when the sensitivity on reviewed cases falls more "
+        "than this below the card's test sensitivity, or their AUROC more than this below the card's.",
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL; default a SQLite file in the data directory. PostgreSQL: postgresql+psycopg://...",

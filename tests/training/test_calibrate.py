@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from oncolens.decision import calibrate
-from oncolens.training.calibrate import (
+from oncolens.evaluation.calibrate import (
     fit_temperature,
     risk_policy,
     threshold_for_sensitivity,
@@ -86,7 +86,7 @@ def test_the_malignant_call_is_a_level_border_and_no_level_is_narrower_than_005(
 
 
 def test_the_call_threshold_is_the_most_specific_one_at_the_target_sensitivity() -> None:
-    from oncolens.training.calibrate import call_threshold
+    from oncolens.evaluation.calibrate import call_threshold
 
     p = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.52, 0.51, 0.4, 0.3, 0.2])
     mal = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
@@ -97,7 +97,7 @@ def test_the_call_threshold_is_the_most_specific_one_at_the_target_sensitivity()
 
 
 def test_decision_rule_adjusts_for_rare_classes_and_writes_two_class_thresholds_as_offsets() -> None:
-    from oncolens.training.calibrate import decision_rule
+    from oncolens.evaluation.calibrate import decision_rule
     from oncolens.zoo.card import Decision
 
     rng = np.random.default_rng(0)

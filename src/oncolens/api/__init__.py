@@ -8,7 +8,7 @@ from fastapi.routing import APIRoute
 
 from oncolens.api.compat import include_compat
 from oncolens.api.openapi import install_docs, install_openapi
-from oncolens.api.routes import audit, auth, cases, health, models, predict, users
+from oncolens.api.routes import audit, auth, cases, health, models, predict, users, versions
 from oncolens.config import Settings
 from oncolens.http.metrics import router as metrics_router
 
@@ -21,7 +21,16 @@ def install_api(app: FastAPI, settings: Settings) -> None:
     app.include_router(metrics_router)
     install_openapi(app)
     install_docs(app)
-    routers = (health.router, auth.router, users.router, models.router, predict.router, cases.router, audit.router)
+    routers = (
+        health.router,
+        auth.router,
+        users.router,
+        models.router,
+        versions.router,
+        predict.router,
+        cases.router,
+        audit.router,
+    )
     if settings.compat_enabled:
         own = {
             (method, API_PREFIX + route.path)

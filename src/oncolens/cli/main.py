@@ -33,6 +33,8 @@ COMMAND_ORDER = (
     "predict",
     "batch",
     "models",
+    "cases",
+    "adapt",
     "users",
     "db",
     "backup",
@@ -58,8 +60,12 @@ class _Ordered(TyperGroup):
 app = typer.Typer(cls=_Ordered, help="OncoLens: calibrated, explained cancer screening models (decision support).")
 db_app = typer.Typer(help="Database schema (Alembic migrations).")
 users_app = typer.Typer(help="User accounts.")
+models_app = typer.Typer(help="The installed models and their versions.")
+cases_app = typer.Typer(help="Cases: the clinic's confirmed cases as a dataset.")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(models_app, name="models")
+app.add_typer(cases_app, name="cases")
 
 ZOO_DIR = Path(__file__).parents[1] / "zoo"  # oncolens/zoo: the built-in packages (zoo.BUILTIN_DIR)
 SAMPLES_DIR = Path("samples")
@@ -427,14 +433,18 @@ def evaluate(
         typer.echo(f"\nwrote {json_path}")
 
 
-@app.command("models")
+@models_app.callback(invoke_without_command=True)
 def models(
+    ctx: typer.Context,
     model_dir: Annotated[
         list[Path] | None, typer.Option("--model-dir", help="Extra folder(s) of model packages.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of a table.")] = False,
 ) -> None:
-    """The installed models: id, version, modality, classes, headline test figures and licence."""
+    """The installed models: id, version, modality, classes, headline test figures and licence; the
+    subcommands manage their versions (install, shadow, promote, rollback) and show their monitoring."""
+    if ctx.invoked_subcommand is not None:
+        return
     from oncolens.config import Settings
     from oncolens.zoo import ModelPackage, PackageError, Zoo
 
@@ -1184,3 +1194,7 @@ def format_case(result: CaseResult) -> str:
 
 if __name__ == "__main__":
     app()
+
+
+# The learning loop's commands (cases export-dataset, adapt, models install/shadow/promote/rollback/monitoring).
+from oncolens.cli import learning  # noqa: E402,F401

@@ -59,6 +59,21 @@ async def get_model(model_id: str, zoo: ZooDep) -> ModelPackage:
 ModelDep = Annotated[ModelPackage, Depends(get_model)]
 
 
+RETIRE_AFTER_S = 30.0
+
+
+def retire(tasks: set[asyncio.Task[None]], batcher: InferenceBatcher) -> None:
+    """Stop ``batcher`` once the requests that already hold it are answered (``RETIRE_AFTER_S`` later)."""
+
+    async def later() -> None:
+        await asyncio.sleep(RETIRE_AFTER_S)
+        await batcher.stop()
+
+    task = asyncio.get_running_loop().create_task(later())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
     """The batcher for ``model`` on the running event loop (created on first use).
 
@@ -67,6 +82,10 @@ def batcher_for(request: Request, model: ModelPackage) -> InferenceBatcher:
     """
     batchers: dict[tuple[str, int], InferenceBatcher] = request.app.state.batchers
     key = (model.id, id(asyncio.get_running_loop()))
+    if key in batchers and batchers[key].package is not model:
+        # A promotion or rollback put another package in place: new requests queue for the package that
+        # serves now; the old batcher answers what it holds and stops a while later.
+        retire(request.app.state.retired_batchers, batchers.pop(key))
     if key not in batchers:
         settings: Settings = request.app.state.settings
         batchers[key] = InferenceBatcher(

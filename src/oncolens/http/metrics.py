@@ -176,4 +176,50 @@ def metrics(request: Request) -> Response:
     if os.environ.get(MULTIPROCESS_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry) + model_gauges(request), media_type=CONTENT_TYPE_LATEST)
+
+
+MODEL_GAUGES_EVERY_S = 60.0  # the monitoring gauges read the database at most this often per process
+MODEL_GAUGES = {
+    "cases": ("oncolens_model_cases", "Cases of the model in the last 30 days."),
+    "reviewed_cases": ("oncolens_model_reviewed_cases", "... of which reviewed with a reference class."),
+    "sensitivity": ("oncolens_model_sensitivity", "Sensitivity of the answers on the reviewed cases, last 30 days."),
+    "specificity": ("oncolens_model_specificity", "Specificity of the answers on the reviewed cases, last 30 days."),
+    "auroc": ("oncolens_model_auroc", "AUROC of P(malignant) on the reviewed cases, last 30 days."),
+    "out_of_domain_rate": ("oncolens_model_out_of_domain_rate", "Share of images out of domain, last 30 days."),
+    "quality_warning_rate": ("oncolens_model_quality_warning_rate", "Share of images with a quality warning."),
+    "psi": ("oncolens_model_drift_psi", "PSI of P(malignant), last 30 days, against the card's test distribution."),
+    "ks_p": ("oncolens_model_drift_ks_p", "Kolmogorov-Smirnov p-value of the same comparison."),
+    "drift": ("oncolens_model_drift_flag", "1 when the drift thresholds (ONCOLENS_DRIFT_*) are passed."),
+    "performance": ("oncolens_model_performance_flag", "1 when sensitivity or AUROC fell past ONCOLENS_MONITOR_*."),
+}
+
+
+def model_gauges(request: Request) -> bytes:
+    """The monitoring figures of every loaded model over the last 30 days (services.monitoring), read
+    from the database every replica shares, at most once a minute per process."""
+    from sqlmodel import Session
+
+    from oncolens.services.monitoring import recent
+
+    state = request.app.state
+    cached = getattr(state, "model_gauges", None)
+    if cached is not None and time.monotonic() - cached[0] < MODEL_GAUGES_EVERY_S:
+        return bytes(cached[1])
+    registry = CollectorRegistry()
+    gauges = {key: Gauge(name, text, ["model"], registry=registry) for key, (name, text) in MODEL_GAUGES.items()}
+    with Session(state.engine) as session:
+        for model_id in state.zoo.loaded_ids():
+            figures = recent(session, state.zoo.get(model_id).card, state.settings)
+            values = figures | {
+                "psi": figures["drift"]["psi"],
+                "ks_p": figures["drift"]["ks_p"],
+                "drift": float(figures["drift"]["flag"]),
+                "performance": float(figures["performance"]["flag"]),
+            }
+            for key, gauge in gauges.items():
+                value = values.get(key)
+                gauge.labels(model_id).set(float("nan") if value is None else float(value))
+    body = generate_latest(registry)
+    state.model_gauges = (time.monotonic(), body)
+    return body

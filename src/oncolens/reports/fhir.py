@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from oncolens.reports import reference_words
 from oncolens.store.views import CaseImagePublic, CasePublic
 from oncolens.zoo.card import ModelCard
 
@@ -133,6 +134,8 @@ def _report(
         conclusion += " Image quality: " + " ".join(warnings)
     if case.review.confirmed_diagnosis:
         conclusion += f" Clinician's confirmed diagnosis: {case.review.confirmed_diagnosis}."
+    if case.reference_class:
+        conclusion += f" Reference diagnosis: {reference_words(case, card)}."
     return {
         "resourceType": "DiagnosticReport",
         "status": _status(case),
@@ -149,6 +152,38 @@ def _report(
     }
 
 
+def _reference_observation(case: CasePublic, card: ModelCard | None, subject: dict[str, str]) -> dict[str, Any]:
+    """The clinician's reference diagnosis (not the model's result): the class, how and when it was established."""
+    info = card.class_info(case.reference_class or "") if card else None
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {
+            "coding": [{"system": "urn:oncolens:reference", "code": "reference_class"}],
+            "text": "Reference diagnosis",
+        },
+        "subject": subject,
+        "valueCodeableConcept": {
+            "coding": [
+                {
+                    "system": f"urn:oncolens:model:{case.model_id}",
+                    "code": case.reference_class,
+                    "display": info.name if info else case.reference_class,
+                }
+            ],
+            "text": info.name if info else case.reference_class,
+        },
+    }
+    if case.reference_standard:
+        observation["method"] = {
+            "coding": [{"system": "urn:oncolens:reference-standard", "code": case.reference_standard}],
+            "text": case.reference_standard.replace("_", " "),
+        }
+    if case.reference_date:
+        observation["effectiveDateTime"] = case.reference_date.isoformat()
+    return observation
+
+
 def case_bundle(case: CasePublic, card: ModelCard | None, base_url: str) -> dict[str, Any]:
     """The case as a FHIR R4 Bundle (type collection), as plain JSON-ready dicts."""
     subject = {"reference": _urn(case.id, "patient")}
@@ -163,6 +198,8 @@ def case_bundle(case: CasePublic, card: ModelCard | None, base_url: str) -> dict
         ref = _urn(case.id, "observation", key)
         entries.append({"fullUrl": ref, "resource": _observation(case, code, value, subject, media)})
         results.append({"reference": ref})
+    if case.reference_class:
+        entries.append({"fullUrl": _urn(case.id, "reference"), "resource": _reference_observation(case, card, subject)})
     report = {"fullUrl": _urn(case.id, "report"), "resource": _report(case, card, subject, results, media)}
     return {
         "resourceType": "Bundle",

@@ -31,6 +31,7 @@ from reportlab.platypus import (
     Image as PdfImage,
 )
 
+from oncolens.reports import reference_words
 from oncolens.store.views import AssessmentPublic, CasePublic
 from oncolens.zoo.card import ModelCard, RiskLevel
 
@@ -132,14 +133,19 @@ def _metric_rows(card: ModelCard) -> list[list[str]]:
         ("ece", "calibration error (ECE)"),
     ):
         if key in metrics:
-            low, high = metrics["intervals"][key]
-            rows.append([label, _fmt(metrics[key]), f"{_fmt(low)} - {_fmt(high)}"])
+            rows.append([label, _fmt(metrics[key]), _interval(metrics.get("intervals", {}).get(key))])
     malignant = metrics.get("malignant")
     if malignant:
         for key in ("sensitivity", "specificity", "auc"):
-            low, high = malignant["intervals"][key]
-            rows.append([f"malignant vs benign {key}", _fmt(malignant[key]), f"{_fmt(low)} - {_fmt(high)}"])
+            if key in malignant:
+                interval = _interval(malignant.get("intervals", {}).get(key))
+                rows.append([f"malignant vs benign {key}", _fmt(malignant[key]), interval])
     return rows
+
+
+def _interval(pair: list[float] | None) -> str:
+    """``low - high``, or a dash where the card gives no interval."""
+    return f"{_fmt(pair[0])} - {_fmt(pair[1])}" if pair else "-"
 
 
 Styles = dict[str, ParagraphStyle]
@@ -268,13 +274,14 @@ def _images(images: list[ReportImage], note: str | None, s: Styles, label: str =
     return story
 
 
-def _review(case: CasePublic, reviewer: str | None, s: Styles) -> list[Flowable]:
+def _review(case: CasePublic, card: ModelCard | None, reviewer: str | None, s: Styles) -> list[Flowable]:
     review = case.review
     rows = [
         ["Status", review.status],
         ["Reviewed by", reviewer or ("" if review.reviewed_by is None else f"user {review.reviewed_by}")],
         ["Reviewed at", "" if review.reviewed_at is None else f"{review.reviewed_at:%Y-%m-%d %H:%M} UTC"],
         ["Confirmed diagnosis", review.confirmed_diagnosis],
+        ["Reference", reference_words(case, card) if case.reference_class else ""],
         ["Notes", review.notes],
     ]
     # One block: the heading and the whole table move to the next page together, never split.
@@ -327,7 +334,7 @@ def build_case_pdf(
         *_model(case, card, s),
         *_result(case, card, s),
         *_images(images, note, s, card.score_label if card else "P(malignant)"),
-        *_review(case, reviewer, s),
+        *_review(case, card, reviewer, s),
         *_about_model(case, card, s),
         Spacer(1, 8),
         Paragraph(escape(case.disclaimer), s["warn"]),

@@ -19,6 +19,7 @@ from oncolens.errors import InvalidInput
 from oncolens.vision.decode import ImageTooLarge
 from oncolens.vision.prepare import PreparedImages, RawImage, prepare
 from oncolens.zoo import ModelPackage
+from oncolens.zoo.preprocess import InputSpec
 
 
 class Runner(Protocol):
@@ -49,6 +50,7 @@ class Analysed:
     result: CaseResult
     prepared: PreparedImages
     features: np.ndarray
+    result_spec: InputSpec | None = None  # the input the images were prepared for (the answering model's)
 
 
 Recorder = Callable[[CaseResult, float], None]
@@ -113,7 +115,7 @@ def _analysed(
     )
     if record is not None:
         record(result, inference_s)
-    return Analysed(result, prepared, features)
+    return Analysed(result, prepared, features, model.input_spec)
 
 
 async def analyse(

@@ -23,6 +23,7 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
+from oncolens import decision
 from oncolens.config import Settings
 from oncolens.decision import DISCLAIMER, CaseResult, ImageResult
 from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
@@ -39,6 +40,8 @@ from oncolens.zoo import ModelNotFound, ModelPackage, Zoo
 from oncolens.zoo.preprocess import preprocess
 
 log = logging.getLogger("oncolens.cases")
+
+REFERENCE_FIELDS = ("reference_class", "reference_standard", "reference_date")
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,20 @@ class CaseService:
         require_space(self.settings.data_dir, self.settings.min_free_mb)
         patient = validated(PatientInput, dict(patient_fields))
         analysed = await analyse(model, raw, self.settings, runner, record)
-        return await anyio.to_thread.run_sync(self._store, actor, analysed, raw, patient)
+        shadow = self.zoo.shadow_of(model.id)
+        answer = None
+        if shadow is not None and shadow.version != model.version:
+            answer = await anyio.to_thread.run_sync(shadow_answer, shadow, analysed)
+        return await anyio.to_thread.run_sync(self._store, actor, analysed, raw, patient, answer)
 
-    def _store(self, actor: Actor, analysed: Analysed, raw: list[RawImage], patient: PatientInput) -> Case:
+    def _store(
+        self,
+        actor: Actor,
+        analysed: Analysed,
+        raw: list[RawImage],
+        patient: PatientInput,
+        shadow: tuple[str, str] | None = None,
+    ) -> Case:
         """Write the image files, then commit the case, its images and the audit event; all or nothing."""
         result = analysed.result
         written: list[str] = []
@@ -161,6 +175,8 @@ class CaseService:
             for image, decoded in zip(raw, analysed.prepared.decoded, strict=True):
                 written.append(self.store.write(image.data, decoded.format))
             case = _case_row(actor.user, result, patient)
+            if shadow is not None:
+                case.shadow_version, case.shadow_result_json = shadow
             self.session.add(case)
             for image, decoded, stored, image_result in zip(
                 raw, analysed.prepared.decoded, written, result.images, strict=True
@@ -182,10 +198,15 @@ class CaseService:
         review = validated(CaseReview, dict(changes))
         fields = review.model_dump(exclude_unset=True)
         if not fields:
-            raise InvalidInput("nothing to update: send status, confirmed_diagnosis or review_notes")
+            raise InvalidInput(
+                "nothing to update: send status, confirmed_diagnosis, review_notes, reference_class, "
+                "reference_standard or reference_date"
+            )
+        now = utcnow()
+        fields = self._reference(case, fields, now)
         for field, value in fields.items():
             setattr(case, field, value)
-        case.reviewed_by, case.reviewed_at = actor.user.id, utcnow()
+        case.reviewed_by, case.reviewed_at = actor.user.id, now
         case.updated_at = case.reviewed_at
         audit_by(
             self.session,
@@ -197,6 +218,35 @@ class CaseService:
         self.session.add(case)
         self.session.commit()
         return case
+
+    def _reference(self, case: Case, fields: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """The review's reference fields checked as a whole: the class is one of the case's model's
+        class ids and comes with a standard; the date defaults to the review's; null clears all three."""
+        if "reference_class" in fields and fields["reference_class"] is None:
+            return fields | {"reference_standard": None, "reference_date": None}
+        merged = {name: fields.get(name, getattr(case, name)) for name in REFERENCE_FIELDS}
+        if not any(name in fields for name in REFERENCE_FIELDS):
+            return fields
+        if merged["reference_class"] is None:
+            raise InvalidInput("reference_standard and reference_date need a reference_class")
+        model = self.installed_model(case.model_id)
+        if model is None:
+            raise InvalidInput(f"the case's model {case.model_id} is not installed, so its class ids cannot be checked")
+        if merged["reference_class"] not in model.card.class_ids:
+            raise InvalidInput(
+                f"reference_class: {merged['reference_class']!r} is not a class of {case.model_id}; "
+                f"one of {', '.join(model.card.class_ids)}"
+            )
+        if merged["reference_standard"] is None:
+            raise InvalidInput(
+                "reference_standard: needed with a reference_class; one of histopathology, cytology, "
+                "clinical_follow_up, expert_consensus"
+            )
+        if merged["reference_date"] is None:
+            merged["reference_date"] = now.date()
+        if merged["reference_date"] > now.date():
+            raise InvalidInput(f"reference_date: {merged['reference_date']} is in the future")
+        return fields | merged
 
     def update_patient(
         self, actor: Actor, case_id: str, changes: Mapping[str, Any], model_id: str | None = None
@@ -345,6 +395,35 @@ class CaseService:
 
     def _commit_audit(self, actor: Actor, action: str, case_id: str, detail: str = "") -> None:
         commit_read_audit(self.session, actor, action, case_id, detail)
+
+
+def shadow_answer(shadow: ModelPackage, analysed: Analysed) -> tuple[str, str] | None:
+    """(version, combined result as JSON) of a shadow version on the images the case was analysed on.
+
+    Nothing of it reaches what the clinician sees; a shadow that fails is logged and the case is stored
+    without its answer.
+    """
+    prepared = analysed.prepared
+    try:
+        inputs = prepared.inputs
+        if shadow.input_spec != analysed.result_spec:
+            inputs = preprocess([d.image for d in prepared.decoded], shadow.input_spec)
+        logits, features = shadow.run(inputs, with_features=True)
+        result = decision.case_result(
+            shadow,
+            logits.astype("float64"),
+            [(d.width, d.height) for d in prepared.decoded],
+            prepared.filenames,
+            {},
+            features=features,
+            stats=prepared.stats or None,
+        )
+    except Exception:
+        log.exception(
+            "the shadow version %s %s failed on a case; the case is stored without it", shadow.id, shadow.version
+        )
+        return None
+    return shadow.version, json.dumps(result.aggregate.to_dict())
 
 
 def _case_row(owner: User, result: CaseResult, patient: PatientInput) -> Case:

@@ -6,6 +6,7 @@ its own error shape; nothing is cut short silently anywhere.
 
 from __future__ import annotations
 
+from datetime import date
 from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
@@ -23,7 +24,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from oncolens.errors import InvalidInput
-from oncolens.store.views import StatusName
+from oncolens.store.views import REFERENCE_CLASS, REFERENCE_DATE, REFERENCE_STANDARD, ReferenceStandardName, StatusName
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -119,9 +120,16 @@ class PatientInput(BaseModel):
 class CaseReview(PartialUpdate):
     """The clinician review: a field left out keeps its value."""
 
+    nullable = frozenset({"reference_class", "reference_standard", "reference_date"})
+
     status: StatusName | None = None
     confirmed_diagnosis: str | None = Field(None, max_length=DIAGNOSIS_MAX)
     review_notes: str | None = Field(None, max_length=NOTES_MAX)
+    reference_class: str | None = Field(
+        None, max_length=64, description=REFERENCE_CLASS + " Null clears the reference (with its standard and date)."
+    )
+    reference_standard: ReferenceStandardName | None = Field(None, description=REFERENCE_STANDARD)
+    reference_date: date | None = Field(None, description=REFERENCE_DATE)
 
 
 def problems(exc: ValidationError) -> str:

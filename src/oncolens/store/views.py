@@ -4,8 +4,8 @@ PDF and FHIR builders all start from (a core module: it imports no edge)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from typing import Annotated, Literal
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
@@ -14,6 +14,7 @@ from oncolens.store.db.models import Case, CaseImage
 from oncolens.zoo.card import RiskLevel
 
 StatusName = Literal["pending_review", "reviewed", "confirmed"]
+ReferenceStandardName = Literal["histopathology", "cytology", "clinical_follow_up", "expert_consensus"]
 EXAMPLE_PROBS = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.71, "nv": 0.17, "vasc": 0.01}
 
 
@@ -113,12 +114,22 @@ class PatientPublic(BaseModel):
     clinical_notes: str
 
 
+REFERENCE_CLASS = (
+    "The reference diagnosis as one of the model's class ids (what monitoring and site adaptation measure against)."
+)
+REFERENCE_STANDARD = "How the reference class was established."
+REFERENCE_DATE = "When the reference was established (the review's date if not given)."
+
+
 class ReviewPublic(BaseModel):
     status: StatusName
     confirmed_diagnosis: str
     notes: str
     reviewed_by: int | None
     reviewed_at: UTCDateTime | None
+    reference_class: str | None = Field(None, description=REFERENCE_CLASS)
+    reference_standard: ReferenceStandardName | None = Field(None, description=REFERENCE_STANDARD)
+    reference_date: date | None = Field(None, description=REFERENCE_DATE)
 
 
 class CaseImagePublic(BaseModel):
@@ -140,6 +151,10 @@ class CasePublic(BaseModel):
     model_version: str
     created_at: UTCDateTime
     updated_at: UTCDateTime
+    status: StatusName = Field(description="The review status (as in 'review').")
+    reference_class: str | None = Field(None, description=REFERENCE_CLASS)
+    reference_standard: ReferenceStandardName | None = Field(None, description=REFERENCE_STANDARD)
+    reference_date: date | None = Field(None, description=REFERENCE_DATE)
     patient: PatientPublic
     result: AssessmentPublic
     aggregation_rule: str
@@ -147,8 +162,22 @@ class CasePublic(BaseModel):
     images: list[CaseImagePublic]
     disclaimer: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _status_of_review(cls, data: Any) -> Any:
+        """``status`` (top level) is the review's status: given only the review, it is taken from it."""
+        if isinstance(data, dict) and "status" not in data and data.get("review") is not None:
+            review = data["review"]
+            data = data | {"status": review.status if isinstance(review, ReviewPublic) else review.get("status")}
+        return data
+
     @classmethod
     def of(cls, case: Case, images: list[CaseImage], disclaimer: str) -> CasePublic:
+        reference = {
+            "reference_class": case.reference_class,
+            "reference_standard": case.reference_standard,
+            "reference_date": case.reference_date,
+        }
         return cls(
             id=case.id,
             owner_id=case.owner_id,
@@ -156,6 +185,8 @@ class CasePublic(BaseModel):
             model_version=case.model_version,
             created_at=case.created_at,
             updated_at=case.updated_at,
+            status=case.status,
+            **reference,
             patient=PatientPublic(
                 ref=case.patient_ref,
                 name=case.patient_name,
@@ -172,6 +203,7 @@ class CasePublic(BaseModel):
                 notes=case.review_notes,
                 reviewed_by=case.reviewed_by,
                 reviewed_at=case.reviewed_at,
+                **reference,
             ),
             images=[
                 CaseImagePublic(

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from oncolens.evaluation.calibrate import fit_temperature
 from oncolens.training.backbones import Classifier, EfficientNetLite
-from oncolens.training.calibrate import fit_temperature
 from oncolens.training.export import VIEWS, ExportModel, check_views
 
 COMBINES = ("logits", "calibrated_log_probs")

@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from oncolens.decision import DISCLAIMER, calibrate, p_malignant
 from oncolens.evaluation import metrics
+from oncolens.evaluation.calibrate import decision_rule, fit_temperature, nll, risk_policy
 from oncolens.evaluation.datasets import Sample, class_counts, drop_labels, encode_labels, open_rgb, select_split
+from oncolens.evaluation.drift import reference_distribution
 from oncolens.evaluation.evaluate import dataset_logits, finite, subgroup_reports
 from oncolens.training import plots
-from oncolens.training.calibrate import decision_rule, fit_temperature, nll, risk_policy
 from oncolens.training.distill import TEACHERS
 from oncolens.training.ensemble import (
     EnsembleExport,
@@ -485,6 +486,9 @@ def _card(
         "aggregation": recipe.aggregation,
         "metrics": finite({"split": "test", **scored.report}),
         "metrics_val": finite(scored.val_headline | {"malignant": scored.val_malignant}),
+        "monitoring": reference_distribution(
+            p_malignant(scored.test_probs, [c.malignant for c in recipe.classes]), "test", "the exported model.onnx"
+        ),
         "dataset": recipe.dataset
         | {
             "excluded_labels": recipe.excluded_labels,

@@ -34,10 +34,11 @@ from oncolens.http.uploads import read_form
 from oncolens.services.audit import Actor, audit_events
 from oncolens.services.cases import CaseFilters, CaseService, can_write
 from oncolens.services.inputs import Sex
-from oncolens.store.db.models import Case, CaseStatus, Role, User, utcnow
+from oncolens.store.db.models import Case, CaseStatus, ReferenceStandard, Role, User, utcnow
 from oncolens.vision.decode import ImageDecodeError
 from oncolens.web.account_pages import code_page
 from oncolens.web.account_pages import router as account_router
+from oncolens.web.model_pages import router as model_router
 from oncolens.web.render import render, sentence
 from oncolens.web.session import (
     CsrfFailed,
@@ -57,6 +58,7 @@ router = APIRouter(include_in_schema=False)
 
 RISK_LEVELS = [level.value for level in RiskLevel]
 STATUSES = [s.value for s in CaseStatus]
+STANDARDS = [s.value for s in ReferenceStandard]
 SEXES = [sex.value for sex in Sex]
 PAGE_SIZE = 20
 
@@ -273,6 +275,12 @@ def case_view(cases: CaseService, case: Case) -> dict[str, Any]:
         "score_label": model.card.score_label if model else "P(malignant)",
         "positive_label": model.card.positive_label if model else "malignant",
         "heatmaps": model is not None and model.version == case.model_version,
+        "classes": [(c.id, c.name) for c in model.card.classes] if model else [],
+        "reference_name": (
+            (info.name if (info := model.card.class_info(public.reference_class)) else public.reference_class)
+            if model and public.reference_class
+            else public.reference_class
+        ),
     }
 
 
@@ -412,6 +420,7 @@ def case_page_view(
         user=user,
         view=case_view(cases, case),
         statuses=STATUSES,
+        standards=STANDARDS,
         can_review=can_write(user),
         saved=saved,
         reviewer=reviewer,
@@ -429,10 +438,24 @@ def review(
     status: Annotated[str, Form()] = "",
     confirmed_diagnosis: Annotated[str, Form()] = "",
     review_notes: Annotated[str, Form()] = "",
+    reference_class: Annotated[str, Form()] = "",
+    reference_standard: Annotated[str, Form()] = "",
+    reference_date: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     check_csrf(request, csrf_token)
-    changes = {"status": status, "confirmed_diagnosis": confirmed_diagnosis.strip(), "review_notes": review_notes}
+    changes: dict[str, Any] = {
+        "status": status,
+        "confirmed_diagnosis": confirmed_diagnosis.strip(),
+        "review_notes": review_notes,
+    }
+    # The form always sends the reference fields: an empty class clears the reference; an empty date is
+    # the review's date.
+    if reference_class.strip():
+        changes |= {"reference_class": reference_class.strip(), "reference_standard": reference_standard or None}
+        changes |= {"reference_date": reference_date} if reference_date.strip() else {}
+    elif cases.find(actor.user, case_id).reference_class is not None:
+        changes["reference_class"] = None
     try:
         case = cases.review(actor, case_id, changes)
     except PermissionDenied:
@@ -553,6 +576,7 @@ def install_web(app: FastAPI) -> None:
     )
     app.include_router(router)
     app.include_router(account_router)
+    app.include_router(model_router)
 
     @app.exception_handler(MustEnrol)
     async def to_account(request: Request, _: MustEnrol) -> RedirectResponse:

@@ -81,6 +81,8 @@ class Zoo:
         one_network: Iterable[str] = (),
     ) -> None:
         self.paths = discover(directories, one_network)
+        self.shipped = dict(self.paths)  # what the folders hold; ``serve`` may put an installed version in place
+        self.shadows: dict[str, ModelPackage] = {}
         self.threads = threads
         self.precision = precision
         self.spinning = spinning
@@ -112,6 +114,47 @@ class Zoo:
                     self.paths[model_id], self.threads, self.precision, self.spinning
                 )
             return self._loaded[model_id]
+
+    def load_folder(self, directory: Path) -> ModelPackage:
+        """A package from any folder, with this zoo's session settings (not registered)."""
+        return ModelPackage.load(directory, self.threads, self.precision, self.spinning)
+
+    def shipped_version(self, model_id: str) -> str:
+        """The version of the package the folders hold for ``model_id``."""
+        if model_id not in self.shipped:
+            raise ModelNotFound(model_id, self.shipped)
+        try:
+            return str(json.loads((self.shipped[model_id] / CARD).read_text(encoding="utf-8"))["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PackageError(f"the card of {model_id} cannot be read: {exc}") from exc
+
+    def serve(self, model_id: str, directory: Path | None) -> ModelPackage:
+        """Answer ``model_id`` with the package in ``directory`` (None: the shipped one) from now on.
+
+        The new package is loaded before it replaces the old one, so requests never wait for it and a
+        package that fails to load changes nothing.
+        """
+        if model_id not in self.shipped:
+            raise ModelNotFound(model_id, self.shipped)
+        target = directory if directory is not None else self.shipped[model_id]
+        current = self._loaded.get(model_id)
+        if current is not None and self.paths[model_id] == target:
+            return current
+        package = self.load_folder(target)
+        with self._lock:
+            self.paths[model_id] = target
+            self._loaded[model_id] = package
+        return package
+
+    def set_shadow(self, model_id: str, package: ModelPackage | None) -> None:
+        """The version that also runs on every new case of ``model_id`` (never shown), or none."""
+        if package is None:
+            self.shadows.pop(model_id, None)
+        else:
+            self.shadows[model_id] = package
+
+    def shadow_of(self, model_id: str) -> ModelPackage | None:
+        return self.shadows.get(model_id)
 
     def loaded(self, model_id: str) -> ModelPackage | None:
         """The package if it is already loaded (no lock, no file read: safe on an event loop), else None."""

@@ -318,6 +318,17 @@ class ModelCard(_Strict):
     domain: DomainInfo | None = None
     quality: QualityInfo | None = None
     int8: Int8Info | None = None
+    # What monitoring compares a site's cases with: the test split's P(malignant), sorted
+    # (``monitoring.p_malignant_test``).
+    monitoring: dict[str, Any] = Field(default_factory=dict)
+    # A site version's origin (``oncolens adapt``): parent id/version/sha256, the dataset, the acceptance gate.
+    lineage: dict[str, Any] | None = None
+
+    @property
+    def gate_passed(self) -> bool | None:
+        """A site version's acceptance gate: True passed, False failed, None: not a site version."""
+        gate = (self.lineage or {}).get("gate")
+        return bool(gate.get("passed")) if isinstance(gate, dict) else None
 
     @property
     def build(self) -> str:

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, String, Text, true
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    true,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -28,6 +41,15 @@ class CaseStatus(StrEnum):
     pending = "pending_review"
     reviewed = "reviewed"
     confirmed = "confirmed"
+
+
+class ReferenceStandard(StrEnum):
+    """How a case's reference class (the diagnosis the model is measured against) was established."""
+
+    histopathology = "histopathology"
+    cytology = "cytology"
+    clinical_follow_up = "clinical_follow_up"
+    expert_consensus = "expert_consensus"
 
 
 def _when(index: bool = False) -> Column[datetime]:
@@ -153,7 +175,10 @@ class LoginThrottle(SQLModel, table=True):
 
 class Case(SQLModel, table=True):
     __tablename__ = "cases"
-    __table_args__ = (Index("ix_cases_owner_created", "owner_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_cases_owner_created", "owner_id", "created_at"),
+        Index("ix_cases_model_created", "model_id", "created_at"),
+    )
 
     id: str = Field(default_factory=new_id, sa_column=Column(String(32), primary_key=True))
     owner_id: int = Field(sa_column=Column(Integer, ForeignKey("users.id"), nullable=False, index=True))
@@ -176,6 +201,14 @@ class Case(SQLModel, table=True):
     review_notes: str = Field(default="", sa_column=Column(Text, nullable=False))
     reviewed_by: int | None = Field(default=None, sa_column=Column(Integer, ForeignKey("users.id"), nullable=True))
     reviewed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    # The reference standard of the review (migration 0005): one of the model's class ids, how it was
+    # established (ReferenceStandard) and when; what `cases export-dataset` and monitoring measure against.
+    reference_class: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    reference_standard: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    reference_date: date | None = Field(default=None, sa_column=Column(Date, nullable=True))
+    # A shadow version's answer to the same images: stored for monitoring, never shown to clinicians.
+    shadow_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    shadow_result_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_when())
 
@@ -209,3 +242,49 @@ class AuditEvent(SQLModel, table=True):
     case_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True, index=True))
     detail: str = Field(default="", sa_column=Column(Text, nullable=False))
     client: str = Field(default="", max_length=64)
+
+
+class PackageBlob(SQLModel, table=True):
+    """One file of an installed model package, by content (a site version shares its parent's model.onnx)."""
+
+    __tablename__ = "package_blobs"
+
+    sha256: str = Field(sa_column=Column(String(64), primary_key=True))
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class ModelVersion(SQLModel, table=True):
+    """A model package installed into the database, where every replica finds it (``oncolens models install``)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (Index("ux_model_versions_model_version", "model_id", "version", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    version: str = Field(sa_column=Column(String(64), nullable=False))
+    sha256: str = Field(sa_column=Column(String(64), nullable=False))  # of model.onnx, as the card says
+    card_json: str = Field(sa_column=Column(Text, nullable=False))
+    files_json: str = Field(sa_column=Column(Text, nullable=False))  # {relative path: blob sha256}
+    # The card's acceptance gate: True passed, False failed (it cannot be promoted), None: no gate (not a site version).
+    gate_passed: bool | None = Field(default=None, sa_column=Column(Boolean, nullable=True))
+    installed_by: str = Field(default="", sa_column=Column(String(255), nullable=False, server_default=""))
+    installed_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+
+
+class ModelDeployment(SQLModel, table=True):
+    """One step of a model's serving history: which version serves and which runs in shadow from ``at``.
+
+    The newest row of a model is its state; ``rollback`` goes back one ``promote`` (or to the shipped version).
+    """
+
+    __tablename__ = "model_deployments"
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    action: str = Field(sa_column=Column(String(16), nullable=False))  # promote, rollback, shadow, unshadow
+    live_version: str = Field(sa_column=Column(String(64), nullable=False))
+    shadow_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    by: str = Field(default="", sa_column=Column(String(255), nullable=False, server_default=""))
+    why: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))

@@ -1,4 +1,7 @@
-"""Post-hoc calibration on the validation split: temperature scaling and the risk policy."""
+"""Post-hoc calibration fitted on labelled model outputs: temperature scaling, class offsets and the risk policy.
+
+NumPy only (a core module): training fits it on val, and `oncolens adapt` re-fits it on a site's confirmed cases.
+"""
 
 from __future__ import annotations
 
@@ -275,3 +278,71 @@ def risk_policy(
             level["test"] = figure
         policy["test_counts"] = {"malignant": int(np.sum(mal_test)), "benign": int(np.sum(~np.asarray(mal_test)))}
     return policy
+
+
+def fit_scaling(
+    logits: np.ndarray,
+    y: np.ndarray,
+    temperature: float,
+    bias: np.ndarray,
+    min_class: int = 5,
+    ridge: float = 1.0,
+    iterations: int = 100,
+) -> tuple[float, np.ndarray]:
+    """Temperature and class offsets re-fitted to labelled logits: softmax((logits + bias') / T').
+
+    Starts from (and is pulled towards) the given calibration: it minimises the NLL of ``y`` under
+    softmax(a·z + c), which is convex in (a = 1/T, c = bias/T), plus ``ridge`` pseudo-observations'
+    worth of squared distance of c from its start. A class with fewer than ``min_class`` rows keeps its
+    offset (nothing here can tell it). Newton steps with backtracking (a stays positive). Returns (T', bias').
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    n, classes = z.shape
+    start_c = np.asarray(bias, dtype=np.float64) / temperature
+    free = np.flatnonzero(np.bincount(y, minlength=classes) >= min_class)
+    onehot = np.eye(classes)[y]
+    weight = ridge / max(n, 1)
+
+    def unpack(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        c = start_c.copy()
+        c[free] = theta[1:]
+        return float(theta[0]), c
+
+    def loss(theta: np.ndarray) -> float:
+        a, c = unpack(theta)
+        s = a * z + c
+        s -= s.max(axis=1, keepdims=True)
+        log_p = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+        return float(-(log_p[np.arange(n), y]).mean() + weight * ((c - start_c) ** 2).sum())
+
+    theta = np.concatenate([[1.0 / temperature], start_c[free]])
+    current = loss(theta)
+    for _ in range(iterations):
+        a, c = unpack(theta)
+        s = a * z + c
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        r = p - onehot
+        jac = np.concatenate([z[:, :, None], np.eye(classes)[None, :, free].repeat(n, axis=0)], axis=2)  # [N, C, P]
+        grad = np.einsum("nc,ncp->p", r, jac) / n
+        grad[1:] += 2 * weight * (c[free] - start_c[free])
+        cov = p[:, :, None] * np.eye(classes)[None] - p[:, :, None] * p[:, None, :]  # [N, C, C]
+        hess = np.einsum("ncp,ncd,ndq->pq", jac, cov, jac) / n
+        hess[1:, 1:] += 2 * weight * np.eye(len(free))
+        step = np.linalg.solve(hess + 1e-9 * np.eye(len(theta)), grad)
+        scale = 1.0
+        while scale > 1e-6:
+            trial = theta - scale * step
+            if trial[0] > 0 and (value := loss(trial)) <= current:
+                break
+            scale /= 2
+        else:
+            break
+        done = current - value < 1e-10
+        theta, current = trial, value
+        if done:
+            break
+    a, c = unpack(theta)
+    return 1.0 / a, c / a
