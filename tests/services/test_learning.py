@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -242,15 +243,14 @@ def test_adapt_restores_calibration_and_passes_its_gate(site: Site, tmp_path_fac
     assert site_version("0.0.1", ["0.0.1+site.1", "0.0.1+site.3", "0.0.2+site.9"]) == "0.0.1+site.4"
 
 
-def test_a_failed_gate_writes_nothing_and_names_the_criterion(site: Site, tmp_path: Path) -> None:
-    """Test rows unlike the fitted ones (labels that contradict the images) fail the calibration criterion."""
-    root = tmp_path / "contradicting"
+def contradicting_dataset(root: Path) -> Path:
+    """120 rows whose test images show the other class than their label (train and val are right)."""
     (root / "images").mkdir(parents=True)
     rows = []
     for i in range(120):
         label = "blob" if i % 2 else "plain"
         split = "test" if i >= 80 else ("val" if i >= 60 else "train")
-        shown = label if split != "test" else ("plain" if label == "blob" else "blob")  # test images swapped
+        shown = label if split != "test" else ("plain" if label == "blob" else "blob")
         name = f"images/{i}.png"
         image(site_red(shown, 70_000 + i), 70_000 + i).save(root / name)
         rows.append({"file": name, "label": label, "group_id": f"g{i}", "split": split})
@@ -258,6 +258,12 @@ def test_a_failed_gate_writes_nothing_and_names_the_criterion(site: Site, tmp_pa
         writer = csv.DictWriter(handle, fieldnames=["file", "label", "group_id", "split"])
         writer.writeheader()
         writer.writerows(rows)
+    return root
+
+
+def test_a_failed_gate_writes_nothing_and_names_the_criterion(site: Site, tmp_path: Path) -> None:
+    """Test rows unlike the fitted ones (labels that contradict the images) fail the calibration criterion."""
+    root = contradicting_dataset(tmp_path / "contradicting")
     parent = Zoo([site.zoo_root]).get(MODEL)
     out = tmp_path / "never"
     with pytest.raises(GateFailed) as failed:
@@ -308,17 +314,10 @@ def test_install_shadow_promote_and_roll_back(site: Site, tmp_path_factory: pyte
         for path in sorted(package.rglob("*")):
             if path.is_file():
                 zipped.write(path, path.relative_to(package).as_posix())
-    refused = client.post(
-        f"/api/v1/models/{MODEL}/versions",
-        files={"file": ("p.zip", archive.getvalue(), "application/zip")},
-        headers=doctor,
-    )
+    upload = {"file": ("p.zip", archive.getvalue(), "application/zip")}
+    refused = client.post(f"/api/v1/models/{MODEL}/versions", files=upload, headers=doctor)
     assert refused.status_code == 403
-    installed = client.post(
-        f"/api/v1/models/{MODEL}/versions",
-        files={"file": ("p.zip", archive.getvalue(), "application/zip")},
-        headers=admin,
-    )
+    installed = client.post(f"/api/v1/models/{MODEL}/versions", files=upload, headers=admin)
     assert installed.status_code == 201, installed.text
     listing = installed.json()
     assert listing["serving"] == "0.0.1" and [v["version"] for v in listing["versions"]] == ["0.0.1", "0.0.1+site.1"]
@@ -327,6 +326,15 @@ def test_install_shadow_promote_and_roll_back(site: Site, tmp_path_factory: pyte
         f"/api/v1/models/{MODEL}/versions", files={"file": ("p.zip", b"not a zip", "application/zip")}, headers=admin
     )
     assert bad_zip.status_code == 422 and "not a zip archive" in bad_zip.json()["detail"]
+    sneaky = io.BytesIO()
+    with __import__("zipfile").ZipFile(sneaky, "w") as zipped:
+        zipped.writestr("../../escape.txt", "x")
+    escape = client.post(
+        f"/api/v1/models/{MODEL}/versions", files={"file": ("p.zip", sneaky.getvalue())}, headers=admin
+    )
+    assert escape.status_code == 422 and "points outside the package" in escape.json()["detail"]
+    other = client.post("/api/v1/models/skin-ham10000/versions", files=upload, headers=admin)
+    assert other.status_code == 422 and "a version of 'blob', not of skin-ham10000" in other.json()["detail"]
     # A site version whose gate failed installs but is never promoted.
     failed = tmp_path_factory.mktemp("failed") / "pkg"
     shutil.copytree(package, failed)
@@ -395,7 +403,8 @@ def test_install_shadow_promote_and_roll_back(site: Site, tmp_path_factory: pyte
 def pdf_text(pdf: bytes) -> str:
     import subprocess
 
-    return subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+    text = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+    return re.sub(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2})?", "TIME", text)  # two cases' times differ
 
 
 def test_monitoring_raises_drift_for_a_colour_cast_and_not_for_the_same_camera(site: Site) -> None:

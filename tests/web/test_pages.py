@@ -266,3 +266,35 @@ def test_no_logged_in_page_refers_to_another_host(app_client: TestClient) -> Non
         page = browser.get(path)
         assert page.status_code == 200, path
         assert not external.search(page.text), f"{path} refers to another host"
+
+
+def test_the_review_form_records_a_reference_and_the_admin_model_pages_work(app_client: TestClient) -> None:
+    browser = web_login(app_client, "doc@clinic.org")
+    analyze(browser)
+    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
+        case = session.exec(select(Case).order_by(col(Case.created_at).desc())).first()
+    assert case is not None
+    token = browser.cookies["oncolens_csrf"]
+    page = browser.get(f"/cases/{case.id}")
+    assert '<option value="mel" >Melanoma (mel)</option>' in page.text and "histopathology" in page.text
+    form = {"status": "confirmed", "reference_class": "mel", "reference_standard": "", "csrf_token": token}
+    missing = browser.post(f"/cases/{case.id}/review", data=form)
+    assert missing.status_code == 400 and "reference_standard: needed with a reference_class" in missing.text
+    form |= {"reference_standard": "histopathology", "reference_date": "2026-12-01"}
+    saved = browser.post(f"/cases/{case.id}/review", data=form)
+    assert saved.status_code == 200
+    shown = re.sub(r"\s+", " ", browser.get(f"/cases/{case.id}").text)
+    assert "Reference: <strong>Melanoma</strong> (histopathology, 2026-12-01)" in shown
+    cleared = browser.post(f"/cases/{case.id}/review", data=form | {"reference_class": ""})
+    assert cleared.status_code == 200 and "Reference: <strong>" not in cleared.text
+    # The model pages are the admin's; a clinician is refused.
+    assert browser.get("/admin/models").status_code == 403
+    add_user(app_client, "boss@clinic.org", "admin")
+    admin = web_login(app_client, "boss@clinic.org")
+    listing = admin.get("/admin/models")
+    assert listing.status_code == 200 and 'data-testid="model-row-skin-ham10000"' in listing.text
+    model = admin.get("/admin/models/skin-ham10000?period=week")
+    assert model.status_code == 200 and 'data-testid="version-1.4.0"' in model.text and "serves" in model.text
+    token = admin.cookies["oncolens_csrf"]
+    refused = admin.post("/admin/models/skin-ham10000/rollback", data={"why": "test", "csrf_token": token})
+    assert refused.status_code == 422 and "nothing to roll back to" in refused.text

@@ -4,7 +4,7 @@ roll back, and the monitoring of a model in use. Every step is audited with who 
 from __future__ import annotations
 
 import io
-import shutil
+import json
 import tempfile
 import zipfile
 from datetime import date
@@ -18,11 +18,12 @@ from pydantic import BaseModel, Field
 from oncolens.errors import InvalidInput
 from oncolens.http.deps import ActorDep, AdminUser, SessionDep, SettingsDep, ZooDep
 from oncolens.services.monitoring import monitoring
-from oncolens.services.versions import WHY_MAX, VersionService
+from oncolens.services.versions import WHY_MAX, VersionService, require_admin
 
 router = APIRouter(prefix="/models", tags=["model versions"])
 
 MAX_PACKAGE_FILES = 64
+MAX_PACKAGE_BYTES = 256 * 2**20  # a package's files unpacked (model files are at most 25 MiB each)
 
 
 class Step(BaseModel):
@@ -101,6 +102,9 @@ def _unpack(data: bytes, folder: Path) -> Path:
     members = [m for m in archive.infolist() if not m.is_dir()]
     if not members or len(members) > MAX_PACKAGE_FILES:
         raise InvalidInput(f"a package archive holds 1 to {MAX_PACKAGE_FILES} files; this one holds {len(members)}")
+    if sum(m.file_size for m in members) > MAX_PACKAGE_BYTES:
+        raise InvalidInput(f"the package unpacks to more than {MAX_PACKAGE_BYTES // 2**20} MB")
+    written = 0
     for member in members:
         path = PurePosixPath(member.filename)
         if path.is_absolute() or ".." in path.parts or (member.external_attr >> 28) == 0xA:
@@ -108,7 +112,11 @@ def _unpack(data: bytes, folder: Path) -> Path:
         target = folder.joinpath(*path.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(member) as source, target.open("wb") as sink:
-            shutil.copyfileobj(source, sink)
+            while chunk := source.read(1 << 20):  # the sizes in the archive's index are not trusted
+                written += len(chunk)
+                if written > MAX_PACKAGE_BYTES:
+                    raise InvalidInput(f"the package unpacks to more than {MAX_PACKAGE_BYTES // 2**20} MB")
+                sink.write(chunk)
     roots = [p for p in folder.iterdir()]
     return roots[0] if len(roots) == 1 and roots[0].is_dir() else folder
 
@@ -123,14 +131,20 @@ async def install_version(
 ) -> VersionsPublic:
     """Install a package (e.g. one written by ``oncolens adapt``) into the database, where every replica
     finds it; verified first (card, sha256, shapes). It serves only once promoted."""
+    require_admin(actor)  # before anything is unpacked
     data = await file.read()
 
     def install() -> VersionsPublic:
         service = VersionService(session, zoo)
         with tempfile.TemporaryDirectory(prefix="oncolens-package-") as tmp:
-            row, _ = service.install(actor, _unpack(data, Path(tmp)))
-        if row.model_id != model_id:
-            raise InvalidInput(f"the package is a version of {row.model_id}, not of {model_id}")
+            folder = _unpack(data, Path(tmp))
+            try:
+                card_id = json.loads((folder / "card.json").read_text(encoding="utf-8")).get("id")
+            except (OSError, ValueError, AttributeError):
+                raise InvalidInput("the archive holds no readable card.json") from None
+            if card_id != model_id:
+                raise InvalidInput(f"the package is a version of {card_id!r}, not of {model_id}")
+            service.install(actor, folder)
         return _versions(service, model_id)
 
     return await anyio.to_thread.run_sync(install)
