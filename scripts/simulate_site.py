@@ -153,15 +153,19 @@ def main() -> None:
     }
     parent = state.zoo.get(args.model)
     package = work / "site-package"
+    chosen = site_version(parent.version, [])
     try:
-        adapted = adapt(
-            parent, work / "export-1", package, site_version(parent.version, []), "scripts/simulate_site.py"
-        )
+        adapted = adapt(parent, work / "export-1", package, chosen, "scripts/simulate_site.py")
         result["gate"] = adapted.gate
     except GateFailed as exc:
         result["gate"] = exc.gate
         print(json.dumps(result, indent=2))
         raise SystemExit("the gate failed: " + str(exc)) from None
+    try:  # the same data with the head re-trained as well (--retrain-tail), for comparison
+        tail = adapt(parent, work / "export-1", work / "site-tail", chosen, "--retrain-tail", retrain_tail=True)
+        result["gate_retrain_tail"] = tail.gate | {"head": (tail.card.lineage or {})["refit"]["head"]}
+    except GateFailed as exc:
+        result["gate_retrain_tail"] = exc.gate
     admin_a = admin_headers(client_a)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:

@@ -243,6 +243,59 @@ def test_adapt_restores_calibration_and_passes_its_gate(site: Site, tmp_path_fac
     assert site_version("0.0.1", ["0.0.1+site.1", "0.0.1+site.3", "0.0.2+site.9"]) == "0.0.1+site.4"
 
 
+def test_adapt_can_retrain_the_head_on_cached_features(site: Site, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from oncolens.zoo import ModelPackage
+
+    dataset = overlapping_dataset(tmp_path / "data")
+    parent = Zoo([site.zoo_root]).get(MODEL)
+    out = tmp_path / "tail"
+    result = adapt(parent, dataset, out, "0.0.1+site.5", "pytest", n_boot=100, retrain_tail=True)
+    card = result.card
+    assert card.gate_passed is True and card.int8 is None
+    assert card.sha256 != parent.card.sha256 and card.head != parent.card.head
+    assert "head (linear layer on the pooled features) re-trained on" in (card.lineage or {})["refit"]["head"]
+    served = ModelPackage.load(out)  # the sha256 and shapes check out; the CAM head is the graph's
+    pictures = [image(0.55, 5), image(0.10, 6)]
+    logits, features = served.run(preprocess(pictures, served.input_spec), with_features=True)
+    assert features is not None
+    from oncolens.services.learning import card_head
+
+    weight, bias = card_head(card)  # the card's head (heat-maps) is the one in the graph
+    assert np.abs(features.mean(axis=(2, 3)) @ weight.T + bias - logits).max() < 1e-3
+    assert probabilities(card, logits)[0, 0] > 0.9 and probabilities(card, logits)[1, 0] < 0.1
+    train = [row for row in csv.DictReader((dataset / "manifest.csv").open()) if row["split"] == "train"]
+    few = tmp_path / "few"
+    shutil.copytree(dataset, few)
+    with (few / "manifest.csv").open("w", newline="") as handle:  # too few blobs left in train
+        rows = list(csv.DictReader((dataset / "manifest.csv").open()))
+        blobs = [r for r in rows if r["split"] == "train" and r["label"] == "blob"][:5]
+        kept = [r for r in rows if r["split"] != "train" or r["label"] != "blob" or r in blobs]
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    assert len(train) > len([r for r in kept if r["split"] == "train"])
+    with pytest.raises(NotEnoughImages, match="at least 20 train images of two classes or more"):
+        adapt(parent, few, tmp_path / "few-out", "0.0.1+site.6", retrain_tail=True)
+
+
+def overlapping_dataset(root: Path) -> Path:
+    """900 rows, 60/20/20, whose classes overlap in red (blob 0.25-0.55, plain 0.10-0.38): not separable."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "group_id", "split"])
+        writer.writeheader()
+        for i in range(900):
+            label = "blob" if i % 3 == 0 else "plain"
+            red = rng.uniform(0.25, 0.55) if label == "blob" else rng.uniform(0.10, 0.38)
+            name = f"images/{i}.png"
+            image(red, 80_000 + i).save(root / name)
+            split = ("train", "train", "train", "val", "test")[i % 5] if i % 5 < 3 else ("val", "test")[i % 5 - 3]
+            writer.writerow({"file": name, "label": label, "group_id": f"o{i}", "split": split})
+    return root
+
+
 def contradicting_dataset(root: Path) -> Path:
     """120 rows whose test images show the other class than their label (train and val are right)."""
     (root / "images").mkdir(parents=True)

@@ -104,6 +104,14 @@ def adapt(
         str | None, typer.Option(help="The version (default: the parent's X.Y.Z+site.N, next N).")
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the gate's intervals.")] = 1000,
+    retrain_tail: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-tail",
+            help="Also re-train the network's head on the train rows' cached features (classes with at least "
+            "20 train images; needs the onnx package); calibration and thresholds are then fitted on val.",
+        ),
+    ] = False,
 ) -> None:
     """A site version: calibration and risk thresholds re-fitted on the local train+val rows, written only
     if it passes its acceptance gate on the local test rows against its parent (exit 1 naming the criterion)."""
@@ -122,7 +130,7 @@ def adapt(
     chosen = version or site_version(parent.version, taken)
     typer.echo(f"adapting {parent.id} {parent.version} on {dataset_dir} as {chosen}", err=True)
     try:
-        result = run_adapt(parent, dataset_dir, out, chosen, _command(), bootstrap)
+        result = run_adapt(parent, dataset_dir, out, chosen, _command(), bootstrap, retrain_tail)
     except GateFailed as exc:
         typer.secho("the acceptance gate failed; nothing was written", fg=typer.colors.RED, err=True)
         for criterion in exc.gate["criteria"]:

@@ -15,6 +15,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import hmac
@@ -37,7 +38,7 @@ from oncolens.decision import p_malignant, probabilities
 from oncolens.errors import InvalidInput
 from oncolens.evaluation import metrics
 from oncolens.evaluation.calibrate import fit_scaling, risk_policy
-from oncolens.evaluation.datasets import ManifestError, Sample, encode_labels, read_manifest
+from oncolens.evaluation.datasets import ManifestError, Sample, encode_labels, open_rgb, read_manifest
 from oncolens.evaluation.drift import reference_distribution
 from oncolens.evaluation.evaluate import dataset_logits, finite
 from oncolens.services.audit import Actor, audit_by
@@ -46,7 +47,8 @@ from oncolens.store.db.models import AuditEvent, Case, CaseImage, CaseStatus, ut
 from oncolens.store.images import EXTENSIONS, MEDIA_TYPES, ImageStore
 from oncolens.store.packages import package_files
 from oncolens.zoo.card import ModelCard, RiskLevel, parse_card
-from oncolens.zoo.package import CARD, ModelPackage, sha256_of
+from oncolens.zoo.package import CARD, ONNX, ModelPackage, sha256_of
+from oncolens.zoo.preprocess import preprocess
 
 MANIFEST_COLUMNS = [
     "file",
@@ -324,9 +326,15 @@ def adapt(
     version: str,
     command: str = "",
     n_boot: int = 1000,
+    retrain_tail: bool = False,
 ) -> AdaptResult:
     """A site version of ``parent`` re-calibrated on the dataset's train+val rows, written to ``out`` only
-    if it passes the gate on the test rows (GateFailed otherwise; NotEnoughImages before any work)."""
+    if it passes the gate on the test rows (GateFailed otherwise; NotEnoughImages before any work).
+
+    With ``retrain_tail`` the network's head (the linear layer on its pooled features) is re-trained on
+    the ``train`` rows first, for every class with at least ``MIN_TAIL_PER_CLASS`` of them (the others
+    keep the parent's weights), and the calibration and risk thresholds are then fitted on ``val`` alone.
+    """
     card = parent.card
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInput(f"{out} exists and is not an empty folder")
@@ -339,12 +347,24 @@ def adapt(
         raise InvalidInput(f"labels {unknown} are not classes of {card.id} ({', '.join(card.class_ids)})")
     fit_rows = [s for s in samples if s.split in ("train", "val")]
     test_rows = [s for s in samples if s.split == "test"]
-    problems = _need(fit_rows, card, "train+val", MIN_FIT) + _need(test_rows, card, "test", MIN_TEST)
+    tail: TailFit | None = None
+    if retrain_tail:
+        train_rows = [s for s in samples if s.split == "train"]
+        fit_rows = [s for s in samples if s.split == "val"]
+        problems = _need(fit_rows, card, "val", MIN_FIT) + _need(test_rows, card, "test", MIN_TEST)
+        problems += _tail_problems(train_rows, card)
+    else:
+        problems = _need(fit_rows, card, "train+val", MIN_FIT) + _need(test_rows, card, "test", MIN_TEST)
     if problems:
         raise NotEnoughImages("too few images to adapt " + card.id + ": " + "; ".join(problems))
     try:
-        fit_logits = dataset_logits(lambda x: parent.run(x)[0], fit_rows, parent.input_spec)
-        test_logits = dataset_logits(lambda x: parent.run(x)[0], test_rows, parent.input_spec)
+        parent_test_logits = dataset_logits(lambda x: parent.run(x)[0], test_rows, parent.input_spec)
+        if retrain_tail:
+            tail = retrain_head(parent, train_rows, fit_rows, test_rows)
+            fit_logits, test_logits = tail.val_logits, tail.test_logits
+        else:
+            fit_logits = dataset_logits(lambda x: parent.run(x)[0], fit_rows, parent.input_spec)
+            test_logits = parent_test_logits
     except ManifestError as exc:
         raise InvalidInput(str(exc)) from exc
     y_fit, y_test = encode_labels(fit_rows, card.class_ids), encode_labels(test_rows, card.class_ids)
@@ -358,7 +378,10 @@ def adapt(
         "fitted_on": "site train+val",
         "parent": {"temperature": card.calibration.temperature, "logit_bias": card.calibration.logit_bias},
     }
-    site_card = parse_card(card.model_dump(mode="json") | {"calibration": calibration, "version": version}, "site card")
+    base = card.model_dump(mode="json") | {"calibration": calibration, "version": version}
+    if tail is not None:
+        base |= tail.card_fields
+    site_card = parse_card(base, "site card")
     malignant = parent.malignant
     is_mal = np.asarray(malignant)
     p_fit = p_malignant(probabilities(site_card, fit_logits), malignant)
@@ -366,13 +389,14 @@ def adapt(
     # The call keeps the sensitivity the parent's call gave on these same rows (at least the card's
     # call_sensitivity): a re-calibration may make the call more specific, never less sensitive.
     policy_config = _policy_config(card)
-    parent_p_fit = p_malignant(probabilities(card, fit_logits), malignant)
+    parent_fit_logits = fit_logits if tail is None else tail.parent_val_logits
+    parent_p_fit = p_malignant(probabilities(card, parent_fit_logits), malignant)
     parent_sensitivity = float((parent_p_fit[is_mal[y_fit]] >= card.risk_policy.malignant_threshold).mean())
     policy_config["call_sensitivity"] = max(float(policy_config["call_sensitivity"]), parent_sensitivity)
     policy = risk_policy(p_fit, is_mal[y_fit], policy_config, (p_test_site, is_mal[y_test]))
     policy["chosen_on"] = "site train+val"
     site_card = parse_card(site_card.model_dump(mode="json") | {"risk_policy": policy}, "site card")
-    gate = acceptance_gate(card, site_card, y_test, test_logits, n_boot)
+    gate = acceptance_gate(card, site_card, y_test, parent_test_logits, n_boot, test_logits)
     if not gate["passed"]:
         raise GateFailed([c for c in gate["criteria"] if not c["passed"]], gate)
     site_probs = probabilities(site_card, test_logits)
@@ -399,7 +423,8 @@ def adapt(
             "provenance": _provenance(dataset_dir),
         },
         "refit": {
-            "calibration": "temperature and class offsets",
+            "head": tail.words if tail is not None else "the parent's network, unchanged",
+            "calibration": "temperature and class offsets" + (" (on val)" if tail is not None else ""),
             "risk_policy": "thresholds at the card's operating points; the call at the sensitivity the parent's "
             f"call had on the same rows ({parent_sensitivity:.3f}) or the card's call sensitivity, the higher",
         },
@@ -420,7 +445,7 @@ def adapt(
         },
         "site card",
     )
-    _write_package(parent.directory, final, out)
+    _write_package(parent.directory, final, out, tail.onnx if tail is not None else None)
     return AdaptResult(out, final, gate)
 
 
@@ -454,12 +479,18 @@ def _policy_config(card: ModelCard) -> dict[str, Any]:
 
 
 def acceptance_gate(
-    parent: ModelCard, site: ModelCard, y: np.ndarray, logits: np.ndarray, n_boot: int = 1000
+    parent: ModelCard,
+    site: ModelCard,
+    y: np.ndarray,
+    logits: np.ndarray,
+    n_boot: int = 1000,
+    site_logits: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The gate of GATE_RULES on labelled test rows, each criterion with its figures."""
+    """The gate of GATE_RULES on labelled test rows, each criterion with its figures (``site_logits``:
+    the site version's own logits where its network differs from the parent's)."""
     malignant = [c.malignant for c in parent.classes]
     is_mal = np.asarray(malignant)[y]
-    old, new = probabilities(parent, logits), probabilities(site, logits)
+    old, new = probabilities(parent, logits), probabilities(site, logits if site_logits is None else site_logits)
     ece = metrics.expected_calibration_error
     ece_old, ece_new = ece(y, old), ece(y, new)
     p_old = metrics.consistency_p_value(y, old, ece)
@@ -518,13 +549,17 @@ def acceptance_gate(
     return gate
 
 
-def _write_package(parent_dir: Path, card: ModelCard, out: Path) -> None:
-    """The parent's files (its one-network build left out) with the site card, written atomically."""
+def _write_package(parent_dir: Path, card: ModelCard, out: Path, onnx: bytes | None = None) -> None:
+    """The parent's files (its one-network build left out) with the site card (and, after a re-trained
+    head, the new model.onnx and no int8 copy), written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out.parent))
+    skip = {CARD} | ({ONNX} | ({card_int8_file(parent_dir)} - {""}) if onnx is not None else set())
     try:
+        if onnx is not None:
+            (staging / ONNX).write_bytes(onnx)
         for relative in package_files(parent_dir):
-            if relative.as_posix() == CARD:
+            if relative.as_posix() in skip:
                 continue
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -536,3 +571,185 @@ def _write_package(parent_dir: Path, card: ModelCard, out: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# --- --retrain-tail: the head re-trained on cached features ---------------------------------------------
+
+MIN_TAIL_PER_CLASS = 20  # train rows a class needs for its head row to be re-trained
+TAIL_STRENGTHS = (1e-1, 1e-2, 1e-3)  # pull of the weights towards the parent's, chosen on val
+TAIL_STEPS = 400
+HEAD_NAMES = ("head.weight", "head.weight.fp16", "head.bias")
+
+
+@dataclass
+class TailFit:
+    """A re-trained head: the new logits of the val and test rows, the parent's val logits, the new
+    model.onnx, the card fields that change, and what was done, in words."""
+
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+    parent_val_logits: np.ndarray
+    onnx: bytes
+    card_fields: dict[str, Any]
+    words: str
+
+
+def card_int8_file(directory: Path) -> str:
+    try:
+        card = json.loads((directory / CARD).read_text(encoding="utf-8"))
+        return str((card.get("int8") or {}).get("file") or "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _tail_problems(train_rows: list[Sample], card: ModelCard) -> list[str]:
+    counts = Counter(s.label for s in train_rows)
+    able = [c for c in card.class_ids if counts.get(c, 0) >= MIN_TAIL_PER_CLASS]
+    if len(able) >= 2:
+        return []
+    shown = ", ".join(f"{c} {counts.get(c, 0)}" for c in card.class_ids)
+    return [f"--retrain-tail needs at least {MIN_TAIL_PER_CLASS} train images of two classes or more ({shown})"]
+
+
+def _pooled(package: ModelPackage, rows: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], pooled features [N, K]) of the rows through the package's network."""
+    pooled: list[np.ndarray] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        logits, features = package.run(x, with_features=True)
+        assert features is not None
+        pooled.append(features.mean(axis=(2, 3)).astype(np.float64))
+        return logits
+
+    logits = dataset_logits(run, rows, package.input_spec)
+    return logits, np.concatenate(pooled)
+
+
+def _fit_head(
+    features: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray, trainable: np.ndarray, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-entropy with ``strength`` x squared distance from the parent's head, by Adam (full batch);
+    the rows of classes not in ``trainable`` stay the parent's."""
+    w, b = weight.copy(), bias.copy()
+    onehot = np.eye(len(bias))[y]
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    mask = trainable.astype(np.float64)[:, None]
+    for step in range(1, TAIL_STEPS + 1):
+        z = features @ w.T + b
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        r = (p - onehot) / len(y)
+        grads = [
+            (r.T @ features + strength * (w - weight)) * mask,
+            (r.sum(axis=0) + strength * (b - bias)) * mask[:, 0],
+        ]
+        for k, (param, grad) in enumerate(zip((w, b), grads, strict=True)):
+            m[k] = 0.9 * m[k] + 0.1 * grad
+            v[k] = 0.999 * v[k] + 0.001 * grad**2
+            param -= 0.01 * (m[k] / (1 - 0.9**step)) / (np.sqrt(v[k] / (1 - 0.999**step)) + 1e-8)
+    return w, b
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    from oncolens.evaluation.calibrate import fit_temperature, nll
+
+    return nll(logits, y, fit_temperature(logits, y))
+
+
+def retrain_head(
+    parent: ModelPackage, train_rows: list[Sample], val_rows: list[Sample], test_rows: list[Sample]
+) -> TailFit:
+    """The head re-trained on the train rows' pooled features (the network before it is the parent's,
+    so its features are computed once), its pull towards the parent chosen on val, and written into a
+    copy of the fp32 model.onnx."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ModuleNotFoundError:
+        raise InvalidInput("--retrain-tail needs the onnx package: pip install 'oncolens[train]'") from None
+    card = parent.card
+    fp32 = ModelPackage.load(parent.directory, precision="fp32")
+    weight = card_head(card)
+    w0, b0 = weight
+    train_logits, train_f = _pooled(fp32, train_rows)
+    val_logits, val_f = _pooled(fp32, val_rows)
+    _, test_f = _pooled(fp32, test_rows)
+    gap = float(np.abs(train_f @ w0.T + b0 - train_logits).max())
+    if gap > 1e-2:
+        raise InvalidInput(
+            f"{card.id}'s logits are not its card's head on its pooled features (largest gap {gap:.3g}); "
+            "--retrain-tail cannot re-train it"
+        )
+    y_train, y_val = encode_labels(train_rows, card.class_ids), encode_labels(val_rows, card.class_ids)
+    counts = np.bincount(y_train, minlength=len(card.classes))
+    trainable = counts >= MIN_TAIL_PER_CLASS
+    fits = []
+    for strength in TAIL_STRENGTHS:
+        w, b = _fit_head(train_f, y_train, w0, b0, trainable, strength)
+        fits.append((_nll(val_f @ w.T + b, y_val), strength, w, b))
+    parent_nll = _nll(val_logits, y_val)
+    best_nll, strength, w, b = min(fits, key=lambda fit: fit[0])
+    model = onnx.load(str(fp32.model_file))
+    replaced = set()
+    for initializer in model.graph.initializer:
+        if initializer.name not in HEAD_NAMES:
+            continue
+        old = numpy_helper.to_array(initializer)
+        is_bias = initializer.name == "head.bias"
+        expected = b0 if is_bias else w0
+        if old.shape != expected.shape or float(np.abs(old.astype(np.float64) - expected).max()) > 1e-3:
+            raise InvalidInput(f"{card.id}'s model.onnx holds a {initializer.name} unlike its card's head")
+        new = (b if is_bias else w).astype(old.dtype)
+        initializer.CopyFrom(numpy_helper.from_array(new, initializer.name))
+        if is_bias:
+            b = new.astype(np.float64)
+        else:
+            w = new.astype(np.float64)
+        replaced.add("bias" if is_bias else "weight")
+    if replaced != {"weight", "bias"}:
+        raise InvalidInput(f"{card.id}'s model.onnx has no head initializers named {', '.join(HEAD_NAMES)}")
+    data = model.SerializeToString()
+    check = _answer_gap(data, fp32, train_rows[:4], w, b)
+    if check > 1e-3:
+        raise InvalidInput(f"the re-written model.onnx does not answer as its new head says (gap {check:.3g})")
+    head = {
+        "weight_shape": list(w.shape),
+        "weight_f32_b64": base64.b64encode(w.astype("<f4").tobytes()).decode(),
+        "bias_f32_b64": base64.b64encode(b.astype("<f4").tobytes()).decode(),
+    }
+    retrained = [c for c, able in zip(card.class_ids, trainable, strict=True) if able]
+    words = (
+        f"the head (linear layer on the pooled features) re-trained on {len(y_train)} train rows for "
+        f"{', '.join(retrained)} (the other classes keep the parent's rows), pulled towards the parent's "
+        f"weights with strength {strength:g} chosen on val (val NLL {best_nll:.4f}; the parent's {parent_nll:.4f}); "
+        "the int8 copy is left out (it holds the parent's head)"
+    )
+    return TailFit(
+        val_f @ w.T + b,
+        test_f @ w.T + b,
+        val_logits,
+        data,
+        {"head": head, "sha256": hashlib.sha256(data).hexdigest(), "int8": None},
+        words,
+    )
+
+
+def _answer_gap(data: bytes, package: ModelPackage, rows: list[Sample], w: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference between the re-written network's logits and its new head on its own features."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    images = preprocess([open_rgb(s.file) for s in rows], package.input_spec)
+    logits, features = session.run(["logits", "features"], {"image": images})
+    return float(np.abs(features.mean(axis=(2, 3)) @ w.T + b - logits).max())
+
+
+def card_head(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """The card's head weights [C, K] and bias [C], float64."""
+    shape = card.head.weight_shape
+    weight = np.frombuffer(base64.b64decode(card.head.weight_f32_b64), dtype="<f4").reshape(shape)
+    bias_text = card.head.bias_f32_b64
+    bias = np.frombuffer(base64.b64decode(bias_text), dtype="<f4") if bias_text else np.zeros(shape[0], "<f4")
+    return weight.astype(np.float64), bias.astype(np.float64)
