@@ -97,6 +97,11 @@ def test_export_adapt_install_promote_rollback_from_the_command_line(
         env, "models", "promote", MODEL, "0.0.1+site.1", "--why", "gate passed", "--by", "admin@clinic.org"
     )
     assert code == 0 and "0.0.1+site.1 serves" in out, out
+    code, out = oncolens(env, "models", "--json")  # the listing shows what a server serves now
+    assert (
+        code == 0
+        and {json.loads(line)["id"]: json.loads(line)["version"] for line in out.splitlines()}[MODEL] == "0.0.1+site.1"
+    )
     code, out = oncolens(env, "models", "versions", MODEL)
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}

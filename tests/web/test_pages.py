@@ -126,12 +126,18 @@ def test_a_viewer_cannot_analyse_or_review(app_client: TestClient) -> None:
     assert page.status_code == 403 and "viewer" in page.text  # type: ignore[attr-defined]
 
 
-def test_an_invalid_review_is_shown_and_not_saved(app_client: TestClient) -> None:
-    browser = web_login(app_client, "doc@clinic.org")
+def analysed_case(client: TestClient) -> tuple[TestClient, Case]:
+    """A clinician's web session and the case it just made on the analyze page."""
+    browser = web_login(client, "doc@clinic.org")
     analyze(browser)
-    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
         case = session.exec(select(Case).order_by(col(Case.created_at).desc())).first()
     assert case is not None
+    return browser, case
+
+
+def test_an_invalid_review_is_shown_and_not_saved(app_client: TestClient) -> None:
+    browser, case = analysed_case(app_client)
     token = browser.cookies["oncolens_csrf"]
     bad = browser.post(f"/cases/{case.id}/review", data={"status": "done", "csrf_token": token})
     assert bad.status_code == 400 and "The review was not saved: status: Input should be" in bad.text
@@ -269,11 +275,7 @@ def test_no_logged_in_page_refers_to_another_host(app_client: TestClient) -> Non
 
 
 def test_the_review_form_records_a_reference_and_the_admin_model_pages_work(app_client: TestClient) -> None:
-    browser = web_login(app_client, "doc@clinic.org")
-    analyze(browser)
-    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
-        case = session.exec(select(Case).order_by(col(Case.created_at).desc())).first()
-    assert case is not None
+    browser, case = analysed_case(app_client)
     token = browser.cookies["oncolens_csrf"]
     page = browser.get(f"/cases/{case.id}")
     assert '<option value="mel" >Melanoma (mel)</option>' in page.text and "histopathology" in page.text

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from oncolens.evaluation.datasets import Sample
     from oncolens.training.backbones import Classifier
     from oncolens.training.recipe import Recipe
+    from oncolens.zoo import Zoo
     from oncolens.zoo.card import ModelCard
 
 # The order `oncolens --help` lists the commands in: what a clinic runs first, then the administrator's
@@ -448,7 +449,9 @@ def models(
     from oncolens.config import Settings
     from oncolens.zoo import ModelPackage, PackageError, Zoo
 
-    zoo = Zoo.from_settings(Settings(), model_dir or [])
+    settings = Settings()
+    zoo = Zoo.from_settings(settings, model_dir or [])
+    _installed_versions(zoo, settings)
     rows: list[dict[str, Any]] = []
     for model_id in zoo.ids():
         try:
@@ -469,6 +472,26 @@ def models(
             typer.echo(json.dumps(row))
         return
     _models_table(rows)
+
+
+def _installed_versions(zoo: Zoo, settings: Settings) -> None:
+    """Put the versions the database says serve (``models promote``) in place, where a database exists
+    (the listing then shows what a server serves); a missing or unreachable database leaves the shipped ones."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from oncolens.services.versions import VersionSync
+    from oncolens.store.db import make_engine
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+        return
+    engine = make_engine(url)
+    try:
+        VersionSync(engine, zoo, settings.data_dir / "models").run()
+    except SQLAlchemyError:
+        pass  # no schema yet, or the database is down: the shipped packages are what would serve
+    finally:
+        engine.dispose()
 
 
 def _other_build(served: Path) -> Path | None:
