@@ -125,6 +125,63 @@ def test_a_case_made_on_one_is_served_reviewed_reported_and_deleted_by_the_other
     assert {"create", "review", "report", "delete"} <= {e["action"] for e in actions}
 
 
+def test_a_promotion_made_on_one_replica_is_served_by_both_within_5_s(pair: list[Replica], tmp_path: Path) -> None:
+    """A site version installed through one replica and promoted through the other: both answer with it
+    within ONCOLENS_MODEL_POLL_S (2 s) + a request, without a restart; a rollback likewise."""
+    import io
+    import json
+    import zipfile
+
+    from oncolens.zoo import BUILTIN_DIR, ONE_NETWORK
+
+    a, b = pair
+    admin = bearer(login(a, "admin@clinic.org"))
+    shipped = BUILTIN_DIR / "skin-ham10000"
+    card = json.loads((shipped / "card.json").read_text())
+    site = card | {
+        "version": f"{card['version']}+site.1",
+        "calibration": card["calibration"] | {"temperature": card["calibration"]["temperature"] * 0.8},
+        "lineage": {"gate": {"passed": True, "criteria": []}, "note": "made by the replica test"},
+    }
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(shipped.rglob("*")):
+            relative = path.relative_to(shipped)
+            if path.is_file() and relative.parts[0] != ONE_NETWORK and relative.name != "card.json":
+                zipped.write(path, relative.as_posix())
+        zipped.writestr("card.json", json.dumps(site))
+    installed = httpx.post(
+        f"{a.url}/api/v1/models/skin-ham10000/versions", files={"file": ("site.zip", archive.getvalue())},
+        headers=admin, timeout=120,
+    )  # fmt: skip
+    assert installed.status_code == 201, installed.text
+    image = [("file", (MEL, (SAMPLES / MEL).read_bytes(), "image/jpeg"))]
+
+    def versions() -> set[str]:
+        answers = [httpx.post(f"{r.url}/api/v1/models/skin-ham10000/predict", files=image, timeout=60) for r in pair]
+        return {answer.json()["model_version"] for answer in answers}
+
+    assert versions() == {card["version"]}  # both load the shipped version first
+
+    def within_5_s(expected: str) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < 5.0:
+            if versions() == {expected}:
+                return time.monotonic() - start
+            time.sleep(0.1)
+        raise AssertionError(f"both replicas did not serve {expected} within 5 s: {versions()}")
+
+    promoted = httpx.post(
+        f"{b.url}/api/v1/models/skin-ham10000/versions/{site['version']}/promote", json={"why": "replica test"},
+        headers=admin,
+    )  # fmt: skip
+    assert promoted.status_code == 200, promoted.text
+    within_5_s(site["version"])
+    back = httpx.post(f"{a.url}/api/v1/models/skin-ham10000/rollback", json={"why": "replica test"}, headers=admin)
+    assert back.status_code == 200, back.text
+    within_5_s(card["version"])
+
+
 def test_the_login_lock_and_token_revocation_hold_across_replicas(pair: list[Replica]) -> None:
     a, b = pair
     admin = bearer(login(a, "admin@clinic.org"))
@@ -197,60 +254,3 @@ def test_haproxy_with_the_shipped_configuration_routes_around_a_stopped_replica(
         proxy.terminate()
         log = proxy.communicate(timeout=10)[0].decode(errors="replace")
     assert "replicas/replica2 is DOWN" in log, log[-2000:]
-
-
-def test_a_promotion_made_on_one_replica_is_served_by_both_within_5_s(pair: list[Replica], tmp_path: Path) -> None:
-    """A site version installed through one replica and promoted through the other: both answer with it
-    within ONCOLENS_MODEL_POLL_S (2 s) + a request, without a restart; a rollback likewise."""
-    import io
-    import json
-    import zipfile
-
-    from oncolens.zoo import BUILTIN_DIR, ONE_NETWORK
-
-    a, b = pair
-    admin = bearer(login(a, "admin@clinic.org"))
-    shipped = BUILTIN_DIR / "skin-ham10000"
-    card = json.loads((shipped / "card.json").read_text())
-    site = card | {
-        "version": f"{card['version']}+site.1",
-        "calibration": card["calibration"] | {"temperature": card["calibration"]["temperature"] * 0.8},
-        "lineage": {"gate": {"passed": True, "criteria": []}, "note": "made by the replica test"},
-    }
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zipped:
-        for path in sorted(shipped.rglob("*")):
-            relative = path.relative_to(shipped)
-            if path.is_file() and relative.parts[0] != ONE_NETWORK and relative.name != "card.json":
-                zipped.write(path, relative.as_posix())
-        zipped.writestr("card.json", json.dumps(site))
-    installed = httpx.post(
-        f"{a.url}/api/v1/models/skin-ham10000/versions", files={"file": ("site.zip", archive.getvalue())},
-        headers=admin, timeout=120,
-    )  # fmt: skip
-    assert installed.status_code == 201, installed.text
-    image = [("file", (MEL, (SAMPLES / MEL).read_bytes(), "image/jpeg"))]
-
-    def versions() -> set[str]:
-        answers = [httpx.post(f"{r.url}/api/v1/models/skin-ham10000/predict", files=image, timeout=60) for r in pair]
-        return {answer.json()["model_version"] for answer in answers}
-
-    assert versions() == {card["version"]}  # both load the shipped version first
-
-    def within_5_s(expected: str) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < 5.0:
-            if versions() == {expected}:
-                return time.monotonic() - start
-            time.sleep(0.1)
-        raise AssertionError(f"both replicas did not serve {expected} within 5 s: {versions()}")
-
-    promoted = httpx.post(
-        f"{b.url}/api/v1/models/skin-ham10000/versions/{site['version']}/promote", json={"why": "replica test"},
-        headers=admin,
-    )  # fmt: skip
-    assert promoted.status_code == 200, promoted.text
-    within_5_s(site["version"])
-    back = httpx.post(f"{a.url}/api/v1/models/skin-ham10000/rollback", json={"why": "replica test"}, headers=admin)
-    assert back.status_code == 200, back.text
-    within_5_s(card["version"])
