@@ -486,5 +486,13 @@ def test_monitoring_raises_drift_for_a_colour_cast_and_not_for_the_same_camera(s
     assert client.get(f"/api/v1/models/{MODEL}/monitoring", headers=doctor).status_code == 403
     bad = client.get(f"/api/v1/models/{MODEL}/monitoring", params={"period": "year"}, headers=admin)
     assert bad.status_code == 422
+    backwards = client.get(
+        f"/api/v1/models/{MODEL}/monitoring", params={"start": "2026-02-01", "end": "2026-01-01"}, headers=admin
+    )
+    assert backwards.status_code == 422 and "is after end" in backwards.json()["detail"]
+    edge = client.get(
+        f"/api/v1/models/{MODEL}/monitoring", params={"start": "0001-01-01", "end": "9999-12-31"}, headers=admin
+    )
+    assert edge.status_code == 200 and edge.json()["overall"]["cases"] == report.json()["overall"]["cases"]
     metrics = client.get("/metrics").text
     assert f'oncolens_model_reviewed_cases{{model="{MODEL}"}}' in metrics

@@ -89,7 +89,7 @@ def split_of(group_id: str) -> str:
 def _in_range(query: Any, column: Any, since: date | None, until: date | None) -> Any:
     if since is not None:
         query = query.where(column >= datetime.combine(since, datetime.min.time(), UTC))
-    if until is not None:
+    if until is not None and until < date.max:  # the last day itself has no next day to end before
         query = query.where(column < datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC))
     return query
 

@@ -70,7 +70,7 @@ def load_rows(session: Session, card: ModelCard, since: date | None, until: date
     query = sa_select(*(col(c) for c in columns)).where(col(Case.model_id) == card.id)
     if since is not None:
         query = query.where(col(Case.created_at) >= datetime.combine(since, datetime.min.time(), UTC))
-    if until is not None:
+    if until is not None and until < date.max:
         query = query.where(
             col(Case.created_at) < datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC)
         )
