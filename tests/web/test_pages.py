@@ -300,3 +300,32 @@ def test_the_review_form_records_a_reference_and_the_admin_model_pages_work(app_
     token = admin.cookies["oncolens_csrf"]
     refused = admin.post("/admin/models/skin-ham10000/rollback", data={"why": "test", "csrf_token": token})
     assert refused.status_code == 422 and "nothing to roll back to" in refused.text
+
+
+def test_the_case_list_pages_older_by_cursor(app_client: TestClient) -> None:
+    from datetime import timedelta
+
+    from oncolens.store.db.models import new_id
+
+    browser, case = analysed_case(app_client)
+    with Session(app_client.app.state.engine) as session:  # type: ignore[attr-defined]
+        for i in range(1, 26):  # 25 older copies of the case
+            session.add(
+                Case.model_validate(
+                    case.model_dump() | {"id": new_id(), "created_at": case.created_at - timedelta(minutes=i)}
+                )
+            )
+        session.commit()
+        mine = len(session.exec(select(Case).where(Case.owner_id == case.owner_id)).all())
+    first = browser.get("/cases")
+    older = re.search(r'<a href="([^"]+)" rel="next">Older', first.text)
+    assert older is not None and "cursor=" in older.group(1)
+    shown_first = set(re.findall(r'href="/cases/([0-9a-f]{32})"', first.text))
+    second = browser.get(older.group(1).replace("&amp;", "&"))
+    shown_second = set(re.findall(r'href="/cases/([0-9a-f]{32})"', second.text))
+    assert len(shown_first) == 20 and shown_first.isdisjoint(shown_second) and "page 2 of" in second.text
+    assert len(shown_first | shown_second) == min(mine, 40)
+    stale = browser.get("/cases?page=2&cursor=bm90LWEtY3Vyc29y")
+    assert stale.status_code == 200 and "That page link is not valid any more" in stale.text
+    far = browser.get("/cases?page=999")
+    assert far.status_code == 200 and re.search(r"page (\d+) of \1", far.text)

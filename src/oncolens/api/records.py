@@ -157,11 +157,18 @@ class CaseSummary(BaseModel):
         return cls.model_validate(case, from_attributes=True)
 
 
+NEXT_CURSOR = (
+    "Pass it as `cursor` for the next page (keyset paging: as fast deep down as on top, and rows added "
+    "meanwhile neither repeat nor hide older ones); null on the last page."
+)
+
+
 class CasesPage(BaseModel):
     items: list[CaseSummary]
     total: int = Field(description="Cases matching the filters, over all pages.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description=NEXT_CURSOR)
 
 
 # The clinician review: the API takes the services' own input model.
@@ -188,3 +195,4 @@ class AuditPage(BaseModel):
     total: int
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description=NEXT_CURSOR)

@@ -19,6 +19,7 @@ from oncolens.services.accounts import Accounts, TwoFactorNeeded, needs_enrolmen
 from oncolens.services.analysis import Recorder
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
+from oncolens.services.paging import CURSOR_MAX
 from oncolens.store.db.models import Role, User
 from oncolens.store.images import ImageStore
 from oncolens.zoo import ModelPackage, Zoo
@@ -46,6 +47,14 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 # columns, and Python would pass a larger number through to an OverflowError (a 500).
 DB_INT_MAX = 2**31 - 1
 Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Rows to skip.")]
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=CURSOR_MAX,
+        description="The next_cursor of the previous page: keyset paging, as fast deep down as on the first "
+        "page (instead of offset).",
+    ),
+]
 UserId = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 ZooDep = Annotated[Zoo, Depends(get_zoo)]
 

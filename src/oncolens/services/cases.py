@@ -30,9 +30,10 @@ from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
+from oncolens.services.paging import decode_cursor, encode_cursor
 from oncolens.store.db.models import Case, CaseImage, Role, User, utcnow
 from oncolens.store.images import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore, StoreError, require_space
-from oncolens.store.views import CasePublic
+from oncolens.store.views import CasePublic, as_utc
 from oncolens.vision.cam import Explanation, display_image, explanation, png_bytes
 from oncolens.vision.decode import DecodedImage, decode_image
 from oncolens.vision.prepare import RawImage
@@ -133,6 +134,31 @@ class CaseService:
         total = self.session.exec(select(func.count()).select_from(query.subquery())).one()
         page = query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(offset).limit(limit)
         return list(self.session.exec(page).all()), int(total)
+
+    def page_after(
+        self, user: User, filters: CaseFilters, limit: int, cursor: str | None
+    ) -> tuple[list[Case], int, str | None]:
+        """The page after ``cursor`` (None: the first page), how many match in all, and the next cursor
+        (None on the last page). Keyset pagination on (created_at desc, id): a deep page costs what
+        the first does, and cases made meanwhile neither repeat nor hide older ones."""
+        query = self.query(user, filters)
+        total = self.session.exec(select(func.count()).select_from(query.subquery())).one()
+        if cursor is not None:
+            when, case_id = decode_cursor("cases", cursor, 2)
+            try:
+                moment = as_utc(datetime.fromisoformat(str(when)))
+            except ValueError:
+                raise InvalidInput(
+                    "cursor: not a cursor of the cases list (pass the next_cursor of a previous page)"
+                ) from None
+            query = query.where(
+                (col(Case.created_at) < moment) | ((col(Case.created_at) == moment) & (col(Case.id) > str(case_id)))
+            )
+        ordered = query.order_by(col(Case.created_at).desc(), col(Case.id)).limit(limit + 1)
+        rows = list(self.session.exec(ordered).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, int(total), next_case_cursor(rows[-1]) if more and rows else None
 
     # --- creating and changing -------------------------------------------------------------------------
 
@@ -424,6 +450,11 @@ def shadow_answer(shadow: ModelPackage, analysed: Analysed) -> tuple[str, str] |
         )
         return None
     return shadow.version, json.dumps(result.aggregate.to_dict())
+
+
+def next_case_cursor(case: Case) -> str:
+    """The cursor of the page after ``case`` in the case list's order."""
+    return encode_cursor("cases", as_utc(case.created_at).isoformat(), case.id)
 
 
 def _case_row(owner: User, result: CaseResult, patient: PatientInput) -> Case:

@@ -5,8 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from oncolens.api.records import AuditEventPublic, AuditPage
-from oncolens.http.deps import DB_INT_MAX, AdminUser, Offset, SessionDep
+from oncolens.errors import InvalidInput
+from oncolens.http.deps import DB_INT_MAX, AdminUser, Cursor, Offset, SessionDep
 from oncolens.services.audit import audit_events
+from oncolens.services.paging import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -20,7 +22,16 @@ def list_audit(
     user_id: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> AuditPage:
-    """Who did what to which case and when, newest first (admins only)."""
-    rows, total = audit_events(session, action, case_id, user_id, limit, offset)
-    return AuditPage(items=[AuditEventPublic.of(e) for e in rows], total=total, limit=limit, offset=offset)
+    """Who did what to which case and when, newest first (admins only). Page with ``cursor`` (the
+    ``next_cursor`` of the page before): each page costs the same however deep; ``offset`` still works."""
+    if cursor is not None and offset:
+        raise InvalidInput("send cursor or offset, not both")
+    before = int(decode_cursor("audit", cursor, 1)[0]) if cursor is not None else None
+    rows, total = audit_events(session, action, case_id, user_id, limit + 1, offset, before_id=before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    following = encode_cursor("audit", rows[-1].id) if more and rows else None
+    items = [AuditEventPublic.of(e) for e in rows]
+    return AuditPage(items=items, total=total, limit=limit, offset=offset, next_cursor=following)

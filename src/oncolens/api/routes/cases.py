@@ -13,10 +13,21 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from oncolens.api.records import CasePublic, CasesPage, CaseSummary, CaseUpdate, StatusName
-from oncolens.http.deps import ActorDep, CasesDep, Offset, SettingsDep, ZooDep, batcher_for, public_base, recorder
+from oncolens.errors import InvalidInput
+from oncolens.http.deps import (
+    ActorDep,
+    CasesDep,
+    Cursor,
+    Offset,
+    SettingsDep,
+    ZooDep,
+    batcher_for,
+    public_base,
+    recorder,
+)
 from oncolens.http.responses import file_response, pdf_response
 from oncolens.http.uploads import raw_images
-from oncolens.services.cases import CaseFilters
+from oncolens.services.cases import CaseFilters, next_case_cursor
 from oncolens.services.inputs import Sex
 from oncolens.zoo.card import RiskLevel
 
@@ -70,11 +81,21 @@ def list_cases(
     created_to: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> CasesPage:
-    """Cases you may see, newest first, filtered; ``total`` counts all pages."""
+    """Cases you may see, newest first, filtered; ``total`` counts all pages. Page with ``cursor`` (the
+    ``next_cursor`` of the page before): each page costs the same however deep, and cases added meanwhile
+    neither repeat nor hide older ones; ``offset`` still works (each page then costs more the deeper it is)."""
     filters = CaseFilters(model_id, risk_level, status, patient_ref, created_from, created_to)
-    rows, total = cases.page(actor.user, filters, limit, offset)
-    return CasesPage(items=[CaseSummary.of(c) for c in rows], total=total, limit=limit, offset=offset)
+    if cursor is not None and offset:
+        raise InvalidInput("send cursor or offset, not both")
+    if cursor is not None or offset == 0:
+        rows, total, following = cases.page_after(actor.user, filters, limit, cursor)
+    else:
+        rows, total = cases.page(actor.user, filters, limit, offset)
+        following = next_case_cursor(rows[-1]) if rows and offset + len(rows) < total else None
+    items = [CaseSummary.of(c) for c in rows]
+    return CasesPage(items=items, total=total, limit=limit, offset=offset, next_cursor=following)
 
 
 @router.get("/{case_id}", response_model=CasePublic)
