@@ -926,6 +926,16 @@ def db_upgrade() -> None:
     typer.echo(f"database at the newest revision: {url.split('@')[-1]}")
 
 
+@db_app.command("refresh-stats")
+def db_refresh_stats() -> None:
+    """Recount the dashboard's case counts from the cases (after loading cases by SQL, or as a check)."""
+    from oncolens.store.stats import rebuild
+
+    with _users_session() as session:
+        counted = rebuild(session)
+    typer.echo(f"case counts rebuilt from {counted} case(s)")
+
+
 @app.command()
 def backup(
     dest: Annotated[Path, typer.Argument(help="A new or empty folder for the backup (made 0700, files 0600).")],

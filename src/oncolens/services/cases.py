@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import numpy as np
 from PIL import Image
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, tuple_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -30,7 +30,8 @@ from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
-from oncolens.services.paging import decode_cursor, encode_cursor
+from oncolens.services.paging import decode_cursor, encode_cursor, not_a_cursor
+from oncolens.store import stats
 from oncolens.store.db.models import Case, CaseImage, Role, User, utcnow
 from oncolens.store.images import BROWSER_IMAGE_TYPES, MEDIA_TYPES, ImageStore, StoreError, require_space
 from oncolens.store.views import CasePublic, as_utc
@@ -43,6 +44,8 @@ from oncolens.zoo.preprocess import preprocess
 log = logging.getLogger("oncolens.cases")
 
 REFERENCE_FIELDS = ("reference_class", "reference_standard", "reference_date")
+# The case list's order, newest first; (created_at, id) is also the keyset of its cursor.
+NEWEST_FIRST = (col(Case.created_at).desc(), col(Case.id).desc())
 
 
 @dataclass(frozen=True)
@@ -131,34 +134,35 @@ class CaseService:
     def page(self, user: User, filters: CaseFilters, limit: int, offset: int) -> tuple[list[Case], int]:
         """One page of the cases ``user`` may see, newest first, and how many match in all."""
         query = self.query(user, filters)
-        total = self.session.exec(select(func.count()).select_from(query.subquery())).one()
-        page = query.order_by(col(Case.created_at).desc(), col(Case.id)).offset(offset).limit(limit)
-        return list(self.session.exec(page).all()), int(total)
+        page = query.order_by(*NEWEST_FIRST).offset(offset).limit(limit)
+        return list(self.session.exec(page).all()), self.total(user, filters, query)
+
+    def total(self, user: User, filters: CaseFilters, query: SelectOfScalar[Case]) -> int:
+        """How many cases match: from the counts kept with every write (store.stats) where the filters are
+        among theirs (model, risk level, status; all cases visible), else counted."""
+        if user.role != Role.clinician and not (filters.patient_ref or filters.created_from or filters.created_to):
+            return stats.total(self.session, filters.model_id, filters.risk_level, filters.status)
+        return int(self.session.exec(select(func.count()).select_from(query.subquery())).one())
 
     def page_after(
         self, user: User, filters: CaseFilters, limit: int, cursor: str | None
     ) -> tuple[list[Case], int, str | None]:
         """The page after ``cursor`` (None: the first page), how many match in all, and the next cursor
-        (None on the last page). Keyset pagination on (created_at desc, id): a deep page costs what
-        the first does, and cases made meanwhile neither repeat nor hide older ones."""
+        (None on the last page). Keyset pagination on (created_at, id), newest first: a deep page costs
+        what the first does, and cases made meanwhile neither repeat nor hide older ones."""
         query = self.query(user, filters)
-        total = self.session.exec(select(func.count()).select_from(query.subquery())).one()
+        total = self.total(user, filters, query)
         if cursor is not None:
             when, case_id = decode_cursor("cases", cursor, 2)
             try:
                 moment = as_utc(datetime.fromisoformat(str(when)))
             except ValueError:
-                raise InvalidInput(
-                    "cursor: not a cursor of the cases list (pass the next_cursor of a previous page)"
-                ) from None
-            query = query.where(
-                (col(Case.created_at) < moment) | ((col(Case.created_at) == moment) & (col(Case.id) > str(case_id)))
-            )
-        ordered = query.order_by(col(Case.created_at).desc(), col(Case.id)).limit(limit + 1)
-        rows = list(self.session.exec(ordered).all())
+                raise not_a_cursor("cases") from None
+            query = query.where(tuple_(col(Case.created_at), col(Case.id)) < tuple_(moment, str(case_id)))
+        rows = list(self.session.exec(query.order_by(*NEWEST_FIRST).limit(limit + 1)).all())
         more = len(rows) > limit
         rows = rows[:limit]
-        return rows, int(total), next_case_cursor(rows[-1]) if more and rows else None
+        return rows, total, next_case_cursor(rows[-1]) if more and rows else None
 
     # --- creating and changing -------------------------------------------------------------------------
 
@@ -204,6 +208,7 @@ class CaseService:
             if shadow is not None:
                 case.shadow_version, case.shadow_result_json = shadow
             self.session.add(case)
+            stats.bump(self.session, case, +1)
             for image, decoded, stored, image_result in zip(
                 raw, analysed.prepared.decoded, written, result.images, strict=True
             ):
@@ -230,6 +235,9 @@ class CaseService:
             )
         now = utcnow()
         fields = self._reference(case, fields, now)
+        if fields.get("status", case.status) != case.status:  # the dashboard's counts move with it
+            stats.bump(self.session, case, -1)
+            stats.bump(self.session, case, +1, status=fields["status"])
         for field, value in fields.items():
             setattr(case, field, value)
         case.reviewed_by, case.reviewed_at = actor.user.id, now
@@ -297,6 +305,7 @@ class CaseService:
         names = list(self.session.exec(select(CaseImage.stored_name).where(CaseImage.case_id == case.id)))
         self.session.exec(delete(CaseImage).where(col(CaseImage.case_id) == case.id))
         audit_by(self.session, actor, "delete", case.id, f"{case.model_id} case of patient ref {case.patient_ref!r}")
+        stats.bump(self.session, case, -1)
         self.session.delete(case)
         self.session.commit()
         try:

@@ -178,6 +178,7 @@ class Case(SQLModel, table=True):
     __table_args__ = (
         Index("ix_cases_owner_created", "owner_id", "created_at"),
         Index("ix_cases_model_created", "model_id", "created_at"),
+        Index("ix_cases_created_id", "created_at", "id"),
     )
 
     id: str = Field(default_factory=new_id, sa_column=Column(String(32), primary_key=True))
@@ -288,3 +289,17 @@ class ModelDeployment(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow, sa_column=_when())
     by: str = Field(default="", sa_column=Column(String(255), nullable=False, server_default=""))
     why: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+
+
+class CaseCount(SQLModel, table=True):
+    """How many cases were made on a day (UTC) by a model with a risk level and a review status: kept up
+    to date in the transaction of every case write (``store.stats``), so the dashboard reads a few
+    hundred rows instead of counting every case. ``oncolens db refresh-stats`` rebuilds it from the cases."""
+
+    __tablename__ = "case_counts"
+
+    day: date = Field(sa_column=Column(Date, primary_key=True))
+    model_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    risk_level: str = Field(sa_column=Column(String(16), primary_key=True))
+    status: str = Field(sa_column=Column(String(16), primary_key=True))
+    n: int = Field(sa_column=Column(Integer, nullable=False))
