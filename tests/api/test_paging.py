@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,16 @@ from tests.services.test_learning import image, png
 
 @pytest.fixture(scope="module")
 def client(blob_package: Path, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    zoo = tmp_path_factory.mktemp("paging-zoo")
+    with blob_server(blob_package, database_url, tmp_path_factory) as test_client:
+        yield test_client
+
+
+@contextmanager
+def blob_server(blob_package: Path, database_url: str, factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An app serving only the blob model on a test database, with an admin and a clinician."""
+    zoo = factory.mktemp("blob-zoo")
     shutil.copytree(blob_package, zoo / "blob")
-    settings = db_settings(tmp_path_factory.mktemp("paging-data"), database_url, compat_enabled=False)
+    settings = db_settings(factory.mktemp("blob-data"), database_url, compat_enabled=False)
     with TestClient(create_app(settings, Zoo([zoo]))) as test_client:
         add_user(test_client, "admin@clinic.org", "admin")
         add_user(test_client, "doc@clinic.org", "clinician")

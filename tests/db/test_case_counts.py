@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,25 +13,18 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from oncolens.app import create_app
 from oncolens.store.db.models import Case, CaseCount
 from oncolens.store.stats import counts_since, rebuild
 from oncolens.store.views import as_utc
-from oncolens.zoo import Zoo
-from tests.api.conftest import db_settings
-from tests.api.test_auth_users import add_user, login
+from tests.api.test_auth_users import login
+from tests.api.test_paging import blob_server
 from tests.services.test_learning import image, png
 from tests.web.test_pages import web_login
 
 
 @pytest.fixture(scope="module")
 def client(blob_package: Path, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    zoo = tmp_path_factory.mktemp("counts-zoo")
-    shutil.copytree(blob_package, zoo / "blob")
-    settings = db_settings(tmp_path_factory.mktemp("counts-data"), database_url, compat_enabled=False)
-    with TestClient(create_app(settings, Zoo([zoo]))) as test_client:
-        add_user(test_client, "admin@clinic.org", "admin")
-        add_user(test_client, "doc@clinic.org", "clinician")
+    with blob_server(blob_package, database_url, tmp_path_factory) as test_client:
         yield test_client
 
 

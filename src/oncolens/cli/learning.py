@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from oncolens.cli.main import _command, _fail, _server_key, _users_session, app, cases_app, models_app
+from oncolens.cli.main import (
+    _command,
+    _fail,
+    _server_key,
+    _users_session,
+    app,
+    cases_app,
+    command_line_admin,
+    models_app,
+)
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -33,13 +42,10 @@ Why = Annotated[str, typer.Option("--why", help="Why (kept in the audit trail wi
 def _actor(session: Session, by: str) -> Actor:
     from oncolens.services.audit import Actor
     from oncolens.services.users import find_by_email
-    from oncolens.store.db.models import Role, User
+    from oncolens.store.db.models import Role
 
     if not by:
-        user = User(
-            email="command line", full_name="The OncoLens administrator", role=Role.admin.value, hashed_password=""
-        )
-        return Actor(user, channel="command line")
+        return Actor(command_line_admin(), channel="command line")
     user = find_by_email(session, by)
     if user is None or not user.is_active or user.role != Role.admin.value:
         raise _fail(f"--by {by}: no active admin account with that e-mail")

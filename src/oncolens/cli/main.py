@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from oncolens.config import Settings
     from oncolens.decision import CaseResult
     from oncolens.evaluation.datasets import Sample
+    from oncolens.store.db.models import User
     from oncolens.training.backbones import Classifier
     from oncolens.training.recipe import Recipe
     from oncolens.zoo import Zoo
@@ -1153,17 +1154,10 @@ def users_invite(
     from oncolens.services.accounts import Accounts
     from oncolens.services.audit import Actor
     from oncolens.services.users import find_by_email
-    from oncolens.store.db.models import Role, User
 
     settings = Settings()
     with _users_session() as session:
-        sender = (
-            find_by_email(session, inviter)
-            if inviter
-            else User(
-                email="command line", full_name="The OncoLens administrator", role=Role.admin.value, hashed_password=""
-            )
-        )
+        sender = find_by_email(session, inviter) if inviter else command_line_admin()
         accounts = Accounts(session, settings, _server_key(settings))
         user = accounts.invite(Actor(sender, channel="command line"), email, role, full_name)
         sent = mailqueue.drain(session.get_bind(), Mailer(settings))  # type: ignore[arg-type]
@@ -1179,6 +1173,13 @@ def users_invite(
 def _progress(done: int, total: int) -> None:
     """``evaluate``'s progress on standard error (the report itself goes to standard output)."""
     typer.echo(f"\revaluating: {done}/{total} images", err=True, nl=done >= total)
+
+
+def command_line_admin() -> User:
+    """The actor of a step run on the server's own command line without ``--by``: an administrator."""
+    from oncolens.store.db.models import Role, User
+
+    return User(email="command line", full_name="The OncoLens administrator", role=Role.admin.value, hashed_password="")
 
 
 def _server_key(settings: Settings) -> str:

@@ -96,6 +96,25 @@ async def run_prepared(
     return _analysed(model, prepared, logits, features, time.perf_counter() - start, record)
 
 
+def case_result_of(
+    model: ModelPackage,
+    prepared: PreparedImages,
+    logits: np.ndarray,
+    features: np.ndarray | None,
+    timings: dict[str, float] | None = None,
+) -> CaseResult:
+    """The case result of ``model``'s outputs on prepared images (the serving model's, or a shadow's)."""
+    return decision.case_result(
+        model,
+        logits.astype("float64"),
+        [(d.width, d.height) for d in prepared.decoded],
+        prepared.filenames,
+        timings or {},
+        features=features,
+        stats=prepared.stats or None,
+    )
+
+
 def _analysed(
     model: ModelPackage,
     prepared: PreparedImages,
@@ -104,15 +123,8 @@ def _analysed(
     inference_s: float,
     record: Recorder | None,
 ) -> Analysed:
-    result = decision.case_result(
-        model,
-        logits.astype("float64"),
-        [(d.width, d.height) for d in prepared.decoded],
-        prepared.filenames,
-        {"decode": round(prepared.decode_ms, 2), "inference": round(inference_s * 1000, 2)},
-        features=features,
-        stats=prepared.stats or None,
-    )
+    timings = {"decode": round(prepared.decode_ms, 2), "inference": round(inference_s * 1000, 2)}
+    result = case_result_of(model, prepared, logits, features, timings)
     if record is not None:
         record(result, inference_s)
     return Analysed(result, prepared, features, model.input_spec)

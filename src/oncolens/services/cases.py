@@ -23,11 +23,10 @@ from sqlalchemy import delete, func, tuple_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from oncolens import decision
 from oncolens.config import Settings
 from oncolens.decision import DISCLAIMER, CaseResult, ImageResult
 from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
-from oncolens.services.analysis import Analysed, Recorder, Runner, analyse
+from oncolens.services.analysis import Analysed, Recorder, Runner, analyse, case_result_of
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
 from oncolens.services.paging import decode_cursor, encode_cursor, not_a_cursor
@@ -444,15 +443,7 @@ def shadow_answer(shadow: ModelPackage, analysed: Analysed) -> tuple[str, str] |
         if shadow.input_spec != analysed.result_spec:
             inputs = preprocess([d.image for d in prepared.decoded], shadow.input_spec)
         logits, features = shadow.run(inputs, with_features=True)
-        result = decision.case_result(
-            shadow,
-            logits.astype("float64"),
-            [(d.width, d.height) for d in prepared.decoded],
-            prepared.filenames,
-            {},
-            features=features,
-            stats=prepared.stats or None,
-        )
+        result = case_result_of(shadow, prepared, logits, features)
     except Exception:
         log.exception(
             "the shadow version %s %s failed on a case; the case is stored without it", shadow.id, shadow.version
