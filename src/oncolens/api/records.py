@@ -161,11 +161,17 @@ NEXT_CURSOR = (
     "Pass it as `cursor` for the next page (keyset paging: as fast deep down as on top, and rows added "
     "meanwhile neither repeat nor hide older ones); null on the last page."
 )
+TOTAL_SOURCE = (
+    "Where `total` comes from: `maintained`, the counts the server keeps with every write (exact, and read "
+    "in a few rows however many there are), or `counted` over the matching rows."
+)
+TotalSource = Literal["maintained", "counted"]
 
 
 class CasesPage(BaseModel):
     items: list[CaseSummary]
     total: int = Field(description="Cases matching the filters, over all pages.")
+    total_source: TotalSource = Field(description=TOTAL_SOURCE)
     limit: int
     offset: int
     next_cursor: str | None = Field(None, description=NEXT_CURSOR)
@@ -192,7 +198,8 @@ class AuditEventPublic(BaseModel):
 
 class AuditPage(BaseModel):
     items: list[AuditEventPublic]
-    total: int
+    total: int = Field(description="Events matching the filters, over all pages.")
+    total_source: TotalSource = Field(description=TOTAL_SOURCE)
     limit: int
     offset: int
     next_cursor: str | None = Field(None, description=NEXT_CURSOR)

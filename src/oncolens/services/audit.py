@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
+from oncolens.store import stats  # its mapper event counts every audit event written
 from oncolens.store.db.models import AuditEvent, User
 
 log = logging.getLogger("oncolens.audit")
@@ -134,8 +135,9 @@ def audit_events(
     count: bool = True,
 ) -> tuple[list[AuditEvent], int]:
     """Audit events newest first, filtered, one page of them (after ``offset`` rows, or below the event
-    id ``before_id``: keyset paging, as cheap deep down as on top), and how many match in all (-1 without
-    ``count``: a count scans every matching event)."""
+    id ``before_id``: keyset paging, as cheap deep down as on top), and how many match in all (-1
+    without ``count``). The total comes from the counts kept with every event (``audit_counts``), or
+    is counted for one case's events (an index range of a few rows)."""
     query = select(AuditEvent)
     if action:
         query = query.where(AuditEvent.action == action)
@@ -145,7 +147,11 @@ def audit_events(
         query = query.where(AuditEvent.user_id == user_id)
     if hide_views and not action:
         query = query.where(col(AuditEvent.action).not_in(VIEW_ACTIONS))
-    total = session.exec(select(func.count()).select_from(query.subquery())).one() if count else -1
+    total = -1
+    if count and case_id:
+        total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    elif count:
+        total = stats.audit_total(session, action, user_id, VIEW_ACTIONS if hide_views else ())
     if before_id is not None:
         query = query.where(col(AuditEvent.id) < before_id)
     rows = session.exec(query.order_by(col(AuditEvent.id).desc()).offset(offset).limit(limit)).all()

@@ -139,9 +139,14 @@ class CaseService:
     def total(self, user: User, filters: CaseFilters, query: SelectOfScalar[Case]) -> int:
         """How many cases match: from the counts kept with every write (store.stats) where the filters are
         among theirs (model, risk level, status; all cases visible), else counted."""
-        if user.role != Role.clinician and not (filters.patient_ref or filters.created_from or filters.created_to):
+        if self.total_is_maintained(user, filters):
             return stats.total(self.session, filters.model_id, filters.risk_level, filters.status)
         return int(self.session.exec(select(func.count()).select_from(query.subquery())).one())
+
+    @staticmethod
+    def total_is_maintained(user: User, filters: CaseFilters) -> bool:
+        """Whether ``total`` reads the kept counts (filters among theirs, every case visible) or counts."""
+        return user.role != Role.clinician and not (filters.patient_ref or filters.created_from or filters.created_to)
 
     def page_after(
         self, user: User, filters: CaseFilters, limit: int, cursor: str | None
@@ -207,11 +212,15 @@ class CaseService:
             if shadow is not None:
                 case.shadow_version, case.shadow_result_json = shadow
             self.session.add(case)
+            rows = [
+                _image_row(case.id, image, decoded, stored, image_result)
+                for image, decoded, stored, image_result in zip(
+                    raw, analysed.prepared.decoded, written, result.images, strict=True
+                )
+            ]
+            self.session.add_all(rows)
             stats.bump(self.session, case, +1)
-            for image, decoded, stored, image_result in zip(
-                raw, analysed.prepared.decoded, written, result.images, strict=True
-            ):
-                self.session.add(_image_row(case.id, image, decoded, stored, image_result))
+            stats.bump_monitor(self.session, case, [row.result_json for row in rows], +1)
             detail = f"{result.model_id}: {len(raw)} image(s), risk {result.aggregate.risk_level}"
             audit_by(self.session, actor, "create", case.id, detail)
             self.session.commit()
@@ -237,8 +246,14 @@ class CaseService:
         if fields.get("status", case.status) != case.status:  # the dashboard's counts move with it
             stats.bump(self.session, case, -1)
             stats.bump(self.session, case, +1, status=fields["status"])
+        moved = fields.get("reference_class", case.reference_class) != case.reference_class
+        images = stats.image_results(self.session, case.id) if moved else []
+        if moved:  # and the monitoring counts with a new reference class
+            stats.bump_monitor(self.session, case, images, -1)
         for field, value in fields.items():
             setattr(case, field, value)
+        if moved:
+            stats.bump_monitor(self.session, case, images, +1)
         case.reviewed_by, case.reviewed_at = actor.user.id, now
         case.updated_at = case.reviewed_at
         audit_by(
@@ -301,10 +316,14 @@ class CaseService:
         """Delete a case, its image rows and then its files (files go only once the rows are gone)."""
         case = self.find(actor.user, case_id, model_id)
         require_writer(actor.user)
-        names = list(self.session.exec(select(CaseImage.stored_name).where(CaseImage.case_id == case.id)))
+        images = self.session.exec(
+            select(CaseImage.stored_name, CaseImage.result_json).where(CaseImage.case_id == case.id)
+        ).all()
+        names = [name for name, _ in images]
         self.session.exec(delete(CaseImage).where(col(CaseImage.case_id) == case.id))
         audit_by(self.session, actor, "delete", case.id, f"{case.model_id} case of patient ref {case.patient_ref!r}")
         stats.bump(self.session, case, -1)
+        stats.bump_monitor(self.session, case, [result for _, result in images], -1)
         self.session.delete(case)
         self.session.commit()
         try:

@@ -37,3 +37,11 @@ def decode_cursor(kind: str, cursor: str, arity: int) -> list[Any]:
     if not isinstance(value, list) or len(value) != arity + 1 or value[0] != kind:
         raise problem
     return value[1:]
+
+
+def decode_event_cursor(cursor: str) -> int:
+    """The audit event id an audit-log cursor holds, or InvalidInput saying it is not one."""
+    (event_id,) = decode_cursor("audit", cursor, 1)
+    if not isinstance(event_id, int) or isinstance(event_id, bool):
+        raise not_a_cursor("audit")
+    return event_id

@@ -34,9 +34,9 @@ from oncolens.http.uploads import read_form
 from oncolens.services.audit import Actor, audit_events
 from oncolens.services.cases import CaseFilters, CaseService, can_write, next_case_cursor
 from oncolens.services.inputs import Sex
-from oncolens.services.paging import CURSOR_MAX
+from oncolens.services.paging import CURSOR_MAX, decode_event_cursor, encode_cursor
 from oncolens.store.db.models import Case, CaseStatus, ReferenceStandard, Role, User, utcnow
-from oncolens.store.stats import counts_since
+from oncolens.store.stats import dashboard as dashboard_counts
 from oncolens.vision.decode import ImageDecodeError
 from oncolens.web.account_pages import code_page
 from oncolens.web.account_pages import router as account_router
@@ -533,19 +533,19 @@ def admin_page(
 ) -> HTMLResponse:
     if user.role != Role.admin.value:
         return render(request, "error.html", status=403, user=user, message="The dashboard is for administrators.")
-    # The case counts kept with every case write (store.stats): a few hundred rows, not every case.
-    counts = counts_since(session)
+    # The case counts kept with every case write (store.stats), summed by the database.
     since = (utcnow() - timedelta(days=days - 1)).date()
+    overall, daily = dashboard_counts(session, since)
     by_day: dict[str, Counter[str]] = {}
     by_model: Counter[str] = Counter()
     by_risk: Counter[str] = Counter()
     by_status: Counter[str] = Counter()
-    for row in counts:
-        by_model[row.model_id] += row.n
-        by_risk[row.risk_level] += row.n
-        by_status[row.status] += row.n
-        if row.day >= since:
-            by_day.setdefault(row.day.isoformat(), Counter())[row.risk_level] += row.n
+    for model_id, risk_level, status, n in overall:
+        by_model[model_id] += n
+        by_risk[risk_level] += n
+        by_status[status] += n
+    for day, risk_level, n in daily:
+        by_day.setdefault(day.isoformat(), Counter())[risk_level] += n
     timeline = [(since + timedelta(days=i)).isoformat() for i in range(days)]
     peak = max((sum(c.values()) for c in by_day.values()), default=0)
     scale = peak + peak % 2  # an even top, so the middle tick is a whole number of cases
@@ -577,16 +577,38 @@ def audit_page(
     action: Annotated[str, Query(max_length=32)] = "",
     views: bool = False,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    cursor: Annotated[str, Query(max_length=CURSOR_MAX)] = "",
 ) -> HTMLResponse:
-    """The whole audit trail, newest first, 50 a page; image and heat-map views only when asked for."""
+    """The whole audit trail, newest first, 50 a page; image and heat-map views only when asked for.
+    "Older" follows the cursor of the page's last event (as fast deep down as on top); a page number
+    alone ("Newer", a typed URL) is reached by offset."""
     if user.role != Role.admin.value:
         return render(request, "error.html", status=403, user=user, message="The audit trail is for administrators.")
+    error = None
+    try:
+        before = decode_event_cursor(cursor) if cursor else None
+    except InvalidInput:
+        error, page, before = "That page link is not valid any more; this is the first page.", 1, None
+    offset = 0 if before is not None else (page - 1) * AUDIT_PAGE
     rows, total = audit_events(
-        session, action or None, limit=AUDIT_PAGE, offset=(page - 1) * AUDIT_PAGE, hide_views=not views
+        session, action or None, limit=AUDIT_PAGE + 1, offset=offset, hide_views=not views, before_id=before
     )
+    following = encode_cursor("audit", rows[AUDIT_PAGE - 1].id) if len(rows) > AUDIT_PAGE else None
     pages = max(1, -(-total // AUDIT_PAGE))
+    base = {"action": action, "views": "true" if views else "false"}
     return render(
-        request, "audit.html", user=user, events=rows, total=total, page=page, pages=pages, action=action, views=views
+        request,
+        "audit.html",
+        user=user,
+        events=rows[:AUDIT_PAGE],
+        total=total,
+        page=min(page, pages),
+        pages=pages,
+        action=action,
+        views=views,
+        error=error,
+        newer_url="/admin/audit?" + urlencode(base | {"page": page - 1}) if page > 1 else None,
+        older_url="/admin/audit?" + urlencode(base | {"page": page + 1, "cursor": following}) if following else None,
     )
 
 

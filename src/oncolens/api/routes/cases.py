@@ -95,7 +95,10 @@ def list_cases(
         rows, total = cases.page(actor.user, filters, limit, offset)
         following = next_case_cursor(rows[-1]) if rows and offset + len(rows) < total else None
     items = [CaseSummary.of(c) for c in rows]
-    return CasesPage(items=items, total=total, limit=limit, offset=offset, next_cursor=following)
+    source = "maintained" if cases.total_is_maintained(actor.user, filters) else "counted"
+    return CasesPage(
+        items=items, total=total, total_source=source, limit=limit, offset=offset, next_cursor=following
+    )
 
 
 @router.get("/{case_id}", response_model=CasePublic)

@@ -12,10 +12,12 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     true,
@@ -234,13 +236,19 @@ class CaseImage(SQLModel, table=True):
 
 class AuditEvent(SQLModel, table=True):
     __tablename__ = "audit_events"
+    # Each filter of the audit log with the page order behind it: a filtered page reads 50 index entries.
+    __table_args__ = (
+        Index("ix_audit_events_user_id_id", "user_id", "id"),
+        Index("ix_audit_events_action_id", "action", "id"),
+        Index("ix_audit_events_case_id_id", "case_id", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
-    user_id: int | None = Field(default=None, index=True)
+    user_id: int | None = Field(default=None)
     actor: str = Field(default="", max_length=255)
-    action: str = Field(sa_column=Column(String(32), nullable=False, index=True))
-    case_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True, index=True))
+    action: str = Field(sa_column=Column(String(32), nullable=False))
+    case_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
     detail: str = Field(default="", sa_column=Column(Text, nullable=False))
     client: str = Field(default="", max_length=64)
 
@@ -302,4 +310,38 @@ class CaseCount(SQLModel, table=True):
     model_id: str = Field(sa_column=Column(String(64), primary_key=True))
     risk_level: str = Field(sa_column=Column(String(16), primary_key=True))
     status: str = Field(sa_column=Column(String(16), primary_key=True))
+    n: int = Field(sa_column=Column(Integer, nullable=False))
+
+
+class MonitorCount(SQLModel, table=True):
+    """The monitoring page's figures kept, not recomputed: cases of a model made on a day (UTC), by
+    P(malignant) in 1/100 bins, whether the model called them malignant, whether they were indeterminate
+    and their reference class ('' before a review gives one), with their images, out-of-domain and
+    quality-warned images and the sum of their P. Kept in the transaction of every create, review and
+    delete (``store.stats``); ``oncolens db refresh-stats`` rebuilds it from the cases."""
+
+    __tablename__ = "monitor_counts"
+
+    day: date = Field(sa_column=Column(Date, primary_key=True))
+    model_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    p_bin: int = Field(sa_column=Column(SmallInteger, primary_key=True))
+    called: bool = Field(sa_column=Column(Boolean, primary_key=True))
+    indeterminate: bool = Field(sa_column=Column(Boolean, primary_key=True))
+    reference_class: str = Field(sa_column=Column(String(64), primary_key=True))
+    n: int = Field(sa_column=Column(Integer, nullable=False))
+    images: int = Field(sa_column=Column(Integer, nullable=False))
+    images_out: int = Field(sa_column=Column(Integer, nullable=False))
+    images_warned: int = Field(sa_column=Column(Integer, nullable=False))
+    p_sum: float = Field(sa_column=Column(Float, nullable=False))
+
+
+class AuditCount(SQLModel, table=True):
+    """How many audit events of an action a user (0: none) wrote on a day (UTC): kept with every audit
+    event written (``store.stats``), so the audit log's totals read a few rows instead of counting millions."""
+
+    __tablename__ = "audit_counts"
+
+    day: date = Field(sa_column=Column(Date, primary_key=True))
+    action: str = Field(sa_column=Column(String(32), primary_key=True))
+    user_id: int = Field(sa_column=Column(Integer, primary_key=True))
     n: int = Field(sa_column=Column(Integer, nullable=False))
