@@ -99,7 +99,7 @@ def live_server(env: dict[str, str] | None = None, workers: int = 1) -> Iterator
                         break
                 except httpx.HTTPError:
                     pass
-                if time.perf_counter() - started > 60 or server.poll() is not None:
+                if time.perf_counter() - started > 600 or server.poll() is not None:  # migrations may run
                     raise SystemExit("the server did not start")
                 time.sleep(0.1)
             yield LiveServer(server, base, time.perf_counter() - started)

@@ -1226,9 +1226,11 @@ def format_case(result: CaseResult) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    app()
+# The learning loop's commands (cases export-dataset, adapt, models install/shadow/promote/rollback/monitoring)
+# and the audit log's (audit archive/restore), registered on this module's ``app``.
+from oncolens.cli import audit, learning  # noqa: E402,F401
 
+if __name__ == "__main__":  # `python -m oncolens.cli.main`: the app the modules above registered on
+    from oncolens.cli.main import app as registered
 
-# The learning loop's commands (cases export-dataset, adapt, models install/shadow/promote/rollback/monitoring).
-from oncolens.cli import learning  # noqa: E402,F401
+    registered()

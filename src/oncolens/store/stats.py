@@ -57,8 +57,7 @@ REBUILD_MONITOR = {
     "sum(CASE WHEN json_typeof(result_json::json -> 'quality') = 'array' "
     "AND json_array_length(result_json::json -> 'quality') > 0 THEN 1 ELSE 0 END) AS images_warned "
     "FROM case_images GROUP BY case_id) i ON i.case_id = c.id GROUP BY 1, 2, 3, 4, 5, 6",
-    "sqlite": _MONITOR_INSERT
-    + "SELECT date(c.created_at), c.model_id, MIN(CAST(c.p_malignant * 100 AS INTEGER), 99), "
+    "sqlite": _MONITOR_INSERT + "SELECT date(c.created_at), c.model_id, MIN(CAST(c.p_malignant * 100 AS INTEGER), 99), "
     "COALESCE(json_extract(c.result_json, '$.is_malignant') = 1, 0), c.risk_level = 'indeterminate', "
     "COALESCE(c.reference_class, ''), count(*), COALESCE(sum(i.images), 0), COALESCE(sum(i.images_out), 0), "
     "COALESCE(sum(i.images_warned), 0), sum(c.p_malignant) "
@@ -128,7 +127,7 @@ def bump_monitor(session: Session, case: Case, images: Sequence[str], by: int) -
         "images_warned": by * warned,
         "p_sum": by * float(case.p_malignant),
     }
-    keys = ["day", "model_id", "p_bin", "called", "indeterminate", "reference_class"]
+    keys = ["model_id", "day", "p_bin", "called", "indeterminate", "reference_class"]
     adds = ["n", "images", "images_out", "images_warned", "p_sum"]
     _upsert(session, MonitorCount.__table__, keys, values, adds)  # type: ignore[attr-defined]
 
@@ -230,22 +229,10 @@ def audit_total(session: Session, action: str | None, user_id: int | None, hide:
     return int(session.exec(query).one())
 
 
-def forget_audit(session: Session, counts: Sequence[tuple[date, str, int, int]]) -> None:
-    """Take archived audit events ((day, action, user id or 0, n) each) out of ``audit_counts``."""
+def adjust_audit(session: Session, counts: Sequence[tuple[date, str, int, int]]) -> None:
+    """Add (day, action, user id or 0, n) to ``audit_counts``, n negative for events archived (the
+    events written or deleted past the ORM: ``services.archive``)."""
     for day, action, user_id, n in counts:
-        values = {"day": day, "action": action, "user_id": user_id, "n": -n}
+        values = {"day": day, "action": action, "user_id": user_id, "n": n}
         _upsert(session, AuditCount.__table__, ["day", "action", "user_id"], values, ["n"])  # type: ignore[attr-defined]
     session.execute(delete(AuditCount).where(col(AuditCount.n) == 0))
-
-
-def total(session: Session, model_id: str | None, risk_level: str | None, status: str | None) -> int:
-    """How many cases there are, of a model, risk level and status where given (None: any)."""
-    query = select(func.coalesce(func.sum(CaseCount.n), 0))
-    for column, value in (
-        (CaseCount.model_id, model_id),
-        (CaseCount.risk_level, risk_level),
-        (CaseCount.status, status),
-    ):
-        if value is not None:
-            query = query.where(column == value)
-    return int(session.exec(query).one())

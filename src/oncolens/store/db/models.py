@@ -322,8 +322,8 @@ class MonitorCount(SQLModel, table=True):
 
     __tablename__ = "monitor_counts"
 
+    model_id: str = Field(sa_column=Column(String(64), primary_key=True))  # first: a page reads one model's
     day: date = Field(sa_column=Column(Date, primary_key=True))
-    model_id: str = Field(sa_column=Column(String(64), primary_key=True))
     p_bin: int = Field(sa_column=Column(SmallInteger, primary_key=True))
     called: bool = Field(sa_column=Column(Boolean, primary_key=True))
     indeterminate: bool = Field(sa_column=Column(Boolean, primary_key=True))

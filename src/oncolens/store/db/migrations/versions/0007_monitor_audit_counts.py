@@ -61,8 +61,8 @@ AUDIT_INDEXES = ("user_id", "action", "case_id")
 def upgrade() -> None:
     op.create_table(
         "monitor_counts",
+        sa.Column("model_id", sa.String(64), primary_key=True),  # first: a page reads one model's rows
         sa.Column("day", sa.Date(), primary_key=True),
-        sa.Column("model_id", sa.String(64), primary_key=True),
         sa.Column("p_bin", sa.SmallInteger(), primary_key=True),
         sa.Column("called", sa.Boolean(), primary_key=True),
         sa.Column("indeterminate", sa.Boolean(), primary_key=True),
