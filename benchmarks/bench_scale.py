@@ -132,7 +132,20 @@ RECOUNTS = {
     "monitoring (model, P bin, reference)": (
         "SELECT model_id, LEAST(FLOOR(p_malignant * 100), 99)::int, COALESCE(reference_class, ''), count(*) "
         "FROM cases GROUP BY 1, 2, 3",
-        "SELECT model_id, p_bin, reference_class, sum(n) FROM monitor_counts GROUP BY 1, 2, 3 HAVING sum(n) <> 0",
+        "SELECT model_id, p_bin, reference_class, sum(n) FROM monitor_counts WHERE span = 'd' GROUP BY 1, 2, 3 "
+        "HAVING sum(n) <> 0",
+    ),
+    "monitoring, months = their days": (
+        "SELECT model_id, day - (extract(day from day)::int - 1), p_bin, reference_class, sum(n) FROM monitor_counts "
+        "WHERE span = 'd' GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0",
+        "SELECT model_id, day, p_bin, reference_class, sum(n) FROM monitor_counts WHERE span = 'm' "
+        "GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0",
+    ),
+    "monitoring, weeks = their days": (
+        "SELECT model_id, day - (extract(isodow from day)::int - 1), p_bin, reference_class, sum(n) "
+        "FROM monitor_counts WHERE span = 'd' GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0",
+        "SELECT model_id, day, p_bin, reference_class, sum(n) FROM monitor_counts WHERE span = 'w' "
+        "GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0",
     ),
     "audit (action, user)": (
         "SELECT action, COALESCE(user_id, 0), count(*) FROM audit_events GROUP BY 1, 2",

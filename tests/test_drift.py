@@ -67,3 +67,15 @@ def test_fit_scaling_keeps_the_offset_of_a_class_it_cannot_see() -> None:
     _, bias = fit_scaling(logits, y, 1.5, np.array([0.1, 0.2, 0.7]), min_class=5)
     t, _ = fit_scaling(logits, y, 1.5, np.array([0.1, 0.2, 0.7]), min_class=5)
     assert bias[2] / t == pytest.approx(0.7 / 1.5, rel=1e-9)
+
+
+def test_a_histogram_gives_what_its_values_repeated_give() -> None:
+    rng = np.random.default_rng(3)
+    reference = np.round(rng.beta(2, 5, 300), 2)
+    centres = (np.arange(100) + 0.5) / 100
+    counts = rng.integers(0, 40, 100)
+    repeated = np.repeat(centres, counts)
+    assert psi(reference, centres, weights=counts) == pytest.approx(psi(reference, repeated), abs=1e-12)
+    d, p = ks_2samp(reference, centres, counts)
+    assert (d, p) == pytest.approx(ks_2samp(reference, repeated), abs=1e-12)
+    assert np.isnan(ks_2samp(reference, centres, np.zeros(100))[0])

@@ -24,7 +24,7 @@ from oncolens.store.db.models import (
     CaseImage,
     MonitorCount,
 )
-from oncolens.store.stats import rebuild
+from oncolens.store.stats import period_start, rebuild
 from oncolens.store.views import as_utc
 from tests.api.test_auth_users import login
 from tests.api.test_paging import blob_server
@@ -80,9 +80,25 @@ def monitor_kept(session: Session) -> dict[tuple[Any, ...], tuple[int, int, int,
             r.images_warned,
             round(r.p_sum, 6),
         )
-        for r in session.exec(select(MonitorCount))
+        for r in session.exec(select(MonitorCount).where(MonitorCount.span == "d"))
         if r.n
     }
+
+
+def rollups_agree(session: Session) -> bool:
+    """Each week and month row holds the sum of its days' rows."""
+    days = session.exec(select(MonitorCount).where(MonitorCount.span == "d")).all()
+    for span, period in (("w", "week"), ("m", "month")):
+        summed: Counter[tuple[Any, ...]] = Counter()
+        for r in days:
+            summed[
+                (period_start(r.day, period), r.model_id, r.p_bin, r.called, r.indeterminate, r.reference_class)
+            ] += r.n
+        rows = session.exec(select(MonitorCount).where(MonitorCount.span == span)).all()
+        kept = Counter({(r.day, r.model_id, r.p_bin, r.called, r.indeterminate, r.reference_class): r.n for r in rows})
+        if +summed != +kept:
+            return False
+    return True
 
 
 def audit_recount(session: Session) -> Counter[tuple[Any, ...]]:
@@ -126,6 +142,7 @@ def test_counts_follow_mixed_writes_and_equal_a_recount(client: TestClient) -> N
         truth, monitored, events = recount(session), monitor_recount(session), audit_recount(session)
         assert sum(truth.values()) == len(made) and kept(session) == truth
         assert monitor_kept(session) == monitored and any(key[-1] for key in monitored)  # reference classes
+        assert rollups_agree(session)
         assert audit_kept(session) == events and any(key[1] == "review" for key in events)
         for table in (CaseCount, MonitorCount, AuditCount):  # spoil them: the rebuild puts them right
             for row in session.exec(select(table)).all():
@@ -135,6 +152,7 @@ def test_counts_follow_mixed_writes_and_equal_a_recount(client: TestClient) -> N
         assert kept(session) != truth and monitor_kept(session) != monitored and audit_kept(session) != events
         assert rebuild(session) == len(made)
         assert kept(session) == truth and monitor_kept(session) == monitored and audit_kept(session) == events
+        assert rollups_agree(session)
     admin_api = login(client, "admin@clinic.org")
     listed = client.get("/api/v1/audit", params={"limit": 5}, headers=admin_api).json()
     with Session(engine) as session:

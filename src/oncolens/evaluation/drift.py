@@ -13,17 +13,25 @@ PSI_BINS = 10
 PSI_FLOOR = 1e-4  # a share of 0 in a bin would make the PSI infinite
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:
-    """Population stability index of ``current`` against ``reference``: sum over bins of
-    (q - r) * ln(q / r), with bins at the reference's deciles (equal reference mass). Under 0.1 is
-    usually read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a large one."""
+def _weights(values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """How many times each value counts (once each without ``weights``: a histogram's counts with them)."""
+    return np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS, weights: np.ndarray | None = None) -> float:
+    """Population stability index of ``current`` (each value counted ``weights`` times where given)
+    against ``reference``: sum over bins of (q - r) * ln(q / r), with bins at the reference's deciles
+    (equal reference mass). Under 0.1 is usually read as stable, 0.1-0.25 as a moderate shift, above
+    0.25 as a large one."""
     reference = np.asarray(reference, dtype=np.float64)
     current = np.asarray(current, dtype=np.float64)
-    if len(reference) == 0 or len(current) == 0:
+    counted = _weights(current, weights)
+    if len(reference) == 0 or counted.sum() == 0:
         return float("nan")
     edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
     r = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) / len(reference)
-    q = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1) / len(current)
+    where = np.searchsorted(edges, current, side="right")
+    q = np.bincount(where, weights=counted, minlength=len(edges) + 1) / counted.sum()
     r, q = np.clip(r, PSI_FLOOR, None), np.clip(q, PSI_FLOOR, None)
     return float(((q - r) * np.log(q / r)).sum())
 
@@ -36,17 +44,24 @@ def _kolmogorov_q(x: float) -> float:
     return float(min(1.0, max(0.0, 2 * total)))
 
 
-def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def ks_2samp(a: np.ndarray, b: np.ndarray, b_weights: np.ndarray | None = None) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov test: the largest gap D between the empirical CDFs and its
-    two-sided p-value (the asymptotic distribution with Stephens' small-sample correction)."""
+    two-sided p-value (the asymptotic distribution with Stephens' small-sample correction). Each value
+    of ``b`` counts ``b_weights`` times where given (a histogram: its bins' values and counts)."""
     a = np.sort(np.asarray(a, dtype=np.float64))
-    b = np.sort(np.asarray(b, dtype=np.float64))
-    if len(a) == 0 or len(b) == 0:
+    b = np.asarray(b, dtype=np.float64)
+    order = np.argsort(b, kind="stable")
+    b, counted = b[order], _weights(b, b_weights)[order]
+    n_b = float(counted.sum())
+    if len(a) == 0 or n_b == 0:
         return float("nan"), float("nan")
+    below_b = np.concatenate([[0.0], np.cumsum(counted)])
     grid = np.concatenate([a, b])
-    gap = np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b))
+    gap = np.abs(
+        np.searchsorted(a, grid, side="right") / len(a) - below_b[np.searchsorted(b, grid, side="right")] / n_b
+    )
     d = float(gap.max())
-    en = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    en = math.sqrt(len(a) * n_b / (len(a) + n_b))
     return d, _kolmogorov_q((en + 0.12 + 0.11 / en) * d)
 
 

@@ -17,7 +17,6 @@ opinions of what a period is. The thresholds are settings (``ONCOLENS_DRIFT_*``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
@@ -40,29 +39,25 @@ CENTRES = (np.arange(P_BINS) + 0.5) / P_BINS
 
 
 @dataclass(frozen=True)
-class _Cell:
-    """Cases of one period in one P bin with one call, indeterminacy and reference class, summed."""
+class _Counts:
+    """Kept counts as columns, one entry per row: the period each belongs to, its P bin, whether it was
+    called malignant, indeterminate, reviewed (given a reference class) and malignant by that class,
+    and its sums."""
 
-    p_bin: int
-    called: bool
-    indeterminate: bool
-    reference_class: str
-    n: int
-    images: int
-    images_out: int
-    images_warned: int
-    p_sum: float
+    start: np.ndarray  # datetime64[D]: the first day of the row's period
+    p_bin: np.ndarray
+    called: np.ndarray
+    indeterminate: np.ndarray
+    reviewed: np.ndarray
+    malignant: np.ndarray
+    n: np.ndarray
+    images: np.ndarray
+    images_out: np.ndarray
+    images_warned: np.ndarray
+    p_sum: np.ndarray
 
-
-def period_start(moment: datetime, period: Period) -> date:
-    day = moment.date()
-    return day - timedelta(days=day.weekday()) if period == "week" else day.replace(day=1)
-
-
-def _period_end(start: date, period: Period) -> date:
-    if period == "week":
-        return start + timedelta(days=7)
-    return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    def where(self, mask: np.ndarray) -> _Counts:
+        return _Counts(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
 
 
 def _number(value: float) -> float | None:
@@ -73,14 +68,31 @@ def _interval(low: float, high: float) -> list[float | None]:
     return [_number(low), _number(high)]
 
 
-def load_cells(
-    session: Session, card: ModelCard, since: date | None, until: date | None, period: Period
-) -> dict[date, list[_Cell]]:
-    """The model's kept counts from ``since`` to ``until`` (inclusive), per period start."""
-    cells: dict[date, list[_Cell]] = {}
-    for start, *fields in stats.monitor_counts(session, card.id, since, until, period):
-        cells.setdefault(start, []).append(_Cell(*fields))
-    return cells
+def load_counts(session: Session, card: ModelCard, since: date | None, until: date | None, period: Period) -> _Counts:
+    """The model's kept counts from ``since`` to ``until`` (inclusive), each row with its period."""
+    rows = stats.monitor_counts(session, card.id, since, until, period)
+    malignant = {c.id for c in card.classes if c.malignant}
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 10
+    epoch = date(1970, 1, 1).toordinal()  # NumPy's day 0; ordinals convert far faster than date objects
+    day = np.array([d.toordinal() - epoch for d in columns[0]], dtype=np.int64).astype("datetime64[D]")
+    if period == "week":  # 1970-01-01 was a Thursday: Monday is 3 days before it
+        start = day - ((day.astype(np.int64) + 3) % 7).astype("timedelta64[D]")
+    else:
+        start = day.astype("datetime64[M]").astype("datetime64[D]")
+    references = columns[4]
+    return _Counts(
+        start=start,
+        p_bin=np.array(columns[1], dtype=np.int64),
+        called=np.array(columns[2], dtype=bool),
+        indeterminate=np.array(columns[3], dtype=bool),
+        reviewed=np.array([bool(r) for r in references], dtype=bool),
+        malignant=np.array([r in malignant for r in references], dtype=bool),
+        n=np.array(columns[5], dtype=np.int64),
+        images=np.array(columns[6], dtype=np.int64),
+        images_out=np.array(columns[7], dtype=np.int64),
+        images_warned=np.array(columns[8], dtype=np.int64),
+        p_sum=np.array(columns[9], dtype=np.float64),
+    )
 
 
 def binned_auc(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
@@ -111,30 +123,27 @@ def binned_auc_interval(
     return float(low), float(high)
 
 
-def summarise(cells: Sequence[_Cell], card: ModelCard, settings: Settings, seed: int = 0) -> dict[str, Any]:
+def _per_bin(bins: np.ndarray, weights: np.ndarray, size: int = P_BINS) -> np.ndarray:
+    return np.bincount(bins, weights=weights, minlength=size)
+
+
+def summarise(counts: _Counts, card: ModelCard, settings: Settings, seed: int = 0) -> dict[str, Any]:
     """The figures of one period (or of the whole range)."""
-    malignant = {c.id for c in card.classes if c.malignant}
-    answered = [c for c in cells if not c.indeterminate]
-    reviewed = [c for c in answered if c.reference_class]
-    images = sum(c.images for c in cells)
-    cases = sum(c.n for c in cells)
+    answered = counts.where(~counts.indeterminate)
+    reviewed = answered.where(answered.reviewed)
+    bad, good = reviewed.where(reviewed.malignant), reviewed.where(~reviewed.malignant)
+    images = int(counts.images.sum())
+    cases = int(counts.n.sum())
     figures: dict[str, Any] = {
         "cases": cases,
-        "indeterminate_cases": cases - sum(c.n for c in answered),
-        "reviewed_cases": sum(c.n for c in reviewed),
+        "indeterminate_cases": cases - int(answered.n.sum()),
+        "reviewed_cases": int(reviewed.n.sum()),
         "images": images,
-        "out_of_domain_rate": _number(sum(c.images_out for c in cells) / images) if images else None,
-        "quality_warning_rate": _number(sum(c.images_warned for c in cells) / images) if images else None,
+        "out_of_domain_rate": _number(int(counts.images_out.sum()) / images) if images else None,
+        "quality_warning_rate": _number(int(counts.images_warned.sum()) / images) if images else None,
     }
-    positives, negatives = np.zeros(P_BINS), np.zeros(P_BINS)
-    hits = rejections = 0
-    for c in reviewed:
-        if c.reference_class in malignant:
-            positives[c.p_bin] += c.n
-            hits += c.n if c.called else 0
-        else:
-            negatives[c.p_bin] += c.n
-            rejections += 0 if c.called else c.n
+    positives, negatives = _per_bin(bad.p_bin, bad.n), _per_bin(good.p_bin, good.n)
+    hits, rejections = int(bad.n[bad.called].sum()), int(good.n[~good.called].sum())
     n_pos, n_neg = int(positives.sum()), int(negatives.sum())
     figures["sensitivity"] = _number(hits / n_pos) if n_pos else None
     figures["sensitivity_ci"] = _interval(*wilson_interval(hits, n_pos))
@@ -144,32 +153,26 @@ def summarise(cells: Sequence[_Cell], card: ModelCard, settings: Settings, seed:
     figures["auroc_ci"] = (
         _interval(*binned_auc_interval(positives, negatives, seed=seed)) if n_pos and n_neg else [None, None]
     )
-    figures["reliability"] = _reliability(reviewed, malignant)
-    histogram = np.zeros(P_BINS, dtype=np.int64)
-    for c in answered:
-        histogram[c.p_bin] += c.n
-    figures["drift"] = drift(histogram, card, settings)
+    figures["reliability"] = _reliability(reviewed)
+    figures["drift"] = drift(_per_bin(answered.p_bin, answered.n).astype(np.int64), card, settings)
     return figures
 
 
-def _reliability(reviewed: Sequence[_Cell], malignant: set[str]) -> list[dict[str, Any]]:
+def _reliability(reviewed: _Counts) -> list[dict[str, Any]]:
     """P(malignant) in ten equal-width bins: how many reviewed cases, their mean P and how many were malignant."""
-    per_bin = P_BINS // RELIABILITY_BINS
-    n, p_sum, bad = np.zeros(RELIABILITY_BINS), np.zeros(RELIABILITY_BINS), np.zeros(RELIABILITY_BINS)
-    for c in reviewed:
-        k = c.p_bin // per_bin
-        n[k] += c.n
-        p_sum[k] += c.p_sum
-        bad[k] += c.n if c.reference_class in malignant else 0
+    k = reviewed.p_bin // (P_BINS // RELIABILITY_BINS)
+    n = _per_bin(k, reviewed.n, RELIABILITY_BINS)
+    p_sum = _per_bin(k, reviewed.p_sum, RELIABILITY_BINS)
+    bad = _per_bin(k, reviewed.n * reviewed.malignant, RELIABILITY_BINS)
     return [
         {
-            "from": k / RELIABILITY_BINS,
-            "to": (k + 1) / RELIABILITY_BINS,
-            "n": int(n[k]),
-            "mean_p": _number(float(p_sum[k] / n[k])) if n[k] else None,
-            "observed": _number(float(bad[k] / n[k])) if n[k] else None,
+            "from": b / RELIABILITY_BINS,
+            "to": (b + 1) / RELIABILITY_BINS,
+            "n": int(n[b]),
+            "mean_p": _number(float(p_sum[b] / n[b])) if n[b] else None,
+            "observed": _number(float(bad[b] / n[b])) if n[b] else None,
         }
-        for k in range(RELIABILITY_BINS)
+        for b in range(RELIABILITY_BINS)
     ]
 
 
@@ -182,9 +185,8 @@ def drift(histogram: np.ndarray, card: ModelCard, settings: Settings) -> dict[st
         why = "the card has no test distribution" if len(reference) == 0 else "no answered cases"
         return {"flag": False, "psi": None, "ks_p": None, "ks_d": None, "n": n, "note": why}
     binned = CENTRES[np.minimum((reference * P_BINS).astype(int), P_BINS - 1)]
-    current = np.repeat(CENTRES, histogram)
-    value = psi(binned, current)
-    d, ks_p = ks_2samp(binned, current)
+    value = psi(binned, CENTRES, weights=histogram)
+    d, ks_p = ks_2samp(binned, CENTRES, histogram)
     enough = n >= settings.drift_min_cases
     flag = enough and (value > settings.drift_psi or ks_p < settings.drift_ks_p)
     note = "" if enough else f"fewer than {settings.drift_min_cases} cases: no flag"
@@ -225,12 +227,15 @@ def monitoring(
         raise InvalidInput(f"period: 'week' or 'month', not {period!r}")
     if since is not None and until is not None and since > until:
         raise InvalidInput(f"start {since} is after end {until}")
-    cells = load_cells(session, card, since, until, period)
-    periods = [
-        {"start": start.isoformat(), "end": _period_end(start, period).isoformat()} | summarise(group, card, settings)
-        for start, group in sorted(cells.items())
-    ]
-    overall = summarise(_merged(cells), card, settings)
+    counts = load_counts(session, card, since, until, period)
+    periods = []
+    for start in np.unique(counts.start):
+        first = start.astype(date)
+        periods.append(
+            {"start": first.isoformat(), "end": stats.period_end(first, period).isoformat()}
+            | summarise(counts.where(counts.start == start), card, settings)
+        )
+    overall = summarise(counts, card, settings)
     overall["performance"] = performance_flag(overall, card, settings)
     expected = card.metrics.get("malignant") or {}
     return {
@@ -262,12 +267,7 @@ def monitoring(
 def recent(session: Session, card: ModelCard, settings: Settings, now: datetime | None = None) -> dict[str, Any]:
     """The last ``WINDOW_DAYS`` days as one period, with both flags: the model list and the gauges."""
     today = (now or datetime.now(UTC)).date()
-    cells = load_cells(session, card, today - timedelta(days=WINDOW_DAYS - 1), today, "month")
-    figures = summarise(_merged(cells), card, settings)
+    counts = load_counts(session, card, today - timedelta(days=WINDOW_DAYS - 1), today, "week")
+    figures = summarise(counts, card, settings)
     figures["performance"] = performance_flag(figures, card, settings)
     return figures
-
-
-def _merged(cells: dict[date, list[_Cell]]) -> list[_Cell]:
-    """The cells of every period as one (the whole range's figures)."""
-    return [cell for group in cells.values() for cell in group]

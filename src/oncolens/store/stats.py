@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import Table, delete, event, func, text
@@ -44,14 +44,29 @@ REBUILD = {
 }
 _MONITOR_INSERT = (
     "INSERT INTO monitor_counts (day, model_id, p_bin, called, indeterminate, reference_class, n, images, "
-    "images_out, images_warned, p_sum) "
+    "images_out, images_warned, p_sum, span) "
 )
+# The week and month rows summed from the day rows (``{start}``: the span's first day, per dialect).
+ROLLUP = (
+    "INSERT INTO monitor_counts (span, day, model_id, p_bin, called, indeterminate, reference_class, n, images, "
+    "images_out, images_warned, p_sum) SELECT '{span}', {start}, model_id, p_bin, called, indeterminate, "
+    "reference_class, sum(n), sum(images), sum(images_out), sum(images_warned), sum(p_sum) FROM monitor_counts "
+    "WHERE span = 'd' GROUP BY 2, 3, 4, 5, 6, 7"
+)
+SPAN_STARTS = {
+    "postgresql": {
+        "w": "day - (extract(isodow from day)::int - 1)",
+        "m": "day - (extract(day from day)::int - 1)",
+    },
+    "sqlite": {"w": "date(day, 'weekday 0', '-6 days')", "m": "date(day, 'start of month')"},
+}
+SPANS = {"week": "w", "month": "m"}
 REBUILD_MONITOR = {
     "postgresql": _MONITOR_INSERT
     + "SELECT (c.created_at AT TIME ZONE 'UTC')::date, c.model_id, LEAST(FLOOR(c.p_malignant * 100), 99)::int, "
     "COALESCE((c.result_json::json ->> 'is_malignant') = 'true', false), c.risk_level = 'indeterminate', "
     "COALESCE(c.reference_class, ''), count(*), COALESCE(sum(i.images), 0), COALESCE(sum(i.images_out), 0), "
-    "COALESCE(sum(i.images_warned), 0), sum(c.p_malignant) "
+    "COALESCE(sum(i.images_warned), 0), sum(c.p_malignant), 'd' "
     "FROM cases c LEFT JOIN (SELECT case_id, count(*) AS images, "
     "sum(CASE WHEN (result_json::json -> 'domain' ->> 'in_domain') = 'false' THEN 1 ELSE 0 END) AS images_out, "
     "sum(CASE WHEN json_typeof(result_json::json -> 'quality') = 'array' "
@@ -60,7 +75,7 @@ REBUILD_MONITOR = {
     "sqlite": _MONITOR_INSERT + "SELECT date(c.created_at), c.model_id, MIN(CAST(c.p_malignant * 100 AS INTEGER), 99), "
     "COALESCE(json_extract(c.result_json, '$.is_malignant') = 1, 0), c.risk_level = 'indeterminate', "
     "COALESCE(c.reference_class, ''), count(*), COALESCE(sum(i.images), 0), COALESCE(sum(i.images_out), 0), "
-    "COALESCE(sum(i.images_warned), 0), sum(c.p_malignant) "
+    "COALESCE(sum(i.images_warned), 0), sum(c.p_malignant), 'd' "
     "FROM cases c LEFT JOIN (SELECT case_id, count(*) AS images, "
     "sum(CASE WHEN json_extract(result_json, '$.domain.in_domain') = 0 THEN 1 ELSE 0 END) AS images_out, "
     "sum(CASE WHEN json_array_length(result_json, '$.quality') > 0 THEN 1 ELSE 0 END) AS images_warned "
@@ -114,8 +129,8 @@ def bump_monitor(session: Session, case: Case, images: Sequence[str], by: int) -
         result = json.loads(text_)
         out += (result.get("domain") or {}).get("in_domain") is False
         warned += bool(result.get("quality"))
+    day = as_utc(case.created_at).date()
     values = {
-        "day": as_utc(case.created_at).date(),
         "model_id": case.model_id,
         "p_bin": p_bin(case.p_malignant),
         "called": bool(json.loads(case.result_json).get("is_malignant", False)),
@@ -127,9 +142,22 @@ def bump_monitor(session: Session, case: Case, images: Sequence[str], by: int) -
         "images_warned": by * warned,
         "p_sum": by * float(case.p_malignant),
     }
-    keys = ["model_id", "day", "p_bin", "called", "indeterminate", "reference_class"]
+    keys = ["model_id", "span", "day", "p_bin", "called", "indeterminate", "reference_class"]
     adds = ["n", "images", "images_out", "images_warned", "p_sum"]
-    _upsert(session, MonitorCount.__table__, keys, values, adds)  # type: ignore[attr-defined]
+    for span, start in (("d", day), ("w", period_start(day, "week")), ("m", period_start(day, "month"))):
+        _upsert(session, MonitorCount.__table__, keys, values | {"span": span, "day": start}, adds)  # type: ignore[attr-defined]
+
+
+def period_start(day: date, period: str) -> date:
+    """The first day of ``day``'s week (Monday) or month."""
+    return day - timedelta(days=day.weekday()) if period == "week" else day.replace(day=1)
+
+
+def period_end(start: date, period: str) -> date:
+    """The first day after the week or month that starts on ``start``."""
+    if period == "week":
+        return start + timedelta(days=7)
+    return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
 
 
 @event.listens_for(AuditEvent, "after_insert")
@@ -146,8 +174,13 @@ def rebuild(session: Session) -> int:
     for table, sql in ((CaseCount, REBUILD), (MonitorCount, REBUILD_MONITOR), (AuditCount, REBUILD_AUDIT)):
         session.execute(delete(table))
         session.execute(text(sql[dialect]))
+    for span, start in SPAN_STARTS[dialect].items():
+        session.execute(text(ROLLUP.format(span=span, start=start)))
     session.execute(delete(CaseCount).where(col(CaseCount.n) == 0))
     session.commit()
+    if dialect == "postgresql":  # the planner's figures for the tables just refilled
+        session.execute(text("ANALYZE case_counts, monitor_counts, audit_counts"))
+        session.commit()
     return int(session.exec(select(func.coalesce(func.sum(CaseCount.n), 0))).one())
 
 
@@ -169,51 +202,53 @@ def dashboard(session: Session, since: date) -> tuple[list[tuple[str, str, str, 
     return [(m, r, s_, int(k)) for m, r, s_, k in overall], [(d, r, int(k)) for d, r, k in daily]
 
 
-def _period(dialect: str, period: str) -> str:
-    """SQL for the first day of ``day``'s week (Monday) or month."""
-    if dialect == "postgresql":
-        return f"date_trunc('{period}', day)::date"
-    return "date(day, 'weekday 0', '-6 days')" if period == "week" else "date(day, 'start of month')"
-
-
 def monitor_counts(
     session: Session, model_id: str, since: date | None, until: date | None, period: str
-) -> list[tuple[date, int, bool, bool, str, int, int, int, int, float]]:
-    """A model's monitoring counts summed per ``period`` (week or month) from ``since`` to ``until``
-    (inclusive, None: open): (period start, P bin, called, indeterminate, reference class, n, images,
-    out-of-domain images, quality-warned images, sum of P)."""
-    dialect = session.get_bind().dialect.name
-    where = ["model_id = :model", "n <> 0"]
-    params: dict[str, Any] = {"model": model_id}
-    if since is not None:
-        where.append("day >= :since")
-        params["since"] = since
-    if until is not None and until < date.max:
-        where.append("day <= :until")
-        params["until"] = until
-    rows = session.execute(
-        text(
-            f"SELECT {_period(dialect, period)} AS start, p_bin, called, indeterminate, reference_class, sum(n), "
-            "sum(images), sum(images_out), sum(images_warned), sum(p_sum) FROM monitor_counts "
-            f"WHERE {' AND '.join(where)} GROUP BY 1, 2, 3, 4, 5 HAVING sum(n) <> 0"
-        ),
-        params,
-    ).all()
-    return [
-        (
-            start if isinstance(start, date) else date.fromisoformat(start),
-            int(b),
-            bool(c),
-            bool(i),
-            str(r),
-            int(n),
-            int(im),
-            int(out),
-            int(w),
-            float(ps),
-        )
-        for start, b, c, i, r, n, im, out, w, ps in rows
-    ]
+) -> list[tuple[Any, ...]]:
+    """A model's monitoring counts from ``since`` to ``until`` (inclusive, None: open), as rows of
+    (first day, P bin, called, indeterminate, reference class, n, images, out-of-domain images,
+    quality-warned images, sum of P): whole periods (week or month) from their own rows, whose first
+    day is the period's; only the partial periods at the range's edges from the day rows."""
+    low = None if since is None else period_start(since, period)
+    if low is not None and since is not None and low < since:
+        low = period_end(low, period)
+    if until is not None and until >= date.max - timedelta(days=1):
+        until = None  # the last day there is: an open end
+    high = None if until is None else period_start(until + timedelta(days=1), period)
+    day = col(MonitorCount.day)
+    base = select(*MONITOR_COLUMNS).where(MonitorCount.model_id == model_id, col(MonitorCount.n) != 0)
+
+    def days(first: date | None, last: date | None) -> Any:
+        query = base.where(MonitorCount.span == "d")
+        query = query.where(day >= first) if first is not None else query
+        return query.where(day <= last) if last is not None else query
+
+    if low is not None and high is not None and low >= high:  # no whole period in the range: its days
+        parts = [days(since, until)]
+    else:
+        whole = base.where(MonitorCount.span == SPANS[period])
+        whole = whole.where(day >= low) if low is not None else whole
+        parts = [whole.where(day < high) if high is not None else whole]
+        if high is not None:
+            parts.append(days(high, until))
+        if low is not None and since is not None and since < low:
+            parts.append(days(since, low - timedelta(days=1)))
+    connection = session.connection()  # rows as tuples, not objects: a page reads thousands
+    return [tuple(row) for query in parts for row in connection.execute(query).all()]
+
+
+MONITOR_COLUMNS = (
+    MonitorCount.day,
+    MonitorCount.p_bin,
+    MonitorCount.called,
+    MonitorCount.indeterminate,
+    MonitorCount.reference_class,
+    MonitorCount.n,
+    MonitorCount.images,
+    MonitorCount.images_out,
+    MonitorCount.images_warned,
+    MonitorCount.p_sum,
+)
 
 
 def audit_total(session: Session, action: str | None, user_id: int | None, hide: Sequence[str] = ()) -> int:

@@ -35,6 +35,4 @@ def list_audit(
     following = encode_cursor("audit", rows[-1].id) if more and rows else None
     items = [AuditEventPublic.of(e) for e in rows]
     source = "counted" if case_id else "maintained"  # one case's events are counted (audit_events)
-    return AuditPage(
-        items=items, total=total, total_source=source, limit=limit, offset=offset, next_cursor=following
-    )
+    return AuditPage(items=items, total=total, total_source=source, limit=limit, offset=offset, next_cursor=following)

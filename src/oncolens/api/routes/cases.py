@@ -96,9 +96,7 @@ def list_cases(
         following = next_case_cursor(rows[-1]) if rows and offset + len(rows) < total else None
     items = [CaseSummary.of(c) for c in rows]
     source = "maintained" if cases.total_is_maintained(actor.user, filters) else "counted"
-    return CasesPage(
-        items=items, total=total, total_source=source, limit=limit, offset=offset, next_cursor=following
-    )
+    return CasesPage(items=items, total=total, total_source=source, limit=limit, offset=offset, next_cursor=following)
 
 
 @router.get("/{case_id}", response_model=CasePublic)

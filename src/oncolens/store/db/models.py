@@ -314,16 +314,19 @@ class CaseCount(SQLModel, table=True):
 
 
 class MonitorCount(SQLModel, table=True):
-    """The monitoring page's figures kept, not recomputed: cases of a model made on a day (UTC), by
-    P(malignant) in 1/100 bins, whether the model called them malignant, whether they were indeterminate
-    and their reference class ('' before a review gives one), with their images, out-of-domain and
-    quality-warned images and the sum of their P. Kept in the transaction of every create, review and
-    delete (``store.stats``); ``oncolens db refresh-stats`` rebuilds it from the cases."""
+    """The monitoring page's figures kept, not recomputed: cases of a model made in a span of days (UTC),
+    by P(malignant) in 1/100 bins, whether the model called them malignant, whether they were
+    indeterminate and their reference class ('' before a review gives one), with their images, out-of-
+    domain and quality-warned images and the sum of their P. Each case counts three times: in its day
+    (``span`` d), its week (w, from Monday) and its month (m), so that a page of months or weeks reads a
+    row per month or week and only the partial ones at its edges from days. Kept in the transaction of
+    every create, review and delete (``store.stats``); ``oncolens db refresh-stats`` rebuilds it."""
 
     __tablename__ = "monitor_counts"
 
     model_id: str = Field(sa_column=Column(String(64), primary_key=True))  # first: a page reads one model's
-    day: date = Field(sa_column=Column(Date, primary_key=True))
+    span: str = Field(sa_column=Column(String(1), primary_key=True))
+    day: date = Field(sa_column=Column(Date, primary_key=True))  # the span's first day
     p_bin: int = Field(sa_column=Column(SmallInteger, primary_key=True))
     called: bool = Field(sa_column=Column(Boolean, primary_key=True))
     indeterminate: bool = Field(sa_column=Column(Boolean, primary_key=True))
