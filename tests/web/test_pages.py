@@ -329,3 +329,26 @@ def test_the_case_list_pages_older_by_cursor(app_client: TestClient) -> None:
     assert stale.status_code == 200 and "That page link is not valid any more" in stale.text
     far = browser.get("/cases?page=999")
     assert far.status_code == 200 and re.search(r"page (\d+) of \1", far.text)
+
+
+def test_the_audit_trail_pages_older_by_cursor_with_its_kept_total(app_client: TestClient) -> None:
+    from oncolens.services.audit import audit
+
+    engine = app_client.app.state.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for i in range(60):
+            audit(session, None, "report", f"case-{i}", f"audit paging {i}")
+        session.commit()
+        total = len(session.exec(select(AuditEvent).where(AuditEvent.action == "report")).all())
+    add_user(app_client, "auditor@clinic.org", "admin")
+    admin = web_login(app_client, "auditor@clinic.org")
+    first = admin.get("/admin/audit?action=report")
+    assert f"{total} events" in first.text
+    older = re.search(r'<a href="([^"]+)" rel="next">Older', first.text)
+    assert older is not None and "cursor=" in older.group(1) and "Newer" not in first.text
+    second = admin.get(older.group(1).replace("&amp;", "&"))
+    ids = [re.findall(r"audit paging (\d+)<", page.text) for page in (first, second)]
+    assert len(ids[0]) == 50 and set(ids[0]).isdisjoint(ids[1]) and "page 2 of" in second.text
+    assert 'rel="prev">Newer' in second.text
+    stale = admin.get("/admin/audit?page=2&cursor=bm90LWEtY3Vyc29y")
+    assert stale.status_code == 200 and "That page link is not valid any more" in stale.text

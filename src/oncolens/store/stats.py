@@ -19,6 +19,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import Table, delete, event, func, text
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -193,8 +194,8 @@ def dashboard(session: Session, since: date) -> tuple[list[tuple[str, str, str, 
         .group_by(col(CaseCount.model_id), col(CaseCount.risk_level), col(CaseCount.status))
         .having(n != 0)
     ).all()
-    daily = session.exec(
-        select(CaseCount.day, CaseCount.risk_level, n)
+    daily = session.execute(
+        sa_select(col(CaseCount.day), col(CaseCount.risk_level), n)
         .where(col(CaseCount.day) >= since)
         .group_by(col(CaseCount.day), col(CaseCount.risk_level))
         .having(n != 0)
@@ -216,17 +217,19 @@ def monitor_counts(
         until = None  # the last day there is: an open end
     high = None if until is None else period_start(until + timedelta(days=1), period)
     day = col(MonitorCount.day)
-    base = select(*MONITOR_COLUMNS).where(MonitorCount.model_id == model_id, col(MonitorCount.n) != 0)
+    base = sa_select(*(col(c) for c in MONITOR_COLUMNS)).where(
+        col(MonitorCount.model_id) == model_id, col(MonitorCount.n) != 0
+    )
 
     def days(first: date | None, last: date | None) -> Any:
-        query = base.where(MonitorCount.span == "d")
+        query = base.where(col(MonitorCount.span) == "d")
         query = query.where(day >= first) if first is not None else query
         return query.where(day <= last) if last is not None else query
 
     if low is not None and high is not None and low >= high:  # no whole period in the range: its days
         parts = [days(since, until)]
     else:
-        whole = base.where(MonitorCount.span == SPANS[period])
+        whole = base.where(col(MonitorCount.span) == SPANS[period])
         whole = whole.where(day >= low) if low is not None else whole
         parts = [whole.where(day < high) if high is not None else whole]
         if high is not None:
@@ -249,6 +252,19 @@ MONITOR_COLUMNS = (
     MonitorCount.images_warned,
     MonitorCount.p_sum,
 )
+
+
+def total(session: Session, model_id: str | None, risk_level: str | None, status: str | None) -> int:
+    """How many cases there are, of a model, risk level and status where given (None: any)."""
+    query = select(func.coalesce(func.sum(CaseCount.n), 0))
+    for column, value in (
+        (CaseCount.model_id, model_id),
+        (CaseCount.risk_level, risk_level),
+        (CaseCount.status, status),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    return int(session.exec(query).one())
 
 
 def audit_total(session: Session, action: str | None, user_id: int | None, hide: Sequence[str] = ()) -> int:
