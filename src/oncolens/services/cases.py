@@ -7,6 +7,7 @@ case of another clinician is reported as not found (its existence is not disclos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from oncolens.config import Settings
 from oncolens.decision import DISCLAIMER, CaseResult, ImageResult
-from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied
+from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied, Unavailable
 from oncolens.services.analysis import Analysed, Recorder, Runner, analyse, case_result_of
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
@@ -435,6 +436,44 @@ class CaseService:
         )
         self._commit_audit(actor, "report", case.id)
         return pdf
+
+    def dicom_sr(self, actor: Actor, case_id: str) -> bytes:
+        """The case as a DICOM Comprehensive 3D SR following TID 1500 (audited ``dicom_sr``): in the
+        study of its DICOM images, or in a study of its own for a case made from photos."""
+        try:
+            import pydicom
+
+            from oncolens.reports.dicom import answer_of, case_sr, patient_reference
+        except ImportError:
+            raise Unavailable("DICOM reports need the dicom extra: pip install 'oncolens[dicom]'") from None
+        case = self.find(actor.user, case_id)
+        rows = self.images_of(case)
+        sources: list[Any] = []
+        for row in rows:
+            source = None
+            if row.media_type == MEDIA_TYPES["DICOM"]:
+                with contextlib.suppress(Gone, pydicom.errors.InvalidDicomError):
+                    source = pydicom.dcmread(io.BytesIO(self._file(row)), stop_before_pixels=True)
+            sources.append(source)
+        answers = [
+            answer_of(row.original_filename or f"image {row.position + 1}", json.loads(row.result_json), source)
+            for row, source in zip(rows, sources, strict=True)
+        ]
+        whole = None
+        if len(rows) > 1:
+            whole = answer_of("case", json.loads(case.result_json) | {"risk_level": case.risk_level}, None)
+        model = self.installed_model(case.model_id)
+        reference = next((s for s in sources if s is not None), None) or patient_reference(
+            case.id, case.patient_ref, case.patient_name, case.patient_sex, as_utc(case.created_at), case.model_id
+        )
+        ultrasound = reference.get("Modality") == "US" or (
+            model is not None and "ultrasound" in model.card.modality.lower()
+        )
+        sr = case_sr(case.id, case.model_id, case.model_version, answers, whole, reference, ultrasound)
+        out = io.BytesIO()
+        sr.save_as(out, enforce_file_format=True)
+        self._commit_audit(actor, "dicom_sr", case.id)
+        return out.getvalue()
 
     def fhir_bundle(self, actor: Actor, case_id: str, base_url: str) -> dict[str, Any]:
         """The case as a FHIR R4 Bundle (audited ``fhir_export``)."""

@@ -133,6 +133,22 @@ async def case_report(case_id: str, actor: ActorDep, cases: CasesDep) -> Respons
     return pdf_response(await anyio.to_thread.run_sync(cases.report_pdf, actor, case_id), case_id)
 
 
+@router.get(
+    "/{case_id}/dicom-sr",
+    summary="The case as a DICOM Structured Report (TID 1500)",
+    response_class=Response,
+    responses={200: {"content": {"application/dicom": {}}, "description": "A Comprehensive 3D SR, Part 10 file."}},
+)
+async def case_dicom_sr(case_id: str, actor: ActorDep, cases: CasesDep) -> Response:
+    """The case's answer as a DICOM Comprehensive 3D SR following TID 1500: the model as algorithm and
+    device observer (id and version), per image P(malignant), the risk level, the named class as the
+    finding, in-domain and quality notes, and a reference to the source instance. It joins the study of
+    the case's DICOM images; a case made from photos gets a study of its own (its UID from the case id)."""
+    data = await anyio.to_thread.run_sync(cases.dicom_sr, actor, case_id)
+    disposition = f'attachment; filename="oncolens-{case_id}-sr.dcm"'
+    return Response(data, media_type="application/dicom", headers={"Content-Disposition": disposition})
+
+
 @router.get("/{case_id}/fhir", summary="The case as a FHIR R4 Bundle")
 def case_fhir(request: Request, case_id: str, actor: ActorDep, cases: CasesDep) -> JSONResponse:
     """DiagnosticReport, Observations (class probabilities, P(malignant), risk level), Patient and Media."""
