@@ -218,6 +218,29 @@ class Settings(BaseSettings):
         default_factory=dict, description="Override the model behind an app, e.g. 'skin9=skin-isic9,oral=oral-photo'."
     )
 
+    # The DICOM node (`oncolens dicom listen`): a Storage SCP beside the server, sharing its database.
+    dicom_ae_title: str = Field("ONCOLENS", min_length=1, max_length=16, description="The listener's AE title.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="The listener's TCP port.")
+    dicom_host: str = Field("0.0.0.0", description="The address the listener binds.")
+    dicom_allowed_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate, comma-separated, each optionally AE@host; "
+        "others are rejected at association (none set: every association is refused).",
+    )
+    dicom_stable_seconds: float = Field(
+        10.0, gt=0, description="A study is complete when nothing arrived for it this many seconds."
+    )
+    dicom_routes: Path | None = Field(
+        None, description="A TOML file of [[route]] tables: modality, body_part, study_description, calling_ae, model."
+    )
+    dicom_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="C-STORE targets for the results, comma-separated AE@host:port."
+    )
+    dicomweb_url: str | None = Field(None, description="A DICOMweb base URL the results are also sent to (STOW-RS).")
+    dicom_owner: str | None = Field(
+        None, description="E-mail of the account that owns the cases the listener makes (default: the first admin)."
+    )
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'oncolens.db'}"
@@ -294,7 +317,7 @@ class Settings(BaseSettings):
                     )
         return self
 
-    @field_validator("cors_origins", "one_network", mode="before")
+    @field_validator("cors_origins", "one_network", "dicom_allowed_aes", "dicom_destinations", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

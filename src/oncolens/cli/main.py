@@ -1227,8 +1227,8 @@ def format_case(result: CaseResult) -> str:
 
 
 # The learning loop's commands (cases export-dataset, adapt, models install/shadow/promote/rollback/monitoring)
-# and the audit log's (audit archive/restore), registered on this module's ``app``.
-from oncolens.cli import audit, learning  # noqa: E402,F401
+# the audit log's (audit archive/restore) and the DICOM node's, registered on this module's ``app``.
+from oncolens.cli import audit, dicom, learning  # noqa: E402,F401
 
 if __name__ == "__main__":  # `python -m oncolens.cli.main`: the app the modules above registered on
     from oncolens.cli.main import app as registered

@@ -177,9 +177,9 @@ def case_sr(
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
-    sources = [answer.source for answer in images if answer.source is not None]
+    sources = [_with_patient_module(answer.source) for answer in images if answer.source is not None]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=sources or [reference],
+        evidence=sources or [_with_patient_module(reference)],
         content=report[0],
         series_instance_uid=uid_for("oncolens-sr-series", case_id, model_version),
         series_number=SR_SERIES_NUMBER,
@@ -192,6 +192,31 @@ def case_sr(
     )
     sr.SeriesDescription = f"OncoLens {model_id} {model_version} (decision support)"[:64]
     return sr
+
+
+# Type 2 attributes of the patient and study modules an SR copies from its evidence: present, if empty.
+TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _with_patient_module(source: Dataset) -> Dataset:
+    """A copy of ``source`` with every type 2 patient and study attribute present (scanners leave some out)."""
+    copy = Dataset(source)
+    if hasattr(source, "file_meta"):
+        copy.file_meta = source.file_meta
+    for name in TYPE_2:
+        if name not in copy:
+            setattr(copy, name, "")
+    return copy
 
 
 def _burn_in(overlay: Image.Image) -> np.ndarray:
@@ -208,7 +233,7 @@ def heatmap_sc(case_id: str, index: int, model_version: str, overlay: Image.Imag
     """A Secondary Capture of one image's heat-map overlay, burned-in "not for diagnosis", in
     ``reference``'s study (its source instance, or the case's own study)."""
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=reference,
+        ref_dataset=_with_patient_module(reference),
         pixel_array=_burn_in(overlay),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,

@@ -20,14 +20,14 @@ from typing import Any
 import anyio
 import numpy as np
 from PIL import Image
-from sqlalchemy import delete, func, tuple_
+from sqlalchemy import delete, func, or_, tuple_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from oncolens.config import Settings
 from oncolens.decision import DISCLAIMER, CaseResult, ImageResult
 from oncolens.errors import Gone, InvalidInput, NotFound, PermissionDenied, Unavailable
-from oncolens.services.analysis import Analysed, Recorder, Runner, analyse, case_result_of
+from oncolens.services.analysis import Analysed, Recorder, Runner, analyse, analyse_now, case_result_of
 from oncolens.services.audit import Actor, audit_by, commit_read_audit
 from oncolens.services.inputs import CaseReview, PatientInput, validated
 from oncolens.services.paging import decode_cursor, encode_cursor, not_a_cursor
@@ -79,8 +79,16 @@ def require_writer(user: User) -> None:
 
 
 def visible(query: SelectOfScalar[Case], user: User) -> SelectOfScalar[Case]:
-    """Clinicians see their own cases; admins and viewers see all."""
-    return query.where(Case.owner_id == user.id) if user.role == Role.clinician else query
+    """Clinicians see their own cases and the department's (made by the DICOM listener from a study);
+    admins and viewers see all."""
+    if user.role != Role.clinician:
+        return query
+    return query.where(or_(col(Case.owner_id) == user.id, col(Case.dicom_study_uid).is_not(None)))
+
+
+def may_see(user: User, case: Case) -> bool:
+    """``visible`` for one case."""
+    return user.role != Role.clinician or case.owner_id == user.id or case.dicom_study_uid is not None
 
 
 class CaseService:
@@ -94,7 +102,7 @@ class CaseService:
     def find(self, user: User, case_id: str, model_id: str | None = None) -> Case:
         """The case if ``user`` may see it (and, given ``model_id``, it was made by that model); no audit."""
         case = self.session.get(Case, case_id)
-        if case is None or (user.role == Role.clinician and case.owner_id != user.id):
+        if case is None or not may_see(user, case):
             raise NotFound(f"no case {case_id}")
         if model_id is not None and case.model_id != model_id:
             raise NotFound(f"no case {case_id} of model {model_id}")
@@ -186,11 +194,26 @@ class CaseService:
         require_space(self.settings.data_dir, self.settings.min_free_mb)
         patient = validated(PatientInput, dict(patient_fields))
         analysed = await analyse(model, raw, self.settings, runner, record)
-        shadow = self.zoo.shadow_of(model.id)
-        answer = None
-        if shadow is not None and shadow.version != model.version:
-            answer = await anyio.to_thread.run_sync(shadow_answer, shadow, analysed)
+        answer = await anyio.to_thread.run_sync(self._shadow, model, analysed)
         return await anyio.to_thread.run_sync(self._store, actor, analysed, raw, patient, answer)
+
+    def create_now(
+        self, actor: Actor, model: ModelPackage, raw: list[RawImage], patient_fields: Mapping[str, Any], study_uid: str
+    ) -> Case:
+        """``create`` for a caller without an event loop (the DICOM listener), analysed on this thread;
+        the case keeps the DICOM study it came from."""
+        require_writer(actor.user)
+        require_space(self.settings.data_dir, self.settings.min_free_mb)
+        patient = validated(PatientInput, dict(patient_fields))
+        analysed = analyse_now(model, raw, self.settings)
+        return self._store(actor, analysed, raw, patient, self._shadow(model, analysed), study_uid)
+
+    def _shadow(self, model: ModelPackage, analysed: Analysed) -> tuple[str, str] | None:
+        """The shadow version's answer to the same images, where one shadows ``model``."""
+        shadow = self.zoo.shadow_of(model.id)
+        if shadow is None or shadow.version == model.version:
+            return None
+        return shadow_answer(shadow, analysed)
 
     def _store(
         self,
@@ -199,6 +222,7 @@ class CaseService:
         raw: list[RawImage],
         patient: PatientInput,
         shadow: tuple[str, str] | None = None,
+        study_uid: str | None = None,
     ) -> Case:
         """Write the image files, then commit the case, its images and the audit event; all or nothing."""
         result = analysed.result
@@ -212,6 +236,7 @@ class CaseService:
             case = _case_row(actor.user, result, patient)
             if shadow is not None:
                 case.shadow_version, case.shadow_result_json = shadow
+            case.dicom_study_uid = study_uid
             self.session.add(case)
             rows = [
                 _image_row(case.id, image, decoded, stored, image_result)

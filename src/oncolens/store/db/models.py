@@ -212,6 +212,8 @@ class Case(SQLModel, table=True):
     # A shadow version's answer to the same images: stored for monitoring, never shown to clinicians.
     shadow_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     shadow_result_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The DICOM study the listener made the case from: such cases are the department's, seen by every clinician.
+    dicom_study_uid: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_when(index=True))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_when())
 
@@ -348,3 +350,21 @@ class AuditCount(SQLModel, table=True):
     action: str = Field(sa_column=Column(String(32), primary_key=True))
     user_id: int = Field(sa_column=Column(Integer, primary_key=True))
     n: int = Field(sa_column=Column(Integer, nullable=False))
+
+
+class DicomStudy(SQLModel, table=True):
+    """A study the DICOM listener received: its instances wait in the data folder's ``dicom/inbox``
+    until nothing arrived for ``ONCOLENS_DICOM_STABLE_SECONDS``; then it is routed to a model and
+    analysed once into a case (``state`` analysed), or kept and listed (unrouted, failed)."""
+
+    __tablename__ = "dicom_studies"
+
+    study_uid: str = Field(sa_column=Column(String(64), primary_key=True))
+    calling_ae: str = Field(default="", sa_column=Column(String(16), nullable=False))
+    state: str = Field(default="receiving", sa_column=Column(String(16), nullable=False, index=True))
+    instances: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    first_received_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    last_received_at: datetime = Field(default_factory=utcnow, sa_column=_when())
+    model_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    case_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))

@@ -1,0 +1,282 @@
+"""Issue 43: the DICOM listener (pynetdicom on loopback). C-ECHO; unknown AE titles rejected at
+association; a 3-instance ultrasound study routed to breast-us becomes one case whose SR (P(malignant)
+equal to the API's for the same files) and three heat-map Secondary Captures come back to the
+destination in the same study; a study sent again makes no second case; malformed and image-less
+instances get failure statuses and are quarantined; an unrouted study is kept and listed; a study
+interrupted by a restart completes."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlmodel import Session, select
+
+pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from oncolens.app import create_app
+from oncolens.dicom.listener import Listener
+from oncolens.store.db.models import AuditEvent, Case, DicomStudy
+from tests.api.conftest import db_settings
+from tests.api.test_auth_users import add_user, login
+
+BREAST = Path(__file__).parents[2] / "samples" / "breast-us"
+NAMES = ["malignant_016.jpg", "benign_009.jpg", "normal_002.jpg"]
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+STABLE_S = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def instance(
+    study: str, series: str, name: str, number: int, body_part: str = "BREAST", modality: str = "US"
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = US_IMAGE_STORAGE, generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, modality
+    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientAge = "PT-PACS-1", "Roe^Alma", "F", "052Y"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+        "20261201",
+        "0930",
+        "1",
+        "",
+        "",
+    )
+    ds.SeriesNumber, ds.InstanceNumber, ds.BodyPartExamined = 1, number, body_part
+    ds.StudyDescription = "US BREAST LEFT"
+    ds.set_pixel_data(np.asarray(Image.open(BREAST / name).convert("RGB")), "RGB", 8)
+    return ds
+
+
+def study_of(n: int = 3, **tags: str) -> list[Dataset]:
+    study, series = generate_uid(), generate_uid()
+    return [instance(study, series, NAMES[i % 3], i + 1, **tags) for i in range(n)]
+
+
+class Collector:
+    """A PACS stand-in: a Storage SCP on loopback that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.received: list[Dataset] = []
+        self.port = free_port()
+        ae = AE(ae_title="PACS")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax))
+        ae.add_supported_context(COMPREHENSIVE_3D_SR)
+
+        def keep(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            return 0
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+
+    def wait_for(self, count: int, within_s: float) -> list[Dataset]:
+        deadline = time.monotonic() + within_s
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return list(self.received)
+
+
+@pytest.fixture(scope="module")
+def node(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("dicom-node")
+    routes = folder / "routes.toml"
+    routes.write_text('[[route]]\nmodality = "US"\nbody_part = "breast"\nmodel = "breast-us"\n')
+    collector = Collector()
+    settings = db_settings(
+        folder,
+        database_url,
+        dicom_port=free_port(),
+        dicom_host="127.0.0.1",
+        dicom_allowed_aes=["SCANNER", "ROOM2@127.0.0.1", "ROOM3@10.9.9.9"],
+        dicom_stable_seconds=STABLE_S,
+        dicom_routes=routes,
+        dicom_destinations=[f"PACS@127.0.0.1:{collector.port}"],
+    )
+    with TestClient(create_app(settings)) as client:
+        add_user(client, "admin@clinic.org", "admin")
+        add_user(client, "cli@clinic.org", "clinician")
+        listener = Listener(settings)
+        listener.start()
+        running = {"settings": settings, "client": client, "collector": collector, "listener": listener}
+        try:
+            yield running
+        finally:
+            running["listener"].stop()  # the one a restart test left running
+            collector.server.shutdown()
+
+
+def associate(node: dict[str, Any], title: str = "SCANNER") -> Any:
+    ae = AE(ae_title=title)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(US_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(COMPREHENSIVE_3D_SR, ExplicitVRLittleEndian)
+    settings = node["settings"]
+    return ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
+
+
+def send(node: dict[str, Any], datasets: list[Dataset], title: str = "SCANNER") -> list[int]:
+    assoc = associate(node, title)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def wait_state(node: dict[str, Any], study_uid: str, within_s: float = STABLE_S + 20) -> DicomStudy:
+    deadline = time.monotonic() + within_s
+    engine = node["client"].app.state.engine
+    while time.monotonic() < deadline:
+        with Session(engine) as session:
+            study = session.get(DicomStudy, study_uid)
+            if study is not None and study.state not in ("receiving", "analysed"):
+                return study
+        time.sleep(0.2)
+    raise AssertionError(f"study {study_uid} still receiving after {within_s} s")
+
+
+def test_echo_and_unknown_ae_titles_are_rejected_at_association(node: dict[str, Any]) -> None:
+    assoc = associate(node)
+    assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    for title in ("STRANGER", "ROOM3"):  # unknown, and known only from another host
+        refused = associate(node, title)
+        assert refused.is_rejected and not refused.is_established
+    room2 = associate(node, "ROOM2")
+    assert room2.is_established
+    room2.release()
+
+
+def test_a_study_comes_back_as_one_sr_and_three_captures_in_its_study(node: dict[str, Any]) -> None:
+    collector, client = node["collector"], node["client"]
+    before = len(collector.received)
+    datasets = study_of(3)
+    start = time.monotonic()
+    assert send(node, datasets) == [0, 0, 0]
+    study = wait_state(node, datasets[0].StudyInstanceUID)
+    received = collector.wait_for(before + 4, STABLE_S + 10)[before:]
+    assert time.monotonic() - start <= STABLE_S + 10 + 5  # sent, quiet for STABLE_S, analysed and back
+    assert study.state == "sent" and study.instances == 3 and study.model_id == "breast-us", study.detail
+    assert "PACS@127.0.0.1" in study.detail and "4 of 4 stored" in study.detail
+    kinds = [ds.SOPClassUID for ds in received]
+    assert kinds.count(COMPREHENSIVE_3D_SR) == 1 and kinds.count(SECONDARY_CAPTURE) == 3
+    assert {ds.StudyInstanceUID for ds in received} == {datasets[0].StudyInstanceUID}
+    sr = next(ds for ds in received if ds.SOPClassUID == COMPREHENSIVE_3D_SR)
+    with Session(client.app.state.engine) as session:
+        case = session.get(Case, study.case_id)
+        assert case is not None and case.dicom_study_uid == datasets[0].StudyInstanceUID
+        assert (case.patient_ref, case.patient_age, case.patient_sex) == ("PT-PACS-1", 52, "female")
+        events = session.exec(select(AuditEvent).where(AuditEvent.case_id == case.id)).all()
+        assert any(e.action == "create" and e.detail.startswith("dicom:") for e in events)
+
+    def numbers(ds: Dataset) -> list[float]:
+        out = []
+        for item in ds.get("ContentSequence", []):
+            if item.get("ValueType") == "NUM":
+                out.append(float(item.MeasuredValueSequence[0].NumericValue))
+            out += numbers(item)
+        return out
+
+    files = []
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files.append(("files", (f"{ds.InstanceNumber}.dcm", buffer.getvalue(), "application/dicom")))
+    api = client.post(
+        "/api/v1/cases",
+        data={"model_id": "breast-us", "patient_ref": "X"},
+        files=files,
+        headers=login(client, "admin@clinic.org"),
+    )
+    expected = [image["result"]["p_malignant"] for image in api.json()["images"]] + [
+        api.json()["result"]["p_malignant"]
+    ]
+    assert np.allclose(numbers(sr), expected, atol=1e-6)
+    seen = client.get(f"/api/v1/cases/{case.id}", headers=login(client, "cli@clinic.org"))
+    assert seen.status_code == 200  # a department case: every clinician sees it
+
+    assert send(node, datasets) == [0, 0, 0]  # sent again: acknowledged, nothing new
+    time.sleep(STABLE_S + 1.5)
+    with Session(client.app.state.engine) as session:
+        made = session.exec(select(Case).where(Case.dicom_study_uid == datasets[0].StudyInstanceUID)).all()
+        assert len(made) == 1
+
+
+def test_malformed_and_imageless_instances_fail_and_are_quarantined(node: dict[str, Any]) -> None:
+    good = study_of(1)[0]
+    no_uid = study_of(1)[0]
+    del no_uid.StudyInstanceUID
+    no_pixels = study_of(1)[0]
+    del no_pixels.PixelData
+    statuses = send(node, [no_uid, no_pixels, good])
+    assert statuses[0] == 0xC000 and statuses[1] == 0xA900 and statuses[2] == 0
+    reasons = [q.reason for q in node["listener"].inbox.quarantined()]
+    assert any("no valid StudyInstanceUID" in r for r in reasons) and any("no image" in r for r in reasons)
+    assert wait_state(node, good.StudyInstanceUID).state == "sent"
+
+
+def test_an_unrouted_study_is_kept_and_listed(node: dict[str, Any]) -> None:
+    datasets = study_of(2, body_part="ABDOMEN")
+    assert send(node, datasets) == [0, 0]
+    study = wait_state(node, datasets[0].StudyInstanceUID)
+    assert study.state == "unrouted" and "no route matches" in study.detail and "ABDOMEN" in study.detail
+    assert len(node["listener"].inbox.files(datasets[0].StudyInstanceUID)) == 2
+
+
+def test_a_study_cut_by_a_restart_completes_after_it(node: dict[str, Any]) -> None:
+    listener: Listener = node["listener"]
+    datasets = study_of(3)
+    listener.lock.acquire()  # the worker is held: the study cannot complete before the "crash"
+    try:
+        assert send(node, datasets[:2]) == [0, 0]
+        with Session(node["client"].app.state.engine) as session:  # the crash lost the database's note
+            row = session.get(DicomStudy, datasets[0].StudyInstanceUID)
+            assert row is not None
+            session.delete(row)
+            session.commit()
+    finally:
+        listener.lock.release()
+    listener.stop()
+    restarted = Listener(node["settings"])
+    restarted.start()
+    node["listener"] = restarted
+    assert send(node, datasets[2:]) == [0]
+    study = wait_state(node, datasets[0].StudyInstanceUID)
+    assert study.state == "sent" and study.instances == 3
+    with Session(node["client"].app.state.engine) as session:
+        case = session.get(Case, study.case_id)
+        assert (
+            case is not None
+            and len(
+                node["client"]
+                .get(f"/api/v1/cases/{case.id}", headers=login(node["client"], "admin@clinic.org"))
+                .json()["images"]
+            )
+            == 3
+        )
