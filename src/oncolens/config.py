@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         default_factory=list, description="C-STORE targets for the results, comma-separated AE@host:port."
     )
     dicomweb_url: str | None = Field(None, description="A DICOMweb base URL the results are also sent to (STOW-RS).")
+    dicom_viewer_url: str | None = Field(
+        None,
+        description="The PACS viewer's address of a study, with {study_uid} (e.g. an OHIF viewer's "
+        "https://pacs.example/viewer?StudyInstanceUIDs={study_uid}): the case page links it.",
+    )
     dicom_owner: str | None = Field(
         None, description="E-mail of the account that owns the cases the listener makes (default: the first admin)."
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -33,6 +34,7 @@ from oncolens.dicom.listener import Listener
 from oncolens.store.db.models import AuditEvent, Case, DicomStudy
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
+from tests.web.test_pages import web_login
 
 BREAST = Path(__file__).parents[2] / "samples" / "breast-us"
 NAMES = ["malignant_016.jpg", "benign_009.jpg", "normal_002.jpg"]
@@ -117,6 +119,7 @@ def node(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         dicom_stable_seconds=STABLE_S,
         dicom_routes=routes,
         dicom_destinations=[f"PACS@127.0.0.1:{collector.port}"],
+        dicom_viewer_url="https://pacs.example/viewer?StudyInstanceUIDs={study_uid}",
     )
     with TestClient(create_app(settings)) as client:
         add_user(client, "admin@clinic.org", "admin")
@@ -219,7 +222,13 @@ def test_a_study_comes_back_as_one_sr_and_three_captures_in_its_study(node: dict
     ]
     assert np.allclose(numbers(sr), expected, atol=1e-6)
     seen = client.get(f"/api/v1/cases/{case.id}", headers=login(client, "cli@clinic.org"))
-    assert seen.status_code == 200  # a department case: every clinician sees it
+    assert seen.status_code == 200 and seen.json()["dicom_study_uid"] == datasets[0].StudyInstanceUID
+    browser = web_login(client, "cli@clinic.org")  # a department case: every clinician sees it
+    page = browser.get(f"/cases/{case.id}").text
+    assert datasets[0].StudyInstanceUID in page
+    assert f"https://pacs.example/viewer?StudyInstanceUIDs={datasets[0].StudyInstanceUID}" in page
+    download = browser.get(f"/cases/{case.id}/sr.dcm")
+    assert download.status_code == 200 and pydicom.dcmread(io.BytesIO(download.content)).Modality == "SR"
 
     assert send(node, datasets) == [0, 0, 0]  # sent again: acknowledged, nothing new
     time.sleep(STABLE_S + 1.5)

@@ -155,6 +155,9 @@ class CasePublic(BaseModel):
     reference_class: str | None = Field(None, description=REFERENCE_CLASS)
     reference_standard: ReferenceStandardName | None = Field(None, description=REFERENCE_STANDARD)
     reference_date: date | None = Field(None, description=REFERENCE_DATE)
+    dicom_study_uid: str | None = Field(
+        None, description="The DICOM study the case was made from by the DICOM listener (null for uploads)."
+    )
     patient: PatientPublic
     result: AssessmentPublic
     aggregation_rule: str
@@ -187,6 +190,7 @@ class CasePublic(BaseModel):
             updated_at=case.updated_at,
             status=case.status,
             **reference,
+            dicom_study_uid=case.dicom_study_uid,
             patient=PatientPublic(
                 ref=case.patient_ref,
                 name=case.patient_name,

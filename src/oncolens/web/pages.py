@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, select
 
 from oncolens.accounts.auth import AuthError, create_access_token
+from oncolens.config import Settings
 from oncolens.errors import DomainError, InvalidInput, PermissionDenied
 from oncolens.http.deps import (
     AccountsDep,
@@ -382,6 +383,13 @@ def case_fhir(request: Request, case_id: str, actor: WebActor, cases: CasesDep) 
     return Response(json.dumps(bundle, indent=2), media_type="application/fhir+json", headers=headers)
 
 
+@router.get("/cases/{case_id}/sr.dcm")
+def case_dicom_sr(case_id: str, actor: WebActor, cases: CasesDep) -> Response:
+    """The case as a DICOM Structured Report, downloaded from the case page (the same as the API's)."""
+    headers = {"Content-Disposition": f'attachment; filename="case-{case_id[:8]}-sr.dcm"'}
+    return Response(cases.dicom_sr(actor, case_id), media_type="application/dicom", headers=headers)
+
+
 @router.post("/cases/{case_id}/delete", response_model=None)
 def delete_case(
     request: Request,
@@ -443,7 +451,15 @@ def case_page_view(
         saved=saved,
         reviewer=reviewer,
         error=error,
+        viewer_url=viewer_link(cases.settings, case.dicom_study_uid),
     )
+
+
+def viewer_link(settings: Settings, study_uid: str | None) -> str | None:
+    """The PACS viewer's page of a case's study (``ONCOLENS_DICOM_VIEWER_URL`` with ``{study_uid}``)."""
+    if not study_uid or not settings.dicom_viewer_url:
+        return None
+    return settings.dicom_viewer_url.replace("{study_uid}", quote(study_uid))
 
 
 @router.post("/cases/{case_id}/review", response_model=None)
