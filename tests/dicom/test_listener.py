@@ -8,7 +8,13 @@ interrupted by a restart completes."""
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +37,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from oncolens.app import create_app
 from oncolens.dicom.listener import Listener
-from oncolens.store.db.models import AuditEvent, Case, DicomStudy
+from oncolens.store.db import make_engine
+from oncolens.store.db.models import AuditEvent, Case, CaseImage, DicomStudy
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
 from tests.web.test_pages import web_login
@@ -289,3 +296,111 @@ def test_a_study_cut_by_a_restart_completes_after_it(node: dict[str, Any]) -> No
             )
             == 3
         )
+
+
+def test_parallel_associations_with_malformed_instances_lose_nothing(node: dict[str, Any]) -> None:
+    studies = [study_of(2) for _ in range(8)]
+    broken = []
+    for _ in range(4):
+        bad = study_of(1)[0]
+        del bad.StudyInstanceUID
+        broken.append(bad)
+    statuses: list[list[int]] = []
+
+    def one(k: int) -> None:  # four associations, each two studies and one malformed instance
+        statuses.append(send(node, [*studies[2 * k], broken[k], *studies[2 * k + 1]]))
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [[0, 0, 0xC000, 0, 0]] * 4
+    states = [wait_state(node, s[0].StudyInstanceUID) for s in studies]
+    assert [s.state for s in states] == ["sent"] * 8 and all(s.instances == 2 for s in states)
+    assert len({s.case_id for s in states}) == 8
+
+
+def test_dcmtk_talks_to_the_listener_and_reads_its_sr(node: dict[str, Any], tmp_path: Path) -> None:
+    if shutil.which("echoscu") is None:
+        pytest.skip("DCMTK is not installed")
+    port, title = str(node["settings"].dicom_port), node["settings"].dicom_ae_title
+    echo = subprocess.run(["echoscu", "-aet", "SCANNER", "-aec", title, "127.0.0.1", port], capture_output=True)
+    assert echo.returncode == 0, echo.stderr
+    refused = subprocess.run(["echoscu", "-aet", "NOBODY", "-aec", title, "127.0.0.1", port], capture_output=True)
+    assert refused.returncode != 0 and b"Rejected" in refused.stderr + refused.stdout
+    datasets = study_of(1)
+    path = tmp_path / "us.dcm"
+    datasets[0].save_as(path, enforce_file_format=True)
+    stored = subprocess.run(
+        ["storescu", "-aet", "SCANNER", "-aec", title, "127.0.0.1", port, str(path)], capture_output=True
+    )
+    assert stored.returncode == 0, stored.stderr
+    study = wait_state(node, datasets[0].StudyInstanceUID)
+    assert study.state == "sent"
+    client = node["client"]
+    sr = client.get(f"/api/v1/cases/{study.case_id}/dicom-sr", headers=login(client, "admin@clinic.org"))
+    (tmp_path / "sr.dcm").write_bytes(sr.content)
+    dump = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True, text=True)
+    assert dump.returncode == 0 and "Probability of malignancy" in dump.stdout and "breast-us" in dump.stdout
+
+
+def test_kill_9_during_a_study_loses_nothing(tmp_path: Path) -> None:
+    """A real `oncolens dicom listen` process killed with SIGKILL between a study's instances; restarted,
+    it finishes the study with every instance."""
+    port = free_port()
+    env = os.environ | {
+        "ONCOLENS_DATA_DIR": str(tmp_path),
+        "ONCOLENS_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "ONCOLENS_SECRET_KEY": "test-secret-key-that-is-long-enough-for-hs256",
+        "ONCOLENS_DICOM_PORT": str(port),
+        "ONCOLENS_DICOM_HOST": "127.0.0.1",
+        "ONCOLENS_DICOM_ALLOWED_AES": "SCANNER",
+        "ONCOLENS_DICOM_STABLE_SECONDS": "3",
+    }
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[[route]]\nmodality = "US"\nmodel = "breast-us"\n')
+    env["ONCOLENS_DICOM_ROUTES"] = str(routes)
+    command = [sys.executable, "-m", "oncolens.cli.main"]
+    made = subprocess.run([*command, "users", "create", "--admin", "--email", "a@b.org", "--password-stdin"],
+                          input=b"a long enough password 123\n", env=env, capture_output=True)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [*command, "dicom", "listen"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline()  # the "DICOM listener ... on ..." line once it listens
+        assert b"DICOM listener" in line, line
+        return process
+
+    target = {"settings": db_settings(tmp_path, env["ONCOLENS_DATABASE_URL"], dicom_port=port)}
+    datasets = study_of(3)
+    first = start()
+    try:
+        assert send(target, datasets[:2]) == [0, 0]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    second = start()
+    try:
+        assert send(target, datasets[2:]) == [0]
+        engine = make_engine(env["ONCOLENS_DATABASE_URL"])
+        deadline = time.monotonic() + 60
+        study = None
+        while time.monotonic() < deadline:
+            with Session(engine) as session:
+                study = session.get(DicomStudy, datasets[0].StudyInstanceUID)
+                if study is not None and study.state not in ("receiving", "analysed"):
+                    break
+            time.sleep(0.3)
+        assert study is not None and study.state == "sent" and study.instances == 3, study
+        with Session(engine) as session:
+            case = session.get(Case, study.case_id)
+            images = session.exec(select(CaseImage).where(CaseImage.case_id == study.case_id)).all()
+            assert case is not None and len(images) == 3
+        engine.dispose()
+    finally:
+        second.terminate()
+        second.wait(30)

@@ -80,3 +80,31 @@ def dicom_quarantine() -> None:
 
     for item in Inbox(Settings().data_dir).quarantined():
         typer.echo(f"{item.at:%Y-%m-%d %H:%M:%S}  {item.path}  {item.reason}")
+
+
+@dicom_app.command("pull")
+def dicom_pull(
+    source: Annotated[str, typer.Option("--from", help="The PACS, as AE@host:port.")],
+    study: Annotated[str, typer.Option("--study", help="The Study Instance UID.")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the analysis.")] = 300.0,
+) -> None:
+    """Have a PACS send a study to the running listener (C-FIND, then C-MOVE) and print its case id."""
+    try:
+        from oncolens.config import Settings
+        from oncolens.dicom.pull import PullFailed, pull
+        from oncolens.store.db import make_engine
+    except ImportError:
+        raise _fail("the DICOM node needs the dicom extra: pip install 'oncolens[dicom]'") from None
+
+    settings = Settings()
+    _upgrade_database()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        record = pull(engine, source, study, settings.dicom_ae_title, wait)
+    except (PullFailed, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    if record.case_id is None:
+        raise _fail(f"study {study}: {record.state}: {record.detail}")
+    typer.echo(record.case_id)
