@@ -237,6 +237,13 @@ class Settings(BaseSettings):
         default_factory=list, description="C-STORE targets for the results, comma-separated AE@host:port."
     )
     dicomweb_url: str | None = Field(None, description="A DICOMweb base URL the results are also sent to (STOW-RS).")
+    dicom_tls_cert: Path | None = Field(
+        None, description="The listener's TLS certificate (PEM): associations over TLS."
+    )
+    dicom_tls_key: Path | None = Field(None, description="The private key of ONCOLENS_DICOM_TLS_CERT (PEM).")
+    dicom_tls_ca: Path | None = Field(
+        None, description="CA certificates (PEM) that callers' certificates must chain to: mutual TLS."
+    )
     dicom_viewer_url: str | None = Field(
         None,
         description="The PACS viewer's address of a study, with {study_uid} (e.g. an OHIF viewer's "

@@ -26,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlmodel import Session, select
 
@@ -48,6 +49,7 @@ NAMES = ["malignant_016.jpg", "benign_009.jpg", "normal_002.jpg"]
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 STABLE_S = 1.0
 
 
@@ -115,7 +117,10 @@ class Collector:
 def node(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = tmp_path_factory.mktemp("dicom-node")
     routes = folder / "routes.toml"
-    routes.write_text('[[route]]\nmodality = "US"\nbody_part = "breast"\nmodel = "breast-us"\n')
+    routes.write_text(
+        '[[route]]\nstudy_description = "cine"\nframes = [1, 3]\nmodel = "breast-us"\n\n'
+        '[[route]]\nmodality = "US"\nbody_part = "breast"\nmodel = "breast-us"\n'
+    )
     collector = Collector()
     settings = db_settings(
         folder,
@@ -146,6 +151,7 @@ def associate(node: dict[str, Any], title: str = "SCANNER") -> Any:
     ae.add_requested_context(Verification)
     ae.add_requested_context(US_IMAGE_STORAGE, ExplicitVRLittleEndian)
     ae.add_requested_context(COMPREHENSIVE_3D_SR, ExplicitVRLittleEndian)
+    ae.add_requested_context(US_MULTIFRAME, ExplicitVRLittleEndian)
     settings = node["settings"]
     return ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
 
@@ -404,3 +410,148 @@ def test_kill_9_during_a_study_loses_nothing(tmp_path: Path) -> None:
     finally:
         second.terminate()
         second.wait(30)
+
+
+def certificate(folder: Path, name: str, issuer: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1 (openssl): self-signed, or signed by ``issuer``."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subject = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1"]
+    if issuer is None:
+        command = [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ]
+        subprocess.run([*command, *subject], check=True, capture_output=True)
+    else:
+        request = folder / f"{name}.csr"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(request),
+                *subject[:2],
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(request),
+                "-CA",
+                str(issuer[1]),
+                "-CAkey",
+                str(issuer[0]),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return key, cert
+
+
+def test_tls_associations_and_mutual_tls(tmp_path: Path) -> None:
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    server_key, server_cert = certificate(tmp_path, "node")
+    ca = certificate(tmp_path, "clinic-ca")
+    client_key, client_cert = certificate(tmp_path, "scanner", issuer=ca)
+    stranger_key, stranger_cert = certificate(tmp_path, "stranger")
+    port = free_port()
+    settings = db_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        dicom_port=port,
+        dicom_host="127.0.0.1",
+        dicom_allowed_aes=["SCANNER"],
+        dicom_tls_cert=server_cert,
+        dicom_tls_key=server_key,
+        dicom_tls_ca=ca[1],
+    )
+    listener = Listener(settings)
+    listener.start()
+
+    def echo(key: Path | None, cert: Path | None, tls: bool = True) -> bool:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        tls_args = None
+        if tls:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+            if key is not None and cert is not None:
+                context.load_cert_chain(cert, key)
+            tls_args = (context, "127.0.0.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="ONCOLENS", tls_args=tls_args)
+        if not assoc.is_established:
+            return False
+        ok = int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        return ok
+
+    try:
+        assert echo(client_key, client_cert)  # a certificate the clinic's CA signed
+        assert not echo(stranger_key, stranger_cert)  # one it did not
+        assert not echo(None, None)  # none at all
+        assert not echo(None, None, tls=False)  # plain TCP
+    finally:
+        listener.stop()
+    with pytest.raises(ValueError, match="needs both"):
+        Listener(db_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", dicom_tls_cert=server_cert))
+
+
+def test_a_cine_loop_is_analysed_at_the_routes_frames(node: dict[str, Any]) -> None:
+    ds = study_of(1)[0]
+    frames = np.stack(
+        [np.asarray(Image.open(BREAST / NAMES[i % 3]).convert("RGB").resize((160, 120))) for i in range(4)]
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = US_MULTIFRAME
+    ds.StudyDescription = "US BREAST CINE"
+    ds.set_pixel_data(frames, "RGB", 8)
+    assert ds.NumberOfFrames == 4
+    assert send(node, [ds]) == [0]
+    study = wait_state(node, ds.StudyInstanceUID)
+    assert study.state == "sent", study.detail
+    client = node["client"]
+    admin = login(client, "admin@clinic.org")
+    case = client.get(f"/api/v1/cases/{study.case_id}", headers=admin).json()
+    assert [image["filename"].split("#")[1] for image in case["images"]] == ["frame1.dcm", "frame3.dcm"]
+    sr = pydicom.dcmread(io.BytesIO(client.get(f"/api/v1/cases/{study.case_id}/dicom-sr", headers=admin).content))
+
+    def references(item: Dataset) -> list[tuple[str, list[int]]]:
+        out = []
+        for child in item.get("ContentSequence", []):
+            if child.get("ValueType") == "IMAGE":
+                sop = child.ReferencedSOPSequence[0]
+                numbers = sop.ReferencedFrameNumber  # one value reads as a number, several as a list
+                values = list(numbers) if isinstance(numbers, MultiValue) else [numbers]
+                out.append((sop.ReferencedSOPInstanceUID, [int(n) for n in values]))
+            out += references(child)
+        return out
+
+    assert sorted(references(sr), key=lambda r: r[1]) == [(ds.SOPInstanceUID, [1]), (ds.SOPInstanceUID, [3])]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,27 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's TLS (``ONCOLENS_DICOM_TLS_CERT`` and ``_KEY``; with ``_CA``, callers must present
+    a certificate it signed); None for plain TCP. ValueError names a file that cannot be used."""
+    if settings.dicom_tls_cert is None and settings.dicom_tls_key is None:
+        if settings.dicom_tls_ca is not None:
+            raise ValueError("ONCOLENS_DICOM_TLS_CA needs ONCOLENS_DICOM_TLS_CERT and ONCOLENS_DICOM_TLS_KEY")
+        return None
+    if settings.dicom_tls_cert is None or settings.dicom_tls_key is None:
+        raise ValueError("TLS needs both ONCOLENS_DICOM_TLS_CERT and ONCOLENS_DICOM_TLS_KEY")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+        if settings.dicom_tls_ca is not None:
+            context.load_verify_locations(settings.dicom_tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"the DICOM TLS certificate, key or CA cannot be used: {exc}") from None
+    return context
+
+
 def allowed(entries: list[str], calling_ae: str, host: str) -> bool:
     """Whether a calling AE title (from ``host``) may associate: an entry ``AE`` or ``AE@host``."""
     for entry in entries:
@@ -92,6 +114,7 @@ class Listener:
         self.zoo = Zoo.from_settings(self.settings)
         self.routes = load_routes(self.settings.dicom_routes, self.zoo.ids())
         self.destinations = [Destination.parse(d) for d in self.settings.dicom_destinations]
+        self.tls = tls_context(self.settings)
         self.inbox = Inbox(self.settings.data_dir)
         self.engine = make_engine(self.settings.resolved_database_url)
         self.store = open_store(self.settings)
@@ -162,7 +185,7 @@ class Listener:
         if found:
             log.info("%d study folder(s) in the inbox had no record: receiving them again", found)
         address = (self.settings.dicom_host, self.settings.dicom_port)
-        self.server = ae.start_server(address, block=False, evt_handlers=handlers)
+        self.server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=self.tls)
         self.worker = threading.Thread(target=self._work, name="dicom-studies", daemon=True)
         self.worker.start()
         log.info("DICOM listener %s on %s:%d", self.settings.dicom_ae_title, *address)
@@ -218,7 +241,14 @@ class Listener:
             return
         try:
             answer = studies.analyse(
-                session, self.store, self.zoo, self.settings, study_uid, [f.read_bytes() for f in files], chosen.model
+                session,
+                self.store,
+                self.zoo,
+                self.settings,
+                study_uid,
+                [f.read_bytes() for f in files],
+                chosen.model,
+                chosen.frames,
             )
         except Exception as exc:
             session.rollback()

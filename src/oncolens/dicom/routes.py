@@ -1,13 +1,17 @@
 """Which model a study goes to: ``[[route]]`` tables of a TOML file (``ONCOLENS_DICOM_ROUTES``), each
 with any of ``modality``, ``body_part`` (BodyPartExamined, case-insensitive), ``study_description``
 (a substring, case-insensitive) and ``calling_ae``, and the ``model`` id. The first route whose given
-keys all match wins; a study no route matches is kept and listed, not analysed."""
+keys all match wins; a study no route matches is kept and listed, not analysed. ``frames`` says which
+frames of a multi-frame instance (a cine loop) are analysed: ``"all"`` (the default), ``"first"``,
+``"middle"``, or a list of frame numbers from 1."""
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from oncolens.services.studies import FRAME_WORDS, Frames
 
 KEYS = ("modality", "body_part", "study_description", "calling_ae")
 
@@ -27,6 +31,7 @@ class Route:
     body_part: str | None = None
     study_description: str | None = None
     calling_ae: str | None = None
+    frames: Frames = "all"
 
     def matches(self, study: StudyHeaders) -> bool:
         if self.modality is not None and study.modality.strip().upper() != self.modality.upper():
@@ -54,7 +59,7 @@ def load_routes(path: Path | None, models: list[str]) -> list[Route]:
         raise ValueError(f"{path}: routes are [[route]] tables")
     routes = []
     for number, table in enumerate(tables, start=1):
-        unknown = sorted(set(table) - {*KEYS, "model"})
+        unknown = sorted(set(table) - {*KEYS, "model", "frames"})
         if unknown:
             raise ValueError(
                 f"{path}: route {number} has unknown keys {', '.join(unknown)}; known: model, {', '.join(KEYS)}"
@@ -64,7 +69,12 @@ def load_routes(path: Path | None, models: list[str]) -> list[Route]:
             raise ValueError(f"{path}: route {number} names model {model!r}, not one of {', '.join(models)}")
         if not all(isinstance(table.get(key, ""), str) for key in KEYS):
             raise ValueError(f"{path}: route {number}: {', '.join(KEYS)} are strings")
-        routes.append(Route(model=model, **{key: table[key] for key in KEYS if key in table}))
+        frames = table.get("frames", "all")
+        if isinstance(frames, list) and frames and all(isinstance(f, int) and f >= 1 for f in frames):
+            frames = tuple(frames)
+        elif frames not in FRAME_WORDS:
+            raise ValueError(f"{path}: route {number}: frames is all, first, middle or a list of frame numbers from 1")
+        routes.append(Route(model=model, frames=frames, **{key: table[key] for key in KEYS if key in table}))
     return routes
 
 

@@ -47,9 +47,10 @@ class ImageAnswer:
     in_domain: bool | None
     quality: Sequence[tuple[str, str]]  # (code, message) of each quality warning
     source: Dataset | None
+    frame: int | None = None  # the frame of a multi-frame source the image was (from 1)
 
 
-def answer_of(label: str, result: dict[str, Any], source: Dataset | None) -> ImageAnswer:
+def answer_of(label: str, result: dict[str, Any], source: Dataset | None, frame: int | None = None) -> ImageAnswer:
     """An image's stored result (its assessment JSON) as the SR reports it."""
     domain = result.get("domain") or {}
     return ImageAnswer(
@@ -61,6 +62,7 @@ def answer_of(label: str, result: dict[str, Any], source: Dataset | None) -> Ima
         in_domain=domain.get("in_domain") if isinstance(domain.get("in_domain"), bool) else None,
         quality=[(str(q.get("code", "quality")), str(q.get("message", ""))) for q in result.get("quality") or []],
         source=source,
+        frame=frame,
     )
 
 
@@ -129,9 +131,12 @@ def _group(
                 algorithm_id=algorithm,
             )
         )
-    sources = (
-        [hd.sr.SourceImageForMeasurementGroup.from_source_image(answer.source)] if answer.source is not None else None
-    )
+    sources = None
+    if answer.source is not None and answer.frame is not None:
+        uids = (str(answer.source.SOPClassUID), str(answer.source.SOPInstanceUID))
+        sources = [hd.sr.SourceImageForMeasurementGroup(*uids, referenced_frame_numbers=[answer.frame])]
+    elif answer.source is not None:
+        sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(answer.source)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uid_for("oncolens-tracking", key), identifier=answer.label[:64]
@@ -177,7 +182,9 @@ def case_sr(
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
-    sources = [_with_patient_module(answer.source) for answer in images if answer.source is not None]
+    # The evidence: each source instance once (a multi-frame source gives several images).
+    unique = {str(a.source.SOPInstanceUID): a.source for a in images if a.source is not None}
+    sources = [_with_patient_module(source) for source in unique.values()]
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources or [_with_patient_module(reference)],
         content=report[0],

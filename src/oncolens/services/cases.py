@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,6 +85,15 @@ def visible(query: SelectOfScalar[Case], user: User) -> SelectOfScalar[Case]:
     if user.role != Role.clinician:
         return query
     return query.where(or_(col(Case.owner_id) == user.id, col(Case.dicom_study_uid).is_not(None)))
+
+
+FRAME_NAME = re.compile(r"#frame(\d+)\.dcm$")  # an image the DICOM listener took from a multi-frame instance
+
+
+def frame_of(filename: str) -> int | None:
+    """The frame number (from 1) in a name ``<SOP UID>#frame<n>.dcm``, else None."""
+    found = FRAME_NAME.search(filename or "")
+    return int(found.group(1)) if found else None
 
 
 def may_see(user: User, case: Case) -> bool:
@@ -481,7 +491,12 @@ class CaseService:
                     source = pydicom.dcmread(io.BytesIO(self._file(row)), stop_before_pixels=True)
             sources.append(source)
         answers = [
-            answer_of(row.original_filename or f"image {row.position + 1}", json.loads(row.result_json), source)
+            answer_of(
+                row.original_filename or f"image {row.position + 1}",
+                json.loads(row.result_json),
+                source,
+                frame_of(row.original_filename) if source is not None else None,
+            )
             for row, source in zip(rows, sources, strict=True)
         ]
         whole = None

@@ -27,6 +27,8 @@ from oncolens.vision.prepare import RawImage
 from oncolens.zoo import Zoo
 
 CHANNEL = "dicom"
+Frames = str | tuple[int, ...]  # which frames of a multi-frame instance: all, first, middle, or numbers from 1
+FRAME_WORDS = ("all", "first", "middle")
 SEXES = {"M": "male", "F": "female", "O": "other"}
 
 
@@ -135,6 +137,45 @@ def patient_fields(header: Any) -> dict[str, Any]:
     }
 
 
+def chosen_frames(frames: Frames, count: int) -> list[int]:
+    """The 0-based frames of a ``count``-frame instance that ``frames`` selects (those that exist)."""
+    if frames == "all":
+        return list(range(count))
+    if frames == "first":
+        return [0]
+    if frames == "middle":
+        return [count // 2]
+    if isinstance(frames, str):
+        raise InvalidInput(f"frames: all, first, middle or frame numbers, not {frames!r}")
+    return [f - 1 for f in frames if f <= count]
+
+
+def _frames(data: bytes, header: Any, frames: Frames) -> list[RawImage]:
+    """An instance as the images it gives: itself, or for a multi-frame instance each chosen frame as a
+    single-frame copy (same instance UID; the frame number in its name, ``<SOP UID>#frame<n>.dcm``, so
+    the SR points at that frame)."""
+    import pydicom
+
+    count = int(header.get("NumberOfFrames", 1) or 1)
+    if count <= 1:
+        return [RawImage(data, f"{header.SOPInstanceUID}.dcm")]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    pixels = ds.pixel_array  # every frame, colour as RGB
+    photometric = "RGB" if pixels.ndim == 4 else str(ds.PhotometricInterpretation)
+    out = []
+    for index in chosen_frames(frames, count):
+        frame = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        for name in ("NumberOfFrames", "FrameIncrementPointer", "FrameTime", "PlanarConfiguration"):
+            if name in frame:
+                delattr(frame, name)
+        frame.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        frame.set_pixel_data(pixels[index], photometric, int(ds.BitsStored), generate_instance_uid=False)
+        buffer = io.BytesIO()
+        frame.save_as(buffer, enforce_file_format=True)
+        out.append(RawImage(buffer.getvalue(), f"{header.SOPInstanceUID}#frame{index + 1}.dcm"))
+    return out
+
+
 def _order(header: Any) -> tuple[int, int, str]:
     def number(name: str) -> int:
         try:
@@ -153,8 +194,10 @@ def analyse(
     study_uid: str,
     instances: list[bytes],
     model_id: str,
+    frames: Frames = "all",
 ) -> StudyAnswer:
-    """A complete study as a case of ``model_id`` (each instance one image), and its DICOM answers."""
+    """A complete study as a case of ``model_id`` (each instance one image; each chosen frame of a
+    multi-frame instance one image), and its DICOM answers."""
     import pydicom
 
     from oncolens.reports.dicom import heatmap_sc
@@ -166,7 +209,9 @@ def analyse(
     headers, instances = [h for h, _ in read], [d for _, d in read]
     cases = CaseService(session, store, zoo, settings)
     actor = Actor(owner(session, settings), channel=CHANNEL)
-    raw = [RawImage(data, f"{h.SOPInstanceUID}.dcm") for data, h in zip(instances, headers, strict=True)]
+    raw = []
+    for data, header in zip(instances, headers, strict=True):
+        raw += _frames(data, header, frames)
     case = cases.create_now(actor, zoo.get(model_id), raw, patient_fields(headers[0]), study_uid)
     study = session.get(DicomStudy, study_uid)
     if study is not None:  # the case is made: the study says so whatever happens to its answers
