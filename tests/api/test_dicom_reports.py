@@ -11,13 +11,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
 from oncolens.app import create_app
@@ -25,6 +24,7 @@ from oncolens.reports.dicom import heatmap_sc
 from oncolens.store.db.models import AuditEvent
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
+from tests.dicom.test_listener import instance
 
 pytest.importorskip("highdicom")
 
@@ -36,27 +36,15 @@ STUDY = generate_uid()
 
 
 def ultrasound(name: str, number: int, series: str) -> bytes:
-    """One RGB ultrasound instance of the study, from a breast-us sample, with its patient and study."""
-    pixels = np.asarray(Image.open(BREAST / name).convert("RGB"))
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = US_IMAGE_STORAGE, generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = STUDY, series, "US"
-    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = "PT-US-7", "Roe^Alma", "F", "19700101"
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
-        "20261201",
-        "0930",
-        "7",
-        "",
-        "",
-    )
-    ds.SeriesNumber, ds.InstanceNumber, ds.BodyPartExamined = 1, number, "BREAST"
-    ds.set_pixel_data(pixels, "RGB", 8)
+    """One RGB ultrasound instance of the study (the listener tests' instance, in this module's study)."""
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    instance(STUDY, series, name, number).save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def p_values(sr: Dataset) -> list[float]:
+    """The numbers of an SR, in order: each image's P(malignant), then the case's."""
+    return [float(i.MeasuredValueSequence[0].NumericValue) for i in content(sr) if i.get("ValueType") == "NUM"]
 
 
 def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
@@ -94,7 +82,7 @@ def test_a_dicom_case_gets_an_sr_in_its_study_with_the_apis_numbers(client: Test
     ]
     files = [("files", (f"us{i}.dcm", frame, "application/dicom")) for i, frame in enumerate(frames)]
     made = client.post(
-        "/api/v1/cases", data={"model_id": "breast-us", "patient_ref": "PT-US-7"}, files=files, headers=ana
+        "/api/v1/cases", data={"model_id": "breast-us", "patient_ref": "PT-PACS-1"}, files=files, headers=ana
     )
     assert made.status_code == 201, made.text
     case = made.json()
@@ -102,12 +90,12 @@ def test_a_dicom_case_gets_an_sr_in_its_study_with_the_apis_numbers(client: Test
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom"
     assert dciodvfy_errors(answer.content, tmp_path) == []
     sr = pydicom.dcmread(io.BytesIO(answer.content))
-    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.StudyInstanceUID == STUDY and sr.PatientID == "PT-US-7"
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.StudyInstanceUID == STUDY and sr.PatientID == "PT-PACS-1"
     assert sr.Modality == "SR" and sr.VerificationFlag == "UNVERIFIED"
     items = content(sr)
-    numbers = [i.MeasuredValueSequence[0].NumericValue for i in items if i.get("ValueType") == "NUM"]
+    numbers = p_values(sr)
     expected = [image["result"]["p_malignant"] for image in case["images"]] + [case["result"]["p_malignant"]]
-    assert len(numbers) == 4 and all(abs(float(n) - e) <= 1e-6 for n, e in zip(numbers, expected, strict=True))
+    assert len(numbers) == 4 and all(abs(n - e) <= 1e-6 for n, e in zip(numbers, expected, strict=True))
     texts = {
         (i.ConceptNameCodeSequence[0].CodeMeaning, i.get("TextValue")) for i in items if i.get("ValueType") == "TEXT"
     }
@@ -149,6 +137,6 @@ def test_a_photo_case_gets_an_sr_in_a_study_of_its_own(client: TestClient, tmp_p
     sr, sr_again = (pydicom.dcmread(io.BytesIO(a.content)) for a in (first, again))
     assert (sr.StudyInstanceUID, sr.SOPInstanceUID) == (sr_again.StudyInstanceUID, sr_again.SOPInstanceUID)
     assert sr.PatientID == "PT-9" and str(sr.PatientName) == "Ana Ruiz^" and sr.PatientSex == "F"
-    numbers = [i.MeasuredValueSequence[0].NumericValue for i in content(sr) if i.get("ValueType") == "NUM"]
-    assert len(numbers) == 1 and abs(float(numbers[0]) - case["images"][0]["result"]["p_malignant"]) <= 1e-6
+    numbers = p_values(sr)
+    assert len(numbers) == 1 and abs(numbers[0] - case["images"][0]["result"]["p_malignant"]) <= 1e-6
     assert client.get("/api/v1/cases/0123456789abcdef0123456789abcdef/dicom-sr", headers=ana).status_code == 404

@@ -211,14 +211,6 @@ def test_a_study_comes_back_as_one_sr_and_three_captures_in_its_study(node: dict
         events = session.exec(select(AuditEvent).where(AuditEvent.case_id == case.id)).all()
         assert any(e.action == "create" and e.detail.startswith("dicom:") for e in events)
 
-    def numbers(ds: Dataset) -> list[float]:
-        out = []
-        for item in ds.get("ContentSequence", []):
-            if item.get("ValueType") == "NUM":
-                out.append(float(item.MeasuredValueSequence[0].NumericValue))
-            out += numbers(item)
-        return out
-
     files = []
     for ds in datasets:
         buffer = io.BytesIO()
@@ -233,7 +225,9 @@ def test_a_study_comes_back_as_one_sr_and_three_captures_in_its_study(node: dict
     expected = [image["result"]["p_malignant"] for image in api.json()["images"]] + [
         api.json()["result"]["p_malignant"]
     ]
-    assert np.allclose(numbers(sr), expected, atol=1e-6)
+    from tests.api.test_dicom_reports import p_values  # imports this module's instance()
+
+    assert np.allclose(p_values(sr), expected, atol=1e-6)
     seen = client.get(f"/api/v1/cases/{case.id}", headers=login(client, "cli@clinic.org"))
     assert seen.status_code == 200 and seen.json()["dicom_study_uid"] == datasets[0].StudyInstanceUID
     browser = web_login(client, "cli@clinic.org")  # a department case: every clinician sees it

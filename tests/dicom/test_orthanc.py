@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from oncolens.cli.main import app
 from oncolens.dicom.listener import Listener
 from tests.api.conftest import db_settings
 from tests.api.test_auth_users import add_user, login
+from tests.api.test_dicom_reports import dciodvfy_errors, p_values
 from tests.dicom.test_listener import free_port, study_of
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -121,24 +121,6 @@ def instances_of(pacs: dict[str, Any], study: str) -> list[dict[str, Any]]:
     return httpx.get(f"{pacs['base']}/studies/{study}/instances?expand").json()  # type: ignore[no-any-return]
 
 
-def errors(data: bytes, tmp_path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
-    path = tmp_path / "check.dcm"
-    path.write_bytes(data)
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-
-
-def p_values(ds: Any) -> list[float]:
-    out = []
-    for item in ds.get("ContentSequence", []):
-        if item.get("ValueType") == "NUM":
-            out.append(float(item.MeasuredValueSequence[0].NumericValue))
-        out += p_values(item)
-    return out
-
-
 def test_a_study_sent_from_orthanc_comes_back_into_its_study(
     pacs: dict[str, Any], node: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -159,7 +141,7 @@ def test_a_study_sent_from_orthanc_comes_back_into_its_study(
     sc_id = found[classes.index(SC_CLASS)]["ID"]
     sr_bytes = httpx.get(f"{pacs['base']}/instances/{sr_id}/file").content
     sc_bytes = httpx.get(f"{pacs['base']}/instances/{sc_id}/file").content
-    assert errors(sr_bytes, tmp_path) == [] and errors(sc_bytes, tmp_path) == []
+    assert dciodvfy_errors(sr_bytes, tmp_path) == [] and dciodvfy_errors(sc_bytes, tmp_path) == []
     client = node["client"]
     files = [("files", (f"{i}.dcm", encode(ds), "application/dicom")) for i, ds in enumerate(datasets)]
     form = {"model_id": "breast-us", "patient_ref": "X"}
