@@ -237,11 +237,17 @@ def test_a_study_comes_back_as_one_sr_and_three_captures_in_its_study(node: dict
     download = browser.get(f"/cases/{case.id}/sr.dcm")
     assert download.status_code == 200 and pydicom.dcmread(io.BytesIO(download.content)).Modality == "SR"
 
+    quarantined = len(node["listener"].inbox.quarantined())
     assert send(node, datasets) == [0, 0, 0]  # sent again: acknowledged, nothing new
+    late = instance(datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID, NAMES[0], 9)
+    assert send(node, [late]) == [0]  # new, but its study was answered: kept aside, listed
     time.sleep(STABLE_S + 1.5)
     with Session(client.app.state.engine) as session:
         made = session.exec(select(Case).where(Case.dicom_study_uid == datasets[0].StudyInstanceUID)).all()
         assert len(made) == 1
+    reasons = [q.reason for q in node["listener"].inbox.quarantined()]
+    assert len(reasons) == quarantined + 1
+    assert any(f"study {datasets[0].StudyInstanceUID} was sent already" in reason for reason in reasons)
 
 
 def test_malformed_and_imageless_instances_fail_and_are_quarantined(node: dict[str, Any]) -> None:

@@ -156,10 +156,13 @@ class Listener:
             return DOES_NOT_MATCH
         try:
             with Session(self.engine) as session:
-                if session.get(DicomStudy, study_uid) is not None and not studies.received(
-                    session, study_uid, calling, False
-                ):
-                    return SUCCESS  # analysed already: an instance sent again changes nothing
+                study = session.get(DicomStudy, study_uid)
+                if study is not None and study.state != "receiving":
+                    if not studies.has_instance(session, study, sop_uid):  # new, but too late for its case
+                        self.inbox.quarantine(
+                            data, f"from {calling}: study {study_uid} was {study.state} already (case {study.case_id})"
+                        )
+                    return SUCCESS  # an instance sent again changes nothing
                 new = self.inbox.keep(study_uid, sop_uid, data)
                 studies.received(session, study_uid, calling, new)
         except OSError as exc:
@@ -255,11 +258,18 @@ class Listener:
             log.exception("study %s could not be analysed", study_uid)
             studies.mark(session, study_uid, "failed", f"{type(exc).__name__}: {exc}", chosen.model)
             return
+        for path in files:  # the analysed instances are in the image store now
+            path.unlink(missing_ok=True)
+        late = self.inbox.files(study_uid)
+        for path in late:  # arrived while the study was being analysed: kept, listed, not analysed
+            self.inbox.quarantine(path.read_bytes(), f"study {study_uid}: arrived while its case was being made")
         self.inbox.clear(study_uid)
         outcomes = self.send([answer.sr, *answer.captures])
         everywhere = all(ok for _, ok in outcomes)
         said = "; ".join(text for text, _ in outcomes) or "no destination set"
         detail = f"case {answer.case.id}: risk {answer.case.risk_level}; {said}"
+        if late:
+            detail += f"; {len(late)} late instance(s) quarantined"
         studies.mark(session, study_uid, "sent" if everywhere else "send_failed", detail)
         log.info("study %s -> case %s (%s); %s", study_uid, answer.case.id, chosen.model, said)
 

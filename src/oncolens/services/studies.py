@@ -21,7 +21,7 @@ from oncolens.config import Settings
 from oncolens.errors import InvalidInput
 from oncolens.services.audit import Actor
 from oncolens.services.cases import CaseService
-from oncolens.store.db.models import Case, DicomStudy, Role, User, utcnow
+from oncolens.store.db.models import Case, CaseImage, DicomStudy, Role, User, utcnow
 from oncolens.store.images import ImageStore
 from oncolens.vision.prepare import RawImage
 from oncolens.zoo import Zoo
@@ -53,6 +53,14 @@ def received(session: Session, study_uid: str, calling_ae: str, new: bool) -> bo
     session.add(study)
     session.commit()
     return True
+
+
+def has_instance(session: Session, study: DicomStudy, sop_uid: str) -> bool:
+    """Whether the study's case holds the instance (an image named after its SOP instance UID)."""
+    if study.case_id is None:
+        return False
+    names = session.exec(select(CaseImage.original_filename).where(CaseImage.case_id == study.case_id)).all()
+    return any(name == f"{sop_uid}.dcm" or name.startswith(f"{sop_uid}#") for name in names)
 
 
 def recover(session: Session, inbox: dict[str, int]) -> int:
