@@ -43,6 +43,8 @@ def dicom_listen() -> None:
         f"DICOM listener {settings.dicom_ae_title} on {settings.dicom_host}:{settings.dicom_port}; "
         f"{len(listener.routes)} route(s), {len(listener.destinations)} destination(s)"
     )
+    for rule in listener.routes:
+        typer.echo(f"  route: {rule.describe()}")
     stop.wait()
     listener.stop()
 

@@ -476,20 +476,12 @@ class CaseService:
         """The case as a DICOM Comprehensive 3D SR following TID 1500 (audited ``dicom_sr``): in the
         study of its DICOM images, or in a study of its own for a case made from photos."""
         try:
-            import pydicom
-
             from oncolens.reports.dicom import answer_of, case_sr, patient_reference
         except ImportError:
             raise Unavailable("DICOM reports need the dicom extra: pip install 'oncolens[dicom]'") from None
         case = self.find(actor.user, case_id)
         rows = self.images_of(case)
-        sources: list[Any] = []
-        for row in rows:
-            source = None
-            if row.media_type == MEDIA_TYPES["DICOM"]:
-                with contextlib.suppress(Gone, pydicom.errors.InvalidDicomError):
-                    source = pydicom.dcmread(io.BytesIO(self._file(row)), stop_before_pixels=True)
-            sources.append(source)
+        sources = [self.dicom_source(row) for row in rows]
         answers = [
             answer_of(
                 row.original_filename or f"image {row.position + 1}",
@@ -514,6 +506,16 @@ class CaseService:
         sr.save_as(out, enforce_file_format=True)
         self._commit_audit(actor, "dicom_sr", case.id)
         return out.getvalue()
+
+    def dicom_source(self, row: CaseImage) -> Any:
+        """The header of a stored DICOM image (pixels left out), or None for other images and lost files."""
+        import pydicom
+
+        if row.media_type != MEDIA_TYPES["DICOM"]:
+            return None
+        with contextlib.suppress(Gone, pydicom.errors.InvalidDicomError):
+            return pydicom.dcmread(io.BytesIO(self._file(row)), stop_before_pixels=True)
+        return None
 
     def fhir_bundle(self, actor: Actor, case_id: str, base_url: str) -> dict[str, Any]:
         """The case as a FHIR R4 Bundle (audited ``fhir_export``)."""

@@ -232,7 +232,9 @@ def analyse(
         _, found = cases.explain_stored(case, row)
         if found is None:
             continue
-        source = pydicom.dcmread(io.BytesIO(store.read(row.stored_name)), stop_before_pixels=True)
+        source = cases.dicom_source(row)
+        if source is None:
+            continue
         sc = heatmap_sc(case.id, index, case.model_version, Image.open(io.BytesIO(found.overlay_png)), source)
         buffer = io.BytesIO()
         sc.save_as(buffer, enforce_file_format=True)
